@@ -1,0 +1,26 @@
+# Quickstart: `make demo` trains the built-in default; `make test` runs the tests.
+# Both create .venv/ at the repo root when it is missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test bench clean
+
+$(BIN)/chunkflow: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,bench]'
+	touch $@
+
+demo: $(BIN)/chunkflow
+	$(BIN)/chunkflow demo
+
+test: $(BIN)/chunkflow
+	$(BIN)/python -m pytest -q
+
+bench: $(BIN)/chunkflow
+	$(BIN)/python benchmarks/memory_vs_length.py
+	$(BIN)/python benchmarks/packing.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,182 @@
+"""Reference Llama/Qwen2-family decoder with Hugging Face parameter names.
+
+RMSNorm, RoPE (rotate-half convention, cos/sin computed in float32 as ``transformers`` does),
+grouped-query attention, SwiGLU MLP, optional q/k/v bias, optional tied embeddings. State-dict keys
+match ``LlamaForCausalLM``/``Qwen2ForCausalLM`` (``model.layers.0.self_attn.q_proj.weight``, ...).
+
+``Transformer(config)(input_ids)`` is ordinary unchunked causal-LM training. For chunked execution
+the runtime passes ``position_ids`` and an ``attention`` callable ``(layer_idx, q, k, v) -> out``
+that owns everything about chunk boundaries and carried key/value state: the model itself keeps no
+cache and knows nothing about chunks.
+
+Shape legend: B batch, S sequence (chunk) length, H query heads, G key/value heads, D head dim,
+E hidden size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chunkflow.models.config import ModelConfig
+
+AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 (or wider), as transformers does, then cast back.
+        dtype = x.dtype
+        x = x.to(torch.promote_types(dtype, torch.float32))
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d = config.head_dim
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        # position_ids (B, S) -> cos, sin (B, 1, S, D), computed in float32 like transformers.
+        freqs = position_ids[:, :, None].float() * self.inv_freq.float()[None, None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = d = config.head_dim
+        e = config.hidden_size
+        self.q_proj = nn.Linear(e, self.num_heads * d, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(e, self.num_kv_heads * d, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(e, self.num_kv_heads * d, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * d, e, bias=config.o_bias)
+
+    def forward(self, x, cos, sin, attention: Optional[AttentionFn]) -> torch.Tensor:
+        B, S, _ = x.shape
+        # (B, S, E) -> (B, heads, S, D)
+        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if attention is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            out = attention(self.layer_idx, q, k, v)
+        # (B, H, S, D) -> (B, S, H*D)
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        e, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(e, i, bias=False)
+        self.up_proj = nn.Linear(e, i, bias=False)
+        self.down_proj = nn.Linear(i, e, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, attention: Optional[AttentionFn]) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    """The body (``model.*`` in HF names). Layers live in a ModuleDict keyed "0", "1", ... so a
+    pipeline stage can be built by deleting the layers it does not own (torchtitan's approach)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleDict(
+            {str(i): DecoderLayer(config, i) for i in range(config.num_hidden_layers)})
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+class Transformer(nn.Module):
+    """Causal LM: ``Transformer(config)(input_ids)`` -> logits (B, S, V)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = DecoderModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.reset_parameters()
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        position_ids: Optional[torch.Tensor] = None,
+        attention: Optional[AttentionFn] = None,
+    ) -> torch.Tensor:
+        """input_ids (B, S) -> logits (B, S, V). Without ``attention``: plain causal attention."""
+        return self.lm_head(self.hidden_states(input_ids, position_ids=position_ids,
+                                               attention=attention))
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        position_ids: Optional[torch.Tensor] = None,
+        attention: Optional[AttentionFn] = None,
+    ) -> torch.Tensor:
+        """input_ids (B, S) -> final-norm hidden states (B, S, E), before the output head."""
+        B, S = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(S, device=input_ids.device).expand(B, S)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary_emb(position_ids, x.dtype)
+        for layer in self.model.layers.values():
+            x = layer(x, cos, sin, attention)
+        return self.model.norm(x)

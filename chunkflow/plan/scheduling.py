@@ -1,0 +1,153 @@
+"""State-aware chunk scheduling (the paper's Algorithm 2) as data, stdlib only.
+
+A schedule is a list of :class:`Action` that prints as ``"F3 B3 S0 R0 B0"`` and parses back.
+
+* ``F`` forward, keeping the autograd graph (the chunk's activations) for a later ``B``;
+* ``S`` forward producing state only: no graph, just the chunk's keys/values for later chunks;
+* ``R`` recompute: forward again, keeping the graph, for a chunk that ran ``S`` before;
+* ``B`` backward: consumes the graph, adds the chunk's key/value gradients to the chain state.
+
+For a chain of N chunks and ``k`` retained graphs the schedule is: forward in ascending order, the
+first N-k as ``S`` and the last k as ``F``; backward of the kept ones in descending order; then the
+first N-k, in DESCENDING order, each recomputed right before its backward. Descending matters: the
+key/value gradient of chunk j is complete only after every later chunk has run backward.
+Standalone chunks are ``F`` then ``B``. At most ``k`` graphs are ever alive.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from chunkflow.plan.chunks import ChunkPlan, _check_positive_int
+
+
+class ActionKind(enum.Enum):
+    FORWARD = "F"
+    STATE_FORWARD = "S"
+    RECOMPUTE = "R"
+    BACKWARD = "B"
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: ActionKind
+    chunk_id: int
+
+    def __str__(self) -> str:
+        return f"{self.kind.value}{self.chunk_id}"
+
+    @staticmethod
+    def parse(text: str) -> "Action":
+        kinds = {k.value: k for k in ActionKind}
+        if len(text) < 2 or text[0] not in kinds or not text[1:].isdigit():
+            raise ValueError(
+                f"cannot parse action {text!r}: expected one of F/S/R/B followed by a chunk id, "
+                f"like 'F3'"
+            )
+        return Action(kinds[text[0]], int(text[1:]))
+
+
+def format_schedule(actions: Iterable[Action]) -> str:
+    return " ".join(str(a) for a in actions)
+
+
+def parse_schedule(text: str) -> list[Action]:
+    return [Action.parse(tok) for tok in text.split()]
+
+
+def schedule(plan: ChunkPlan, *, k: int) -> list[Action]:
+    """Algorithm 2 for ``plan``: chunks in plan order, each chain scheduled as a unit."""
+    _check_positive_int("k", k)
+    F, S, R, B = (ActionKind.FORWARD, ActionKind.STATE_FORWARD, ActionKind.RECOMPUTE,
+                  ActionKind.BACKWARD)
+    actions: list[Action] = []
+    for chunk in plan.chunks:
+        if chunk.chain_id is None:
+            actions += [Action(F, chunk.chunk_id), Action(B, chunk.chunk_id)]
+        elif chunk.chain_idx == 0:
+            ids = plan.chains[chunk.chain_id].chunk_ids
+            num_recomputed = max(len(ids) - k, 0)
+            actions += [Action(S, c) for c in ids[:num_recomputed]]
+            actions += [Action(F, c) for c in ids[num_recomputed:]]
+            actions += [Action(B, c) for c in reversed(ids[num_recomputed:])]
+            for c in reversed(ids[:num_recomputed]):
+                actions += [Action(R, c), Action(B, c)]
+    return actions
+
+
+class ScheduleError(ValueError):
+    """A schedule breaks Algorithm 2; the message shows the schedule with the failing action marked."""
+
+
+def validate_schedule(actions: Sequence[Action], plan: ChunkPlan, *, k: int) -> None:
+    """Raise :class:`ScheduleError` unless ``actions`` is a correct state-aware schedule.
+
+    Checks: every chunk is forwarded once and backwarded once; a chain's forwards run in ascending
+    order; the kept (``F``) chunks of a chain are exactly its last min(k, N) chunks, the others run
+    ``S`` and later ``R`` immediately before their ``B``; backwards run in descending order along a
+    chain; a ``B`` needs a live graph; never more than ``k`` graphs alive at once.
+    """
+    _check_positive_int("k", k)
+    F, S, R, B = (ActionKind.FORWARD, ActionKind.STATE_FORWARD, ActionKind.RECOMPUTE,
+                  ActionKind.BACKWARD)
+    forwarded: set[int] = set()
+    backwarded: set[int] = set()
+    live: set[int] = set()
+
+    def fail(i: int, why: str) -> None:
+        grid = " ".join(f">>{a}<<" if j == i else str(a) for j, a in enumerate(actions))
+        if i == len(actions):
+            grid += " >>end<<"
+        raise ScheduleError(f"action {i} ({actions[i] if i < len(actions) else 'end'}): {why}\n"
+                            f"  {grid}")
+
+    for i, a in enumerate(actions):
+        if not 0 <= a.chunk_id < plan.num_chunks:
+            fail(i, f"chunk id {a.chunk_id} is not in the plan (0..{plan.num_chunks - 1})")
+        chunk = plan.chunks[a.chunk_id]
+        chain = plan.chain_of(chunk)
+        if a.chunk_id in backwarded:
+            fail(i, f"chunk {a.chunk_id} already ran backward")
+        if a.kind in (F, S):
+            if a.chunk_id in forwarded:
+                fail(i, f"chunk {a.chunk_id} already ran forward")
+            if chain is not None:
+                j = chunk.chain_idx
+                if j > 0 and chain.chunk_ids[j - 1] not in forwarded:
+                    fail(i, f"chain {chain.chain_id}: forward of chunk {a.chunk_id} before its "
+                            f"predecessor {chain.chunk_ids[j - 1]} (forward must be ascending)")
+                kept = j >= chain.num_chunks - k
+                if kept != (a.kind is F):
+                    fail(i, f"chain {chain.chain_id}: the last min(k={k}, {chain.num_chunks}) "
+                            f"chunks run F and the others S, got {a}")
+            elif a.kind is S:
+                fail(i, f"standalone chunk {a.chunk_id} has no state to produce: use F")
+            forwarded.add(a.chunk_id)
+            if a.kind is F:
+                live.add(a.chunk_id)
+        elif a.kind is R:
+            if chain is None or a.chunk_id not in forwarded or a.chunk_id in live:
+                fail(i, f"R{a.chunk_id} needs a chain chunk that ran S (state-only forward) before")
+            nxt = chunk.chain_idx + 1
+            if nxt < chain.num_chunks and chain.chunk_ids[nxt] not in backwarded:
+                fail(i, f"chain {chain.chain_id}: recompute of chunk {a.chunk_id} before backward "
+                        f"of chunk {chain.chunk_ids[nxt]} (recompute must be descending)")
+            live.add(a.chunk_id)
+        elif a.kind is B:
+            if a.chunk_id not in live:
+                fail(i, f"backward of chunk {a.chunk_id} without a live graph (F or R first)")
+            if chain is not None:
+                nxt = chunk.chain_idx + 1
+                if nxt < chain.num_chunks and chain.chunk_ids[nxt] not in backwarded:
+                    fail(i, f"chain {chain.chain_id}: backward of chunk {a.chunk_id} before "
+                            f"chunk {chain.chunk_ids[nxt]} (backward must be descending: its "
+                            f"key/value gradient is not complete yet)")
+            live.discard(a.chunk_id)
+            backwarded.add(a.chunk_id)
+        if len(live) > k:
+            fail(i, f"{len(live)} graphs alive ({sorted(live)}), more than k={k}")
+    missing = [c.chunk_id for c in plan.chunks if c.chunk_id not in backwarded]
+    if missing:
+        fail(len(actions), f"chunks {missing} never ran backward")

@@ -1,0 +1,68 @@
+"""Peak-memory accounting for one training step.
+
+On CUDA the engine reports ``torch.cuda.max_memory_allocated``. On CPU there is no allocator
+statistic, so :class:`MemoryMeter` counts what the step holds on purpose: every tensor autograd
+saves for backward (via ``saved_tensors_hooks``; deduplicated by storage; parameters excluded),
+plus the chains' key/value state and its gradients. The peak of that sum is the step's high-water
+mark. Transient buffers inside one operator are not counted.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _Held:
+    """A saved tensor, counted while autograd keeps it."""
+
+    __slots__ = ("tensor", "meter", "key", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor, meter: "MemoryMeter", key: int):
+        self.tensor, self.meter, self.key = tensor, meter, key
+
+    def __del__(self):
+        self.meter._release(self.key)
+
+
+class MemoryMeter:
+    def __init__(self):
+        self.current = 0
+        self.peak = 0
+        self._storages: dict[int, list[int]] = {}  # data_ptr -> [refcount, nbytes]
+        self._excluded: set[int] = set()
+
+    def reset(self, exclude: list[torch.Tensor] = ()) -> None:
+        """Start a new step; tensors in ``exclude`` (parameters) are never counted."""
+        self._excluded = {t.untyped_storage().data_ptr() for t in exclude}
+        self.peak = self.current
+
+    def add(self, nbytes: int) -> None:
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, tensor: torch.Tensor):
+        storage = tensor.untyped_storage()
+        key, nbytes = storage.data_ptr(), storage.nbytes()
+        if nbytes == 0 or key in self._excluded:
+            return tensor
+        entry = self._storages.get(key)
+        if entry is None:
+            self._storages[key] = [1, nbytes]
+            self.add(nbytes)
+        else:
+            entry[0] += 1
+        return _Held(tensor, self, key)
+
+    @staticmethod
+    def _unpack(packed):
+        return packed.tensor if isinstance(packed, _Held) else packed
+
+    def _release(self, key: int) -> None:
+        entry = self._storages[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            del self._storages[key]
+            self.add(-entry[1])

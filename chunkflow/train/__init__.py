@@ -1,0 +1,1 @@
+"""Training utilities: built-in synthetic data (the trainer lands with its own issue)."""

@@ -1,0 +1,144 @@
+"""Chunking is invisible to the mathematics: loss and every gradient equal unchunked training.
+
+float64 throughout; the bound is 1e-10 relative to the largest gradient entry.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chunkflow import ChunkFlowEngine
+from tests.conftest import grads, reference_loss, tiny_model
+
+MODEL = tiny_model()
+
+
+def _batch(lengths, *, mask_prob: float, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    batch = []
+    for n in lengths:
+        ids = torch.randint(0, MODEL.config.vocab_size, (n,), generator=gen)
+        labels = ids.clone()
+        labels[torch.rand(n, generator=gen) < mask_prob] = -100
+        batch.append({"input_ids": ids, "labels": labels})
+    return batch
+
+
+def _check(batch, *, chunk_size, k, normalization, pack_chain_tails=True):
+    MODEL.zero_grad(set_to_none=True)
+    ref = reference_loss(MODEL, batch, normalization)
+    if ref.requires_grad:
+        ref.backward()
+    expected = grads(MODEL)
+    MODEL.zero_grad(set_to_none=True)
+    engine = ChunkFlowEngine(MODEL, chunk_size=chunk_size, k=k,
+                             loss_normalization=normalization, pack_chain_tails=pack_chain_tails)
+    result = engine.forward_backward(batch)
+    got = grads(MODEL)
+    scale = max(g.abs().max() for g in expected.values())
+    for name in expected:
+        err = (got[name] - expected[name]).abs().max() / scale
+        assert err <= 1e-10, f"{name}: relative error {err:.3g}"
+    ref = float(ref.detach())
+    assert abs(float(result.loss) - ref) <= 1e-10 * max(1.0, abs(ref))
+    return result
+
+
+# Long-tail lengths: mostly short, one long; packed and split chunks in one batch.
+LENGTHS = [3, 1, 9, 2, 47, 5, 12, 2, 30]
+
+
+@pytest.mark.parametrize("normalization", ["token", "sequence"])
+@pytest.mark.parametrize("chunk_size", [1, 7, 64])
+@pytest.mark.parametrize("k", [1, 2, 100])
+@pytest.mark.parametrize("mask_prob", [0.0, 0.4])
+def test_gradients_equal_unchunked(normalization, chunk_size, k, mask_prob):
+    batch = _batch(LENGTHS, mask_prob=mask_prob, seed=chunk_size * 7 + k)
+    result = _check(batch, chunk_size=chunk_size, k=k, normalization=normalization)
+    if chunk_size == 7:  # really mixes chains (47, 9, 12, 30) with packed chunks
+        assert len(result.plan.chains) == 4
+        assert any(len(c.segments) > 1 for c in result.plan.chunks)  # packed sequences
+
+
+@pytest.mark.parametrize("pack_chain_tails", [True, False])
+def test_tail_packing_is_exact(pack_chain_tails):
+    batch = _batch([20, 3, 2, 1, 13], mask_prob=0.2, seed=3)
+    result = _check(batch, chunk_size=8, k=1, normalization="token",
+                    pack_chain_tails=pack_chain_tails)
+    tails = [c for c in result.plan.chunks if c.chain_id is not None and len(c.segments) > 1]
+    assert bool(tails) == pack_chain_tails
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    lengths=st.lists(st.one_of(st.integers(1, 8), st.integers(9, 60)), min_size=1, max_size=7),
+    chunk_size=st.sampled_from([1, 3, 7, 16, 64]),
+    k=st.integers(1, 4),
+    normalization=st.sampled_from(["token", "sequence"]),
+    mask_prob=st.sampled_from([0.0, 0.3, 0.9]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_gradients_equal_unchunked(lengths, chunk_size, k, normalization, mask_prob,
+                                            seed):
+    batch = _batch(lengths, mask_prob=mask_prob, seed=seed)
+    if not any((b["labels"][1:] != -100).any() for b in batch):
+        return  # covered by test_no_supervised_token_gives_zero_loss_and_gradients
+    _check(batch, chunk_size=chunk_size, k=k, normalization=normalization)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(model_type="llama", num_key_value_heads=4),                 # MHA, no biases
+    dict(model_type="llama", attention_bias=True, tie_word_embeddings=True),
+    dict(num_key_value_heads=1, head_dim=6),                         # MQA, odd head_dim*heads
+])
+def test_other_model_shapes(overrides):
+    global MODEL
+    saved, MODEL = MODEL, tiny_model(**overrides)
+    try:
+        _check(_batch([17, 4, 3, 26], mask_prob=0.2, seed=5), chunk_size=5, k=2,
+               normalization="token")
+    finally:
+        MODEL = saved
+
+
+def test_math_kernel_matches_unchunked():
+    batch = _batch([23, 3, 11], mask_prob=0.1, seed=9)
+    MODEL.zero_grad(set_to_none=True)
+    reference_loss(MODEL, batch).backward()
+    expected = grads(MODEL)
+    MODEL.zero_grad(set_to_none=True)
+    ChunkFlowEngine(MODEL, chunk_size=4, k=1, attention_backend="math").forward_backward(batch)
+    for name, g in grads(MODEL).items():
+        torch.testing.assert_close(g, expected[name], rtol=0, atol=1e-12)
+
+
+def test_no_supervised_token_gives_zero_loss_and_gradients():
+    MODEL.zero_grad(set_to_none=True)
+    batch = [{"input_ids": torch.tensor([1, 2, 3]), "labels": torch.full((3,), -100)},
+             {"input_ids": torch.tensor([4]), "labels": torch.tensor([5])}]  # last token: no target
+    for normalization in ("token", "sequence"):
+        result = ChunkFlowEngine(MODEL, chunk_size=2,
+                                 loss_normalization=normalization).forward_backward(batch)
+        assert float(result.loss) == 0.0 and result.num_loss_tokens == 0
+        assert not torch.isnan(result.loss)
+        for p in MODEL.parameters():
+            assert p.grad is not None and not p.grad.any()
+
+
+def test_gradients_accumulate_like_backward():
+    batch = _batch([19, 4], mask_prob=0.0, seed=1)
+    MODEL.zero_grad(set_to_none=True)
+    engine = ChunkFlowEngine(MODEL, chunk_size=6, k=1)
+    engine.forward_backward(batch)
+    once = grads(MODEL)
+    engine.forward_backward(batch)
+    scale = max(g.abs().max() for g in once.values())
+    for name, g in grads(MODEL).items():
+        torch.testing.assert_close(g, 2 * once[name], rtol=0, atol=1e-12 * scale)
+
+
+def test_sequence_normalization_ignores_unsupervised_sequences():
+    batch = _batch([9, 6], mask_prob=0.0, seed=2)
+    batch.append({"input_ids": torch.tensor([1, 2, 3, 4]), "labels": torch.full((4,), -100)})
+    _check(batch, chunk_size=4, k=1, normalization="sequence")

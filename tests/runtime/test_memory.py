@@ -1,0 +1,57 @@
+"""Peak memory is set by the chunk size (plus the KV state), not by the longest sequence."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from chunkflow import ChunkFlowEngine
+from chunkflow.models import ModelConfig, Transformer
+
+PROBE = Path(__file__).parents[2] / "benchmarks" / "rss_probe.py"
+
+
+def _peak(seq_len, *, chunk_size, k=1):
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    model = Transformer(config)
+    engine = ChunkFlowEngine(model, chunk_size=chunk_size, k=k)
+    result = engine.forward_backward([torch.randint(0, 64, (seq_len,))])
+    return result.peak_memory_bytes, config
+
+
+def test_meter_counts_activations_of_one_chunk_plus_kv_state():
+    chunk = 256
+    base, config = _peak(chunk, chunk_size=chunk)
+    long, _ = _peak(16 * chunk, chunk_size=chunk)
+    # KV state + float32 gradients of everything before the last chunk: 4 buffers per layer
+    kv_bytes = (4 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+                * 15 * chunk * 4)
+    assert 0 < long - base <= kv_bytes * 1.05
+    # full-sequence activations would be 16x: with chunks the step stays near one chunk + state
+    assert long < 2 * base + kv_bytes
+
+
+def test_k_bounds_retained_activations():
+    p1, _ = _peak(2048, chunk_size=256, k=1)
+    p4, _ = _peak(2048, chunk_size=256, k=4)
+    p8, _ = _peak(2048, chunk_size=256, k=8)
+    assert p1 < p4 < p8
+
+
+def _rss_rise(mode, seq_len):
+    out = subprocess.run([sys.executable, str(PROBE), mode, str(seq_len), "--chunk-size", "2048",
+                          "--k", "1"], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)["rss_rise_bytes"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_process_rss_rise_16k_at_most_2x_the_2k_rise():
+    """Float32, 4 layers, hidden 256 (GQA 8/2), chunk 2048, k=1: the step on a 16K-token sequence
+    raises peak RSS at most 2x what a 2K-token step does."""
+    short, long = _rss_rise("chunkflow", 2048), _rss_rise("chunkflow", 16384)
+    assert long <= 2 * short, f"2K: {short / 2**20:.0f} MiB, 16K: {long / 2**20:.0f} MiB"
