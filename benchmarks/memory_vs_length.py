@@ -4,7 +4,8 @@
 
 One training step on one sequence of each length, each in a fresh process (benchmarks/rss_probe.py),
 for a float32 model of 4 layers, hidden 256, 8 query / 2 key-value heads. Reports the rise of peak
-RSS, chunkflow's CPU meter (bytes saved for backward + KV state) and tokens/s, and saves JSON,
+RSS (first step), chunkflow's CPU meter (bytes saved for backward + KV state) and tokens/s (fastest
+of --repeats steps), and saves JSON,
 markdown and a PNG under benchmarks/results/ with the machine and date.
 """
 
@@ -21,10 +22,10 @@ from common import machine, save
 PROBE = Path(__file__).with_name("rss_probe.py")
 
 
-def run(mode: str, seq_len: int, chunk_size: int, k: int) -> dict:
+def run(mode: str, seq_len: int, chunk_size: int, k: int, repeats: int) -> dict:
     out = subprocess.run([sys.executable, str(PROBE), mode, str(seq_len), "--chunk-size",
-                          str(chunk_size), "--k", str(k)], capture_output=True, text=True,
-                         check=True)
+                          str(chunk_size), "--k", str(k), "--repeats", str(repeats)],
+                         capture_output=True, text=True, check=True)
     row = json.loads(out.stdout)
     row["tokens_per_second"] = seq_len / row["step_seconds"]
     return row
@@ -35,13 +36,14 @@ def main() -> None:
     parser.add_argument("--lengths", default="2048,8192,32768")
     parser.add_argument("--chunk-size", type=int, default=2048)
     parser.add_argument("--k", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per run, fastest wins")
     args = parser.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
 
     rows = []
     for n in lengths:
         for mode in ("chunkflow", "full"):
-            row = run(mode, n, args.chunk_size, args.k)
+            row = run(mode, n, args.chunk_size, args.k, args.repeats)
             rows.append(row)
             print(f"{mode:9s} {n:6d} tokens: RSS rise {row['rss_rise_bytes'] / 2**20:7.0f} MiB, "
                   f"meter {row['peak_memory_bytes'] / 2**20:7.0f} MiB, "
@@ -51,8 +53,9 @@ def main() -> None:
     lines = [f"# Peak memory vs longest sequence ({info['date']})", "",
              f"Machine: {info['platform']}, {info['device']}, torch {info['torch']}. "
              f"Model: float32, 4 layers, hidden 256, 8/2 heads. chunkflow: chunk_size="
-             f"{args.chunk_size}, k={args.k}. Command: `python benchmarks/memory_vs_length.py "
-             f"--lengths {args.lengths} --chunk-size {args.chunk_size} --k {args.k}`", "",
+             f"{args.chunk_size}, k={args.k}; tokens/s from the fastest of {args.repeats} steps. "
+             f"Command: `python benchmarks/memory_vs_length.py --lengths {args.lengths} "
+             f"--chunk-size {args.chunk_size} --k {args.k} --repeats {args.repeats}`", "",
              "| tokens | chunkflow RSS rise (MiB) | full RSS rise (MiB) | chunkflow meter (MiB) "
              "| full meter (MiB) | chunkflow tok/s | full tok/s |", "|---|---|---|---|---|---|---|"]
     by = {(r["mode"], r["seq_len"]): r for r in rows}

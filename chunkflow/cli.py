@@ -52,7 +52,11 @@ def _plan(args: argparse.Namespace) -> int:
     from chunkflow.plan import build_chunks, format_schedule, schedule
 
     if args.lengths:
-        lengths = [int(x) for x in args.lengths.split(",")]
+        try:
+            lengths = [int(x) for x in args.lengths.split(",")]
+        except ValueError:
+            raise ValueError(f"--lengths {args.lengths!r}: expected comma-separated integers, "
+                             f"like 9000,300,120") from None
     else:
         from chunkflow.train.synthetic import sample_lengths
 

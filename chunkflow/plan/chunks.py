@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import operator
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -114,10 +115,15 @@ class ChunkPlan:
         )
 
 
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+def check_positive_int(name: str, value: object, why: str = "") -> int:
+    """``value`` as an int (Python, NumPy or 0-dim torch integers), or a ValueError naming it."""
+    try:
+        number = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < 1:
+        raise ValueError(f"{name} must be a positive integer{why}, got {value!r}")
+    return number
 
 
 def build_chunks(
@@ -127,13 +133,12 @@ def build_chunks(
 
     ``pack_chain_tails`` also packs short sequences into the free space of each chain's last chunk.
     """
-    _check_positive_int("chunk_size", chunk_size)
+    chunk_size = check_positive_int("chunk_size", chunk_size)
     seq_lens = tuple(seq_lens)
     if not seq_lens:
         raise ValueError("seq_lens is empty: a batch needs at least one sequence")
-    for seq_id, n in enumerate(seq_lens):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"seq_lens[{seq_id}] = {n!r}: every sequence needs at least 1 token")
+    seq_lens = tuple(check_positive_int(f"seq_lens[{i}]", n, " (every sequence needs a token)")
+                     for i, n in enumerate(seq_lens))
 
     # Bins are lists of segments; a chain's last chunk is a bin that starts partly full.
     bins: list[list[Segment]] = []

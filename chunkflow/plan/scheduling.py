@@ -20,7 +20,7 @@ import enum
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from chunkflow.plan.chunks import ChunkPlan, _check_positive_int
+from chunkflow.plan.chunks import ChunkPlan, check_positive_int
 
 
 class ActionKind(enum.Enum):
@@ -59,7 +59,7 @@ def parse_schedule(text: str) -> list[Action]:
 
 def schedule(plan: ChunkPlan, *, k: int) -> list[Action]:
     """Algorithm 2 for ``plan``: chunks in plan order, each chain scheduled as a unit."""
-    _check_positive_int("k", k)
+    k = check_positive_int("k", k)
     F, S, R, B = (ActionKind.FORWARD, ActionKind.STATE_FORWARD, ActionKind.RECOMPUTE,
                   ActionKind.BACKWARD)
     actions: list[Action] = []
@@ -89,7 +89,7 @@ def validate_schedule(actions: Sequence[Action], plan: ChunkPlan, *, k: int) -> 
     ``S`` and later ``R`` immediately before their ``B``; backwards run in descending order along a
     chain; a ``B`` needs a live graph; never more than ``k`` graphs alive at once.
     """
-    _check_positive_int("k", k)
+    k = check_positive_int("k", k)
     F, S, R, B = (ActionKind.FORWARD, ActionKind.STATE_FORWARD, ActionKind.RECOMPUTE,
                   ActionKind.BACKWARD)
     forwarded: set[int] = set()
@@ -104,6 +104,9 @@ def validate_schedule(actions: Sequence[Action], plan: ChunkPlan, *, k: int) -> 
                             f"  {grid}")
 
     for i, a in enumerate(actions):
+        if i > 0 and actions[i - 1].kind is R and a != Action(B, actions[i - 1].chunk_id):
+            fail(i, f"{actions[i - 1]} must be followed by B{actions[i - 1].chunk_id}: a "
+                    f"recomputed chunk runs backward right away")
         if not 0 <= a.chunk_id < plan.num_chunks:
             fail(i, f"chunk id {a.chunk_id} is not in the plan (0..{plan.num_chunks - 1})")
         chunk = plan.chunks[a.chunk_id]
@@ -148,6 +151,8 @@ def validate_schedule(actions: Sequence[Action], plan: ChunkPlan, *, k: int) -> 
             backwarded.add(a.chunk_id)
         if len(live) > k:
             fail(i, f"{len(live)} graphs alive ({sorted(live)}), more than k={k}")
+    if actions and actions[-1].kind is R:
+        fail(len(actions), f"{actions[-1]} must be followed by B{actions[-1].chunk_id}")
     missing = [c.chunk_id for c in plan.chunks if c.chunk_id not in backwarded]
     if missing:
         fail(len(actions), f"chunks {missing} never ran backward")

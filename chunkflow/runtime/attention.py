@@ -62,8 +62,8 @@ class MathKernel:
 
     @staticmethod
     def _scores(q, k, causal, scale):
-        s = torch.matmul(q, k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32))
-        s = s * scale
+        acc = torch.promote_types(q.dtype, torch.float32)  # scores in fp32 even for bf16 inputs
+        s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
         if causal:  # square, top-left aligned: only used on a chunk's own keys
             L, S = s.shape[-2:]
             s = s.masked_fill(torch.ones(L, S, dtype=torch.bool, device=s.device).triu(1),
@@ -73,8 +73,8 @@ class MathKernel:
     def forward(self, q, k, v, *, causal, scale):
         s = self._scores(q, k, causal, scale)
         lse = torch.logsumexp(s, dim=-1)
-        out = torch.matmul(torch.exp(s - lse[..., None]).to(v.dtype), v)
-        return out, lse
+        out = torch.matmul(torch.exp(s - lse[..., None]), v.to(s.dtype))
+        return out, lse  # out stays in fp32: the merge casts once at the end
 
     def backward(self, dout, q, k, v, out, lse, *, causal, scale):
         acc = torch.promote_types(q.dtype, torch.float32)
@@ -124,8 +124,8 @@ def reduce_kv(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
 class PrefixKV:
     """The first ``length`` positions of one layer of a chain's state: what a chunk attends to.
 
-    Attention runs over it in blocks of at most ``block_size`` keys, so every temporary (GQA
-    expansion, per-block dK/dV) is bounded by the block, never by the prefix length.
+    Attention runs over it in blocks of at most ``block_size`` keys, so every temporary
+    (per-block output, dK/dV) is bounded by the block, never by the prefix length.
     """
 
     __slots__ = ("state", "layer_idx", "length", "block_size")
@@ -149,26 +149,42 @@ class PrefixKV:
         grad_v[:, :, start:end] += dv.to(grad_v.dtype)
 
 
-def _merge(out, lse, out_b, lse_b):
-    """Combine two softmax-attention partials over disjoint keys (out in the lse dtype)."""
-    if out is None:
-        return out_b.to(lse_b.dtype), lse_b
+def _merge_into(out, lse, out_b, lse_b):
+    """Fold a partial over other keys into ``out`` (in place, lse dtype); return the new lse.
+
+    One fp32 accumulator serves every block, rather than a fresh output tensor per block.
+    """
     new = torch.logaddexp(lse, lse_b)
-    return (torch.exp(lse - new)[..., None] * out
-            + torch.exp(lse_b - new)[..., None] * out_b.to(new.dtype)), new
+    out.mul_(torch.exp(lse - new)[..., None])
+    out.add_(torch.exp(lse_b - new)[..., None] * out_b.to(out.dtype))
+    return new
+
+
+def _fold(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """(1, H, L, ...) -> (1, G, (H/G)*L, ...): query heads sharing a key/value head become one
+    longer query row. Exact for unmasked attention (the prefix blocks), where query order does
+    not matter; it spares expanding the prefix's keys/values to H heads."""
+    b, h = x.shape[:2]
+    return x.reshape(b, num_kv_heads, (h // num_kv_heads) * x.shape[2], *x.shape[3:])
+
+
+def _unfold(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Inverse of :func:`_fold`: (1, G, (H/G)*L, ...) -> (1, H, L, ...)."""
+    b, g = x.shape[:2]
+    return x.reshape(b, num_heads, (g * x.shape[2]) // num_heads, *x.shape[3:])
 
 
 class _PrefixCausalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, prefix: PrefixKV, kernel: AttentionKernel, scale: float):
-        h = q.shape[1]
-        out, lse = None, None
+        h, g = q.shape[1], k.shape[1]
+        out, lse = kernel.forward(q, expand_kv(k, h), expand_kv(v, h), causal=True, scale=scale)
+        out = out.to(lse.dtype)  # accumulate in fp32 (or wider); a no-op for fp32 inputs
+        q_folded = _fold(q, g)
         for start, end in prefix.blocks():
-            kb, vb = prefix.kv(start, end)
-            out, lse = _merge(out, lse, *kernel.forward(q, expand_kv(kb, h), expand_kv(vb, h),
-                                                        causal=False, scale=scale))
-        out, lse = _merge(out, lse, *kernel.forward(q, expand_kv(k, h), expand_kv(v, h),
-                                                    causal=True, scale=scale))
+            out_b, lse_b = kernel.forward(q_folded, *prefix.kv(start, end), causal=False,
+                                          scale=scale)
+            lse = _merge_into(out, lse, _unfold(out_b, h), _unfold(lse_b, h))
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         # The prefix is state, not an autograd input; it is never modified while a graph lives.
@@ -183,13 +199,14 @@ class _PrefixCausalAttention(torch.autograd.Function):
         dout = dout.contiguous()
         dq, dk, dv = kernel.backward(dout, q, expand_kv(k, h), expand_kv(v, h), out, lse,
                                      causal=True, scale=scale)
+        dq = dq.to(lse.dtype)  # sum the blocks' shares of dq in fp32, cast once
+        folded = [_fold(t, g) for t in (dout, q, out, lse)]
         for start, end in prefix.blocks():
-            kb, vb = prefix.kv(start, end)
-            dq_b, dk_b, dv_b = kernel.backward(dout, q, expand_kv(kb, h), expand_kv(vb, h), out,
-                                               lse, causal=False, scale=scale)
-            dq += dq_b
-            prefix.add_grad(start, end, reduce_kv(dk_b, g), reduce_kv(dv_b, g))
-        return dq, reduce_kv(dk, g), reduce_kv(dv, g), None, None, None
+            dq_b, dk_b, dv_b = kernel.backward(folded[0], folded[1], *prefix.kv(start, end),
+                                               folded[2], folded[3], causal=False, scale=scale)
+            dq += _unfold(dq_b, h)
+            prefix.add_grad(start, end, dk_b, dv_b)
+        return dq.to(q.dtype), reduce_kv(dk, g), reduce_kv(dv, g), None, None, None
 
 
 def prefix_causal_attention(q, k, v, prefix: PrefixKV | None, kernel: AttentionKernel):

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from chunkflow.plan import ActionKind, Chunk, ChunkPlan, build_chunks, schedule
+from chunkflow.plan.chunks import check_positive_int
 from chunkflow.runtime.attention import (
     ATTENTION_BACKENDS,
     PrefixKV,
@@ -72,6 +73,12 @@ class _ChunkAttention:
         self.own_kv: list[tuple[int, _Segment, torch.Tensor, torch.Tensor]] = []
 
     def __call__(self, layer_idx: int, q, k, v) -> torch.Tensor:
+        # Under autocast, RoPE leaves q/k in float32 while v is bf16; SDPA's autocast rule
+        # casts all three to the autocast dtype. Do the same before anything reaches the state.
+        device_type = q.device.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         outs = []
         for seg in self.segments:
             # (1, heads, L, D) -> the segment's (1, heads, n, D)
@@ -100,9 +107,8 @@ class ChunkFlowEngine:
     def __init__(self, model: nn.Module, *, chunk_size: int, k: int = 1,
                  loss_normalization: str = "token", pack_chain_tails: bool = True,
                  attention_backend: str = "auto"):
-        for name, value in (("chunk_size", chunk_size), ("k", k)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        chunk_size = check_positive_int("chunk_size", chunk_size)
+        k = check_positive_int("k", k)
         if loss_normalization not in LOSS_NORMALIZATIONS:
             raise ValueError(f"loss_normalization={loss_normalization!r}; valid: "
                              f"{', '.join(LOSS_NORMALIZATIONS)}")
@@ -165,14 +171,13 @@ class ChunkFlowEngine:
     def forward_backward(self, batch) -> StepResult:
         """One step's forward and backward over ``batch``; gradients accumulate into ``.grad``."""
         ids_list, labels_list = self._prepare(batch)
-        param = self._param()
-        device, dtype = param.device, param.dtype
+        device, dtype = self._param().device, self._param().dtype
         acc = torch.promote_types(dtype, torch.float32)
         targets = [shift_labels(labels) for labels in labels_list]
         weights, num_loss_tokens = token_weights(targets, self.loss_normalization, acc)
         plan = build_chunks([len(x) for x in ids_list], chunk_size=self.chunk_size,
                             pack_chain_tails=self.pack_chain_tails)
-        kernel = get_kernel(self.attention_backend, device)
+        step = _Step(plan, ids_list, targets, weights, get_kernel(self.attention_backend, device))
         self.meter.reset(exclude=list(self.model.parameters()))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -185,7 +190,7 @@ class ChunkFlowEngine:
                 if p.requires_grad and p.grad is None:
                     p.grad = torch.zeros_like(p)
         else:
-            total = self._execute(plan, ids_list, targets, weights, kernel, total)
+            total = self._execute(step, total)
 
         peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                 else self.meter.peak)
@@ -193,40 +198,43 @@ class ChunkFlowEngine:
                           num_chunks=plan.num_chunks, num_tokens=plan.num_tokens,
                           peak_memory_bytes=peak, plan=plan)
 
-    def _execute(self, plan, ids_list, targets, weights, kernel, total):
-        cfg = self.config
-        param = self._param()
+    def _execute(self, step: "_Step", total: torch.Tensor) -> torch.Tensor:
+        cfg, plan = self.config, step.plan
         states: dict[int, ChainState] = {}
         graphs: dict[int, tuple[torch.Tensor, list]] = {}
-        with self.meter.hooks():
-            for action in schedule(plan, k=self.k):
-                chunk = plan.chunks[action.chunk_id]
-                chain = plan.chain_of(chunk)
-                if chain is not None and chain.chain_id not in states:
-                    states[chain.chain_id] = ChainState(
-                        num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads,
-                        head_dim=cfg.head_dim,
-                        seq_len=plan.chunks[chain.chunk_ids[-1]].segments[0].start,
-                        dtype=param.dtype, device=param.device, meter=self.meter)
-                state = states.get(chunk.chain_id)
-                if action.kind is ActionKind.BACKWARD:
-                    loss, own_kv = graphs.pop(chunk.chunk_id)
-                    is_last = chain is None or chunk.chain_idx == chain.num_chunks - 1
-                    self._backward(loss, [] if is_last else own_kv)
-                    total += loss.detach()
-                    if chain is not None and chunk.chain_idx == 0:
-                        states.pop(chain.chain_id).free()
-                else:
-                    graphs_kept = action.kind is not ActionKind.STATE_FORWARD
-                    out = self._forward(chunk, state, ids_list, targets, weights, kernel,
-                                        grad=graphs_kept,
-                                        write_state=action.kind is not ActionKind.RECOMPUTE)
-                    if graphs_kept:
-                        graphs[chunk.chunk_id] = out
-        assert not graphs and not states, "schedule left graphs or state behind"
+        try:
+            with self.meter.hooks():
+                for action in schedule(plan, k=self.k):
+                    chunk = plan.chunks[action.chunk_id]
+                    chain = plan.chain_of(chunk)
+                    if chain is not None and chain.chain_id not in states:
+                        states[chain.chain_id] = ChainState(
+                            num_layers=cfg.num_hidden_layers,
+                            seq_len=plan.chunks[chain.chunk_ids[-1]].segments[0].start,
+                            meter=self.meter)
+                    state = states.get(chunk.chain_id)
+                    if action.kind is ActionKind.BACKWARD:
+                        loss, own_kv = graphs.pop(chunk.chunk_id)
+                        is_last = chain is None or chunk.chain_idx == chain.num_chunks - 1
+                        self._backward(loss, [] if is_last else own_kv)
+                        total += loss.detach()
+                        del loss, own_kv  # the chunk's k/v must not live into the next forward
+                        if chain is not None and chunk.chain_idx == 0:
+                            states.pop(chain.chain_id).free()
+                    else:
+                        keep_graph = action.kind is not ActionKind.STATE_FORWARD
+                        out = self._forward(step, chunk, state, grad=keep_graph,
+                                            write_state=action.kind is not ActionKind.RECOMPUTE)
+                        if keep_graph:
+                            graphs[chunk.chunk_id] = out
+                        del out
+        finally:
+            for state in states.values():  # only left over when a step failed
+                state.free()
+        assert not graphs, "schedule left graphs behind"
         return total
 
-    def _forward(self, chunk: Chunk, state, ids_list, targets, weights, kernel, *, grad: bool,
+    def _forward(self, step: "_Step", chunk: Chunk, state: ChainState | None, *, grad: bool,
                  write_state: bool):
         segments, offset = [], 0
         for i, seg in enumerate(chunk.segments):
@@ -235,11 +243,11 @@ class ChunkFlowEngine:
                                      state if is_chain else None))
             offset += seg.num_tokens
         device = self._param().device
-        # (L,) per chunk, laid out segment after segment -> (1, L)
-        input_ids = torch.cat([ids_list[s.seq_id][s.start:s.end] for s in chunk.segments])[None]
+        # (n,) per segment, laid out segment after segment -> (1, L)
+        input_ids = torch.cat([step.ids[s.seq_id][s.start:s.end] for s in chunk.segments])[None]
         position_ids = torch.cat([torch.arange(s.start, s.end, device=device)
                                   for s in chunk.segments])[None]
-        attention = _ChunkAttention(segments, kernel, block_size=self.chunk_size,
+        attention = _ChunkAttention(segments, step.kernel, block_size=self.chunk_size,
                                     write_state=write_state, keep_kv=grad)
         with torch.set_grad_enabled(grad):
             hidden = self.model.hidden_states(input_ids, position_ids=position_ids,
@@ -247,21 +255,40 @@ class ChunkFlowEngine:
             if not grad:
                 return None  # state-only forward: the keys/values are in the state already
             logits = self.model.lm_head(hidden)[0]  # (L, V)
-            chunk_targets = torch.cat([targets[s.seq_id][s.start:s.end] for s in chunk.segments])
-            chunk_weights = torch.cat([weights[s.seq_id][s.start:s.end] for s in chunk.segments])
-            loss = weighted_cross_entropy(logits, chunk_targets, chunk_weights)
+            targets = torch.cat([step.targets[s.seq_id][s.start:s.end] for s in chunk.segments])
+            weights = torch.cat([step.weights[s.seq_id][s.start:s.end] for s in chunk.segments])
+            loss = weighted_cross_entropy(logits, targets, weights)
         return loss, attention.own_kv
 
     @staticmethod
     def _backward(loss: torch.Tensor, own_kv: list) -> None:
-        """Backward of one chunk: its loss, plus the key/value gradients later chunks sent back."""
-        tensors, grads = [loss], [None]
+        """Backward of one chunk: its loss, plus the key/value gradients later chunks sent back.
+
+        Keys/values that do not require grad (everything before them frozen) need nothing.
+        """
+        tensors, grads = [], []
+        if loss.requires_grad:
+            tensors, grads = [loss], [None]
         for layer_idx, seg, k_s, v_s in own_kv:
             grad_k, grad_v = seg.state.grads(layer_idx)
             sl = slice(seg.start, seg.start + seg.length)
-            tensors += [k_s, v_s]
-            grads += [grad_k[:, :, sl].to(k_s.dtype), grad_v[:, :, sl].to(v_s.dtype)]
-        torch.autograd.backward(tensors, grads)
+            for t, g in ((k_s, grad_k), (v_s, grad_v)):
+                if t.requires_grad:
+                    tensors.append(t)
+                    grads.append(g[:, :, sl].to(t.dtype))
+        if tensors:
+            torch.autograd.backward(tensors, grads)
+
+
+@dataclass
+class _Step:
+    """What every action of one step reads: the plan and the batch's per-sequence tensors."""
+
+    plan: ChunkPlan
+    ids: list[torch.Tensor]
+    targets: list[torch.Tensor]
+    weights: list[torch.Tensor]
+    kernel: object
 
 
 def _describe(x: Any) -> str:

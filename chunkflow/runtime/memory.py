@@ -15,26 +15,34 @@ import torch
 class _Held:
     """A saved tensor, counted while autograd keeps it."""
 
-    __slots__ = ("tensor", "meter", "key", "__weakref__")
+    __slots__ = ("tensor", "meter", "key", "generation")
 
     def __init__(self, tensor: torch.Tensor, meter: "MemoryMeter", key: int):
         self.tensor, self.meter, self.key = tensor, meter, key
+        self.generation = meter.generation
 
     def __del__(self):
-        self.meter._release(self.key)
+        if self.generation == self.meter.generation:  # not a leftover of an earlier step
+            self.meter._release(self.key)
 
 
 class MemoryMeter:
     def __init__(self):
         self.current = 0
         self.peak = 0
+        self.generation = 0
         self._storages: dict[int, list[int]] = {}  # data_ptr -> [refcount, nbytes]
         self._excluded: set[int] = set()
 
     def reset(self, exclude: list[torch.Tensor] = ()) -> None:
-        """Start a new step; tensors in ``exclude`` (parameters) are never counted."""
+        """Start a new step from zero; tensors in ``exclude`` (parameters) are never counted.
+
+        Anything an earlier step still holds (say, after it raised) is forgotten, not carried over.
+        """
         self._excluded = {t.untyped_storage().data_ptr() for t in exclude}
-        self.peak = self.current
+        self.generation += 1
+        self._storages = {}
+        self.current = self.peak = 0
 
     def add(self, nbytes: int) -> None:
         self.current += nbytes

@@ -138,8 +138,15 @@ def test_bad_chunk_size(bad):
         build_chunks([4, 5], chunk_size=bad)
 
 
-@pytest.mark.parametrize("seq_lens, match", [([], "empty"), ([3, 0], r"seq_lens\[1\] = 0"),
-                                             ([-1], r"seq_lens\[0\] = -1")])
+@pytest.mark.parametrize("seq_lens, match", [
+    ([], "empty"), ([3, 0], r"seq_lens\[1\] must be a positive integer .*got 0"),
+    ([-1], r"seq_lens\[0\] .*got -1"), ([2.5], r"seq_lens\[0\] .*got 2.5")])
 def test_bad_lengths(seq_lens, match):
     with pytest.raises(ValueError, match=match):
         build_chunks(seq_lens, chunk_size=4)
+
+
+def test_numpy_and_torch_integers_are_lengths():
+    np = pytest.importorskip("numpy")
+    plain = build_chunks([5, 17, 3], chunk_size=8)
+    assert build_chunks(np.array([5, 17, 3]), chunk_size=np.int64(8)) == plain

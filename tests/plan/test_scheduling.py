@@ -45,7 +45,7 @@ def test_schedules_validate_and_round_trip(seq_lens, chunk_size, k):
 @pytest.mark.parametrize("text, why", [
     ("S0 S1 F2 B2 R0 B0 R1 B1", "recompute must be descending"),
     ("F0 F1 F2 B2 B1 B0", "last min"),                     # k=1 but all kept
-    ("S0 S1 F2 B2 R1 R0 B1 B0", "recompute must be descending"),
+    ("S0 S1 F2 B2 R1 R0 B1 B0", "R1 must be followed by B1"),
     ("S0 S1 F2 B2 R1 B1 B0", "without a live graph"),
     ("S1 S0 F2 B2 R1 B1 R0 B0", "forward must be ascending"),
     ("S0 S1 F2 B2 R1 B1", r"never ran backward"),
@@ -82,3 +82,11 @@ def test_bad_k():
     for bad in (0, -1, 1.5):
         with pytest.raises(ValueError, match="k must be"):
             schedule(plan, k=bad)
+
+
+def test_validator_requires_recompute_right_before_its_backward():
+    plan = build_chunks([32], chunk_size=8)  # chain of 4
+    with pytest.raises(ScheduleError, match="R0 must be followed by B0"):
+        validate_schedule(parse_schedule("S0 F1 F2 F3 B3 B2 B1 R0 F9"), plan, k=3)
+    with pytest.raises(ScheduleError, match="R0 must be followed by B0"):
+        validate_schedule(parse_schedule("S0 F1 F2 F3 B3 B2 B1 R0"), plan, k=3)

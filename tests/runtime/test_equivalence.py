@@ -142,3 +142,25 @@ def test_sequence_normalization_ignores_unsupervised_sequences():
     batch = _batch([9, 6], mask_prob=0.0, seed=2)
     batch.append({"input_ids": torch.tensor([1, 2, 3, 4]), "labels": torch.full((4,), -100)})
     _check(batch, chunk_size=4, k=1, normalization="sequence")
+
+
+@pytest.mark.parametrize("trainable", [
+    ("lm_head",),                                  # body frozen: no k/v requires grad
+    ("q_proj", "v_proj"),                          # LoRA-style targets, base frozen
+    ("layers.1.",),                                # only the last layer trains
+    ("embed_tokens", "k_proj"),
+])
+def test_frozen_parameters(trainable):
+    model = tiny_model(seed=4)
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(t in name for t in trainable))
+    batch = _batch([21, 3, 9], mask_prob=0.1, seed=4)
+    reference_loss(model, batch).backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    ChunkFlowEngine(model, chunk_size=4, k=1).forward_backward(batch)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, expected[name], rtol=0, atol=1e-12)
+        else:
+            assert p.grad is None

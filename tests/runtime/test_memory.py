@@ -55,3 +55,27 @@ def test_process_rss_rise_16k_at_most_2x_the_2k_rise():
     raises peak RSS at most 2x what a 2K-token step does."""
     short, long = _rss_rise("chunkflow", 2048), _rss_rise("chunkflow", 16384)
     assert long <= 2 * short, f"2K: {short / 2**20:.0f} MiB, 16K: {long / 2**20:.0f} MiB"
+
+
+def test_failed_step_does_not_inflate_the_next_peak():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=2, num_attention_heads=4))
+    engine = ChunkFlowEngine(model, chunk_size=8, k=1)
+    batch = [torch.randint(0, 64, (40,))]
+    fresh = engine.forward_backward(batch).peak_memory_bytes
+    calls = 0
+    original = engine._backward
+
+    def failing(*args):
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("injected failure")
+        return original(*args)
+
+    engine._backward = failing
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.forward_backward(batch)
+    engine._backward = original
+    assert engine.forward_backward(batch).peak_memory_bytes == fresh

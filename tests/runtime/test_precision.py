@@ -1,0 +1,85 @@
+"""Low precision: bf16 kernels accumulate in fp32; bf16 autocast over float32 weights works."""
+
+import pytest
+import torch
+
+from chunkflow import ChunkFlowEngine
+from chunkflow.runtime.attention import MathKernel, PrefixKV, SDPACPUKernel, prefix_causal_attention
+from tests.conftest import grads, reference_loss, tiny_model
+from tests.runtime.test_attention import _State
+
+
+@pytest.mark.parametrize("kernel", [SDPACPUKernel(), MathKernel()], ids=lambda k: k.name)
+def test_bf16_prefix_attention_is_as_accurate_as_dense_bf16(kernel):
+    """Against a float64 truth, chunked bf16 attention over 32 prefix blocks must not be
+    noticeably worse than one dense bf16 SDPA call (fp32 accumulation across blocks)."""
+    torch.manual_seed(0)
+    H, G, L, P, D = 4, 2, 16, 512, 32
+    q64 = torch.randn(1, H, L, D, dtype=torch.float64)
+    k64, v64 = torch.randn(1, G, L, D, dtype=torch.float64), torch.randn(1, G, L, D, dtype=torch.float64)
+    kp64, vp64 = torch.randn(1, G, P, D, dtype=torch.float64), torch.randn(1, G, P, D, dtype=torch.float64)
+    dout64 = torch.randn(1, H, L, D, dtype=torch.float64)
+    mask = torch.ones(L, P + L, dtype=torch.bool).tril(P)
+
+    def dense(dtype):
+        q = q64.to(dtype).requires_grad_()
+        keys = torch.cat([kp64, k64], 2).repeat_interleave(H // G, 1).to(dtype)
+        values = torch.cat([vp64, v64], 2).repeat_interleave(H // G, 1).to(dtype)
+        out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        (dq,) = torch.autograd.grad(out, q, dout64.to(dtype))
+        return out.double(), dq.double()
+
+    truth_out, truth_dq = dense(torch.float64)
+    ref_out, ref_dq = dense(torch.bfloat16)
+    q = q64.bfloat16().requires_grad_()
+    state = _State(kp64.bfloat16(), vp64.bfloat16())
+    out = prefix_causal_attention(q, k64.bfloat16(), v64.bfloat16(),
+                                  PrefixKV(state, 0, P, 16), kernel)
+    (dq,) = torch.autograd.grad(out, q, dout64.bfloat16())
+
+    def err(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    assert err(out.double(), truth_out) <= 1.25 * err(ref_out, truth_out)
+    assert err(dq.double(), truth_dq) <= 1.25 * err(ref_dq, truth_dq)
+    assert state.gk.dtype == torch.bfloat16  # test stand-in; the engine's state grads are fp32
+
+
+def test_bf16_autocast_over_float32_weights():
+    model = tiny_model(dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.3) if p.dim() > 1 else None
+    batch = [torch.randint(0, 53, (n,)) for n in (40, 5, 3, 17)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference_loss(model, batch).backward()
+    expected = grads(model)
+    model.zero_grad(set_to_none=True)
+    engine = ChunkFlowEngine(model, chunk_size=8, k=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = engine.forward_backward(batch)
+    scale = max(g.abs().max() for g in expected.values())
+    err = max((g - expected[n]).abs().max() for n, g in grads(model).items()) / scale
+    assert err < 3e-2, err  # bf16 rounding, not a different computation
+    assert result.loss.dtype == torch.float32 and torch.isfinite(result.loss)
+
+
+def test_bf16_model_state_grads_are_fp32():
+    model = tiny_model(dtype=torch.bfloat16)
+    engine = ChunkFlowEngine(model, chunk_size=8, k=1)
+    seen = []
+    from chunkflow.runtime import kv_state
+
+    original = kv_state.ChainState._allocate
+
+    def spy(self, like):
+        original(self, like)
+        seen.extend((k.dtype, g.dtype, k.shape[1]) for k, g in zip(self.k, self.grad_k))
+
+    kv_state.ChainState._allocate = spy
+    try:
+        engine.forward_backward([torch.randint(0, 53, (30,))])
+    finally:
+        kv_state.ChainState._allocate = original
+    # bf16 keys with un-expanded KV heads (2, not 4), float32 gradient buffers, every layer
+    assert seen == [(torch.bfloat16, torch.float32, 2)] * model.config.num_hidden_layers
