@@ -175,8 +175,21 @@ def _unfold(x: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 class _PrefixCausalAttention(torch.autograd.Function):
+    """Autocast is off inside: the caller already cast q/k/v, and the kernels' fp32 accumulation
+    (scores, LSE, merge, dq) must not be cast back down to bf16."""
+
     @staticmethod
     def forward(ctx, q, k, v, prefix: PrefixKV, kernel: AttentionKernel, scale: float):
+        with torch.autocast(q.device.type, enabled=False):
+            return _PrefixCausalAttention._forward(ctx, q, k, v, prefix, kernel, scale)
+
+    @staticmethod
+    def backward(ctx, dout):
+        with torch.autocast(dout.device.type, enabled=False):
+            return _PrefixCausalAttention._backward(ctx, dout)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, prefix: PrefixKV, kernel: AttentionKernel, scale: float):
         h, g = q.shape[1], k.shape[1]
         out, lse = kernel.forward(q, expand_kv(k, h), expand_kv(v, h), causal=True, scale=scale)
         out = out.to(lse.dtype)  # accumulate in fp32 (or wider); a no-op for fp32 inputs
@@ -192,7 +205,7 @@ class _PrefixCausalAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, dout):
+    def _backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         prefix, kernel, scale = ctx.prefix, ctx.kernel, ctx.scale
         h, g = q.shape[1], k.shape[1]

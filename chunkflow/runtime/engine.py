@@ -74,11 +74,12 @@ class _ChunkAttention:
 
     def __call__(self, layer_idx: int, q, k, v) -> torch.Tensor:
         # Under autocast, RoPE leaves q/k in float32 while v is bf16; SDPA's autocast rule
-        # casts all three to the autocast dtype. Do the same before anything reaches the state.
+        # casts all three to the autocast dtype (float64 excepted, as autocast never casts it).
+        # Do the same before anything reaches the state.
         device_type = q.device.type
         if torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
-            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+            q, k, v = (t if t.dtype == torch.float64 else t.to(dtype) for t in (q, k, v))
         outs = []
         for seg in self.segments:
             # (1, heads, L, D) -> the segment's (1, heads, n, D)
@@ -228,8 +229,9 @@ class ChunkFlowEngine:
                         if keep_graph:
                             graphs[chunk.chunk_id] = out
                         del out
-        finally:
-            for state in states.values():  # only left over when a step failed
+        finally:  # only has work left when a step failed: drop its graphs and state
+            graphs.clear()
+            for state in states.values():
                 state.free()
         assert not graphs, "schedule left graphs behind"
         return total

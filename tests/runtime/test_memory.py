@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import weakref
 import sys
 from pathlib import Path
 
@@ -61,8 +62,8 @@ def test_failed_step_does_not_inflate_the_next_peak():
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
                                     num_hidden_layers=2, num_attention_heads=4))
-    engine = ChunkFlowEngine(model, chunk_size=8, k=1)
-    batch = [torch.randint(0, 64, (40,))]
+    engine = ChunkFlowEngine(model, chunk_size=8, k=2)
+    batch = [torch.randint(0, 64, (40,))]  # a chain of 5 chunks: S0 S1 S2 F3 F4 B4 ...
     fresh = engine.forward_backward(batch).peak_memory_bytes
     calls = 0
     original = engine._backward
@@ -70,12 +71,26 @@ def test_failed_step_does_not_inflate_the_next_peak():
     def failing(*args):
         nonlocal calls
         calls += 1
-        if calls == 2:
+        if calls == 1:  # B4 fails while F3's graph is still kept
             raise RuntimeError("injected failure")
         return original(*args)
 
     engine._backward = failing
-    with pytest.raises(RuntimeError, match="injected"):
+    alive = []
+    original_forward = engine._forward
+
+    def tracking(*args, **kwargs):
+        out = original_forward(*args, **kwargs)
+        if out is not None:
+            alive.append(weakref.ref(out[0]))  # the chunk's loss: its graph's root
+        return out
+
+    engine._forward = tracking
+    with pytest.raises(RuntimeError, match="injected") as info:
         engine.forward_backward(batch)
-    engine._backward = original
+    engine._backward, engine._forward = original, original_forward
+    assert info.value is not None  # the traceback is still referenced here...
+    # ...and only the chunk whose backward raised survives (the traceback's frames hold it);
+    # the other kept graphs are dropped with the failed step.
+    assert len(alive) == 2 and sum(ref() is not None for ref in alive) <= 1
     assert engine.forward_backward(batch).peak_memory_bytes == fresh

@@ -9,10 +9,12 @@ from tests.conftest import grads, reference_loss, tiny_model
 from tests.runtime.test_attention import _State
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast"])
 @pytest.mark.parametrize("kernel", [SDPACPUKernel(), MathKernel()], ids=lambda k: k.name)
-def test_bf16_prefix_attention_is_as_accurate_as_dense_bf16(kernel):
+def test_bf16_prefix_attention_is_as_accurate_as_dense_bf16(kernel, autocast):
     """Against a float64 truth, chunked bf16 attention over 32 prefix blocks must not be
-    noticeably worse than one dense bf16 SDPA call (fp32 accumulation across blocks)."""
+    noticeably worse than one dense bf16 SDPA call (fp32 accumulation across blocks, which
+    autocast must not undo)."""
     torch.manual_seed(0)
     H, G, L, P, D = 4, 2, 16, 512, 32
     q64 = torch.randn(1, H, L, D, dtype=torch.float64)
@@ -33,9 +35,10 @@ def test_bf16_prefix_attention_is_as_accurate_as_dense_bf16(kernel):
     ref_out, ref_dq = dense(torch.bfloat16)
     q = q64.bfloat16().requires_grad_()
     state = _State(kp64.bfloat16(), vp64.bfloat16())
-    out = prefix_causal_attention(q, k64.bfloat16(), v64.bfloat16(),
-                                  PrefixKV(state, 0, P, 16), kernel)
-    (dq,) = torch.autograd.grad(out, q, dout64.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = prefix_causal_attention(q, k64.bfloat16(), v64.bfloat16(),
+                                      PrefixKV(state, 0, P, 16), kernel)
+        (dq,) = torch.autograd.grad(out, q, dout64.bfloat16())
 
     def err(a, b):
         return ((a - b).norm() / b.norm()).item()
@@ -83,3 +86,17 @@ def test_bf16_model_state_grads_are_fp32():
         kv_state.ChainState._allocate = original
     # bf16 keys with un-expanded KV heads (2, not 4), float32 gradient buffers, every layer
     assert seen == [(torch.bfloat16, torch.float32, 2)] * model.config.num_hidden_layers
+
+
+def test_float64_model_under_autocast_stays_exact():
+    """Autocast never casts float64, so a float64 model under autocast is still exact."""
+    model = tiny_model()
+    batch = [torch.randint(0, 53, (n,)) for n in (30, 4, 11)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference_loss(model, batch).backward()
+        expected = grads(model)
+        model.zero_grad(set_to_none=True)
+        ChunkFlowEngine(model, chunk_size=4, k=1).forward_backward(batch)
+    scale = max(g.abs().max() for g in expected.values())
+    for name, g in grads(model).items():
+        torch.testing.assert_close(g, expected[name], rtol=0, atol=1e-12 * scale)
