@@ -102,7 +102,7 @@ def get_kernel(name: str, device: torch.device) -> AttentionKernel:
         return SDPACPUKernel()
     if name == "math":
         return MathKernel()
-    raise ValueError(f"unknown attention backend {name!r}; valid: 'auto', 'sdpa', 'math'")
+    raise ValueError(f"unknown attention backend {name!r}; valid: {', '.join(ATTENTION_BACKENDS)}")
 
 
 def expand_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:

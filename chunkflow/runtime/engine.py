@@ -15,6 +15,7 @@ Gradients accumulate into ``.grad`` exactly as ``loss.backward()`` of unchunked 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -178,7 +179,8 @@ class ChunkFlowEngine:
         weights, num_loss_tokens = token_weights(targets, self.loss_normalization, acc)
         plan = build_chunks([len(x) for x in ids_list], chunk_size=self.chunk_size,
                             pack_chain_tails=self.pack_chain_tails)
-        step = _Step(plan, ids_list, targets, weights, get_kernel(self.attention_backend, device))
+        step = _Step(plan, ids_list, targets, weights, get_kernel(self.attention_backend, device),
+                     device)
         self.meter.reset(exclude=list(self.model.parameters()))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -203,8 +205,11 @@ class ChunkFlowEngine:
         cfg, plan = self.config, step.plan
         states: dict[int, ChainState] = {}
         graphs: dict[int, tuple[torch.Tensor, list]] = {}
+        # On CUDA the peak comes from the allocator; the saved-tensor hooks would be pure overhead.
+        hooks = (contextlib.nullcontext() if step.kernel_device.type == "cuda"
+                 else self.meter.hooks())
         try:
-            with self.meter.hooks():
+            with hooks:
                 for action in schedule(plan, k=self.k):
                     chunk = plan.chunks[action.chunk_id]
                     chain = plan.chain_of(chunk)
@@ -216,8 +221,7 @@ class ChunkFlowEngine:
                     state = states.get(chunk.chain_id)
                     if action.kind is ActionKind.BACKWARD:
                         loss, own_kv = graphs.pop(chunk.chunk_id)
-                        is_last = chain is None or chunk.chain_idx == chain.num_chunks - 1
-                        self._backward(loss, [] if is_last else own_kv)
+                        self._backward(loss, own_kv)
                         total += loss.detach()
                         del loss, own_kv  # the chunk's k/v must not live into the next forward
                         if chain is not None and chunk.chain_idx == 0:
@@ -229,15 +233,17 @@ class ChunkFlowEngine:
                         if keep_graph:
                             graphs[chunk.chunk_id] = out
                         del out
+            assert not graphs and not states, "schedule left graphs or state behind"
         finally:  # only has work left when a step failed: drop its graphs and state
             graphs.clear()
             for state in states.values():
                 state.free()
-        assert not graphs, "schedule left graphs behind"
         return total
 
     def _forward(self, step: "_Step", chunk: Chunk, state: ChainState | None, *, grad: bool,
                  write_state: bool):
+        """Run one chunk. With ``grad``: returns (loss, own_kv), the chunk's weighted loss and the
+        key/value outputs that will receive gradients from later chunks of its chain."""
         segments, offset = [], 0
         for i, seg in enumerate(chunk.segments):
             is_chain = i == 0 and chunk.chain_id is not None
@@ -249,8 +255,11 @@ class ChunkFlowEngine:
         input_ids = torch.cat([step.ids[s.seq_id][s.start:s.end] for s in chunk.segments])[None]
         position_ids = torch.cat([torch.arange(s.start, s.end, device=device)
                                   for s in chunk.segments])[None]
+        # Only a chain chunk followed by more chunks receives gradients for its own keys/values.
+        has_successor = (chunk.chain_id is not None
+                         and chunk.chain_idx < step.plan.chains[chunk.chain_id].num_chunks - 1)
         attention = _ChunkAttention(segments, step.kernel, block_size=self.chunk_size,
-                                    write_state=write_state, keep_kv=grad)
+                                    write_state=write_state, keep_kv=grad and has_successor)
         with torch.set_grad_enabled(grad):
             hidden = self.model.hidden_states(input_ids, position_ids=position_ids,
                                               attention=attention)
@@ -291,6 +300,7 @@ class _Step:
     targets: list[torch.Tensor]
     weights: list[torch.Tensor]
     kernel: object
+    kernel_device: torch.device
 
 
 def _describe(x: Any) -> str:

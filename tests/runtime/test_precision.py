@@ -24,17 +24,18 @@ def test_bf16_prefix_attention_is_as_accurate_as_dense_bf16(kernel, autocast):
     mask = torch.ones(L, P + L, dtype=torch.bool).tril(P)
 
     def dense(dtype):
-        q = q64.to(dtype).requires_grad_()
-        keys = torch.cat([kp64, k64], 2).repeat_interleave(H // G, 1).to(dtype)
+        q, kp = q64.to(dtype).requires_grad_(), kp64.to(dtype).requires_grad_()
+        keys = torch.cat([kp, k64.to(dtype)], 2).repeat_interleave(H // G, 1)
         values = torch.cat([vp64, v64], 2).repeat_interleave(H // G, 1).to(dtype)
         out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        (dq,) = torch.autograd.grad(out, q, dout64.to(dtype))
-        return out.double(), dq.double()
+        dq, dkp = torch.autograd.grad(out, [q, kp], dout64.to(dtype))
+        return out.double(), dq.double(), dkp.double()
 
-    truth_out, truth_dq = dense(torch.float64)
-    ref_out, ref_dq = dense(torch.bfloat16)
+    truth_out, truth_dq, truth_dkp = dense(torch.float64)
+    ref_out, ref_dq, ref_dkp = dense(torch.bfloat16)
     q = q64.bfloat16().requires_grad_()
     state = _State(kp64.bfloat16(), vp64.bfloat16())
+    state.gk, state.gv = state.gk.float(), state.gv.float()  # fp32, as the engine's state
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         out = prefix_causal_attention(q, k64.bfloat16(), v64.bfloat16(),
                                       PrefixKV(state, 0, P, 16), kernel)
@@ -45,7 +46,8 @@ def test_bf16_prefix_attention_is_as_accurate_as_dense_bf16(kernel, autocast):
 
     assert err(out.double(), truth_out) <= 1.25 * err(ref_out, truth_out)
     assert err(dq.double(), truth_dq) <= 1.25 * err(ref_dq, truth_dq)
-    assert state.gk.dtype == torch.bfloat16  # test stand-in; the engine's state grads are fp32
+    # the prefix keys' gradient, accumulated block by block into the state
+    assert err(state.gk.double(), truth_dkp) <= 1.25 * err(ref_dkp, truth_dkp)
 
 
 def test_bf16_autocast_over_float32_weights():
