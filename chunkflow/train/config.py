@@ -1,0 +1,319 @@
+"""Typed training configuration: dataclass sections, a TOML file, and ``--section.field=value``.
+
+Precedence: field defaults < ``--config FILE.toml`` < command-line overrides. Every field carries
+its help text in ``metadata["help"]``; ``chunkflow train --help`` lists them with their defaults.
+The resolved configuration is written to ``config.toml`` in the run directory, and reading that
+file back gives the same configuration (``None`` fields are left out: ``None`` is every such
+field's default).
+
+Unknown sections or fields are errors that suggest the closest valid names; values are checked
+against their annotated type (``Literal`` choices, ``int``, ``float``, ``bool``, ``X | None``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def _f(default: Any, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelSection:
+    preset: str = _f("tiny", "Model shape: one of chunkflow.models.PRESETS (tiny, qwen2.5-0.5b, ...).")
+    dtype: Literal["float32", "bfloat16", "float64"] = _f("float32", "Parameter dtype.")
+    vocab_size: int | None = _f(None, "Override the preset's vocabulary size (to fit a tokenizer).")
+
+
+@dataclass
+class DataSection:
+    path: str | None = _f(None, "JSONL/Parquet files or globs, comma-separated. Unset: the "
+                                "built-in synthetic long-tail data set.")
+    format: Literal["auto", "jsonl", "parquet"] = _f("auto", "File format; auto = by extension "
+                                                     "(.parquet is Parquet, anything else JSONL).")
+    tokenizer: str = _f("byte", "'byte' (built-in byte-level tokenizer) or a local Hugging Face "
+                                "tokenizer directory (its chat template is used for messages).")
+    text_field: str = _f("text", "Record field holding plain text.")
+    messages_field: str = _f("messages", "Record field holding chat messages (role/content).")
+    input_ids_field: str = _f("input_ids", "Record field holding pre-tokenised ids.")
+    labels_field: str = _f("labels", "Record field holding labels for input_ids (-100 = ignored).")
+    train_on: Literal["assistant", "all"] = _f("assistant", "Chat records: supervise assistant "
+                                               "turns only, or every token.")
+    add_eos: bool = _f(True, "Append the tokenizer's end-of-sequence token to text records.")
+    batch_size: int = _f(32, "Sequences per global batch (one optimizer step each).")
+    batch_tokens: int | None = _f(None, "Token budget per global batch instead of batch_size; a "
+                                        "longer sequence forms a batch of its own.")
+    max_length: int | None = _f(None, "Longest sequence kept whole. Unset: nothing is ever "
+                                      "truncated or dropped.")
+    overlong: Literal["truncate", "drop"] = _f("truncate", "What happens to sequences longer "
+                                               "than max_length (counted and reported).")
+    shuffle_buffer: int = _f(1000, "Records in the streaming shuffle buffer; 0 = file order.")
+    skip_invalid: bool = _f(False, "Skip malformed records (counted and reported) instead of "
+                                   "stopping with an error.")
+    synthetic_max_len: int = _f(8192, "Built-in data: longest sequence.")
+    synthetic_min_len: int = _f(8, "Built-in data: shortest sequence.")
+
+
+@dataclass
+class ChunkingSection:
+    chunk_size: int = _f(512, "Most tokens per chunk; sets peak activation memory.")
+    k: int = _f(1, "Chunks of a chain that keep their activations; the rest are recomputed.")
+    pack_chain_tails: bool = _f(True, "Pack short sequences into the free space of chains' "
+                                      "last chunks.")
+    loss_normalization: Literal["token", "sequence"] = _f(
+        "token", "token: mean over supervised tokens of the global batch; sequence: mean of "
+                 "per-sequence means.")
+    attention_backend: Literal["auto", "sdpa", "math"] = _f("auto", "Attention kernel.")
+
+
+@dataclass
+class OptimSection:
+    lr: float = _f(2e-3, "Peak learning rate (AdamW).")
+    min_lr_ratio: float = _f(0.1, "Final learning rate of the cosine decay, as a fraction of lr.")
+    warmup_steps: int = _f(10, "Linear warmup steps from 0 to lr.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    beta1: float = _f(0.9, "AdamW beta1.")
+    beta2: float = _f(0.95, "AdamW beta2.")
+    eps: float = _f(1e-8, "AdamW epsilon.")
+    grad_clip: float = _f(1.0, "Clip the global gradient norm to this value; 0 = no clipping.")
+
+
+@dataclass
+class TrainSection:
+    steps: int = _f(100, "Optimizer steps (global batches).")
+    output_dir: str | None = _f(None, "Run directory (metrics.jsonl, config.toml, checkpoints). "
+                                      "Unset: runs/train-<date>-<time>.")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto = cuda when available, else cpu.")
+    seed: int = _f(0, "Seed for weights, data order and synthetic data.")
+    deterministic: bool = _f(False, "torch.use_deterministic_algorithms(True).")
+    autocast: Literal["auto", "bf16", "none"] = _f("auto", "auto = bf16 autocast on CUDA, none "
+                                                           "on CPU.")
+
+
+@dataclass
+class LogSection:
+    interval: int = _f(10, "Print a metrics line every N steps (metrics.jsonl gets every step).")
+    progress: bool = _f(True, "Show a progress bar (loss, tokens/s, peak memory, ETA).")
+    tensorboard: bool = _f(False, "Also write TensorBoard events to <output_dir>/tensorboard.")
+
+
+@dataclass
+class CheckpointSection:
+    interval: int = _f(50, "Save a checkpoint every N steps (and always at the end); 0 = only "
+                           "at the end.")
+    keep_last: int = _f(3, "Checkpoints kept; older ones are deleted after a new one is saved.")
+    resume: bool = _f(False, "Continue from the newest checkpoint in train.output_dir "
+                             "(same as --resume).")
+    resume_from: str | None = _f(None, "Continue from this checkpoint directory.")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    chunking: ChunkingSection = field(default_factory=ChunkingSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    log: LogSection = field(default_factory=LogSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+
+    def validate(self) -> "TrainConfig":
+        """Range checks that types alone cannot express; raises ValueError naming the option."""
+        positive = ["data.batch_size", "data.batch_tokens", "data.max_length",
+                    "data.synthetic_max_len", "data.synthetic_min_len", "chunking.chunk_size",
+                    "chunking.k", "train.steps", "log.interval", "checkpoint.keep_last",
+                    "model.vocab_size"]
+        non_negative = ["data.shuffle_buffer", "optim.warmup_steps", "checkpoint.interval",
+                        "optim.weight_decay", "optim.grad_clip", "optim.min_lr_ratio"]
+        for name in positive + non_negative:
+            value = self.get(name)
+            if value is None:
+                continue
+            if name in positive and value <= 0:
+                raise ValueError(f"--{name}={value}: must be a positive integer")
+            if name in non_negative and value < 0:
+                raise ValueError(f"--{name}={value}: must be >= 0")
+        if not 0 < self.optim.lr < math.inf:
+            raise ValueError(f"--optim.lr={self.optim.lr}: must be positive and finite")
+        for name in ("optim.beta1", "optim.beta2"):
+            if not 0 <= self.get(name) < 1:
+                raise ValueError(f"--{name}={self.get(name)}: must be in [0, 1)")
+        if self.optim.min_lr_ratio > 1:
+            raise ValueError(f"--optim.min_lr_ratio={self.optim.min_lr_ratio}: must be in [0, 1]")
+        if self.data.synthetic_min_len > self.data.synthetic_max_len:
+            raise ValueError(f"--data.synthetic_min_len={self.data.synthetic_min_len} exceeds "
+                             f"--data.synthetic_max_len={self.data.synthetic_max_len}")
+        from chunkflow.models.config import PRESETS
+
+        if self.model.preset.lower() not in PRESETS:
+            raise ValueError(f"--model.preset={self.model.preset!r}: known presets are "
+                             f"{', '.join(PRESETS)}")
+        return self
+
+    def get(self, name: str) -> Any:
+        section, key = name.split(".")
+        return getattr(getattr(self, section), key)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        """Write as TOML (``None`` fields omitted); ``load_config(path)`` reads it back."""
+        import tomli_w
+
+        data = {s: {k: v for k, v in d.items() if v is not None}
+                for s, d in self.to_dict().items()}
+        path.write_text(tomli_w.dumps(data))
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(TrainConfig)
+
+
+def _fields() -> dict[str, tuple[str, dataclasses.Field, Any]]:
+    """'section.field' -> (section, Field, resolved type annotation)."""
+    out = {}
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            out[f"{section}.{f.name}"] = (section, f, hints[f.name])
+    return out
+
+
+FIELDS = _fields()
+
+
+def _suggest(name: str, valid) -> str:
+    close = difflib.get_close_matches(name, list(valid), n=3, cutoff=0.5)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+def _convert(name: str, value: Any, annotation: Any, *, from_text: bool) -> Any:
+    """Check ``value`` against ``annotation``; parse it first when it came from the command line."""
+    args = typing.get_args(annotation)
+    if type(None) in args:  # X | None
+        if value is None or (from_text and str(value).lower() in ("none", "null", "")):
+            return None
+        (annotation,) = [a for a in args if a is not type(None)]
+        args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is Literal:
+        if value not in args:
+            raise ValueError(f"--{name}={value!r}: valid values are "
+                             f"{', '.join(repr(a) for a in args)}")
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).lower()
+        if from_text and text in ("true", "1", "yes", "on"):
+            return True
+        if from_text and text in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"--{name}={value!r}: expected true or false")
+    if annotation is int:
+        if from_text:
+            try:
+                value = int(str(value).replace("_", ""))
+            except ValueError:
+                raise ValueError(f"--{name}={value!r}: expected an integer") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"--{name}={value!r}: expected an integer")
+        return value
+    if annotation is float:
+        if from_text:
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"--{name}={value!r}: expected a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"--{name}={value!r}: expected a number")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ValueError(f"--{name}={value!r}: expected a string")
+        return value
+    raise AssertionError(f"unhandled annotation {annotation!r} for {name}")
+
+
+def _apply(config: TrainConfig, name: str, value: Any, *, from_text: bool, where: str) -> None:
+    if name not in FIELDS:
+        raise ValueError(f"{where}unknown option {name!r}{_suggest(name, FIELDS)}")
+    section, f, annotation = FIELDS[name]
+    try:
+        value = _convert(name, value, annotation, from_text=from_text)
+    except ValueError as e:
+        raise ValueError(f"{where}{e}") from None
+    setattr(getattr(config, section), f.name, value)
+
+
+def read_toml(path: str | Path, config: TrainConfig | None = None) -> TrainConfig:
+    """Apply a TOML file's ``[section] field = value`` entries to ``config`` (or the defaults)."""
+    config = config or TrainConfig()
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"config file {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: invalid TOML: {e}") from None
+    for section, entries in data.items():
+        if section not in SECTIONS:
+            raise ValueError(f"{path}: unknown section [{section}]{_suggest(section, SECTIONS)}; "
+                             f"sections are {', '.join(SECTIONS)}")
+        if not isinstance(entries, dict):
+            raise ValueError(f"{path}: {section} must be a [{section}] table")
+        for key, value in entries.items():
+            _apply(config, f"{section}.{key}", value, from_text=False, where=f"{path}: ")
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None
+                ) -> TrainConfig:
+    """Defaults, then the TOML file, then ``{"section.field": value}`` overrides (text or typed)."""
+    config = read_toml(path) if path is not None else TrainConfig()
+    for name, value in (overrides or {}).items():
+        _apply(config, name, value, from_text=isinstance(value, str), where="")
+    return config.validate()
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config``, ``--resume`` and one ``--section.field`` option per field, grouped by section."""
+    parser.add_argument("--config", metavar="FILE.toml", help="TOML file with [section] tables")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest checkpoint in --train.output_dir")
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(f"[{section}]")
+        for f in dataclasses.fields(cls):
+            name = f"{section}.{f.name}"
+            annotation = FIELDS[name][2]
+            choices = [a for a in typing.get_args(annotation) if a is not type(None)]
+            metavar = ("|".join(choices) if typing.get_origin(annotation) is Literal else
+                       getattr(choices[0] if choices else annotation, "__name__", "VALUE").upper())
+            extra = {"nargs": "?", "const": "true"} if annotation is bool else {}
+            group.add_argument(f"--{name}", dest=name, metavar=metavar, default=argparse.SUPPRESS,
+                               help=f"{f.metadata['help']} (default: {f.default})", **extra)
+
+
+def config_from_args(args: argparse.Namespace, unknown: list[str]) -> TrainConfig:
+    """The configuration for parsed ``chunkflow train`` arguments; unknown options are errors."""
+    for arg in unknown:
+        name = arg.lstrip("-").split("=", 1)[0]
+        raise ValueError(f"unknown option {arg!r}{_suggest(name, FIELDS)}"
+                         if arg.startswith("--") else f"unexpected argument {arg!r}")
+    overrides = {name: value for name, value in vars(args).items() if name in FIELDS}
+    if args.resume:
+        overrides["checkpoint.resume"] = "true"
+    return load_config(args.config, overrides)
