@@ -1,10 +1,10 @@
-# Quickstart: `make demo` trains the built-in default; `make test` runs the tests.
+# Quickstart: `make train` trains the built-in default; `make test` runs the tests.
 # Both create .venv/ at the repo root when it is missing.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench clean
+.PHONY: train test bench clean
 
 $(BIN)/chunkflow: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,8 +12,8 @@ $(BIN)/chunkflow: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 
-demo: $(BIN)/chunkflow
-	$(BIN)/chunkflow demo
+train: $(BIN)/chunkflow
+	$(BIN)/chunkflow train
 
 test: $(BIN)/chunkflow
 	$(BIN)/python -m pytest -q

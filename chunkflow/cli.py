@@ -1,55 +1,45 @@
-"""Command line: ``chunkflow demo`` (the built-in training run) and ``chunkflow plan``."""
+"""Command line: ``chunkflow train | plan | report``.
+
+``train`` and ``plan`` take the same configuration: ``--config FILE.toml`` and
+``--section.field=value`` overrides (see ``chunkflow train --help`` for every field).
+User errors print ``chunkflow: error: ...`` and exit with status 2; a diverged run exits with 1,
+an interrupted one (Ctrl-C, after saving a checkpoint) with 130.
+"""
 
 from __future__ import annotations
 
 import argparse
-import random
 import sys
-import time
 
 
-def _demo(args: argparse.Namespace) -> int:
-    import torch
+def _train(args: argparse.Namespace, unknown: list[str]) -> int:
+    from chunkflow.train.config import config_from_args
+    from chunkflow.train.trainer import train
 
-    from chunkflow import ChunkFlowEngine
-    from chunkflow.models import Transformer, get_preset
-    from chunkflow.train.synthetic import MarkovSource, sample_lengths
-
-    torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)
-    config = get_preset("tiny")
-    model = Transformer(config)
-    engine = ChunkFlowEngine(model, chunk_size=args.chunk_size, k=args.k)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    source = MarkovSource(32, seed=args.seed)
-    print(f"chunkflow demo: tiny model ({config.num_params / 1e6:.2f}M params), chunk_size="
-          f"{args.chunk_size}, k={args.k}, {args.batch_size} sequences/step up to "
-          f"{args.max_len} tokens; best possible loss {source.entropy_nats:.3f}")
-    first = last = None
-    start = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        lengths = sample_lengths(rng, args.batch_size, max_len=args.max_len)
-        if step == 1:
-            lengths[0] = args.max_len  # make the long tail visible from the first step
-        batch = [torch.tensor(source.sample(rng, n)) for n in lengths]
-        t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        result = engine.forward_backward(batch)
-        optimizer.step()
-        dt = time.perf_counter() - t0
-        loss = float(result.loss)
-        first = loss if first is None else first
-        last = loss
-        print(f"step {step:3d}  loss {loss:.4f}  tokens {result.num_tokens:6d}  longest "
-              f"{max(lengths):5d}  chunks {result.num_chunks:3d}  peak {result.peak_memory_bytes / 2**20:7.1f} MiB  "
-              f"{result.num_tokens / dt:8.0f} tok/s", flush=True)
-    print(f"loss {first:.3f} -> {last:.3f} in {args.steps} steps, "
-          f"{time.perf_counter() - start:.0f} s")
-    return 0
+    summary = train(config_from_args(args, unknown))
+    return 130 if summary.interrupted else 0
 
 
-def _plan(args: argparse.Namespace) -> int:
+def _plan(args: argparse.Namespace, unknown: list[str]) -> int:
     from chunkflow.plan import build_chunks, format_schedule, schedule
+    from chunkflow.plan.memory import estimate_peak_memory
+    from chunkflow.train.config import config_from_args
+
+    if args.batches < 1:
+        raise ValueError(f"--batches={args.batches}: must be a positive integer")
+    cfg = config_from_args(args, unknown)
+    chunking = cfg.chunking
+    model_config = _model_config(cfg)
+    param_bytes = {"float32": 4, "bfloat16": 2, "float64": 8}[cfg.model.dtype]
+
+    def describe(lengths: list[int]) -> str:
+        plan = build_chunks(lengths, chunk_size=chunking.chunk_size,
+                            pack_chain_tails=chunking.pack_chain_tails)
+        estimate = estimate_peak_memory(model_config, plan, k=chunking.k,
+                                        param_bytes=param_bytes)
+        return (f"{plan.summary()}; longest sequence {max(lengths)} tokens\n"
+                f"  estimated peak memory ({cfg.model.preset}, {cfg.model.dtype}, "
+                f"k={chunking.k}): {estimate.summary()}"), plan
 
     if args.lengths:
         try:
@@ -57,53 +47,97 @@ def _plan(args: argparse.Namespace) -> int:
         except ValueError:
             raise ValueError(f"--lengths {args.lengths!r}: expected comma-separated integers, "
                              f"like 9000,300,120") from None
-    else:
-        from chunkflow.train.synthetic import sample_lengths
+        text, plan = describe(lengths)
+        print(text)
+        for chunk in plan.chunks:
+            kind = (f"chain {chunk.chain_id} chunk {chunk.chain_idx}" if chunk.is_dependent
+                    else "standalone")
+            segs = " ".join(f"s{s.seq_id}[{s.start}:{s.end}]" for s in chunk.segments)
+            print(f"  chunk {chunk.chunk_id:3d} {chunk.num_tokens:6d} tokens  {kind:20s} {segs}")
+        print(f"schedule (k={chunking.k}): {format_schedule(schedule(plan, k=chunking.k))}")
+        return 0
 
-        lengths = sample_lengths(random.Random(args.seed), args.num_sequences, max_len=args.max_len)
-    plan = build_chunks(lengths, chunk_size=args.chunk_size,
-                        pack_chain_tails=not args.no_tail_packing)
-    print(plan.summary())
-    for chunk in plan.chunks:
-        kind = (f"chain {chunk.chain_id} chunk {chunk.chain_idx}" if chunk.is_dependent
-                else "standalone")
-        segs = " ".join(f"s{s.seq_id}[{s.start}:{s.end}]" for s in chunk.segments)
-        print(f"  chunk {chunk.chunk_id:3d} {chunk.num_tokens:6d} tokens  {kind:20s} {segs}")
-    print("schedule (k={}): {}".format(args.k, format_schedule(schedule(plan, k=args.k))))
+    from chunkflow.train.data import DataPosition, DataStats, build_dataset, global_batches
+
+    dataset = build_dataset(cfg.data, vocab_size=model_config.vocab_size, seed=cfg.train.seed)
+    stats = DataStats()
+    print(f"data: {dataset.describe()}; chunk_size={chunking.chunk_size}, k={chunking.k}")
+    batches = global_batches(dataset, cfg.data, DataPosition(), stats)
+    for i in range(args.batches):
+        batch, _, batch_stats = next(batches)
+        text, _ = describe([len(ex) for ex in batch])
+        print(f"global batch {i + 1}: {text}")
+    print(f"data so far: {batch_stats.summary()}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="chunkflow", description=__doc__)
+def _model_config(cfg):
+    from chunkflow.models.config import get_preset
+
+    model_config = get_preset(cfg.model.preset)
+    if cfg.model.vocab_size is not None:
+        model_config = model_config.replace(vocab_size=cfg.model.vocab_size)
+    return model_config
+
+
+def _report(args: argparse.Namespace, unknown: list[str]) -> int:
+    from chunkflow.train.report import write_report
+
+    if unknown:
+        raise ValueError(f"unexpected arguments {' '.join(unknown)}; usage: chunkflow report "
+                         f"RUN_DIR [--output FILE.png]")
+    print(write_report(args.run_dir, output=args.output))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from chunkflow.train.config import add_config_arguments
+
+    parser = argparse.ArgumentParser(prog="chunkflow", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="train the tiny model on built-in long-tail data (CPU)")
-    demo.add_argument("--steps", type=int, default=60)
-    demo.add_argument("--batch-size", type=int, default=32, help="sequences per step")
-    demo.add_argument("--max-len", type=int, default=4096, help="longest sequence")
-    demo.add_argument("--chunk-size", type=int, default=512)
-    demo.add_argument("--k", type=int, default=1)
-    demo.add_argument("--lr", type=float, default=2e-3)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=_demo)
+    train = sub.add_parser(
+        "train", allow_abbrev=False, help="train a model (default: the built-in tiny model on "
+        "built-in long-tail data, on CPU)",
+        description="Train with ChunkFlow. Every option below can also be set in a TOML file "
+                    "(--config) as [section] field = value; the command line wins.")
+    add_config_arguments(train)
+    train.set_defaults(func=_train)
 
-    plan = sub.add_parser("plan", help="print the chunk plan and schedule of a batch")
-    plan.add_argument("--lengths", help="comma-separated sequence lengths (default: sampled)")
-    plan.add_argument("--num-sequences", type=int, default=32)
-    plan.add_argument("--max-len", type=int, default=32768)
-    plan.add_argument("--chunk-size", type=int, default=4096)
-    plan.add_argument("--k", type=int, default=1)
-    plan.add_argument("--no-tail-packing", action="store_true",
-                      help="do not pack short sequences into chains' last chunks")
-    plan.add_argument("--seed", type=int, default=0)
+    plan = sub.add_parser(
+        "plan", allow_abbrev=False, help="chunk statistics and estimated peak memory of the "
+        "configured data's first global batches",
+        description="Chunk statistics of the first global batches of the configured data (or "
+                    "of --lengths), with an estimate of peak memory. Takes the same "
+                    "configuration as `chunkflow train`.")
+    plan.add_argument("--batches", type=int, default=3, help="global batches to show (default 3)")
+    plan.add_argument("--lengths", help="comma-separated sequence lengths of one batch instead "
+                                        "of the configured data; prints each chunk and the "
+                                        "schedule")
+    add_config_arguments(plan)
     plan.set_defaults(func=_plan)
 
-    args = parser.parse_args(argv)
+    report = sub.add_parser("report", help="plot loss, throughput and peak memory of a run "
+                                           "to a PNG")
+    report.add_argument("run_dir", help="a run's output_dir (holding metrics.jsonl)")
+    report.add_argument("--output", help="PNG path (default: RUN_DIR/report.png)")
+    report.set_defaults(func=_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, unknown = build_parser().parse_known_args(argv)
+    from chunkflow.train import TrainingError
+
     try:
-        return args.func(args)
+        return args.func(args, unknown)
     except ValueError as e:
         print(f"chunkflow: error: {e}", file=sys.stderr)
         return 2
+    except TrainingError as e:
+        print(f"chunkflow: training stopped: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,31 +1,50 @@
-"""The command line: plan output, a short demo run, and errors for bad input."""
+"""The command line: plan output (lengths and configured data), report, and bad input."""
 
-import re
+import json
 
 from chunkflow.cli import main
 
 
-def test_plan_prints_chunks_and_schedule(capsys):
-    assert main(["plan", "--lengths", "10,3,25", "--chunk-size", "8", "--k", "1"]) == 0
+def test_plan_of_lengths_prints_chunks_and_schedule(capsys):
+    assert main(["plan", "--lengths", "10,3,25", "--chunking.chunk_size=8",
+                 "--chunking.k=1"]) == 0
     out = capsys.readouterr().out
     assert "3 sequences, 38 tokens -> 6 chunks of 8 (lower bound 5), 2 chains" in out
     assert "s0[8:10] s1[0:3]" in out  # the short sequence packed into chain 0's tail
     assert "schedule (k=1): S0 F1 B1 R0 B0 S2 S3 S4 F5 B5 R4 B4 R3 B3 R2 B2" in out
+    assert "estimated peak memory (tiny, float32, k=1)" in out
 
 
-def test_demo_trains(capsys):
-    assert main(["demo", "--steps", "3", "--batch-size", "4", "--max-len", "300",
-                 "--chunk-size", "64"]) == 0
+def test_plan_of_configured_data(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"input_ids": list(range(n))}) + "\n"
+                            for n in (10, 3, 25, 7, 30)))
+    assert main(["plan", f"--data.path={data}", "--data.shuffle_buffer=0",
+                 "--data.batch_size=3", "--chunking.chunk_size=8", "--batches=2"]) == 0
     out = capsys.readouterr().out
-    losses = [float(x) for x in re.findall(r"loss (\d+\.\d+)  tokens", out)]
-    assert len(losses) == 3 and all(0 < x < 6 for x in losses)
-    assert "peak" in out and "tok/s" in out
+    assert "global batch 1: 3 sequences, 38 tokens -> 6 chunks of 8" in out
+    assert "global batch 2: 3 sequences, 47 tokens" in out  # the stream wraps into epoch 2
+    assert out.count("estimated peak memory") == 2
+    # the default configuration: the built-in data
+    assert main(["plan", "--batches=1"]) == 0
+    assert "global batch 1: 32 sequences" in capsys.readouterr().out
+
+
+def test_report_writes_a_png(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", f"--train.output_dir={run}", "--train.steps=2", "--log.progress=false",
+                 "--data.synthetic_max_len=100", "--data.batch_size=2"]) == 0
+    assert main(["report", str(run)]) == 0
+    png = run / "report.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert "nope" in capsys.readouterr().err
 
 
 def test_bad_input_is_a_clear_error(capsys):
-    assert main(["plan", "--lengths", "10,0", "--chunk-size", "8"]) == 2
+    assert main(["plan", "--lengths", "10,0", "--chunking.chunk_size=8"]) == 2
     assert "seq_lens[1] must be a positive integer" in capsys.readouterr().err
     assert main(["plan", "--lengths", "5,x"]) == 2
     assert "--lengths '5,x': expected comma-separated integers" in capsys.readouterr().err
-    assert main(["demo", "--steps", "1", "--chunk-size", "0"]) == 2
-    assert "chunk_size must be a positive integer, got 0" in capsys.readouterr().err
+    assert main(["plan", "--lengths", "5", "--batches=0"]) == 2
+    assert "--batches=0: must be a positive integer" in capsys.readouterr().err

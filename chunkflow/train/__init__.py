@@ -1,1 +1,5 @@
-"""Training utilities: built-in synthetic data (the trainer lands with its own issue)."""
+"""Training: configuration, data, the trainer loop, checkpoints and run reports."""
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (for example a non-finite loss); the last checkpoint is left intact."""

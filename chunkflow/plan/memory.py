@@ -1,0 +1,164 @@
+"""Peak memory of one ChunkFlow training step, estimated from the model shape and the chunk plan.
+
+Stdlib only: ``model`` is anything with :class:`chunkflow.models.ModelConfig`'s attributes
+(``hidden_size``, ``intermediate_size``, ``num_hidden_layers``, ``num_attention_heads``,
+``num_key_value_heads``, ``head_dim``, ``vocab_size``, ``num_params``), duck-typed because the
+planning layer may not import the models.
+
+The estimate has two parts. The *static* part depends only on the parameter count ``P``:
+weights ``P * param_bytes``, gradients ``P * param_bytes``, optimizer state (AdamW: two float32
+moments, ``8 * P``). The *step* part is what the runtime's CPU meter
+(``StepResult.peak_memory_bytes``) counts: tensors saved for backward plus the chains' key/value
+state. Invariant: ``activations + kv_state`` is that meter's peak, up to the approximations below,
+and ``total`` is the sum of all five parts.
+
+Activations, per token of a live chunk graph, with ``b = activation_bytes``, ``a = max(b, 4)``
+(the float32-or-wider accumulation dtype), E hidden, H/G query/key-value heads, D head dim,
+I intermediate, V vocabulary, L layers. Per layer::
+
+    b * (6E          two RMSNorms: input, normalised input, scaled output (the residual stream
+                     is each norm's input, so it needs no term of its own)
+         + 3HD       queries, attention output, o_proj input
+         + 2GD       keys, values (un-expanded heads: the kernels see GQA directly)
+         + 4I)       SwiGLU: gate, up, silu(gate), product (down_proj input)
+    + a * (H + 2)    attention LSE per query head, the two norms' rsqrt
+
+and once per token for the head and the chunk's inputs::
+
+    b * (3E + 2D) + a * (V + 2) + 16
+    (final norm as above, RoPE cos/sin shared by all layers, log-probabilities of the
+    cross-entropy, final rsqrt, loss weight, int64 input id and target)
+
+RoPE saves nothing per layer (the multiplications by cos/sin need only cos/sin), and nothing
+grows with prefix x chunk (the runtime's attention never builds such a tensor).
+
+Which graphs are alive at the peak follows the schedule (``chunkflow.plan.scheduling``): a chain
+of N chunks keeps the graphs of its last ``min(K, N)`` chunks alive together, then recomputes each
+earlier chunk alone; its key/value state (all layers, the positions before its last chunk) lives
+for the whole chain. A standalone chunk lives alone, with no state. The step's peak is the
+largest of these moments (a chain's always hold at least one full chunk plus state, so a
+standalone chunk sets the peak only in a batch without chains). Packed segments count like
+chain tokens: the per-token cost does not depend on which sequence a token belongs to.
+
+Key/value state of a chain whose last chunk starts at position ``T``::
+
+    2 * L * G * D * T * (b + a)     keys and values in the key dtype, their gradients in float32+
+
+Assumptions and known errors (all small against the totals):
+
+* every activation is in ``activation_bytes`` (a model run in its own dtype, no autocast);
+* the o_proj input is counted separately from the attention output; for chunks without a prefix
+  the CPU flash kernel's output already has that layout and the two are one tensor, so the
+  estimate is high there by ``HD`` per token-layer;
+* a chain's last chunk that also holds packed sequences saves some query/key/value storage twice
+  (the prefix path copies its segment); not counted, the estimate is low by about 2% there;
+* transient buffers inside one operator (attention scores of a block, backward temporaries) and
+  allocator overhead are not counted, as the CPU meter does not count them either;
+* the optimizer state assumes float32 moments; ``torch.optim.AdamW`` keeps them in the parameter
+  dtype, so for bf16 parameters it is half this (and for float64 twice).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from chunkflow.plan.chunks import ChunkPlan, check_positive_int
+
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "sgd": 0}
+"""Optimizer state bytes per parameter: AdamW's two float32 moments; plain SGD (no momentum)."""
+
+_MODEL_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "vocab_size", "num_params")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes at the step's peak, by part. ``activations + kv_state`` is the runtime meter's peak."""
+
+    weights: int
+    grads: int
+    optimizer_state: int
+    activations: int
+    """Saved-for-backward tensors of the chunk graphs alive at the peak."""
+    kv_state: int
+    """Key/value state (and its gradients) of the chain alive at the peak; 0 without a chain."""
+    peak_tokens: int
+    """Tokens of the chunk graphs alive at the peak (for reading the estimate, not for sums)."""
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.grads + self.optimizer_state + self.activations + self.kv_state
+
+    def summary(self) -> str:
+        return (f"peak {_fmt(self.total)} = weights {_fmt(self.weights)} + grads "
+                f"{_fmt(self.grads)} + optimizer {_fmt(self.optimizer_state)} + activations "
+                f"{_fmt(self.activations)} ({self.peak_tokens} tokens) + KV state "
+                f"{_fmt(self.kv_state)}")
+
+
+def activation_bytes_per_token(model, *, activation_bytes: int) -> int:
+    """Saved-for-backward bytes of one token of a chunk graph: all layers plus the head."""
+    b, a = activation_bytes, max(activation_bytes, 4)
+    e, i, d = model.hidden_size, model.intermediate_size, model.head_dim
+    h, g = model.num_attention_heads, model.num_key_value_heads
+    per_layer = b * (6 * e + 3 * h * d + 2 * g * d + 4 * i) + a * (h + 2)
+    head = b * (3 * e + 2 * d) + a * (model.vocab_size + 2) + 16
+    return model.num_hidden_layers * per_layer + head
+
+
+def kv_state_bytes(model, num_positions: int, *, activation_bytes: int) -> int:
+    """Key/value state of ``num_positions`` positions (all layers) plus its float32+ gradients."""
+    b, a = activation_bytes, max(activation_bytes, 4)
+    return (2 * model.num_hidden_layers * model.num_key_value_heads * model.head_dim
+            * num_positions * (b + a))
+
+
+def estimate_peak_memory(model, plan: ChunkPlan, *, k: int, param_bytes: int = 4,
+                         activation_bytes: int | None = None,
+                         optimizer: str = "adamw") -> MemoryEstimate:
+    """Peak memory of one step of ``plan`` with ``k`` retained chunk graphs (see module docstring).
+
+    ``param_bytes``: bytes per parameter (and gradient) element; ``activation_bytes``: bytes per
+    activation element, default ``param_bytes``; ``optimizer``: a key of ``OPTIMIZER_STATE_BYTES``.
+    """
+    k = check_positive_int("k", k)
+    param_bytes = check_positive_int("param_bytes", param_bytes)
+    activation_bytes = check_positive_int(
+        "activation_bytes", param_bytes if activation_bytes is None else activation_bytes)
+    if optimizer not in OPTIMIZER_STATE_BYTES:
+        raise ValueError(f"optimizer={optimizer!r}; valid: {', '.join(OPTIMIZER_STATE_BYTES)}")
+    missing = [name for name in _MODEL_FIELDS if not hasattr(model, name)]
+    if missing:
+        raise ValueError(f"model {type(model).__name__} lacks {', '.join(missing)}; pass a "
+                         f"chunkflow.models.ModelConfig or an object with its attributes")
+    if not isinstance(plan, ChunkPlan):
+        raise ValueError(f"plan must be a ChunkPlan from build_chunks, got {type(plan).__name__}")
+
+    # Candidate moments of the step: (tokens of live graphs, positions of live KV state).
+    moments = [(c.num_tokens, 0) for c in plan.chunks if c.chain_id is None]
+    for chain in plan.chains:
+        tokens = [plan.chunks[i].num_tokens for i in chain.chunk_ids]
+        state = plan.chunks[chain.chunk_ids[-1]].segments[0].start  # before the last chunk
+        num_kept = min(k, len(tokens))
+        moments.append((sum(tokens[-num_kept:]), state))  # after the last F: k graphs alive
+        moments += [(n, state) for n in tokens[:-num_kept]]  # each R j: one graph alive
+
+    per_token = activation_bytes_per_token(model, activation_bytes=activation_bytes)
+    tokens, positions = max(
+        moments, key=lambda m: m[0] * per_token
+        + kv_state_bytes(model, m[1], activation_bytes=activation_bytes))
+    num_params = model.num_params
+    return MemoryEstimate(
+        weights=num_params * param_bytes,
+        grads=num_params * param_bytes,
+        optimizer_state=num_params * OPTIMIZER_STATE_BYTES[optimizer],
+        activations=tokens * per_token,
+        kv_state=kv_state_bytes(model, positions, activation_bytes=activation_bytes),
+        peak_tokens=tokens,
+    )
+
+
+def _fmt(num_bytes: int) -> str:
+    if num_bytes >= 2**30:
+        return f"{num_bytes / 2**30:.2f} GiB"
+    return f"{num_bytes / 2**20:.1f} MiB"

@@ -1,0 +1,153 @@
+"""Checkpoints: one directory per saved step, written atomically, loaded without pickled code.
+
+Layout of ``<run_dir>/step-00000100/``:
+
+* ``model.safetensors``  the weights (shared tensors such as tied embeddings stored once);
+* ``config.json``        the model configuration (Hugging Face field names);
+* ``optimizer.pt``       the optimizer's state dict: tensors and numbers only, so it loads with
+                          ``torch.load(weights_only=True)``;
+* ``rng.pt``             torch CPU (and CUDA) generator states, also tensors only;
+* ``trainer_state.json`` step, data position, data counters, Python RNG state, run counters.
+
+Invariants: a directory named ``step-*`` is always complete, because it is written under a
+temporary name and renamed in one ``os.rename``; a SIGKILL at any moment leaves at most a
+``.step-*.tmp-*`` directory behind, which the next run removes. Older checkpoints are deleted
+only after the new one is in place, and the newest is never deleted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+
+_NAME = re.compile(r"^step-(\d+)$")
+_TMP_PREFIX = ".step-"
+FILES = ("model.safetensors", "config.json", "optimizer.pt", "rng.pt", "trainer_state.json")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in ``run_dir``, oldest first."""
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir()
+             if p.is_dir() and (m := _NAME.match(p.name))]
+    return sorted(found)
+
+
+def remove_partial_checkpoints(run_dir: Path) -> list[Path]:
+    """Delete temporary directories a killed run left behind; return what was removed."""
+    stale = [p for p in run_dir.glob(f"{_TMP_PREFIX}*") if p.is_dir()] if run_dir.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rng_states() -> dict[str, Any]:
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return states
+
+
+def save_checkpoint(run_dir: Path, *, step: int, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any],
+                    keep_last: int) -> Path:
+    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep_last``."""
+    final = run_dir / checkpoint_name(step)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step:08d}.tmp-", dir=run_dir))
+    try:
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = getattr(model, "config", None)
+        if dataclasses.is_dataclass(config):
+            (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(_rng_states(), tmp / "rng.pt")
+        state = dict(trainer_state, step=step, python_rng=_encode_py_rng(random.getstate()))
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        for f in tmp.iterdir():  # durable before the rename makes the checkpoint visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():  # the same step saved again (e.g. Ctrl-C right after a save)
+            old = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step:08d}.old-", dir=run_dir))
+            os.rename(final, old / final.name)
+            os.rename(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for _, old in list_checkpoints(run_dir)[:-keep_last]:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, *, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Restore weights (and optimizer and RNG states) from ``path``; return the trainer state."""
+    if not path.is_dir():
+        raise ValueError(f"checkpoint {str(path)!r} is not a directory; checkpoints are the "
+                         f"step-* directories inside a run's output_dir")
+    missing = [f for f in FILES if not (path / f).is_file()]
+    if missing:
+        raise ValueError(f"checkpoint {str(path)!r} is incomplete or not a chunkflow "
+                         f"checkpoint: missing {', '.join(missing)}")
+    saved = json.loads((path / "config.json").read_text())
+    config = getattr(model, "config", None)
+    if dataclasses.is_dataclass(config) and saved != json.loads(
+            json.dumps(dataclasses.asdict(config))):
+        diff = {k: (saved.get(k), v) for k, v in dataclasses.asdict(config).items()
+                if saved.get(k) != v}
+        raise ValueError(f"checkpoint {str(path)!r} holds a different model; (saved, configured) "
+                         f"values differ: {diff}")
+    device = next(model.parameters()).device
+    missing_keys, unexpected = load_model(model, str(path / "model.safetensors"), strict=False,
+                                          device=str(device))
+    if missing_keys or unexpected:
+        raise ValueError(f"checkpoint {str(path)!r} does not match the model: missing "
+                         f"{sorted(missing_keys)}, unexpected {sorted(unexpected)}")
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device,
+                                             weights_only=True))
+        rng = torch.load(path / "rng.pt", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(list(rng["cuda"]))
+    state = json.loads((path / "trainer_state.json").read_text())
+    if optimizer is not None:
+        random.setstate(_decode_py_rng(state["python_rng"]))
+    return state
+
+
+def _encode_py_rng(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _decode_py_rng(state: list) -> tuple:
+    version, internal, gauss = state
+    return version, tuple(internal), gauss

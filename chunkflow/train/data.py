@@ -1,0 +1,430 @@
+"""Training data: JSONL/Parquet files or the built-in synthetic set, streamed into global batches.
+
+A data set is an endless stream of ``Example`` (input ids, optional labels, origin), each yielded
+with the ``DataPosition`` right after it; ``global_batches`` groups the stream into global batches
+of ``batch_size`` examples or of a ``batch_tokens`` budget.
+
+Invariants:
+- Streaming: files are read line by line (JSONL) or batch by batch (Parquet); memory holds at most
+  ``shuffle_buffer`` raw records, never a whole file.
+- ``DataPosition(epoch, index)``: ``index`` counts raw items taken from the epoch's shuffled stream,
+  invalid and dropped ones included. The shuffle RNG depends on (seed, epoch) only, so resuming
+  replays the raw stream and the shuffle and discards ``index`` items without parsing them.
+- ``global_batches`` yields each batch with the position right after its last example and the
+  stats as of that position, so resuming from that pair yields exactly the batches and counts of
+  an uninterrupted run.
+- Nothing is truncated or dropped unless ``max_length`` is set, and then each one is counted.
+- Synthetic example i depends on (seed, i) alone: resuming costs nothing, and there are no epochs.
+
+Labels are unshifted, Hugging Face style: ``labels[j]`` is the target for token j (the runtime
+shifts), -100 = not supervised; ``labels=None`` supervises every token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import itertools
+import json
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from chunkflow.train.config import DataSection
+from chunkflow.train.synthetic import MarkovSource, sample_lengths
+from chunkflow.train.tokenizer import (IGNORE_INDEX, ChatTemplateError, encode_chat,
+                                       load_tokenizer)
+
+_SKIP_HINT = "; --data.skip_invalid=true skips such records"
+# Synthetic Markov symbol s becomes byte 64 + s ('@', 'A'..'Z', '[', ...): printable, and inside
+# the byte tokenizer's vocabulary.
+_SYMBOL_OFFSET, _NUM_SYMBOLS = 64, 32
+_PARQUET_BATCH_ROWS = 256  # rows decoded at a time; long-context rows can be megabytes each
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    labels: list[int] | None  # None: every next token supervised
+    origin: str               # "data/a.jsonl:12", "data/b.parquet:row 7", "synthetic:5"
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    epoch: int = 0
+    index: int = 0  # raw items taken from the epoch's shuffled stream
+
+    def to_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DataPosition":
+        return cls(epoch=int(d["epoch"]), index=int(d["index"]))
+
+
+@dataclass
+class DataStats:
+    examples: int = 0
+    skipped: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    first_skip_reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DataStats":
+        return cls(**d)
+
+    def summary(self, *, max_length: int | None = None) -> str:
+        """One line, e.g. ``1200 examples; 3 invalid records skipped (first: ...)``."""
+        limit = "max_length" if max_length is None else f"max_length {max_length}"
+        parts = [f"{self.examples} examples"]
+        if self.skipped:
+            parts.append(f"{self.skipped} invalid record{'s' * (self.skipped != 1)} skipped "
+                         f"(first: {self.first_skip_reason})")
+        if self.truncated:
+            parts.append(f"{self.truncated} truncated to {limit}")
+        if self.dropped:
+            parts.append(f"{self.dropped} dropped as longer than {limit}")
+        return "; ".join(parts)
+
+
+class DataError(ValueError):
+    """Unusable data or data configuration; the message names the file and line."""
+
+
+class _Invalid(Exception):
+    """A record-level problem (message without location); skippable with --data.skip_invalid."""
+
+
+def _fit(example: Example, cfg: DataSection, stats: DataStats) -> Example | None:
+    """Apply --data.max_length / --data.overlong, counting what it changes."""
+    n = cfg.max_length
+    if n is None or len(example) <= n:
+        return example
+    if cfg.overlong == "drop":
+        stats.dropped += 1
+        return None
+    stats.truncated += 1
+    labels = None if example.labels is None else example.labels[:n]
+    return Example(example.input_ids[:n], labels, example.origin)
+
+
+class SyntheticDataset:
+    """Endless long-tailed Markov sequences; example i is a function of (seed, i) alone."""
+
+    def __init__(self, cfg: DataSection, *, seed: int, tokenizer):
+        if cfg.overlong == "drop" and cfg.max_length is not None \
+                and cfg.max_length < cfg.synthetic_min_len:
+            raise DataError(f"--data.max_length={cfg.max_length} with --data.overlong=drop drops "
+                            f"every synthetic sequence (--data.synthetic_min_len="
+                            f"{cfg.synthetic_min_len}); valid: max_length >= synthetic_min_len")
+        self.cfg, self.seed, self.tokenizer = cfg, seed, tokenizer
+        self.source = MarkovSource(_NUM_SYMBOLS, seed=seed)  # one transition table per run
+
+    def example(self, idx: int) -> Example:
+        rng = random.Random(f"{self.seed}:{idx}")  # str seeds hash with sha512: stable everywhere
+        (length,) = sample_lengths(rng, 1, max_len=self.cfg.synthetic_max_len,
+                                   min_len=self.cfg.synthetic_min_len)
+        ids = [_SYMBOL_OFFSET + s for s in self.source.sample(rng, length)]
+        return Example(ids, None, f"synthetic:{idx}")
+
+    def describe(self) -> str:
+        return (f"synthetic long-tail data: lengths {self.cfg.synthetic_min_len}.."
+                f"{self.cfg.synthetic_max_len}, Markov chain over {_NUM_SYMBOLS} symbols (best "
+                f"loss {self.source.entropy_nats:.3f}), seed {self.seed}{_limit_note(self.cfg)}")
+
+    def examples(self, start: DataPosition, stats: DataStats
+                 ) -> Iterator[tuple[Example, DataPosition]]:
+        if start.epoch != 0:
+            raise DataError(f"position {start}: the synthetic data set has no epochs; valid: "
+                            f"epoch 0 (was the checkpoint written with file data, --data.path?)")
+        idx = start.index
+        while True:
+            example = _fit(self.example(idx), self.cfg, stats)
+            idx += 1
+            if example is not None:
+                stats.examples += 1
+                yield example, DataPosition(0, idx)
+
+
+class FileDataset:
+    """JSONL/Parquet records, streamed through a shuffle buffer, epoch after epoch."""
+
+    def __init__(self, cfg: DataSection, *, vocab_size: int, seed: int, tokenizer):
+        self.cfg, self.vocab_size, self.seed, self.tokenizer = cfg, vocab_size, seed, tokenizer
+        self.files = [(p, _format_of(p, cfg.format)) for p in _expand(cfg.path)]
+        self.fields = (cfg.input_ids_field, cfg.labels_field, cfg.messages_field, cfg.text_field)
+
+    def describe(self) -> str:
+        num_bytes = sum(os.path.getsize(p) for p, _ in self.files)
+        formats = sorted({f for _, f in self.files})
+        eos = (f", EOS {self.tokenizer.eos_token_id} appended to text" if self.cfg.add_eos
+               and self.tokenizer.eos_token_id is not None else "")
+        return (f"{len(self.files)} {'/'.join(formats)} file(s) from {self.cfg.path!r} "
+                f"({num_bytes / 2**20:.1f} MiB), tokenizer {self.tokenizer.name} (vocab "
+                f"{self.tokenizer.vocab_size}){eos}, shuffle buffer {self.cfg.shuffle_buffer}, "
+                f"seed {self.seed}{_limit_note(self.cfg)}")
+
+    def examples(self, start: DataPosition, stats: DataStats
+                 ) -> Iterator[tuple[Example, DataPosition]]:
+        epoch, resume_idx = start.epoch, start.index
+        while True:
+            rng = random.Random(f"{self.seed}:{epoch}")
+            stream = _shuffled(self._raw_items(), self.cfg.shuffle_buffer, rng)
+            # Replaying the raw stream (unparsed lines) keeps the shuffle RNG in step.
+            if sum(1 for _ in itertools.islice(stream, resume_idx)) < resume_idx:
+                raise DataError(f"cannot resume at {start}: epoch {epoch} of {self.cfg.path!r} "
+                                f"has fewer than {resume_idx} records; valid: the data files of "
+                                f"the checkpointed run, unchanged")
+            usable = skipped = dropped = 0
+            idx = resume_idx
+            for file_idx, num, raw in stream:
+                idx += 1
+                where = self._where(file_idx, num)
+                try:
+                    example = self._example(raw, where)
+                except _Invalid as e:
+                    if not self.cfg.skip_invalid:
+                        raise DataError(f"{where}: {e}{_SKIP_HINT}") from None
+                    stats.skipped += 1
+                    skipped += 1
+                    stats.first_skip_reason = stats.first_skip_reason or f"{where}: {e}"
+                    continue
+                example = _fit(example, self.cfg, stats)
+                if example is None:  # overlong, --data.overlong=drop
+                    dropped += 1
+                    continue
+                usable += 1
+                stats.examples += 1
+                yield example, DataPosition(epoch, idx)
+            # A resumed epoch (resume_idx > 0) already yielded an example before the checkpoint.
+            if usable == 0 and resume_idx == 0:
+                raise DataError(f"no usable records in {self.cfg.path!r}: epoch {epoch} read "
+                                f"{idx} records, {skipped} invalid skipped, {dropped} dropped as "
+                                f"longer than --data.max_length={self.cfg.max_length}")
+            epoch, resume_idx = epoch + 1, 0
+
+    def _raw_items(self) -> Iterator[tuple[int, int, Any]]:
+        """(file index, line number or row index, unparsed line / row dict) for every record."""
+        for file_idx, (path, fmt) in enumerate(self.files):
+            rows = _jsonl_lines(path) if fmt == "jsonl" else _parquet_rows(path, self.fields)
+            for num, raw in rows:
+                yield file_idx, num, raw
+
+    def _where(self, file_idx: int, num: int) -> str:
+        path, fmt = self.files[file_idx]
+        return f"{path}:{num}" if fmt == "jsonl" else f"{path}:row {num}"
+
+    def _example(self, raw: Any, where: str) -> Example:
+        cfg = self.cfg
+        if isinstance(raw, bytes):
+            try:
+                raw = json.loads(raw)
+            except UnicodeDecodeError as e:
+                raise _Invalid(f"not valid UTF-8 ({e})") from None
+            except json.JSONDecodeError as e:
+                raise _Invalid(f"malformed JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise _Invalid(f"record is a JSON {_json_type(raw)}, not an object")
+        # Null counts as absent: Parquet files with mixed record kinds have null columns.
+        if raw.get(cfg.input_ids_field) is not None:
+            ids = _check_ids(raw[cfg.input_ids_field], cfg.input_ids_field, self.vocab_size)
+            labels = raw.get(cfg.labels_field)
+            if labels is not None:
+                _check_labels(labels, len(ids), cfg.labels_field, self.vocab_size)
+            return Example(ids, labels, where)
+        if raw.get(cfg.messages_field) is not None:
+            messages = raw[cfg.messages_field]
+            try:
+                ids, labels = encode_chat(self.tokenizer, messages, train_on=cfg.train_on)
+            except ChatTemplateError as e:  # the tokenizer's fault, not the record's: no skipping
+                raise DataError(f"{where}: {e}") from None
+            except ValueError as e:
+                raise _Invalid(f"{cfg.messages_field!r}: {e}") from None
+            if cfg.train_on == "assistant" and all(x == IGNORE_INDEX for x in labels):
+                roles = sorted({m["role"] for m in messages})
+                raise _Invalid(f"no message has role 'assistant' (roles: {', '.join(roles)}), so "
+                               f"nothing would be supervised; valid: an assistant turn, or "
+                               f"--data.train_on=all")
+            return Example(ids, labels, where)
+        if raw.get(cfg.text_field) is not None:
+            text = raw[cfg.text_field]
+            if not isinstance(text, str):
+                raise _Invalid(f"{cfg.text_field!r} must be a string, got {_json_type(text)}")
+            ids = self.tokenizer.encode(text)
+            if not ids:
+                raise _Invalid(f"{cfg.text_field!r} is empty")
+            if cfg.add_eos and self.tokenizer.eos_token_id is not None:
+                ids.append(self.tokenizer.eos_token_id)
+            return Example(ids, None, where)
+        expected = ", ".join(repr(f) for f in (cfg.input_ids_field, cfg.messages_field,
+                                                 cfg.text_field))
+        raise _Invalid(f"record has none of the fields {expected} (non-null); its fields are "
+                       f"{sorted(raw)}; choose fields with --data.text_field, "
+                       f"--data.messages_field or --data.input_ids_field")
+
+
+def _check_ids(ids: Any, field: str, vocab_size: int) -> list[int]:
+    if not isinstance(ids, list):
+        raise _Invalid(f"{field!r} must be an array of integers, got {_json_type(ids)}")
+    if not ids:
+        raise _Invalid(f"{field!r} is empty")
+    for pos, t in enumerate(ids):
+        if type(t) is not int:  # bool is an int subclass, and 1.0 is not a token id
+            raise _Invalid(f"{field!r}[{pos}] = {t!r} is not an integer")
+        if not 0 <= t < vocab_size:
+            raise _Invalid(f"token id {t} at position {pos} of {field!r} is outside the "
+                           f"vocabulary [0, {vocab_size}) (--model.vocab_size)")
+    return ids
+
+
+def _check_labels(labels: Any, length: int, field: str, vocab_size: int) -> None:
+    if not isinstance(labels, list):
+        raise _Invalid(f"{field!r} must be an array of integers, got {_json_type(labels)}")
+    if len(labels) != length:
+        raise _Invalid(f"{field!r} has {len(labels)} entries but the input ids have {length}; "
+                       f"valid: one label per token")
+    for pos, t in enumerate(labels):
+        if type(t) is not int or not (t == IGNORE_INDEX or 0 <= t < vocab_size):
+            raise _Invalid(f"{field!r}[{pos}] = {t!r} is neither {IGNORE_INDEX} nor a token id "
+                           f"in [0, {vocab_size})")
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+             float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _limit_note(cfg: DataSection) -> str:
+    if cfg.max_length is None:
+        return ", no max_length (nothing truncated)"
+    return f", max_length {cfg.max_length} ({cfg.overlong} longer ones)"
+
+
+def _expand(spec: str) -> list[str]:
+    """Comma-separated paths and globs -> files, each pattern's matches sorted."""
+    files = []
+    for pattern in (p.strip() for p in spec.split(",")):
+        if not pattern:
+            continue
+        if any(c in pattern for c in "*?["):
+            matches = [m for m in sorted(glob.glob(pattern, recursive=True))
+                       if not os.path.isdir(m)]
+            if not matches:
+                raise DataError(f"--data.path: pattern {pattern!r} matches no files; valid: "
+                                f"existing JSONL/Parquet files or globs that match some")
+        elif not os.path.exists(pattern):
+            raise DataError(f"--data.path: {pattern!r} does not exist; valid: existing "
+                            f"JSONL/Parquet files or globs, comma-separated")
+        elif os.path.isdir(pattern):
+            raise DataError(f"--data.path: {pattern!r} is a directory; valid: files or a glob "
+                            f"such as '{os.path.join(pattern, '*.jsonl')}'")
+        else:
+            matches = [pattern]
+        files += matches
+    if not files:
+        raise DataError(f"--data.path={spec!r} names no files")
+    return files
+
+
+def _format_of(path: str, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    return "parquet" if path.lower().endswith(".parquet") else "jsonl"
+
+
+def _jsonl_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw line) for each non-blank line; parsing waits for the consumer."""
+    with open(path, "rb") as f:
+        for line_no, line in enumerate(f, 1):
+            if line.strip():
+                yield line_no, line
+
+
+def _parquet_rows(path: str, fields: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
+    """(0-based row index, row dict), one record batch in memory at a time."""
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # ArrowInvalid, OSError, ...
+        raise DataError(f"{path}: not a readable Parquet file ({e}); valid: a Parquet file, or "
+                        f"--data.format=jsonl for JSONL with another extension") from None
+    with pf:
+        # Read only the columns a record can use; with none of them, read all so the error can
+        # list the fields the file does have.
+        columns = [f for f in fields if f in pf.schema_arrow.names] or None
+        rows = (row for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS,
+                                                 columns=columns) for row in batch.to_pylist())
+        yield from enumerate(rows)
+
+
+def _shuffled(items: Iterator, buffer_size: int, rng: random.Random) -> Iterator:
+    """Streaming shuffle: a permutation in which no item moves earlier than buffer_size places."""
+    if buffer_size <= 0:
+        yield from items
+        return
+    buffer = []
+    for item in items:
+        if len(buffer) < buffer_size:
+            buffer.append(item)
+            continue
+        j = rng.randrange(buffer_size)
+        yield buffer[j]
+        buffer[j] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def build_dataset(cfg: DataSection, *, vocab_size: int, seed: int, tokenizer=None
+                  ) -> SyntheticDataset | FileDataset:
+    """The data set of ``cfg``: files when ``cfg.path`` is set, else the synthetic set."""
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
+    if tokenizer.vocab_size > vocab_size:
+        raise DataError(f"--data.tokenizer={tokenizer.name!r} has {tokenizer.vocab_size} token "
+                        f"ids but the model's vocabulary has {vocab_size}; valid: "
+                        f"--model.vocab_size={tokenizer.vocab_size} or larger")
+    if cfg.path is None:
+        if vocab_size < _SYMBOL_OFFSET + _NUM_SYMBOLS:
+            raise DataError(f"the synthetic data uses token ids {_SYMBOL_OFFSET}.."
+                            f"{_SYMBOL_OFFSET + _NUM_SYMBOLS - 1} but the model's vocabulary has "
+                            f"{vocab_size}; valid: --model.vocab_size >= "
+                            f"{_SYMBOL_OFFSET + _NUM_SYMBOLS}, or --data.path")
+        return SyntheticDataset(cfg, seed=seed, tokenizer=tokenizer)
+    return FileDataset(cfg, vocab_size=vocab_size, seed=seed, tokenizer=tokenizer)
+
+
+def global_batches(dataset, cfg: DataSection, start: DataPosition, stats: DataStats
+                   ) -> Iterator[tuple[list[Example], DataPosition, DataStats]]:
+    """Endless global batches, each with the position after its last example and the stats then.
+
+    ``cfg.batch_tokens`` set: as many examples as fit the budget (a longer one alone); otherwise
+    ``cfg.batch_size`` examples. ``stats`` is not modified: the yielded copies carry the counts.
+    """
+    running = dataclasses.replace(stats)
+    batch: list[Example] = []
+    num_tokens = 0
+    last_position, last_snapshot = start, running
+    for example, position in dataset.examples(start, running):
+        # Snapshot per example: with a token budget the batch ends only once the next example is
+        # read, and the counts must not include what reading it skipped or truncated.
+        snapshot = dataclasses.replace(running)
+        if cfg.batch_tokens is not None and batch and num_tokens + len(example) > cfg.batch_tokens:
+            yield batch, last_position, last_snapshot
+            batch, num_tokens = [], 0
+        batch.append(example)
+        num_tokens += len(example)
+        last_position, last_snapshot = position, snapshot
+        full = (num_tokens >= cfg.batch_tokens if cfg.batch_tokens is not None
+                else len(batch) == cfg.batch_size)
+        if full:
+            yield batch, last_position, last_snapshot
+            batch, num_tokens = [], 0

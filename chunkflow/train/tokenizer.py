@@ -1,0 +1,194 @@
+"""Tokenizers for training data, and chat records turned into input ids and labels.
+
+Two tokenizers share one small interface (``vocab_size``, ``eos_token_id``, ``name``,
+``encode(text)``, ``render_chat(messages, add_generation_prompt=...)``):
+
+- ``ByteTokenizer``: UTF-8 bytes, 256 ids, no special tokens, and a plain-text chat template
+  (``<|user|>\\n...\\n``, ``<|assistant|>\\n...<|end|>\\n``). Needs nothing installed.
+- ``HFTokenizer``: a local Hugging Face tokenizer directory, loaded with ``local_files_only``
+  (never the network); its own ``chat_template`` renders messages.
+
+``encode_chat`` labels assistant turns by the prefix-difference method, so it works with any chat
+template: the tokens of ``render(messages[:i], add_generation_prompt=True)`` are a prefix of the
+tokens of ``render(messages[:i + 1])``, and the tokens in between are assistant turn i (its content
+and whatever the template closes the turn with, e.g. ``<|im_end|>\\n``). Invariants: ids and labels
+have the same length; a label is either the id at its position or -100; a template that is not
+prefix-stable raises ``ChatTemplateError`` instead of mislabelling.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+IGNORE_INDEX = -100
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+_VALID_SPEC = ("valid: --data.tokenizer=byte, or a local directory holding a Hugging Face "
+               "tokenizer (tokenizer.json and/or tokenizer_config.json)")
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    eos_token_id: int | None
+    name: str
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def render_chat(self, messages: list[dict], *, add_generation_prompt: bool) -> str: ...
+
+
+class ChatTemplateError(ValueError):
+    """The tokenizer cannot label chat records (no template, or one that is not prefix-stable).
+
+    A property of the tokenizer, not of one record, so ``--data.skip_invalid`` does not skip it.
+    """
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids 0..255; no EOS token."""
+
+    vocab_size = 256
+    eos_token_id = None
+    name = "byte"
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def render_chat(self, messages: list[dict], *, add_generation_prompt: bool) -> str:
+        # The end marker closes assistant turns only: it is what the model learns to emit to stop.
+        parts = [f"<|{m['role']}|>\n{m['content']}" +
+                 ("<|end|>\n" if m["role"] == "assistant" else "\n") for m in messages]
+        if add_generation_prompt:
+            parts.append("<|assistant|>\n")
+        return "".join(parts)
+
+
+class HFTokenizer:
+    """A local Hugging Face tokenizer directory (``AutoTokenizer``, no network)."""
+
+    def __init__(self, path: str):
+        from transformers import AutoTokenizer  # slow import: only when asked for
+
+        try:
+            self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as e:  # transformers raises OSError, ValueError, KeyError, ...
+            raise ValueError(f"--data.tokenizer={path!r}: cannot load a tokenizer from this "
+                             f"directory ({type(e).__name__}: {e}); {_VALID_SPEC}") from e
+        self.name = path
+        self.vocab_size = len(self._tok)  # includes added special tokens, unlike tok.vocab_size
+        self.eos_token_id = self._tok.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        # No BOS/EOS here: the chat template writes its own special tokens into the text, and
+        # text records get EOS from the data layer (--data.add_eos).
+        return self._tok.encode(text, add_special_tokens=False)
+
+    def render_chat(self, messages: list[dict], *, add_generation_prompt: bool) -> str:
+        if not getattr(self._tok, "chat_template", None):
+            raise ChatTemplateError(
+                f"--data.tokenizer={self.name!r} has no chat_template, so chat records cannot be "
+                f"rendered; valid: a tokenizer whose tokenizer_config.json (or "
+                f"chat_template.jinja) defines one, --data.tokenizer=byte, or text records")
+        try:
+            return self._tok.apply_chat_template(messages, tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # jinja raise_exception(), e.g. "roles must alternate"
+            raise ValueError(f"the chat template of {self.name!r} rejected the messages "
+                             f"({type(e).__name__}: {e})") from e
+
+
+def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
+    """``"byte"`` -> ByteTokenizer; a local tokenizer directory -> HFTokenizer."""
+    if spec == "byte":
+        return ByteTokenizer()
+    path = Path(spec)
+    if not path.is_dir():
+        raise ValueError(f"--data.tokenizer={spec!r}: no such directory; {_VALID_SPEC}")
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise ValueError(f"--data.tokenizer={spec!r}: directory has neither "
+                         f"{' nor '.join(_TOKENIZER_FILES)}; {_VALID_SPEC}")
+    return HFTokenizer(spec)
+
+
+def check_messages(messages: Any) -> None:
+    """ValueError unless ``messages`` is a non-empty list of {role: str, content: str} dicts."""
+    if not isinstance(messages, list) or not messages:
+        what = "an empty list" if messages == [] else type(messages).__name__
+        raise ValueError(f"messages must be a non-empty list of {{role, content}} objects, "
+                         f"got {what}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"message {i} must be an object with role and content, got "
+                             f"{type(m).__name__}")
+        for key in ("role", "content"):
+            if not isinstance(m.get(key), str):
+                got = "missing" if m.get(key) is None else type(m[key]).__name__
+                raise ValueError(f"message {i}: {key!r} must be a string, got {got}")
+
+
+def encode_chat(tokenizer: Tokenizer, messages: list[dict], *, train_on: str
+                ) -> tuple[list[int], list[int]]:
+    """Input ids and labels (-100 = not supervised) for a conversation.
+
+    ``train_on="assistant"`` supervises the assistant turns (content plus the template's end of
+    turn); ``"all"`` every token.
+    """
+    if train_on not in ("assistant", "all"):
+        raise ValueError(f"train_on={train_on!r}; valid: 'assistant', 'all'")
+    check_messages(messages)
+    render = tokenizer.render_chat
+    full_text = render(messages, add_generation_prompt=False)
+    ids = tokenizer.encode(full_text)
+    if train_on == "all":
+        return ids, list(ids)
+
+    # Character spans [start, end) of each assistant turn, checked to be prefix-stable as text.
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render(messages[:i], add_generation_prompt=True)
+        through = render(messages[:i + 1], add_generation_prompt=False)
+        if not (through.startswith(before) and full_text.startswith(through)
+                and len(through) > len(before)):
+            raise _not_prefix_stable(tokenizer, i, "rendered text")
+        spans.append((len(before), len(through)))
+    labels = [IGNORE_INDEX] * len(ids)
+    if not spans:
+        return ids, labels
+
+    # Fast path, linear in the conversation: when encoding the text piece by piece gives the same
+    # tokens as encoding it whole, every span boundary is a token boundary.
+    cuts = sorted({0, len(full_text), *(c for span in spans for c in span)})
+    pieces = [tokenizer.encode(full_text[a:b]) for a, b in zip(cuts, cuts[1:])]
+    if [t for piece in pieces for t in piece] == ids:
+        start_of = {}
+        pos = 0
+        for cut, piece in zip(cuts, pieces):
+            start_of[cut] = pos
+            pos += len(piece)
+        start_of[len(full_text)] = pos
+        for a, b in spans:
+            labels[start_of[a]:start_of[b]] = ids[start_of[a]:start_of[b]]
+        return ids, labels
+
+    # General path (e.g. tokenizers that add a prefix space to every encode call): the tokens of
+    # each prefix rendering must be a prefix of the whole; quadratic in the number of turns.
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.encode(render(messages[:i], add_generation_prompt=True))
+        through = tokenizer.encode(render(messages[:i + 1], add_generation_prompt=False))
+        if ids[:len(before)] != before or ids[:len(through)] != through:
+            raise _not_prefix_stable(tokenizer, i, "tokens")
+        labels[len(before):len(through)] = through[len(before):]
+    return ids, labels
+
+
+def _not_prefix_stable(tokenizer: Tokenizer, turn: int, what: str) -> ChatTemplateError:
+    return ChatTemplateError(
+        f"the chat template of tokenizer {tokenizer.name!r} is not prefix-stable at assistant "
+        f"message {turn}: the {what} of the conversation before it (with the generation prompt) "
+        f"are not a prefix of the {what} through it, so its tokens cannot be labelled reliably; "
+        f"valid: a template that renders earlier turns the same whatever follows them, "
+        f"--data.train_on=all, or pre-tokenised input_ids/labels records")

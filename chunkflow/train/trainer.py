@@ -1,0 +1,328 @@
+"""The training loop: one global batch, one ChunkFlow forward/backward, one AdamW step.
+
+``train(config)`` runs a whole job: it builds the model, data stream and engine from the config,
+resumes from a checkpoint when asked, and for each step
+
+1. takes the next global batch from the stream (chunks are built over the whole batch),
+2. runs ``engine.forward_backward`` (bf16 autocast on CUDA when enabled),
+3. checks that loss and gradient norm are finite, clips, sets the scheduled learning rate and
+   steps AdamW,
+4. appends a line to ``metrics.jsonl``, updates the progress bar, saves a checkpoint every
+   ``checkpoint.interval`` steps.
+
+Exact resume: a checkpoint holds everything the next step reads (weights, optimizer moments,
+step, data position and counters, RNG states), so on CPU a resumed run's weights equal an
+uninterrupted run's bit for bit. The first Ctrl-C finishes the current step and saves a
+checkpoint; a NaN/inf loss stops before the optimizer step, so the last checkpoint stays good.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from chunkflow.models import Transformer, get_preset
+from chunkflow.runtime.engine import ChunkFlowEngine
+from chunkflow.train import TrainingError
+from chunkflow.train.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    remove_partial_checkpoints,
+    save_checkpoint,
+)
+from chunkflow.train.config import TrainConfig
+from chunkflow.train.data import DataPosition, DataStats, build_dataset, global_batches
+
+
+@dataclass
+class TrainSummary:
+    run_dir: Path
+    steps_done: int
+    first_loss: float | None = None
+    last_loss: float | None = None
+    interrupted: bool = False
+    checkpoint: Path | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def lr_at(step: int, *, lr: float, warmup_steps: int, total_steps: int,
+          min_lr_ratio: float) -> float:
+    """Learning rate of optimizer step ``step`` (1-based): linear warmup, then cosine decay."""
+    if step <= warmup_steps:
+        return lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * cosine)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--train.device=cuda but no CUDA device is available (this torch "
+                         f"build: {torch.__version__}); use --train.device=cpu")
+    return torch.device(name)
+
+
+def build_model(config: TrainConfig, device: torch.device) -> Transformer:
+    model_config = get_preset(config.model.preset)
+    if config.model.vocab_size is not None:
+        model_config = model_config.replace(vocab_size=config.model.vocab_size)
+    torch.manual_seed(config.train.seed)
+    model = Transformer(model_config)
+    return model.to(device=device, dtype=getattr(torch, config.model.dtype))
+
+
+def _prepare_run_dir(config: TrainConfig) -> tuple[Path, Path | None]:
+    """The run directory and the checkpoint to resume from, if any."""
+    output_dir = config.train.output_dir
+    if output_dir is None:
+        if config.checkpoint.resume:
+            raise ValueError("--resume needs --train.output_dir: the run directory to continue")
+        output_dir = f"runs/train-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+        config.train.output_dir = output_dir
+    run_dir = Path(output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    remove_partial_checkpoints(run_dir)
+    existing = list_checkpoints(run_dir)
+    if config.checkpoint.resume_from is not None:
+        return run_dir, Path(config.checkpoint.resume_from)
+    if config.checkpoint.resume:
+        if not existing:
+            raise ValueError(f"--resume: no checkpoint (step-* directory) in {str(run_dir)!r}")
+        return run_dir, existing[-1][1]
+    if existing:
+        raise ValueError(f"{str(run_dir)!r} already holds checkpoints ({existing[-1][1].name}); "
+                         f"pass --resume to continue that run, or choose another "
+                         f"--train.output_dir")
+    return run_dir, None
+
+
+class _StopRequest:
+    """First Ctrl-C: finish the step, save, exit. Second: stop at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nchunkflow: interrupted; finishing this step and saving a checkpoint "
+              "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _max_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class _Metrics:
+    """metrics.jsonl (one line per step) and, optionally, TensorBoard scalars."""
+
+    def __init__(self, run_dir: Path, *, resume_step: int, tensorboard: bool):
+        self.path = run_dir / "metrics.jsonl"
+        if self.path.exists():
+            # A killed run may have logged steps after its last checkpoint; they will be redone.
+            lines = [ln for ln in self.path.read_text().splitlines()
+                     if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in lines))
+        self.file = open(self.path, "a")
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ValueError(f"--log.tensorboard=true needs the tensorboard package "
+                                 f"(pip install tensorboard): {e}") from None
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+class Trainer:
+    """Everything one run holds: model, engine, optimizer, data stream, run directory."""
+
+    def __init__(self, config: TrainConfig):
+        self.cfg = cfg = config.validate()
+        self.device = resolve_device(cfg.train.device)
+        if cfg.train.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+        self.autocast = cfg.train.autocast == "bf16" or (cfg.train.autocast == "auto"
+                                                         and self.device.type == "cuda")
+        self.run_dir, resume_path = _prepare_run_dir(cfg)
+        self.model = build_model(cfg, self.device)
+        self.dataset = build_dataset(cfg.data, vocab_size=self.model.config.vocab_size,
+                                     seed=cfg.train.seed)
+        self.engine = ChunkFlowEngine(
+            self.model, chunk_size=cfg.chunking.chunk_size, k=cfg.chunking.k,
+            loss_normalization=cfg.chunking.loss_normalization,
+            pack_chain_tails=cfg.chunking.pack_chain_tails,
+            attention_backend=cfg.chunking.attention_backend)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+            eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+        # What a checkpoint must hold beyond weights and optimizer: where the data stream is.
+        self.step, self.position, self.stats, self.tokens_seen = 0, DataPosition(), DataStats(), 0
+        self.last_checkpoint: Path | None = None
+        if resume_path is not None:
+            state = load_checkpoint(resume_path, model=self.model, optimizer=self.optimizer)
+            self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+            self.position = DataPosition.from_dict(state["data_position"])
+            self.stats = DataStats.from_dict(state["data_stats"])
+            self.last_checkpoint = resume_path
+        cfg.save(self.run_dir / "config.toml")
+        print(f"chunkflow train: {cfg.model.preset} model "
+              f"({self.model.config.num_params / 1e6:.2f}M params, {cfg.model.dtype}) on "
+              f"{self.device}{', bf16 autocast' if self.autocast else ''}; data: "
+              f"{self.dataset.describe()}; chunk_size={cfg.chunking.chunk_size}, "
+              f"k={cfg.chunking.k}; run dir {self.run_dir}"
+              + (f"; resuming from {resume_path} (step {self.step})" if resume_path else ""),
+              flush=True)
+
+    def save(self) -> Path:
+        state = {"data_position": self.position.to_dict(), "data_stats": self.stats.to_dict(),
+                 "tokens_seen": self.tokens_seen}
+        self.last_checkpoint = save_checkpoint(
+            self.run_dir, step=self.step, model=self.model, optimizer=self.optimizer,
+            trainer_state=state, keep_last=self.cfg.checkpoint.keep_last)
+        return self.last_checkpoint
+
+    def run(self) -> TrainSummary:
+        cfg, total = self.cfg, self.cfg.train.steps
+        summary = TrainSummary(run_dir=self.run_dir, steps_done=self.step)
+        if self.step >= total:
+            print(f"nothing to do: the checkpoint is at step {self.step} and --train.steps="
+                  f"{total}")
+            return summary
+        metrics = _Metrics(self.run_dir, resume_step=self.step, tensorboard=cfg.log.tensorboard)
+        batches = global_batches(self.dataset, cfg.data, self.position, self.stats)
+        bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=None if cfg.log.progress else True)
+        try:
+            with _StopRequest() as stop:
+                while self.step < total:
+                    record = self.train_step(*next(batches))
+                    metrics.log(record)
+                    if summary.first_loss is None:
+                        summary.first_loss = record["loss"]
+                    summary.last_loss, summary.steps_done = record["loss"], self.step
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}",
+                                    tok_s=f"{record['tokens_per_s']:.0f}",
+                                    peak=f"{record['peak_memory_bytes'] / 2**20:.0f}MiB",
+                                    refresh=False)
+                    if self.step % cfg.log.interval == 0 or self.step == total:
+                        bar.write(_format_line(record, total))
+                    interval = cfg.checkpoint.interval
+                    if stop.requested or self.step == total or (
+                            interval and self.step % interval == 0):
+                        self.save()
+                    if stop.requested:
+                        summary.interrupted = True
+                        break
+        finally:
+            bar.close()
+            metrics.close()
+        summary.checkpoint, summary.data = self.last_checkpoint, self.stats.to_dict()
+        losses = (f", loss {summary.first_loss:.4f} -> {summary.last_loss:.4f}"
+                  if summary.first_loss is not None else "")
+        print(f"{'interrupted' if summary.interrupted else 'done'}: step {self.step}/{total}"
+              f"{losses}; data: {self.stats.summary()}; checkpoint {self.last_checkpoint}")
+        return summary
+
+    def train_step(self, batch, position: DataPosition, stats: DataStats) -> dict[str, Any]:
+        """One optimizer step on one global batch; returns its metrics record."""
+        cfg, step = self.cfg, self.step + 1
+        inputs = [{"input_ids": torch.tensor(ex.input_ids),
+                   "labels": torch.tensor(ex.labels if ex.labels is not None else ex.input_ids)}
+                  for ex in batch]
+        t0 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        ctx = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast
+               else contextlib.nullcontext())
+        with ctx:
+            result = self.engine.forward_backward(inputs)
+        loss = float(result.loss)
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            kept = (f"the last checkpoint, {self.last_checkpoint}, is intact"
+                    if self.last_checkpoint else "no checkpoint was saved yet")
+            raise TrainingError(
+                f"step {step}: loss {loss}, gradient norm {grad_norm}: training diverged and "
+                f"stopped before updating the weights; {kept}. Try a lower --optim.lr (now "
+                f"{cfg.optim.lr}) or more --optim.warmup_steps; the batch holds "
+                f"{batch[0].origin} .. {batch[-1].origin}")
+        lr = lr_at(step, lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps,
+                   total_steps=cfg.train.steps, min_lr_ratio=cfg.optim.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        step_time = time.perf_counter() - t0
+        # Only now is the step complete: advance what the next checkpoint records.
+        self.step, self.position, self.stats = step, position, stats
+        self.tokens_seen += result.num_tokens
+        plan = result.plan
+        return {
+            "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "sequences": len(batch), "tokens": result.num_tokens,
+            "supervised_tokens": result.num_loss_tokens, "chunks": result.num_chunks,
+            "chains": len(plan.chains), "longest_sequence": max(len(ex) for ex in batch),
+            "packing_efficiency": plan.packing_efficiency,
+            "peak_memory_bytes": result.peak_memory_bytes, "max_rss_bytes": _max_rss_bytes(),
+            "step_time_s": step_time, "tokens_per_s": result.num_tokens / step_time,
+            "tokens_seen": self.tokens_seen,
+        }
+
+
+def train(config: TrainConfig) -> TrainSummary:
+    """Run the training job described by ``config``; see the module docstring."""
+    return Trainer(config).run()
+
+
+def _format_line(record: dict[str, Any], total: int) -> str:
+    return (f"step {record['step']:>{len(str(total))}}/{total}  loss {record['loss']:.4f}  "
+            f"lr {record['lr']:.2e}  grad {record['grad_norm']:.2f}  "
+            f"tokens {record['tokens']:6d}  chunks {record['chunks']:3d}  "
+            f"packing {record['packing_efficiency']:.1%}  "
+            f"peak {record['peak_memory_bytes'] / 2**20:6.1f} MiB  "
+            f"{record['tokens_per_s']:7.0f} tok/s")

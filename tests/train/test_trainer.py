@@ -1,0 +1,212 @@
+"""The training loop: metrics, checkpoints, exact resume (also after SIGKILL), Ctrl-C, NaN."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from chunkflow.cli import main
+from chunkflow.train import TrainingError
+from chunkflow.train.config import load_config, read_toml
+from chunkflow.train.trainer import Trainer, lr_at
+
+# A small, fast job: the tiny model on short synthetic sequences, chains of up to 5 chunks.
+SMALL = {"data.synthetic_max_len": "300", "data.batch_size": "6", "chunking.chunk_size": "64",
+         "log.progress": "false", "optim.warmup_steps": "2"}
+
+
+def args(run_dir: Path, **overrides) -> list[str]:
+    merged = dict(SMALL, **{"train.output_dir": str(run_dir)}, **overrides)
+    return [f"--{k}={v}" for k, v in merged.items()]
+
+
+def config(run_dir: Path, **overrides):
+    return load_config(None, dict(SMALL, **{"train.output_dir": str(run_dir)}, **overrides))
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return load_file(checkpoint / "model.safetensors")
+
+
+def assert_bitwise_equal(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def write_jsonl(path: Path, num: int, *, bad_line: int | None = None) -> Path:
+    """Text records of varied length, one malformed line when asked."""
+    lines = []
+    for i in range(num):
+        text = f"record {i}: " + "abcdefgh"[i % 8] * (5 + (i * 37) % 200)
+        lines.append("{broken" if i == bad_line else json.dumps({"text": text}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_run_writes_metrics_config_and_checkpoints(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *args(run, **{"train.steps": "5", "checkpoint.interval": "2",
+                                        "checkpoint.keep_last": "2"})]) == 0
+    records = metrics(run)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    for key in ("loss", "lr", "grad_norm", "supervised_tokens", "chunks", "packing_efficiency",
+                "peak_memory_bytes", "step_time_s", "tokens_per_s"):
+        assert all(isinstance(r[key], (int, float)) for r in records), key
+    assert all(r["sequences"] == 6 and 0 < r["packing_efficiency"] <= 1 for r in records)
+    # every 2 steps and at the end, keeping the last 2: step 2 was deleted
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-00000004", "step-00000005"]
+    final = run / "step-00000005"
+    assert {p.name for p in final.iterdir()} >= {"model.safetensors", "config.json",
+                                                 "optimizer.pt", "rng.pt", "trainer_state.json"}
+    assert json.loads((final / "trainer_state.json").read_text())["step"] == 5
+    # everything but the weights loads with weights_only (no pickled code)
+    torch.load(final / "optimizer.pt", weights_only=True)
+    torch.load(final / "rng.pt", weights_only=True)
+    assert read_toml(run / "config.toml") == config(run, **{"train.steps": "5",
+                                                           "checkpoint.interval": "2",
+                                                           "checkpoint.keep_last": "2"})
+    out = capsys.readouterr().out
+    assert "done: step 5/5, loss" in out
+
+
+def test_schedule_warmup_then_cosine():
+    kw = dict(lr=1.0, warmup_steps=4, total_steps=14, min_lr_ratio=0.1)
+    assert [lr_at(s, **kw) for s in (1, 2, 4)] == [0.25, 0.5, 1.0]
+    assert lr_at(9, **kw) == pytest.approx(0.55)  # half way: (0.1 + 1) / 2
+    assert lr_at(14, **kw) == pytest.approx(0.1)
+
+
+def test_resume_equals_uninterrupted_run_bitwise(tmp_path):
+    """File data with a shuffle buffer, a skipped bad record and a token budget per batch."""
+    data = write_jsonl(tmp_path / "data.jsonl", 60, bad_line=7)
+    common = {"data.path": str(data), "data.shuffle_buffer": "16", "data.skip_invalid": "true",
+              "data.batch_tokens": "700", "train.steps": "7", "checkpoint.interval": "3"}
+    Trainer(config(tmp_path / "a", **common)).run()
+
+    first = Trainer(config(tmp_path / "b", **common))
+    train_step = first.train_step
+
+    def crash(*batch):  # dies in step 5, after the step-3 checkpoint and a logged step 4
+        if first.step == 4:
+            raise KeyboardInterrupt
+        return train_step(*batch)
+
+    first.train_step = crash
+    with pytest.raises(KeyboardInterrupt):
+        first.run()
+    partial = tmp_path / "b" / ".step-00000006.tmp-x"  # what a kill during a save leaves
+    partial.mkdir()
+    resumed = Trainer(config(tmp_path / "b", **common, **{"checkpoint.resume": "true"}))
+    assert resumed.step == 3 and not partial.exists()
+    resumed.run()
+
+    assert_bitwise_equal(weights(tmp_path / "a" / "step-00000007"),
+                         weights(tmp_path / "b" / "step-00000007"))
+    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    assert [r["step"] for r in b] == list(range(1, 8))  # step 4 logged once, not twice
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    state = json.loads((tmp_path / "b" / "step-00000007" / "trainer_state.json").read_text())
+    assert state["data_stats"]["skipped"] == 1
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"training exited early: {proc.communicate()}"
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_killed_run_resumes_bitwise_and_ctrl_c_saves(tmp_path, sig):
+    steps = {"train.steps": "12", "checkpoint.interval": "3"}
+    assert main(["train", *args(tmp_path / "a", **steps)]) == 0
+
+    run = tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, "-m", "chunkflow", "train", *args(run, **steps)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(run / "step-00000003", proc)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    done = metrics(run)[-1]["step"]
+    assert done < 12, "the run finished before the signal: the test proved nothing"
+    if sig == signal.SIGINT:  # Ctrl-C: finish the step, save it, exit 130
+        assert proc.returncode == 130, err
+        assert "interrupted" in err and (run / f"step-{done:08d}").is_dir()
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    assert main(["train", *args(run, **steps), "--resume"]) == 0
+    assert_bitwise_equal(weights(tmp_path / "a" / "step-00000012"),
+                         weights(run / "step-00000012"))
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys):
+    trainer = Trainer(config(tmp_path, **{"train.steps": "5", "checkpoint.interval": "2"}))
+    forward_backward = trainer.engine.forward_backward
+
+    def poisoned(batch):
+        result = forward_backward(batch)
+        if trainer.step == 2:  # the third step diverges
+            result.loss = torch.tensor(float("nan"))
+        return result
+
+    trainer.engine.forward_backward = poisoned
+    with pytest.raises(TrainingError, match=r"step 3: loss nan.*stopped before updating the "
+                                            r"weights; the last checkpoint, .*step-00000002, is "
+                                            r"intact"):
+        trainer.run()
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000002"]
+    saved = weights(tmp_path / "step-00000002")
+    for name, p in trainer.model.state_dict().items():
+        assert torch.equal(p, saved[name]), name  # no update after the checkpoint
+
+
+def test_nan_exits_1_from_the_command_line(tmp_path, capsys):
+    assert main(["train", *args(tmp_path, **{"train.steps": "2", "optim.lr": "1e30",
+                                             "optim.warmup_steps": "0",
+                                             "optim.grad_clip": "0"})]) == 1
+    assert "chunkflow: training stopped: step 2: loss nan" in capsys.readouterr().err
+
+
+def test_existing_checkpoints_are_never_overwritten(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *args(run, **{"train.steps": "1"})]) == 0
+    before = (run / "step-00000001" / "model.safetensors").read_bytes()
+    assert main(["train", *args(run, **{"train.steps": "1"})]) == 2
+    assert "already holds checkpoints (step-00000001); pass --resume" in capsys.readouterr().err
+    assert (run / "step-00000001" / "model.safetensors").read_bytes() == before
+    assert main(["train", *args(tmp_path / "empty"), "--resume"]) == 2
+    assert "--resume: no checkpoint" in capsys.readouterr().err
+    assert main(["train", *args(tmp_path / "x", **{"checkpoint.resume_from": str(tmp_path)})]) == 2
+    assert "is incomplete or not a chunkflow checkpoint: missing model.safetensors" in (
+        capsys.readouterr().err)
+
+
+def test_tensorboard_and_cpu_autocast(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", *args(run, **{"train.steps": "2", "log.tensorboard": "true",
+                                        "train.autocast": "bf16",
+                                        "train.deterministic": "true"})]) == 0
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert all(r["loss"] > 0 for r in metrics(run))
+
+
+def test_default_job_learns(tmp_path):
+    """The README's main job, shortened: the built-in data is learnable and the loss falls."""
+    run = tmp_path / "run"
+    assert main(["train", f"--train.output_dir={run}", "--train.steps=30",
+                 "--data.synthetic_max_len=1024", "--log.progress=false"]) == 0
+    losses = [r["loss"] for r in metrics(run)]
+    assert sum(losses[-5:]) / 5 < 0.75 * sum(losses[:5]) / 5, losses
