@@ -6,8 +6,8 @@ Stdlib only: ``model`` is anything with :class:`chunkflow.models.ModelConfig`'s 
 planning layer may not import the models.
 
 The estimate has two parts. The *static* part depends only on the parameter count ``P``:
-weights ``P * param_bytes``, gradients ``P * param_bytes``, optimizer state (AdamW: two float32
-moments, ``8 * P``). The *step* part is what the runtime's CPU meter
+weights ``P * param_bytes``, gradients ``P * param_bytes``, optimizer state (AdamW: two moments
+in the parameter dtype, as ``torch.optim.AdamW`` keeps them, ``2 * P * param_bytes``). The *step* part is what the runtime's CPU meter
 (``StepResult.peak_memory_bytes``) counts: tensors saved for backward plus the chains' key/value
 state. Invariant: ``activations + kv_state`` is that meter's peak, up to the approximations below,
 and ``total`` is the sum of all five parts.
@@ -54,8 +54,8 @@ Assumptions and known errors (all small against the totals):
   (the prefix path copies its segment); not counted, the estimate is low by about 2% there;
 * transient buffers inside one operator (attention scores of a block, backward temporaries) and
   allocator overhead are not counted, as the CPU meter does not count them either;
-* the optimizer state assumes float32 moments; ``torch.optim.AdamW`` keeps them in the parameter
-  dtype, so for bf16 parameters it is half this (and for float64 twice).
+* the optimizer state is ``torch.optim.AdamW``'s (moments in the parameter dtype); a
+  mixed-precision optimizer with float32 master weights and moments needs more.
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ from dataclasses import dataclass
 
 from chunkflow.plan.chunks import ChunkPlan, check_positive_int
 
-OPTIMIZER_STATE_BYTES = {"adamw": 8, "sgd": 0}
-"""Optimizer state bytes per parameter: AdamW's two float32 moments; plain SGD (no momentum)."""
+OPTIMIZER_STATES = {"adamw": 2, "sgd": 0}
+"""Optimizer state tensors per parameter, in its dtype: AdamW's two moments; plain SGD none."""
 
 _MODEL_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "head_dim", "vocab_size", "num_params")
@@ -119,14 +119,14 @@ def estimate_peak_memory(model, plan: ChunkPlan, *, k: int, param_bytes: int = 4
     """Peak memory of one step of ``plan`` with ``k`` retained chunk graphs (see module docstring).
 
     ``param_bytes``: bytes per parameter (and gradient) element; ``activation_bytes``: bytes per
-    activation element, default ``param_bytes``; ``optimizer``: a key of ``OPTIMIZER_STATE_BYTES``.
+    activation element, default ``param_bytes``; ``optimizer``: a key of ``OPTIMIZER_STATES``.
     """
     k = check_positive_int("k", k)
     param_bytes = check_positive_int("param_bytes", param_bytes)
     activation_bytes = check_positive_int(
         "activation_bytes", param_bytes if activation_bytes is None else activation_bytes)
-    if optimizer not in OPTIMIZER_STATE_BYTES:
-        raise ValueError(f"optimizer={optimizer!r}; valid: {', '.join(OPTIMIZER_STATE_BYTES)}")
+    if optimizer not in OPTIMIZER_STATES:
+        raise ValueError(f"optimizer={optimizer!r}; valid: {', '.join(OPTIMIZER_STATES)}")
     missing = [name for name in _MODEL_FIELDS if not hasattr(model, name)]
     if missing:
         raise ValueError(f"model {type(model).__name__} lacks {', '.join(missing)}; pass a "
@@ -151,7 +151,7 @@ def estimate_peak_memory(model, plan: ChunkPlan, *, k: int, param_bytes: int = 4
     return MemoryEstimate(
         weights=num_params * param_bytes,
         grads=num_params * param_bytes,
-        optimizer_state=num_params * OPTIMIZER_STATE_BYTES[optimizer],
+        optimizer_state=num_params * OPTIMIZER_STATES[optimizer] * param_bytes,
         activations=tokens * per_token,
         kv_state=kv_state_bytes(model, positions, activation_bytes=activation_bytes),
         peak_tokens=tokens,

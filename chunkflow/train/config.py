@@ -94,7 +94,7 @@ class OptimSection:
 
 @dataclass
 class TrainSection:
-    steps: int = _f(100, "Optimizer steps (global batches).")
+    steps: int = _f(80, "Optimizer steps (global batches).")
     output_dir: str | None = _f(None, "Run directory (metrics.jsonl, config.toml, checkpoints). "
                                       "Unset: runs/train-<date>-<time>.")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto = cuda when available, else cpu.")

@@ -235,6 +235,7 @@ class Trainer:
         batches = global_batches(self.dataset, cfg.data, self.position, self.stats)
         bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=None if cfg.log.progress else True)
+        warned_skips = self.stats.skipped > 0
         try:
             with _StopRequest() as stop:
                 while self.step < total:
@@ -243,11 +244,15 @@ class Trainer:
                     if summary.first_loss is None:
                         summary.first_loss = record["loss"]
                     summary.last_loss, summary.steps_done = record["loss"], self.step
-                    bar.update(1)
                     bar.set_postfix(loss=f"{record['loss']:.4f}",
                                     tok_s=f"{record['tokens_per_s']:.0f}",
                                     peak=f"{record['peak_memory_bytes'] / 2**20:.0f}MiB",
                                     refresh=False)
+                    bar.update(1)
+                    if record["skipped"] and not warned_skips:
+                        warned_skips = True
+                        bar.write(f"warning: skipping invalid records (--data.skip_invalid); "
+                                  f"first: {self.stats.first_skip_reason}")
                     if self.step % cfg.log.interval == 0 or self.step == total:
                         bar.write(_format_line(record, total))
                     interval = cfg.checkpoint.interval
@@ -264,7 +269,7 @@ class Trainer:
         losses = (f", loss {summary.first_loss:.4f} -> {summary.last_loss:.4f}"
                   if summary.first_loss is not None else "")
         print(f"{'interrupted' if summary.interrupted else 'done'}: step {self.step}/{total}"
-              f"{losses}; data: {self.stats.summary()}; checkpoint {self.last_checkpoint}")
+              f"{losses}; data: {self.stats.summary(max_length=cfg.data.max_length)}; checkpoint {self.last_checkpoint}")
         return summary
 
     def train_step(self, batch, position: DataPosition, stats: DataStats) -> dict[str, Any]:
@@ -310,7 +315,8 @@ class Trainer:
             "packing_efficiency": plan.packing_efficiency,
             "peak_memory_bytes": result.peak_memory_bytes, "max_rss_bytes": _max_rss_bytes(),
             "step_time_s": step_time, "tokens_per_s": result.num_tokens / step_time,
-            "tokens_seen": self.tokens_seen,
+            "tokens_seen": self.tokens_seen, "skipped": stats.skipped,
+            "truncated": stats.truncated, "dropped": stats.dropped,
         }
 
 

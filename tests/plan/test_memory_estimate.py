@@ -109,7 +109,7 @@ def test_static_parts_closed_form():
     est = estimate_peak_memory(model, plan, k=1)
     assert (est.weights, est.grads, est.optimizer_state) == (4_000_000, 4_000_000, 8_000_000)
     bf16 = estimate_peak_memory(model, plan, k=1, param_bytes=2)
-    assert (bf16.weights, bf16.grads, bf16.optimizer_state) == (2_000_000, 2_000_000, 8_000_000)
+    assert (bf16.weights, bf16.grads, bf16.optimizer_state) == (2_000_000, 2_000_000, 4_000_000)
     sgd = estimate_peak_memory(model, plan, k=1, optimizer="sgd")
     assert sgd.optimizer_state == 0
     assert est.total == (est.weights + est.grads + est.optimizer_state + est.activations

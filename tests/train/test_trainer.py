@@ -210,3 +210,23 @@ def test_default_job_learns(tmp_path):
                  "--data.synthetic_max_len=1024", "--log.progress=false"]) == 0
     losses = [r["loss"] for r in metrics(run)]
     assert sum(losses[-5:]) / 5 < 0.75 * sum(losses[:5]) / 5, losses
+
+
+def test_bad_data_from_the_command_line(tmp_path, capsys):
+    """Errors reach the user with file and line; skipped and truncated records are reported."""
+    data = write_jsonl(tmp_path / "data.jsonl", 12, bad_line=4)
+    common = {"data.path": str(data), "train.steps": "2"}
+    assert main(["train", *args(tmp_path / "a", **common)]) == 2
+    assert f"chunkflow: error: {data}:5: malformed JSON" in capsys.readouterr().err
+    assert main(["train", *args(tmp_path / "b", **common, **{"data.skip_invalid": "true",
+                                                             "data.max_length": "100"})]) == 0
+    out = capsys.readouterr().out
+    assert f"warning: skipping invalid records (--data.skip_invalid); first: {data}:5" in out
+    summary = out.splitlines()[-1]
+    assert "1 invalid record skipped" in summary and "truncated to max_length 100" in summary
+    assert metrics(tmp_path / "b")[-1]["skipped"] == 1
+    assert main(["train", *args(tmp_path / "c", **{"data.path": str(tmp_path / "nope.jsonl")})]) == 2
+    assert "--data.path: " in capsys.readouterr().err
+    (tmp_path / "empty.jsonl").write_text("\n")
+    assert main(["train", *args(tmp_path / "d", **{"data.path": str(tmp_path / "empty.jsonl")})]) == 2
+    assert "no usable records" in capsys.readouterr().err
