@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--lengths", help="comma-separated sequence lengths of one batch instead "
                                         "of the configured data; prints each chunk and the "
                                         "schedule")
-    add_config_arguments(plan)
+    add_config_arguments(plan, resume=False)
     plan.set_defaults(func=_plan)
 
     report = sub.add_parser("report", help="plot loss, throughput and peak memory of a run "

@@ -289,11 +289,13 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return config.validate()
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--config``, ``--resume`` and one ``--section.field`` option per field, grouped by section."""
+def add_config_arguments(parser: argparse.ArgumentParser, *, resume: bool = True) -> None:
+    """``--config``, ``--resume`` (when ``resume``) and one ``--section.field`` option per field,
+    grouped by section."""
     parser.add_argument("--config", metavar="FILE.toml", help="TOML file with [section] tables")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the newest checkpoint in --train.output_dir")
+    if resume:
+        parser.add_argument("--resume", action="store_true",
+                            help="continue from the newest checkpoint in --train.output_dir")
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(f"[{section}]")
         for f in dataclasses.fields(cls):
@@ -314,6 +316,6 @@ def config_from_args(args: argparse.Namespace, unknown: list[str]) -> TrainConfi
         raise ValueError(f"unknown option {arg!r}{_suggest(name, FIELDS)}"
                          if arg.startswith("--") else f"unexpected argument {arg!r}")
     overrides = {name: value for name, value in vars(args).items() if name in FIELDS}
-    if args.resume:
+    if getattr(args, "resume", False):
         overrides["checkpoint.resume"] = "true"
     return load_config(args.config, overrides)

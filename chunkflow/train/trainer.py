@@ -136,6 +136,19 @@ class _StopRequest:
             signal.signal(signal.SIGINT, self._previous)
 
 
+@contextlib.contextmanager
+def _deterministic(enabled: bool):
+    """torch.use_deterministic_algorithms for the run only, not for the rest of the process."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it
+    torch.use_deterministic_algorithms(enabled or previous)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
 def _max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -147,9 +160,15 @@ class _Metrics:
         self.path = run_dir / "metrics.jsonl"
         if self.path.exists():
             # A killed run may have logged steps after its last checkpoint; they will be redone.
-            lines = [ln for ln in self.path.read_text().splitlines()
-                     if ln.strip() and json.loads(ln)["step"] <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in lines))
+            # A SIGKILL during a write can also leave a partial last line: drop it too.
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= resume_step:
+                        kept.append(line)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+            self.path.write_text("".join(line + "\n" for line in kept))
         self.file = open(self.path, "a")
         self.writer = None
         if tensorboard:
@@ -180,9 +199,6 @@ class Trainer:
     def __init__(self, config: TrainConfig):
         self.cfg = cfg = config.validate()
         self.device = resolve_device(cfg.train.device)
-        if cfg.train.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
         self.autocast = cfg.train.autocast == "bf16" or (cfg.train.autocast == "auto"
                                                          and self.device.type == "cuda")
         self.run_dir, resume_path = _prepare_run_dir(cfg)
@@ -237,7 +253,7 @@ class Trainer:
                    disable=None if cfg.log.progress else True)
         warned_skips = self.stats.skipped > 0
         try:
-            with _StopRequest() as stop:
+            with _StopRequest() as stop, _deterministic(cfg.train.deterministic):
                 while self.step < total:
                     record = self.train_step(*next(batches))
                     metrics.log(record)
@@ -268,8 +284,12 @@ class Trainer:
         summary.checkpoint, summary.data = self.last_checkpoint, self.stats.to_dict()
         losses = (f", loss {summary.first_loss:.4f} -> {summary.last_loss:.4f}"
                   if summary.first_loss is not None else "")
+        data = self.stats.summary(max_length=cfg.data.max_length)
         print(f"{'interrupted' if summary.interrupted else 'done'}: step {self.step}/{total}"
-              f"{losses}; data: {self.stats.summary(max_length=cfg.data.max_length)}; checkpoint {self.last_checkpoint}")
+              f"{losses}; data: {data}; checkpoint {self.last_checkpoint}")
+        if summary.interrupted:
+            print(f"continue with: chunkflow train --config {self.run_dir / 'config.toml'} "
+                  f"--resume")
         return summary
 
     def train_step(self, batch, position: DataPosition, stats: DataStats) -> dict[str, Any]:

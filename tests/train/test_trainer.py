@@ -201,6 +201,17 @@ def test_tensorboard_and_cpu_autocast(tmp_path):
                                         "train.deterministic": "true"})]) == 0
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert all(r["loss"] > 0 for r in metrics(run))
+    assert not torch.are_deterministic_algorithms_enabled()  # only for the run
+
+
+def test_resume_after_a_partial_metrics_line(tmp_path):
+    """SIGKILL while appending to metrics.jsonl leaves half a line; resuming drops it."""
+    run = tmp_path / "run"
+    assert main(["train", *args(run, **{"train.steps": "2", "checkpoint.interval": "1"})]) == 0
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 1.')
+    assert main(["train", *args(run, **{"train.steps": "3"}), "--resume"]) == 0
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3]
 
 
 def test_default_job_learns(tmp_path):
@@ -230,3 +241,25 @@ def test_bad_data_from_the_command_line(tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_text("\n")
     assert main(["train", *args(tmp_path / "d", **{"data.path": str(tmp_path / "empty.jsonl")})]) == 2
     assert "no usable records" in capsys.readouterr().err
+
+
+def test_results_do_not_depend_on_chunking(tmp_path):
+    """One optimizer step per global batch: chunk_size and k change nothing but memory/speed."""
+    final = {}
+    for name, chunk_size, k in (("chained", 64, 1), ("k2", 48, 2), ("whole", 4096, 1)):
+        run = tmp_path / name
+        assert main(["train", *args(run, **{"train.steps": "3", "model.dtype": "float64",
+                                            "chunking.chunk_size": chunk_size,
+                                            "chunking.k": k})]) == 0
+        assert (name == "whole") == all(r["chains"] == 0 for r in metrics(run))
+        final[name] = weights(run / "step-00000003")
+    for name in ("chained", "k2"):
+        for key, ref in final["whole"].items():
+            torch.testing.assert_close(final[name][key], ref, rtol=1e-9, atol=1e-12)
+
+
+def test_cuda_requested_without_a_gpu(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(["train", *args(tmp_path, **{"train.device": "cuda"})]) == 2
+    assert "--train.device=cuda but no CUDA device is available" in capsys.readouterr().err
