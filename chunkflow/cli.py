@@ -31,14 +31,21 @@ def _plan(args: argparse.Namespace, unknown: list[str]) -> int:
     chunking = cfg.chunking
     model_config = _model_config(cfg)
     param_bytes = {"float32": 4, "bfloat16": 2, "float64": 8}[cfg.model.dtype]
+    # bf16 autocast stores activations in bf16 (plan does not probe for a GPU: "auto" counts as
+    # autocast only when the device is named cuda).
+    autocast = cfg.train.autocast == "bf16" or (cfg.train.autocast == "auto"
+                                                and cfg.train.device == "cuda")
+    activation_bytes = 2 if autocast and cfg.model.dtype != "float64" else param_bytes
 
     def describe(lengths: list[int]) -> str:
         plan = build_chunks(lengths, chunk_size=chunking.chunk_size,
                             pack_chain_tails=chunking.pack_chain_tails)
         estimate = estimate_peak_memory(model_config, plan, k=chunking.k,
-                                        param_bytes=param_bytes)
+                                        param_bytes=param_bytes,
+                                        activation_bytes=activation_bytes)
         return (f"{plan.summary()}; longest sequence {max(lengths)} tokens\n"
-                f"  estimated peak memory ({cfg.model.preset}, {cfg.model.dtype}, "
+                f"  estimated peak memory ({cfg.model.preset}, {cfg.model.dtype}"
+                f"{', bf16 autocast' if activation_bytes == 2 != param_bytes else ''}, "
                 f"k={chunking.k}): {estimate.summary()}"), plan
 
     if args.lengths:
@@ -67,7 +74,7 @@ def _plan(args: argparse.Namespace, unknown: list[str]) -> int:
         batch, _, batch_stats = next(batches)
         text, _ = describe([len(ex) for ex in batch])
         print(f"global batch {i + 1}: {text}")
-    print(f"data so far: {batch_stats.summary()}")
+    print(f"data so far: {batch_stats.summary(max_length=cfg.data.max_length)}")
     return 0
 
 
@@ -138,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as e:
         print(f"chunkflow: training stopped: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C: stop without saving
+        print("chunkflow: aborted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -89,20 +89,20 @@ def save_checkpoint(run_dir: Path, *, step: int, model: torch.nn.Module,
         for f in tmp.iterdir():  # durable before the rename makes the checkpoint visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if final.exists():  # the same step saved again (e.g. Ctrl-C right after a save)
-            old = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step:08d}.old-", dir=run_dir))
-            os.rename(final, old / final.name)
-            os.rename(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, final)
+        if final.exists():  # never replace a saved checkpoint; the trainer never asks to
+            raise ValueError(f"checkpoint {str(final)!r} already exists; it is left as it is")
+        os.rename(tmp, final)
         _fsync_dir(run_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for _, old in list_checkpoints(run_dir)[:-keep_last]:
         if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+            # Renamed first, so a kill during the deletion leaves a temporary directory (removed
+            # at the next start), never an incomplete step-* directory.
+            doomed = run_dir / f"{_TMP_PREFIX}{old.name[len('step-'):]}.deleted"
+            os.rename(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 

@@ -147,8 +147,13 @@ class TrainConfig:
                 raise ValueError(f"--{name}={value}: must be a positive integer")
             if name in non_negative and value < 0:
                 raise ValueError(f"--{name}={value}: must be >= 0")
-        if not 0 < self.optim.lr < math.inf:
-            raise ValueError(f"--optim.lr={self.optim.lr}: must be positive and finite")
+        for name in FIELDS:
+            value = self.get(name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"--{name}={value}: must be a finite number")
+        for name in ("optim.lr", "optim.eps"):
+            if self.get(name) <= 0:
+                raise ValueError(f"--{name}={self.get(name)}: must be positive")
         for name in ("optim.beta1", "optim.beta2"):
             if not 0 <= self.get(name) < 1:
                 raise ValueError(f"--{name}={self.get(name)}: must be in [0, 1)")
@@ -177,6 +182,10 @@ class TrainConfig:
 
         data = {s: {k: v for k, v in d.items() if v is not None}
                 for s, d in self.to_dict().items()}
+        # Where this run resumed from is not part of what it is: a later --resume of this run
+        # must continue its own checkpoints.
+        data["checkpoint"].pop("resume", None)
+        data["checkpoint"].pop("resume_from", None)
         path.write_text(tomli_w.dumps(data))
 
 
@@ -205,7 +214,7 @@ def _convert(name: str, value: Any, annotation: Any, *, from_text: bool) -> Any:
     """Check ``value`` against ``annotation``; parse it first when it came from the command line."""
     args = typing.get_args(annotation)
     if type(None) in args:  # X | None
-        if value is None or (from_text and str(value).lower() in ("none", "null", "")):
+        if value is None or (from_text and str(value).lower() in ("none", "null")):
             return None
         (annotation,) = [a for a in args if a is not type(None)]
         args = typing.get_args(annotation)
@@ -267,6 +276,9 @@ def read_toml(path: str | Path, config: TrainConfig | None = None) -> TrainConfi
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ValueError(f"config file {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"config file {str(path)!r} cannot be read ({e}); valid: a TOML "
+                         f"text file") from None
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{path}: invalid TOML: {e}") from None
     for section, entries in data.items():

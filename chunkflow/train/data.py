@@ -160,6 +160,13 @@ class FileDataset:
     def __init__(self, cfg: DataSection, *, vocab_size: int, seed: int, tokenizer):
         self.cfg, self.vocab_size, self.seed, self.tokenizer = cfg, vocab_size, seed, tokenizer
         self.files = [(p, _format_of(p, cfg.format)) for p in _expand(cfg.path)]
+        for path, fmt in self.files:
+            if fmt != "jsonl" or not os.path.isfile(path):  # a pipe cannot be peeked at
+                continue
+            with open(path, "rb") as f:
+                if f.read(4) == b"PAR1":
+                    raise DataError(f"{path}: is a Parquet file read as JSONL; valid: the "
+                                    f".parquet extension or --data.format=parquet")
         self.fields = (cfg.input_ids_field, cfg.labels_field, cfg.messages_field, cfg.text_field)
 
     def describe(self) -> str:
@@ -185,6 +192,9 @@ class FileDataset:
                                 f"the checkpointed run, unchanged")
             usable = skipped = dropped = 0
             idx = resume_idx
+            # Later epochs read the same records again: count each skipped/truncated/dropped
+            # record once, in the epoch that first reads it.
+            counts = stats if epoch == 0 else DataStats()
             for file_idx, num, raw in stream:
                 idx += 1
                 where = self._where(file_idx, num)
@@ -193,11 +203,11 @@ class FileDataset:
                 except _Invalid as e:
                     if not self.cfg.skip_invalid:
                         raise DataError(f"{where}: {e}{_SKIP_HINT}") from None
-                    stats.skipped += 1
+                    counts.skipped += 1
                     skipped += 1
-                    stats.first_skip_reason = stats.first_skip_reason or f"{where}: {e}"
+                    counts.first_skip_reason = counts.first_skip_reason or f"{where}: {e}"
                     continue
-                example = _fit(example, self.cfg, stats)
+                example = _fit(example, self.cfg, counts)
                 if example is None:  # overlong, --data.overlong=drop
                     dropped += 1
                     continue

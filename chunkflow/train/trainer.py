@@ -100,7 +100,16 @@ def _prepare_run_dir(config: TrainConfig) -> tuple[Path, Path | None]:
     remove_partial_checkpoints(run_dir)
     existing = list_checkpoints(run_dir)
     if config.checkpoint.resume_from is not None:
-        return run_dir, Path(config.checkpoint.resume_from)
+        path = Path(config.checkpoint.resume_from)
+        if config.checkpoint.resume:
+            raise ValueError(f"both --resume and --checkpoint.resume_from={str(path)!r}; valid: "
+                             f"one of them")
+        if existing and path.resolve() != existing[-1][1].resolve():
+            raise ValueError(f"--checkpoint.resume_from={str(path)!r} into {str(run_dir)!r}, "
+                             f"which holds checkpoints of another history (newest "
+                             f"{existing[-1][1].name}); valid: a new --train.output_dir, or "
+                             f"--resume to continue the newest one there")
+        return run_dir, path
     if config.checkpoint.resume:
         if not existing:
             raise ValueError(f"--resume: no checkpoint (step-* directory) in {str(run_dir)!r}")
@@ -110,6 +119,31 @@ def _prepare_run_dir(config: TrainConfig) -> tuple[Path, Path | None]:
                          f"pass --resume to continue that run, or choose another "
                          f"--train.output_dir")
     return run_dir, None
+
+
+# Settings a resumed run may change; any other change would make it a different run (model,
+# data stream, seed) and is refused. skip_invalid may change: the stream position counts skipped
+# records either way, so a run stopped by a bad record can go on past it.
+_RESUMABLE_CHANGES = ("chunking.", "optim.", "train.steps", "train.output_dir", "train.device",
+                      "train.deterministic", "train.autocast", "log.", "checkpoint.",
+                      "data.skip_invalid")
+
+
+def _check_resumed_config(saved: dict, cfg: TrainConfig, path: Path) -> None:
+    now = cfg.to_dict()
+    changes = [(f"{section}.{key}", value, now[section][key])
+               for section, fields in saved.items() for key, value in fields.items()
+               if now.get(section, {}).get(key, value) != value]
+    refused = [c for c in changes if not c[0].startswith(_RESUMABLE_CHANGES)]
+    if refused:
+        raise ValueError(
+            f"cannot resume {str(path)!r} with a different model, data or seed: "
+            + ", ".join(f"--{n}={new!r} (the checkpoint has {old!r})" for n, old, new in refused)
+            + "; valid: the checkpoint's values, or a new run")
+    shown = [c for c in changes if not c[0].startswith(("checkpoint.", "train.output_dir"))]
+    if shown:
+        print("note: resuming with changed settings: "
+              + ", ".join(f"{name} {old!r} -> {new!r}" for name, old, new in shown))
 
 
 class _StopRequest:
@@ -168,7 +202,9 @@ class _Metrics:
                         kept.append(line)
                 except (json.JSONDecodeError, KeyError, TypeError):
                     continue
-            self.path.write_text("".join(line + "\n" for line in kept))
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)  # a kill now keeps either the old or the new history
         self.file = open(self.path, "a")
         self.writer = None
         if tensorboard:
@@ -219,6 +255,10 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         if resume_path is not None:
             state = load_checkpoint(resume_path, model=self.model, optimizer=self.optimizer)
+            _check_resumed_config(state["config"], cfg, resume_path)
+            for group in self.optimizer.param_groups:  # the configured values, not the saved
+                group.update(betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
+                             weight_decay=cfg.optim.weight_decay)
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
             self.position = DataPosition.from_dict(state["data_position"])
             self.stats = DataStats.from_dict(state["data_stats"])
@@ -234,7 +274,7 @@ class Trainer:
 
     def save(self) -> Path:
         state = {"data_position": self.position.to_dict(), "data_stats": self.stats.to_dict(),
-                 "tokens_seen": self.tokens_seen}
+                 "tokens_seen": self.tokens_seen, "config": self.cfg.to_dict()}
         self.last_checkpoint = save_checkpoint(
             self.run_dir, step=self.step, model=self.model, optimizer=self.optimizer,
             trainer_state=state, keep_last=self.cfg.checkpoint.keep_last)
@@ -304,6 +344,12 @@ class Trainer:
                else contextlib.nullcontext())
         with ctx:
             result = self.engine.forward_backward(inputs)
+        if result.num_loss_tokens == 0:
+            raise TrainingError(
+                f"step {step}: the global batch ({batch[0].origin} .. {batch[-1].origin}) has no "
+                f"supervised token, so there is nothing to learn and the step was not taken; "
+                f"check the labels (-100 everywhere?), --data.train_on, and records of a single "
+                f"token (the first token of a sequence is never a target)")
         loss = float(result.loss)
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))

@@ -90,7 +90,7 @@ def test_schedule_warmup_then_cosine():
 
 def test_resume_equals_uninterrupted_run_bitwise(tmp_path):
     """File data with a shuffle buffer, a skipped bad record and a token budget per batch."""
-    data = write_jsonl(tmp_path / "data.jsonl", 60, bad_line=7)
+    data = write_jsonl(tmp_path / "data.jsonl", 30, bad_line=7)  # 7 steps cross an epoch
     common = {"data.path": str(data), "data.shuffle_buffer": "16", "data.skip_invalid": "true",
               "data.batch_tokens": "700", "train.steps": "7", "checkpoint.interval": "3"}
     Trainer(config(tmp_path / "a", **common)).run()
@@ -118,7 +118,7 @@ def test_resume_equals_uninterrupted_run_bitwise(tmp_path):
     assert [r["step"] for r in b] == list(range(1, 8))  # step 4 logged once, not twice
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
     state = json.loads((tmp_path / "b" / "step-00000007" / "trainer_state.json").read_text())
-    assert state["data_stats"]["skipped"] == 1
+    assert state["data_stats"]["skipped"] == 1 and state["data_position"]["epoch"] >= 1
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0):
@@ -263,3 +263,61 @@ def test_cuda_requested_without_a_gpu(tmp_path, capsys):
         pytest.skip("a GPU is present")
     assert main(["train", *args(tmp_path, **{"train.device": "cuda"})]) == 2
     assert "--train.device=cuda but no CUDA device is available" in capsys.readouterr().err
+
+
+def test_resume_from_another_run_then_resume_that_run(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", *args(a, **{"train.steps": "3", "checkpoint.interval": "1"})]) == 0
+    assert main(["train", *args(b, **{"train.steps": "4", "checkpoint.resume_from":
+                                      str(a / "step-00000002")})]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    # b's saved config does not point back at a: --resume continues b's own checkpoints
+    assert main(["train", "--config", str(b / "config.toml"), "--train.steps=5", "--resume"]) == 0
+    assert "(step 4)" in capsys.readouterr().out
+    assert [r["step"] for r in metrics(b)] == [3, 4, 5]
+    # into a directory with another history, or with both flags: refused, nothing deleted
+    assert main(["train", *args(b, **{"checkpoint.resume_from": str(a / "step-00000003")})]) == 2
+    assert "holds checkpoints of another history (newest step-00000005)" in (
+        capsys.readouterr().err)
+    assert main(["train", *args(b, **{"checkpoint.resume_from": str(a / "step-00000003")}),
+                 "--resume"]) == 2
+    assert "both --resume and --checkpoint.resume_from" in capsys.readouterr().err
+    assert sorted(p.name for p in b.glob("step-*")) == ["step-00000004", "step-00000005"]
+
+
+def test_resume_refuses_other_data_and_applies_new_optimizer_settings(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *args(run, **{"train.steps": "2"})]) == 0
+    assert main(["train", *args(run, **{"train.steps": "3", "data.batch_size": "5"}),
+                 "--resume"]) == 2
+    assert ("cannot resume" in (err := capsys.readouterr().err)
+            and "--data.batch_size=5 (the checkpoint has 6)" in err)
+    trainer = Trainer(config(run, **{"train.steps": "3", "optim.weight_decay": "0.5",
+                                     "optim.beta2": "0.5", "checkpoint.resume": "true"}))
+    out = capsys.readouterr().out
+    assert "note: resuming with changed settings: " in out and "optim.beta2 0.95 -> 0.5" in out
+    group = trainer.optimizer.param_groups[0]
+    assert group["weight_decay"] == 0.5 and group["betas"] == (0.9, 0.5)
+
+
+def test_nothing_supervised_stops_the_run(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"input_ids": [1, 2, 3], "labels": [-100, -100, -100]}) + "\n")
+    assert main(["train", *args(tmp_path / "r", **{"data.path": str(data),
+                                                    "train.steps": "1"})]) == 1
+    assert "has no supervised token" in capsys.readouterr().err
+
+
+def test_nan_gradient_stops_the_run(tmp_path):
+    trainer = Trainer(config(tmp_path, **{"train.steps": "2"}))
+    forward_backward = trainer.engine.forward_backward
+
+    def poisoned(batch):
+        result = forward_backward(batch)
+        next(trainer.model.parameters()).grad[0, 0] = float("inf")
+        return result
+
+    trainer.engine.forward_backward = poisoned
+    with pytest.raises(TrainingError, match=r"step 1: loss [0-9.]+, gradient norm (inf|nan).*no "
+                                            r"checkpoint was saved yet"):
+        trainer.run()
