@@ -29,7 +29,7 @@ def _plan(args: argparse.Namespace, unknown: list[str]) -> int:
         raise ValueError(f"--batches={args.batches}: must be a positive integer")
     cfg = config_from_args(args, unknown)
     chunking = cfg.chunking
-    model_config = _model_config(cfg)
+    model_config = cfg.model.model_config()
     param_bytes = {"float32": 4, "bfloat16": 2, "float64": 8}[cfg.model.dtype]
     # bf16 autocast stores activations in bf16 (plan does not probe for a GPU: "auto" counts as
     # autocast only when the device is named cuda).
@@ -76,15 +76,6 @@ def _plan(args: argparse.Namespace, unknown: list[str]) -> int:
         print(f"global batch {i + 1}: {text}")
     print(f"data so far: {batch_stats.summary(max_length=cfg.data.max_length)}")
     return 0
-
-
-def _model_config(cfg):
-    from chunkflow.models.config import get_preset
-
-    model_config = get_preset(cfg.model.preset)
-    if cfg.model.vocab_size is not None:
-        model_config = model_config.replace(vocab_size=cfg.model.vocab_size)
-    return model_config
 
 
 def _report(args: argparse.Namespace, unknown: list[str]) -> int:

@@ -38,6 +38,13 @@ class ModelSection:
     dtype: Literal["float32", "bfloat16", "float64"] = _f("float32", "Parameter dtype.")
     vocab_size: int | None = _f(None, "Override the preset's vocabulary size (to fit a tokenizer).")
 
+    def model_config(self):
+        """The :class:`chunkflow.models.ModelConfig` these settings describe."""
+        from chunkflow.models.config import get_preset
+
+        config = get_preset(self.preset)
+        return config if self.vocab_size is None else config.replace(vocab_size=self.vocab_size)
+
 
 @dataclass
 class DataSection:

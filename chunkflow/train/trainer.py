@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from chunkflow.models import Transformer, get_preset
+from chunkflow.models import Transformer
 from chunkflow.runtime.engine import ChunkFlowEngine
 from chunkflow.train import TrainingError
 from chunkflow.train.checkpoint import (
@@ -79,11 +79,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_model(config: TrainConfig, device: torch.device) -> Transformer:
-    model_config = get_preset(config.model.preset)
-    if config.model.vocab_size is not None:
-        model_config = model_config.replace(vocab_size=config.model.vocab_size)
     torch.manual_seed(config.train.seed)
-    model = Transformer(model_config)
+    model = Transformer(config.model.model_config())
     return model.to(device=device, dtype=getattr(torch, config.model.dtype))
 
 
