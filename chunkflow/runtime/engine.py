@@ -114,11 +114,16 @@ class ChunkFlowEngine:
         if loss_normalization not in LOSS_NORMALIZATIONS:
             raise ValueError(f"loss_normalization={loss_normalization!r}; valid: "
                              f"{', '.join(LOSS_NORMALIZATIONS)}")
-        config = getattr(model, "config", None)
-        if config is None or not hasattr(model, "hidden_states") or not hasattr(model, "lm_head"):
-            raise ValueError(f"{type(model).__name__} is not a chunkflow.models.Transformer; "
-                             f"Hugging Face models are not supported yet")
-        self.model, self.config = model, config
+        if not hasattr(model, "hidden_states"):
+            # A transformers model (or PEFT wrapper) gets a thin adapter; imported only then, so
+            # the runtime needs neither transformers nor the models package otherwise.
+            from chunkflow.models.hf import HFChunkModel, is_hf_model
+
+            if not is_hf_model(model):
+                raise ValueError(f"{type(model).__name__} is neither a chunkflow.models."
+                                 f"Transformer nor a Hugging Face transformers causal LM")
+            model = HFChunkModel(model)
+        self.model, self.config = model, model.config
         self.chunk_size, self.k = chunk_size, k
         self.loss_normalization = loss_normalization
         self.pack_chain_tails = pack_chain_tails

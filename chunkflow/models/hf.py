@@ -1,0 +1,163 @@
+"""Hugging Face ``transformers`` causal LMs under ChunkFlow, without forking their code.
+
+``HFChunkModel(model)`` gives a transformers model (or a PEFT wrapper of one) the interface the
+engine runs: ``hidden_states(input_ids, position_ids=..., attention=...)``, ``lm_head``,
+``config`` and ``parameters()``. It works through the library's own extension points:
+
+* ``AttentionInterface``: we register an attention function named ``"chunkflow"``. The model's
+  attention modules call it with their post-RoPE queries and un-expanded key/value heads; it
+  hands them to the engine's per-chunk attention (which stores the chunk's keys/values as chain
+  state, attends to the chain's earlier state and lets gradients flow back into it).
+* ``AttentionMaskInterface``: the ``"chunkflow"`` mask is ``None``: the engine's attention knows
+  each chunk's segments and is causal by construction, so no dense mask is ever built.
+* ``position_ids``: passed straight to the model, so RoPE continues along a chain and restarts
+  for each packed sequence.
+
+The per-chunk attention object travels as a keyword argument of the forward call (transformers
+passes extra keyword arguments down to the attention function), not as global state. The
+model's ``config._attn_implementation`` is switched to ``"chunkflow"`` only for the duration of
+a chunk's forward and restored afterwards, so the same model called directly, and every other
+model in the process, behaves exactly as before.
+
+Only architectures whose attention is plain causal softmax attention over all earlier tokens are
+accepted (Llama, Qwen2, Qwen3, Mistral without sliding window); anything else is refused at
+construction with the reason, rather than trained with wrong gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+
+ATTN_NAME = "chunkflow"
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+
+_registered = False
+
+
+def is_hf_model(model: Any) -> bool:
+    """A transformers model or a PEFT wrapper of one (checked without importing either)."""
+    return type(model).__module__.split(".")[0] in ("transformers", "peft")
+
+
+def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask, *, scaling: float | None = None, dropout: float = 0.0,
+               chunkflow_attention=None, **kwargs):
+    """AttentionInterface entry: (B, H, L, D) queries, (B, G, L, D) keys/values, post-RoPE.
+
+    Returns (attn_output (B, L, H, D), None) as transformers expects.
+    """
+    if chunkflow_attention is None:
+        raise RuntimeError("the 'chunkflow' attention runs only inside ChunkFlowEngine; call the "
+                           "model directly for ordinary forward passes")
+    head_dim = query.shape[-1]
+    if scaling is not None and abs(scaling * head_dim**0.5 - 1.0) > 1e-6:
+        raise ValueError(f"{type(module).__name__} scales attention scores by {scaling}, not "
+                         f"1/sqrt(head_dim={head_dim}); chunkflow's kernels assume the latter")
+    if dropout:
+        raise ValueError(f"attention dropout {dropout} makes gradients random; chunkflow "
+                         f"trains attention without dropout (set config.attention_dropout=0)")
+    out = chunkflow_attention(module.layer_idx, query, key, value)  # (1, H, L, D)
+    return out.transpose(1, 2), None
+
+
+def _no_mask(*args, **kwargs):
+    """AttentionMaskInterface entry: the chunkflow attention needs no mask."""
+    return None
+
+
+def register() -> None:
+    """Register the "chunkflow" attention and mask with transformers (idempotent).
+
+    Registration adds a new name only; models that do not select it are unaffected.
+    """
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_NAME, _attention)
+    AttentionMaskInterface.register(ATTN_NAME, _no_mask)
+    _registered = True
+
+
+def unsupported_reason(config) -> str | None:
+    """Why a model with this transformers config cannot be trained exactly, or None."""
+    model_type = getattr(config, "model_type", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder models are not causal LMs over one sequence"
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return (f"model_type {model_type!r} is not supported yet; supported: "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}. Other architectures may use attention "
+                f"that chunking would change (sliding windows, soft-capping, linear or recurrent "
+                f"layers), so they are refused rather than trained with wrong gradients")
+    layer_types = getattr(config, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types):
+        return (f"layer_types {sorted(set(layer_types))}: only full causal attention is exact "
+                f"under chunking (sliding-window or linear-attention layers are not)")
+    window = getattr(config, "sliding_window", None)
+    uses_window = getattr(config, "use_sliding_window", window is not None)
+    if window is not None and uses_window:
+        return (f"sliding_window={window}: sliding-window attention is not supported (set "
+                f"sliding_window=None for full attention)")
+    for name in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if getattr(config, name, None):
+            return f"{name}={getattr(config, name)}: logit soft-capping is not supported"
+    if getattr(config, "attention_dropout", 0.0):
+        return (f"attention_dropout={config.attention_dropout}: dropout makes gradients random; "
+                f"set it to 0")
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) \
+        else "default"
+    if rope_type == "dynamic":
+        return ("rope_type 'dynamic' rescales RoPE by the length of each forward pass, which "
+                "chunking changes; static RoPE types (default, linear, llama3, yarn) are fine")
+    return None
+
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers *ForCausalLM inside ``model`` (unwrapping PEFT)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class HFChunkModel:
+    """The engine's view of a transformers causal LM: decoder, head, config, parameters."""
+
+    def __init__(self, model: nn.Module):
+        causal_lm = _causal_lm(model)
+        config = getattr(causal_lm, "config", None)
+        reason = None if config is not None else "it has no config"
+        reason = reason or unsupported_reason(config)
+        if reason is None and not hasattr(causal_lm, "get_decoder"):
+            reason = "it is not a *ForCausalLM model (no get_decoder())"
+        if reason is not None:
+            raise ValueError(f"{type(causal_lm).__name__} cannot be trained with chunkflow: "
+                             f"{reason}")
+        register()
+        self.module, self.config = model, config
+        self.decoder = causal_lm.get_decoder()
+        self.lm_head = causal_lm.get_output_embeddings()
+
+    def parameters(self):
+        return self.module.parameters()
+
+    @contextlib.contextmanager
+    def _chunkflow_attention(self):
+        previous = self.config._attn_implementation
+        self.config._attn_implementation = ATTN_NAME
+        try:
+            yield
+        finally:
+            self.config._attn_implementation = previous
+
+    def hidden_states(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor,
+                      attention) -> torch.Tensor:
+        """(1, L) ids and positions -> (1, L, hidden) final hidden states (after the norm)."""
+        with self._chunkflow_attention():
+            out = self.decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                               chunkflow_attention=attention)
+        return out.last_hidden_state

@@ -1,0 +1,150 @@
+"""Hugging Face transformers models under ChunkFlowEngine: gradients equal plain training.
+
+The reference is the unmodified model called as users call it, ``model(input_ids=...)``, one
+sequence at a time, with the token-mean loss over the whole batch, in float64.
+"""
+
+import pytest
+import torch
+import transformers
+
+from chunkflow import ChunkFlowEngine
+from chunkflow.models.hf import ATTN_NAME
+
+SMALL = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(attention_bias=True)),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(head_dim=8)),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM,
+                dict(sliding_window=None)),
+}
+LENGTHS = (37, 5, 12, 70, 3, 16)
+
+
+def build(family: str, *, seed: int = 0, **overrides):
+    config_cls, model_cls, extra = FAMILIES[family]
+    config = config_cls(**{**SMALL, **extra, **overrides}, attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    model = model_cls(config).double()
+    with torch.no_grad():  # far from uniform attention, so prefix mistakes would show
+        for p in model.parameters():
+            p.normal_(0.0, 0.3) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    return model
+
+
+def make_batch(vocab: int, *, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    batch = []
+    for i, n in enumerate(LENGTHS):
+        ids = torch.randint(0, vocab, (n,), generator=g)
+        labels = ids.clone()
+        if i % 2:  # prompt tokens unsupervised, as in SFT
+            labels[: n // 3] = -100
+        batch.append({"input_ids": ids, "labels": labels})
+    return batch
+
+
+def plain_step(model, batch) -> torch.Tensor:
+    """Unchunked training as users run it: model(input_ids=...) per sequence, token mean."""
+    total, count = 0.0, 0
+    for item in batch:
+        logits = model(input_ids=item["input_ids"][None]).logits[0]
+        targets = item["labels"][1:]
+        total = total + torch.nn.functional.cross_entropy(
+            logits[:-1], targets, ignore_index=-100, reduction="sum")
+        count += int((targets != -100).sum())
+    loss = total / count
+    loss.backward()
+    return loss.detach()
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_grads_close(got: dict, want: dict, rtol: float = 1e-9):
+    assert got.keys() == want.keys() and want
+    for name, g in want.items():
+        err = (got[name] - g).norm() / g.norm().clamp_min(1e-300)
+        assert err < rtol, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("chunk_size, k", [(16, 1), (16, 8), (128, 1), (7, 2)])
+def test_gradients_equal_plain_training(family, chunk_size, k):
+    model = build(family)
+    batch = make_batch(model.config.vocab_size)
+    want_loss = plain_step(model, batch)
+    want = grads(model)
+    model.zero_grad(set_to_none=True)
+
+    result = ChunkFlowEngine(model, chunk_size=chunk_size, k=k).forward_backward(batch)
+    torch.testing.assert_close(result.loss, want_loss, rtol=1e-12, atol=0)
+    assert_grads_close(grads(model), want)
+    if chunk_size == 16:  # both packed short sequences and chains of long ones
+        assert result.plan.chains and any(len(c.segments) > 1 for c in result.plan.chunks)
+
+
+def test_lora_adapters_get_the_gradients_of_plain_training():
+    peft = pytest.importorskip("peft")
+    model = build("qwen2")
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                           lora_dropout=0.0, init_lora_weights=False)  # random A and B
+    model = peft.get_peft_model(model, lora).double()
+    batch = make_batch(61)
+    plain_step(model, batch)
+    want = grads(model)
+    assert want and all("lora_" in name for name in want)
+    model.zero_grad(set_to_none=True)
+
+    ChunkFlowEngine(model, chunk_size=16, k=1).forward_backward(batch)
+    got = grads(model)
+    assert got.keys() == want.keys()  # frozen base weights receive no gradient
+    assert_grads_close(got, want)
+
+
+def test_the_model_and_other_models_are_unchanged_outside_the_engine():
+    model, other = build("llama"), build("qwen3", seed=3)
+    ids = torch.randint(0, 61, (1, 20))
+    before, before_other = model(input_ids=ids).logits, other(input_ids=ids).logits
+    ChunkFlowEngine(model, chunk_size=8).forward_backward([ids[0]])
+    assert model.config._attn_implementation == "sdpa"
+    assert torch.equal(model(input_ids=ids).logits, before)
+    assert torch.equal(other(input_ids=ids).logits, before_other)
+    # the registered name only works inside the engine, with a clear error otherwise
+    model.config._attn_implementation = ATTN_NAME
+    with pytest.raises(RuntimeError, match="runs only inside ChunkFlowEngine"):
+        model(input_ids=ids)
+
+
+def _gemma2():
+    return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**SMALL, head_dim=8))
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda: build("mistral", sliding_window=32), "sliding_window=32: sliding-window attention"),
+    (lambda: build("qwen2", use_sliding_window=True, sliding_window=32, max_window_layers=0),
+     "sliding"),
+    (lambda: build("llama", attention_dropout=0.1), "attention_dropout=0.1"),
+    (lambda: build("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                             "rope_theta": 10000.0}), "rope_type 'dynamic'"),
+    (_gemma2, "model_type 'gemma2' is not supported yet; supported: llama, qwen2, qwen3, mistral"),
+    (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16,
+                                                                   n_head=2)),
+     "model_type 'gpt2' is not supported"),
+    (lambda: transformers.T5ForConditionalGeneration(transformers.T5Config(
+        d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8)), "encoder-decoder"),
+])
+def test_unsupported_models_are_refused_with_the_reason(make, reason):
+    model = make()
+    with pytest.raises(ValueError, match="cannot be trained with chunkflow: .*" +
+                       reason.replace("(", r"\(").replace("[", r"\[")):
+        ChunkFlowEngine(model, chunk_size=16)
+
+
+def test_not_a_model_is_refused():
+    with pytest.raises(ValueError, match="neither a chunkflow.models.Transformer nor a Hugging "
+                                         "Face transformers causal LM"):
+        ChunkFlowEngine(torch.nn.Linear(2, 2), chunk_size=16)
