@@ -119,6 +119,22 @@ def unsupported_reason(config) -> str | None:
     return None
 
 
+def load_hf_model(path: str, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """A local transformers causal LM directory, loaded as is (no network), checked to be
+    trainable with chunkflow."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype,
+                                                     attn_implementation="sdpa")
+    except Exception as e:  # OSError, ValueError, KeyError, ... from transformers
+        raise ValueError(f"--model.path={path!r}: cannot load a transformers causal LM "
+                         f"({type(e).__name__}: {e}); valid: a local directory with "
+                         f"config.json and safetensors weights") from None
+    HFChunkModel(model)  # refuse unsupported architectures before any work is done
+    return model.to(device)
+
+
 def _causal_lm(model: nn.Module) -> nn.Module:
     """The transformers *ForCausalLM inside ``model`` (unwrapping PEFT)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -47,6 +47,14 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) must not round the RoPE frequencies (bf16 inv_freq moves
+        # cos/sin by up to ~1.5 at positions of a few thousand): keep float32, follow the device.
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
+        return self
+
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
         # position_ids (B, S) -> cos, sin (B, 1, S, D), computed in float32 like transformers.

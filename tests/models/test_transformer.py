@@ -82,3 +82,10 @@ def test_unchunked_training_is_plain_pytorch():
     loss = torch.nn.functional.cross_entropy(model(ids)[0, :-1], ids[0, 1:])
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_casting_the_model_keeps_rope_frequencies_in_float32():
+    model = tiny_model(dtype=torch.bfloat16)
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    reference = tiny_model(dtype=torch.float32).model.rotary_emb.inv_freq
+    assert torch.equal(model.model.rotary_emb.inv_freq, reference)
