@@ -3,7 +3,8 @@
 Layout of ``<run_dir>/step-00000100/``:
 
 * ``model.safetensors``  the weights (shared tensors such as tied embeddings stored once);
-* ``config.json``        the model configuration (Hugging Face field names);
+* ``config.json``        the model configuration in Hugging Face format, so the directory also
+                          loads with ``AutoModelForCausalLM.from_pretrained``;
 * ``optimizer.pt``       the optimizer's state dict: tensors and numbers only, so it loads with
                           ``torch.load(weights_only=True)``;
 * ``rng.pt``             torch CPU (and CUDA) generator states, also tensors only;
@@ -17,7 +18,6 @@ only after the new one is in place, and the newest is never deleted.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -79,9 +79,7 @@ def save_checkpoint(run_dir: Path, *, step: int, model: torch.nn.Module,
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step:08d}.tmp-", dir=run_dir))
     try:
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        config = getattr(model, "config", None)
-        if dataclasses.is_dataclass(config):
-            (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        (tmp / "config.json").write_text(_hf_config_json(model))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(_rng_states(), tmp / "rng.pt")
         state = dict(trainer_state, step=step, python_rng=_encode_py_rng(random.getstate()))
@@ -116,17 +114,12 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module,
     if missing:
         raise ValueError(f"checkpoint {str(path)!r} is incomplete or not a chunkflow "
                          f"checkpoint: missing {', '.join(missing)}")
-    saved = json.loads((path / "config.json").read_text())
-    config = getattr(model, "config", None)
-    if dataclasses.is_dataclass(config) and saved != json.loads(
-            json.dumps(dataclasses.asdict(config))):
-        diff = {k: (saved.get(k), v) for k, v in dataclasses.asdict(config).items()
-                if saved.get(k) != v}
-        raise ValueError(f"checkpoint {str(path)!r} holds a different model; (saved, configured) "
-                         f"values differ: {diff}")
     device = next(model.parameters()).device
-    missing_keys, unexpected = load_model(model, str(path / "model.safetensors"), strict=False,
-                                          device=str(device))
+    try:
+        missing_keys, unexpected = load_model(model, str(path / "model.safetensors"),
+                                              strict=False, device=str(device))
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"checkpoint {str(path)!r} does not match the model: {e}") from None
     if missing_keys or unexpected:
         raise ValueError(f"checkpoint {str(path)!r} does not match the model: missing "
                          f"{sorted(missing_keys)}, unexpected {sorted(unexpected)}")
@@ -141,6 +134,20 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module,
     if optimizer is not None:
         random.setstate(_decode_py_rng(state["python_rng"]))
     return state
+
+
+def _hf_config_json(model: torch.nn.Module) -> str:
+    """config.json in Hugging Face's format, so a checkpoint directory is also a model directory
+    that ``transformers.AutoModelForCausalLM.from_pretrained`` loads."""
+    from chunkflow.models.config import ModelConfig
+    from chunkflow.models.hf_checkpoint import config_to_hf
+
+    config = model.config
+    if isinstance(config, ModelConfig):  # the reference model; else a transformers config
+
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        return json.dumps(config_to_hf(config, dtype=dtype), indent=2)
+    return config.to_json_string()
 
 
 def _encode_py_rng(state: tuple) -> list:

@@ -34,15 +34,35 @@ def _f(default: Any, help: str):
 
 @dataclass
 class ModelSection:
-    preset: str = _f("tiny", "Model shape: one of chunkflow.models.PRESETS (tiny, qwen2.5-0.5b, ...).")
+    preset: str = _f("tiny", "Model shape: one of chunkflow.models.PRESETS (tiny, qwen2.5-0.5b, "
+                             "...); randomly initialised. Ignored with model.path.")
+    path: str | None = _f(None, "A local Hugging Face model directory (config.json + "
+                                "safetensors) to fine-tune; its tokenizer is used too.")
+    implementation: Literal["hf", "reference"] = _f(
+        "hf", "With model.path: 'hf' trains the transformers model as is; 'reference' loads "
+              "its weights into chunkflow's reference model (Llama/Qwen2 only).")
     dtype: Literal["float32", "bfloat16", "float64"] = _f("float32", "Parameter dtype.")
     vocab_size: int | None = _f(None, "Override the preset's vocabulary size (to fit a tokenizer).")
 
     def model_config(self):
-        """The :class:`chunkflow.models.ModelConfig` these settings describe."""
+        """The :class:`chunkflow.models.ModelConfig` these settings describe (for planning: the
+        shape of model.path's checkpoint when it is Llama/Qwen2-like, else the preset's)."""
         from chunkflow.models.config import get_preset
 
-        config = get_preset(self.preset)
+        if self.path is not None:
+            import json
+
+            from chunkflow.models.hf_checkpoint import config_from_hf
+
+            config_json = Path(self.path) / "config.json"
+            try:
+                config = config_from_hf(json.loads(config_json.read_text()),
+                                        source=str(config_json))
+            except FileNotFoundError:
+                raise ValueError(f"--model.path={self.path!r}: no config.json there; valid: a "
+                                 f"local Hugging Face model directory") from None
+        else:
+            config = get_preset(self.preset)
         return config if self.vocab_size is None else config.replace(vocab_size=self.vocab_size)
 
 
@@ -52,8 +72,9 @@ class DataSection:
                                 "built-in synthetic long-tail data set.")
     format: Literal["auto", "jsonl", "parquet"] = _f("auto", "File format; auto = by extension "
                                                      "(.parquet is Parquet, anything else JSONL).")
-    tokenizer: str = _f("byte", "'byte' (built-in byte-level tokenizer) or a local Hugging Face "
-                                "tokenizer directory (its chat template is used for messages).")
+    tokenizer: str = _f("auto", "'byte' (built-in byte-level tokenizer), a local Hugging Face "
+                                "tokenizer directory (its chat template is used for messages), "
+                                "or 'auto': model.path's tokenizer if set, else byte.")
     text_field: str = _f("text", "Record field holding plain text.")
     messages_field: str = _f("messages", "Record field holding chat messages (role/content).")
     input_ids_field: str = _f("input_ids", "Record field holding pre-tokenised ids.")

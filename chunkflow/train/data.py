@@ -394,10 +394,14 @@ def _shuffled(items: Iterator, buffer_size: int, rng: random.Random) -> Iterator
     yield from buffer
 
 
-def build_dataset(cfg: DataSection, *, vocab_size: int, seed: int, tokenizer=None
-                  ) -> SyntheticDataset | FileDataset:
-    """The data set of ``cfg``: files when ``cfg.path`` is set, else the synthetic set."""
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
+def build_dataset(cfg: DataSection, *, vocab_size: int, seed: int, tokenizer=None,
+                  model_path: str | None = None) -> SyntheticDataset | FileDataset:
+    """The data set of ``cfg``: files when ``cfg.path`` is set, else the synthetic set.
+
+    ``--data.tokenizer=auto`` means ``model_path``'s tokenizer when given, else the byte one."""
+    if tokenizer is None:
+        spec = cfg.tokenizer if cfg.tokenizer != "auto" else (model_path or "byte")
+        tokenizer = load_tokenizer(spec)
     if tokenizer.vocab_size > vocab_size:
         raise DataError(f"--data.tokenizer={tokenizer.name!r} has {tokenizer.vocab_size} token "
                         f"ids but the model's vocabulary has {vocab_size}; valid: "

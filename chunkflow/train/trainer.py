@@ -78,10 +78,26 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(config: TrainConfig, device: torch.device) -> Transformer:
+def build_model(config: TrainConfig, device: torch.device) -> torch.nn.Module:
+    """The model to train: a preset initialised from the seed, or model.path's weights."""
+    dtype = getattr(torch, config.model.dtype)
     torch.manual_seed(config.train.seed)
-    model = Transformer(config.model.model_config())
-    return model.to(device=device, dtype=getattr(torch, config.model.dtype))
+    if config.model.path is None:
+        return Transformer(config.model.model_config()).to(device=device, dtype=dtype)
+    if config.model.vocab_size is not None:
+        raise ValueError("--model.vocab_size applies to presets; a --model.path checkpoint has "
+                         "its own vocabulary")
+    if config.model.implementation == "reference":
+        from chunkflow.models.hf_checkpoint import load_hf_checkpoint
+
+        return load_hf_checkpoint(config.model.path, dtype=dtype, device=device)
+    from chunkflow.models.hf import load_hf_model
+
+    return load_hf_model(config.model.path, dtype=dtype, device=device)
+
+
+def _num_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def _prepare_run_dir(config: TrainConfig) -> tuple[Path, Path | None]:
@@ -237,7 +253,7 @@ class Trainer:
         self.run_dir, resume_path = _prepare_run_dir(cfg)
         self.model = build_model(cfg, self.device)
         self.dataset = build_dataset(cfg.data, vocab_size=self.model.config.vocab_size,
-                                     seed=cfg.train.seed)
+                                     seed=cfg.train.seed, model_path=cfg.model.path)
         self.engine = ChunkFlowEngine(
             self.model, chunk_size=cfg.chunking.chunk_size, k=cfg.chunking.k,
             loss_normalization=cfg.chunking.loss_normalization,
@@ -261,8 +277,10 @@ class Trainer:
             self.stats = DataStats.from_dict(state["data_stats"])
             self.last_checkpoint = resume_path
         cfg.save(self.run_dir / "config.toml")
-        print(f"chunkflow train: {cfg.model.preset} model "
-              f"({self.model.config.num_params / 1e6:.2f}M params, {cfg.model.dtype}) on "
+        name = (cfg.model.preset if cfg.model.path is None else
+                f"{cfg.model.path} ({cfg.model.implementation})")
+        print(f"chunkflow train: {name} model "
+              f"({_num_params(self.model) / 1e6:.2f}M params, {cfg.model.dtype}) on "
               f"{self.device}{', bf16 autocast' if self.autocast else ''}; data: "
               f"{self.dataset.describe()}; chunk_size={cfg.chunking.chunk_size}, "
               f"k={cfg.chunking.k}; run dir {self.run_dir}"
