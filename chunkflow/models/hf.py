@@ -27,6 +27,7 @@ construction with the reason, rather than trained with wrong gradients.
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Any
 
 import torch
@@ -39,8 +40,11 @@ _registered = False
 
 
 def is_hf_model(model: Any) -> bool:
-    """A transformers model or a PEFT wrapper of one (checked without importing either)."""
-    return type(model).__module__.split(".")[0] in ("transformers", "peft")
+    """A transformers model (subclasses included) or a PEFT wrapper of one. A model of either
+    library means the library is imported already, so this never imports them itself."""
+    transformers, peft = sys.modules.get("transformers"), sys.modules.get("peft")
+    return ((transformers is not None and isinstance(model, transformers.PreTrainedModel))
+            or (peft is not None and isinstance(model, peft.PeftModel)))
 
 
 def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

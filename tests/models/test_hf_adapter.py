@@ -148,3 +148,12 @@ def test_not_a_model_is_refused():
     with pytest.raises(ValueError, match="neither a chunkflow.models.Transformer nor a Hugging "
                                          "Face transformers causal LM"):
         ChunkFlowEngine(torch.nn.Linear(2, 2), chunk_size=16)
+
+
+def test_a_user_subclass_of_a_transformers_model_is_accepted():
+    class MyLlama(transformers.LlamaForCausalLM):  # defined outside transformers
+        pass
+
+    model = MyLlama(build("llama").config).double()
+    ChunkFlowEngine(model, chunk_size=8).forward_backward([torch.arange(20) % 61])
+    assert all(p.grad is not None for p in model.parameters())
