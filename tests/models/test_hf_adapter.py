@@ -157,3 +157,14 @@ def test_a_user_subclass_of_a_transformers_model_is_accepted():
     model = MyLlama(build("llama").config).double()
     ChunkFlowEngine(model, chunk_size=8).forward_backward([torch.arange(20) % 61])
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_every_cpu_attention_backend_gives_the_plain_gradients(backend):
+    model = build("qwen3")
+    batch = make_batch(model.config.vocab_size)
+    plain_step(model, batch)
+    want = grads(model)
+    model.zero_grad(set_to_none=True)
+    ChunkFlowEngine(model, chunk_size=16, k=2, attention_backend=backend).forward_backward(batch)
+    assert_grads_close(grads(model), want)
