@@ -1,6 +1,14 @@
-"""Planning layer (stdlib only): chunk construction (Algorithm 1) and schedules (Algorithm 2)."""
+"""Planning layer (stdlib only): chunk construction (Algorithm 1), schedules (Algorithm 2) for one
+device and for pipelines (state-aware 1F1B), memory estimates."""
 
 from chunkflow.plan.chunks import Chain, Chunk, ChunkPlan, Segment, build_chunks
+from chunkflow.plan.pipeline import (
+    format_pipeline,
+    one_f_one_b,
+    parse_pipeline,
+    state_aware_1f1b,
+    validate_pipeline,
+)
 from chunkflow.plan.scheduling import (
     Action,
     ActionKind,
@@ -13,5 +21,6 @@ from chunkflow.plan.scheduling import (
 
 __all__ = [
     "Action", "ActionKind", "Chain", "Chunk", "ChunkPlan", "ScheduleError", "Segment",
-    "build_chunks", "format_schedule", "parse_schedule", "schedule", "validate_schedule",
+    "build_chunks", "format_pipeline", "format_schedule", "one_f_one_b", "parse_pipeline",
+    "parse_schedule", "schedule", "state_aware_1f1b", "validate_pipeline", "validate_schedule",
 ]

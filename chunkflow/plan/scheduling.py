@@ -89,6 +89,14 @@ def validate_schedule(actions: Sequence[Action], plan: ChunkPlan, *, k: int) -> 
     ``S`` and later ``R`` immediately before their ``B``; backwards run in descending order along a
     chain; a ``B`` needs a live graph; never more than ``k`` graphs alive at once.
     """
+    check_actions(actions, plan, k=k, per_chain=False)
+
+
+def check_actions(actions: Sequence[Action], plan: ChunkPlan | None, *, k: int,
+                  per_chain: bool) -> None:
+    """The rules of :func:`validate_schedule` for one action list. ``per_chain``: at most ``k``
+    graphs alive per chain (a pipeline stage) instead of ``k`` in all (one device).
+    ``plan=None``: the ids are plain micro-batches (standalone chunks)."""
     k = check_positive_int("k", k)
     F, S, R, B = (ActionKind.FORWARD, ActionKind.STATE_FORWARD, ActionKind.RECOMPUTE,
                   ActionKind.BACKWARD)
@@ -107,10 +115,10 @@ def validate_schedule(actions: Sequence[Action], plan: ChunkPlan, *, k: int) -> 
         if i > 0 and actions[i - 1].kind is R and a != Action(B, actions[i - 1].chunk_id):
             fail(i, f"{actions[i - 1]} must be followed by B{actions[i - 1].chunk_id}: a "
                     f"recomputed chunk runs backward right away")
-        if not 0 <= a.chunk_id < plan.num_chunks:
+        if plan is not None and not 0 <= a.chunk_id < plan.num_chunks:
             fail(i, f"chunk id {a.chunk_id} is not in the plan (0..{plan.num_chunks - 1})")
-        chunk = plan.chunks[a.chunk_id]
-        chain = plan.chain_of(chunk)
+        chunk = plan.chunks[a.chunk_id] if plan is not None else None
+        chain = plan.chain_of(chunk) if plan is not None else None
         if a.chunk_id in backwarded:
             fail(i, f"chunk {a.chunk_id} already ran backward")
         if a.kind in (F, S):
@@ -149,10 +157,16 @@ def validate_schedule(actions: Sequence[Action], plan: ChunkPlan, *, k: int) -> 
                             f"key/value gradient is not complete yet)")
             live.discard(a.chunk_id)
             backwarded.add(a.chunk_id)
-        if len(live) > k:
+        if per_chain and chain is not None:
+            alive = [c for c in live if c in chain.chunk_ids]
+            if len(alive) > k:
+                fail(i, f"chain {chain.chain_id}: {len(alive)} graphs alive ({sorted(alive)}), "
+                        f"more than k={k}")
+        elif not per_chain and len(live) > k:
             fail(i, f"{len(live)} graphs alive ({sorted(live)}), more than k={k}")
     if actions and actions[-1].kind is R:
         fail(len(actions), f"{actions[-1]} must be followed by B{actions[-1].chunk_id}")
-    missing = [c.chunk_id for c in plan.chunks if c.chunk_id not in backwarded]
+    expected = (range(plan.num_chunks) if plan is not None else sorted(forwarded))
+    missing = [c for c in expected if c not in backwarded]
     if missing:
         fail(len(actions), f"chunks {missing} never ran backward")
