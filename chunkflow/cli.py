@@ -1,4 +1,4 @@
-"""Command line: ``chunkflow train | plan | report``.
+"""Command line: ``chunkflow train | plan | simulate | report``.
 
 ``train`` and ``plan`` take the same configuration: ``--config FILE.toml`` and
 ``--section.field=value`` overrides (see ``chunkflow train --help`` for every field).
@@ -88,6 +88,50 @@ def _report(args: argparse.Namespace, unknown: list[str]) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace, unknown: list[str]) -> int:
+    """Pipeline schedule of one batch and its simulated bubbles (time proportional to tokens)."""
+    if unknown:
+        raise ValueError(f"unexpected arguments {' '.join(unknown)}")
+    if args.paper:
+        from chunkflow.sim.paper import main_paper
+
+        main_paper()
+        return 0
+    import json
+
+    from chunkflow.plan import ActionKind, build_chunks, format_pipeline, one_f_one_b
+    from chunkflow.plan import state_aware_1f1b
+    from chunkflow.sim import chrome_trace, simulate
+    from chunkflow.sim.search import best_order
+
+    try:
+        lengths = [int(x) for x in args.lengths.split(",")]
+    except ValueError:
+        raise ValueError(f"--lengths {args.lengths!r}: expected comma-separated integers, "
+                         f"like 4096,2048,1024") from None
+    plan = build_chunks(lengths, chunk_size=args.chunk_size)
+
+    def by_tokens(sizes):
+        return lambda stage, a: sizes[a.chunk_id] * (2 if a.kind is ActionKind.BACKWARD else 1)
+
+    chunk_tokens = [c.num_tokens for c in plan.chunks]
+    baseline = simulate(one_f_one_b(len(lengths), args.stages), duration=by_tokens(lengths))
+    print(f"plain 1F1B, one sequence per micro-batch: {baseline.summary()}")
+    order = None
+    if args.search:
+        name, order, _ = best_order(plan, args.stages, k=args.k, duration=by_tokens(chunk_tokens))
+        print(f"order search: best is {name!r}")
+    stages = state_aware_1f1b(plan, args.stages, k=args.k, order=order)
+    result = simulate(stages, duration=by_tokens(chunk_tokens))
+    print(f"{plan.summary()}\nstate-aware 1F1B (k={args.k}): {result.summary()}\n"
+          f"{format_pipeline(stages)}")
+    if args.trace:
+        with open(args.trace, "w") as f:
+            json.dump(chrome_trace(result), f)
+        print(f"Chrome trace: {args.trace} (open in chrome://tracing or ui.perfetto.dev)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from chunkflow.train.config import add_config_arguments
 
@@ -115,6 +159,20 @@ def build_parser() -> argparse.ArgumentParser:
                                         "schedule")
     add_config_arguments(plan, resume=False)
     plan.set_defaults(func=_plan)
+
+    simulate = sub.add_parser(
+        "simulate", help="simulate the pipeline schedule of a batch (time proportional to "
+        "tokens, backward = 2 x forward), or the paper's comparison (--paper)")
+    simulate.add_argument("--lengths", default="4,2,1,1", help="comma-separated sequence "
+                          "lengths (default 4,2,1,1: the paper's figure)")
+    simulate.add_argument("--chunk-size", type=int, default=2)
+    simulate.add_argument("--k", type=int, default=2)
+    simulate.add_argument("--stages", type=int, default=4)
+    simulate.add_argument("--search", action="store_true", help="search the chunk order")
+    simulate.add_argument("--trace", help="write a Chrome trace (JSON) here")
+    simulate.add_argument("--paper", action="store_true", help="Megatron-LM vs chunkflow at "
+                          "the paper's scale, from the cost model")
+    simulate.set_defaults(func=_simulate)
 
     report = sub.add_parser("report", help="plot loss, throughput and peak memory of a run "
                                            "to a PNG")

@@ -48,3 +48,14 @@ def test_bad_input_is_a_clear_error(capsys):
     assert "--lengths '5,x': expected comma-separated integers" in capsys.readouterr().err
     assert main(["plan", "--lengths", "5", "--batches=0"]) == 2
     assert "--batches=0: must be a positive integer" in capsys.readouterr().err
+
+
+def test_simulate_prints_the_paper_figure_and_a_trace(tmp_path, capsys):
+    trace = tmp_path / "trace.json"
+    assert main(["simulate", "--trace", str(trace)]) == 0
+    out = capsys.readouterr().out
+    assert "plain 1F1B, one sequence per micro-batch: makespan 56, bubble ratio 57.14%" in out
+    assert "state-aware 1F1B (k=2): makespan 46, bubble ratio 47.83%" in out
+    assert "stage 3: F2 B2 F3 B3 F0 F1 B1 B0" in out
+    assert len([e for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"]) == 32
+    assert main(["simulate", "--lengths", "4,x"]) == 2
