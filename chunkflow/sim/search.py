@@ -44,7 +44,7 @@ def candidate_orders(plan: ChunkPlan, *, num_random: int = 16, seed: int = 0) ->
 
 
 def best_order(plan: ChunkPlan, num_stages: int, *, k: int,
-               duration: Callable[[int, Action], float], p2p: float = 0.0,
+               duration: Callable[[int, Action], float], p2p: float = 0,
                num_random: int = 16, seed: int = 0) -> tuple[str, list[int], dict[str, float]]:
     """(name, order) of the candidate with the smallest simulated makespan, and every
     candidate's makespan."""
