@@ -25,6 +25,8 @@ def _plan(args: argparse.Namespace, unknown: list[str]) -> int:
     from chunkflow.plan.memory import estimate_peak_memory
     from chunkflow.train.config import config_from_args
 
+    if args.auto:
+        return _autotune(args, unknown)
     if args.batches < 1:
         raise ValueError(f"--batches={args.batches}: must be a positive integer")
     cfg = config_from_args(args, unknown)
@@ -78,6 +80,24 @@ def _plan(args: argparse.Namespace, unknown: list[str]) -> int:
     return 0
 
 
+def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
+    """``plan --auto``: (chunk_size, K) and layout with the fastest predicted iteration."""
+    from chunkflow.plan.cost import get_gpu, get_model_shape
+    from chunkflow.sim.tune import autotune, format_candidates, parse_size
+
+    if unknown:
+        raise ValueError(f"unexpected arguments with --auto: {' '.join(unknown)}")
+    shape, gpu = get_model_shape(args.model), get_gpu(args.gpu)
+    max_len, budget = parse_size(args.max_len), parse_size(args.memory_budget)
+    print(f"auto-tune: {args.model} on {args.gpus} x {gpu.name}, max length {args.max_len}, "
+          f"memory budget {args.memory_budget}, global batch {args.global_batch} "
+          f"(predicted by chunkflow.plan.cost + chunkflow.sim)")
+    candidates = autotune(shape, gpu, max_len=max_len, num_gpus=args.gpus,
+                          memory_budget=budget, global_batch=args.global_batch, seed=args.seed)
+    print(format_candidates(candidates, top=args.top))
+    return 0
+
+
 def _report(args: argparse.Namespace, unknown: list[str]) -> int:
     from chunkflow.train.report import write_report
 
@@ -117,13 +137,17 @@ def _simulate(args: argparse.Namespace, unknown: list[str]) -> int:
     chunk_tokens = [c.num_tokens for c in plan.chunks]
     baseline = simulate(one_f_one_b(len(lengths), args.stages), duration=by_tokens(lengths))
     print(f"plain 1F1B, one sequence per micro-batch: {baseline.summary()}")
-    order = None
-    if args.search:
+    order = None  # plan order: chains first
+    if args.order == "standalone-first":  # the paper's figure
+        order = ([c.chunk_id for c in plan.chunks if c.chain_id is None]
+                 + [c for chain in plan.chains for c in chain.chunk_ids])
+    elif args.order == "search":
         name, order, _ = best_order(plan, args.stages, k=args.k, duration=by_tokens(chunk_tokens))
         print(f"order search: best is {name!r}")
     stages = state_aware_1f1b(plan, args.stages, k=args.k, order=order)
     result = simulate(stages, duration=by_tokens(chunk_tokens))
-    print(f"{plan.summary()}\nstate-aware 1F1B (k={args.k}): {result.summary()}\n"
+    print(f"{plan.summary()}\nstate-aware 1F1B (k={args.k}, {args.order} order): "
+          f"{result.summary()}\n"
           f"{format_pipeline(stages)}")
     if args.trace:
         with open(args.trace, "w") as f:
@@ -157,6 +181,17 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--lengths", help="comma-separated sequence lengths of one batch instead "
                                         "of the configured data; prints each chunk and the "
                                         "schedule")
+    auto = plan.add_argument_group("auto-tuning (--auto)")
+    auto.add_argument("--auto", action="store_true", help="choose (chunk_size, K) and the "
+                      "parallel layout with the fastest predicted iteration within the budget")
+    auto.add_argument("--model", default="qwen2.5-7b", help="qwen2.5-7b|14b|32b|72b")
+    auto.add_argument("--gpu", default="h100-80gb", help="h100-80gb or a100-80gb")
+    auto.add_argument("--gpus", type=int, default=16, help="GPUs in all (default 16)")
+    auto.add_argument("--max-len", default="256K", help="longest sequence, e.g. 256K")
+    auto.add_argument("--memory-budget", default="80GiB", help="per GPU, e.g. 80GiB")
+    auto.add_argument("--global-batch", type=int, default=256)
+    auto.add_argument("--seed", type=int, default=0)
+    auto.add_argument("--top", type=int, default=5, help="candidates to print")
     add_config_arguments(plan, resume=False)
     plan.set_defaults(func=_plan)
 
@@ -168,7 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--chunk-size", type=int, default=2)
     simulate.add_argument("--k", type=int, default=2)
     simulate.add_argument("--stages", type=int, default=4)
-    simulate.add_argument("--search", action="store_true", help="search the chunk order")
+    simulate.add_argument("--order", choices=("plan", "standalone-first", "search"),
+                          default="plan", help="forward order of the chunks: plan (chains "
+                          "first, the default), standalone-first (the paper's figure), or "
+                          "search (simulate candidates, keep the fastest)")
     simulate.add_argument("--trace", help="write a Chrome trace (JSON) here")
     simulate.add_argument("--paper", action="store_true", help="Megatron-LM vs chunkflow at "
                           "the paper's scale, from the cost model")

@@ -52,10 +52,24 @@ def test_bad_input_is_a_clear_error(capsys):
 
 def test_simulate_prints_the_paper_figure_and_a_trace(tmp_path, capsys):
     trace = tmp_path / "trace.json"
-    assert main(["simulate", "--trace", str(trace)]) == 0
+    assert main(["simulate", "--order", "standalone-first", "--trace", str(trace)]) == 0
     out = capsys.readouterr().out
     assert "plain 1F1B, one sequence per micro-batch: makespan 56, bubble ratio 57.14%" in out
-    assert "state-aware 1F1B (k=2): makespan 46, bubble ratio 47.83%" in out
+    assert ("state-aware 1F1B (k=2, standalone-first order): makespan 46, bubble ratio 47.83%"
+            in out)
     assert "stage 3: F2 B2 F3 B3 F0 F1 B1 B0" in out
     assert len([e for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"]) == 32
+    assert main(["simulate", "--order", "search"]) == 0
+    assert "(k=2, search order): makespan 44" in capsys.readouterr().out
     assert main(["simulate", "--lengths", "4,x"]) == 2
+
+
+def test_plan_auto_prints_the_best_candidates(capsys):
+    assert main(["plan", "--auto", "--model", "qwen2.5-7b", "--max-len", "32K", "--gpus", "4",
+                 "--memory-budget", "80GiB", "--global-batch", "32", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "auto-tune: qwen2.5-7b on 4 x H100-80GB, max length 32K" in out
+    assert out.count("<TP") == 3 and "*" in out
+    assert main(["plan", "--auto", "--memory-budget", "1GiB", "--max-len", "32K", "--gpus",
+                 "4", "--global-batch", "8"]) == 2
+    assert "chunkflow: error: " in capsys.readouterr().err

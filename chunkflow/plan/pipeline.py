@@ -71,16 +71,14 @@ def state_aware_1f1b(plan: ChunkPlan, num_stages: int, *, k: int,
     """State-aware 1F1B for ``plan`` on ``num_stages`` stages, ``k`` graphs per chain and stage.
 
     ``order``: the forward order of the chunks; a chain's chunks must appear in ascending order.
-    Default, as in the paper's figure: the standalone chunks, then the chains. (Chains first
-    would make every stage forward a whole chain before its first backward: a long serial
-    stretch. ``chunkflow.sim.search.best_order`` searches further.)
+    Default: plan order, chains first (the paper's figure puts the standalone chunks first;
+    chains first lets their backward backlog drain while the standalone chunks fill the pipeline
+    and simulates faster, see ``benchmarks/pipeline_order.py``;
+    ``chunkflow.sim.search.best_order`` searches further).
     """
     p = check_positive_int("num_stages", num_stages)
     k = check_positive_int("k", k)
-    if order is None:
-        order = ([c.chunk_id for c in plan.chunks if c.chain_id is None]
-                 + [c for chain in plan.chains for c in chain.chunk_ids])
-    order = list(order)
+    order = list(range(plan.num_chunks)) if order is None else list(order)
     if sorted(order) != list(range(plan.num_chunks)):
         raise ValueError(f"order must be a permutation of the plan's chunk ids "
                          f"0..{plan.num_chunks - 1}, got {order}")
@@ -108,14 +106,12 @@ def _stage_actions(plan: ChunkPlan, order: list[int], *, warmup: int, k: int) ->
         acts.append(Action(S if chunk.chain_idx < chain.num_chunks - k else F, c))
         done.add(c)
 
-    def backward() -> bool:
-        """One backward if the oldest due work is ready; a chain is ready once fully forwarded."""
-        if not due:
-            return False
+    def ready() -> bool:
+        """The oldest due backward can run: a chain only once all its chunks ran forward."""
+        return bool(due) and all(c in done or plan.chunks[c].chain_id is None for c in due[0])
+
+    def backward() -> None:
         pending = due[0]
-        if len(pending) > 1 or plan.chunks[pending[0]].chain_id is not None:
-            if not all(c in done for c in pending):
-                return False
         c = pending.pop(0)
         if not pending:
             due.popleft()
@@ -124,15 +120,19 @@ def _stage_actions(plan: ChunkPlan, order: list[int], *, warmup: int, k: int) ->
         if chain is not None and chunk.chain_idx < chain.num_chunks - k:
             acts.append(Action(R, c))
         acts.append(Action(B, c))
-        return True
 
-    for _ in range(warmup):
-        forward()
-    while forwards:
-        forward()
-        backward()
-    while due:
-        assert backward(), "a chain cannot be waiting once every forward ran"
+    # 1F1B: keep `warmup` chunks in flight and run a backward whenever there is one more. A
+    # chain that is not ready yet lets forwards run ahead; once it is, backwards drain the
+    # backlog down to `warmup` again (one backward per forward would never drain it).
+    in_flight = 0
+    while forwards or due:
+        if ready() and (in_flight > warmup or not forwards):
+            backward()
+            in_flight -= 1
+        else:
+            assert forwards, "a chain cannot be waiting once every forward ran"
+            forward()
+            in_flight += 1
     return acts
 
 

@@ -34,7 +34,8 @@ def test_plain_1f1b_of_4u_2u_u_u():
 def test_state_aware_chunks_of_2u_k2():
     plan = build_chunks([4, 2, 1, 1], chunk_size=2)  # chain of two 2U chunks, 2U, U+U packed
     assert len(plan.chains) == 1 and plan.num_chunks == 4
-    stages = state_aware_1f1b(plan, 4, k=2)  # standalone chunks first, then the chain
+    # the paper's order: the 2U sequence and the packed U+U first, then the 4U chain
+    stages = state_aware_1f1b(plan, 4, k=2, order=[2, 3, 0, 1])
     validate_pipeline(stages, plan, k=2)
     assert format_pipeline(stages).splitlines()[3] == "stage 3: F2 B2 F3 B3 F0 F1 B1 B0"
     result = simulate(stages, duration=by_tokens(plan))
@@ -81,8 +82,9 @@ def test_chrome_trace_has_one_complete_event_per_action():
 def test_order_search_beats_or_equals_the_default():
     plan = build_chunks([4, 2, 1, 1], chunk_size=2)
     name, order, makespans = best_order(plan, 4, k=2, duration=by_tokens(plan))
-    assert makespans[name] == min(makespans.values()) <= 46
-    assert makespans["plan"] == 54  # chains first: 54 vs the paper's order's 46
+    assert makespans[name] == min(makespans.values())
+    # chains first (plan order, the default) beats the paper's order: 44 vs 46 (47.83%)
+    assert makespans["standalone first"] == 46 and makespans["plan"] == 44 == makespans[name]
     validate_pipeline(state_aware_1f1b(plan, 4, k=2, order=order), plan, k=2)
 
 

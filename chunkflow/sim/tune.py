@@ -1,0 +1,261 @@
+"""Predict a training iteration, Megatron-LM or chunkflow, and search the settings. Stdlib only.
+
+An iteration is one global batch: per data-parallel replica, the pipeline schedule of its share
+(``chunkflow.plan.pipeline``) run by the simulator (``chunkflow.sim``) with per-action seconds
+from :class:`~chunkflow.plan.cost.CostModel`; the iteration ends with the slowest replica plus the
+gradient reduction. Peak memory is the simulator's per-stage peak of retained graphs and KV state
+plus the static memory, the largest over stages and replicas.
+
+* Megatron-LM as the paper ran it: micro-batch 1, one sequence per micro-batch at its own length
+  (no padding, no packing), plain 1F1B; replica r takes sequences r, r+dp, ... (Megatron's
+  sampler). Under ``full`` recompute a backward briefly holds one recomputed layer more; that
+  transient is added to the stage's peak (an upper bound: as if it coincided with the peak).
+* chunkflow: sequences are balanced over replicas (longest serial time first, to the least
+  loaded replica), each replica's share is chunked with ``build_chunks`` and run with
+  state-aware 1F1B; a chunk's KV state is held from its forward until its backward.
+
+:func:`autotune` searches chunk size, K and the <TP, PP, DP> layouts of a GPU count for the
+fastest predicted iteration within a memory budget.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+from chunkflow.plan.chunks import ChunkPlan, build_chunks, check_positive_int
+from chunkflow.plan.cost import GPUS_PER_NODE, CostModel, GPUProfile, ModelShape, chunk_segments
+from chunkflow.plan.lengths import sample_lengths
+from chunkflow.plan.pipeline import one_f_one_b, state_aware_1f1b
+from chunkflow.plan.scheduling import ActionKind
+from chunkflow.sim.simulator import simulate
+
+CHUNK_SIZES = (2048, 4096, 8192, 16384, 32768)
+KS = (1, 2, 4, 8, 16)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    iteration_seconds: float
+    peak_memory_bytes: float
+    """Largest over stages and replicas, static memory included."""
+    stage_peak_bytes: tuple[float, ...]
+    """Per stage, largest over replicas."""
+    bubble_ratio: float
+    """Of the slowest replica."""
+    stage_busy_seconds: tuple[float, ...]
+    """Per stage of the slowest replica: the makespan without any bubble is their maximum."""
+    num_microbatches: int
+    """Micro-batches (Megatron) or chunks (chunkflow) over all replicas."""
+
+
+def _simulate(cost: CostModel, stages, items: dict[int, tuple[list[int], int]],
+              state_tokens: dict[int, int] | None = None):
+    """Simulate ``stages`` whose chunk ids map to (segment lengths, prefix) in ``items``."""
+
+    fwd, bwd = {}, {}
+    for s in range(cost.pp):
+        for cid, (lens, prefix) in items.items():
+            fwd[s, cid] = cost.forward_seconds(lens, prefix_len=prefix, stage_idx=s)
+            bwd[s, cid] = cost.backward_seconds(lens, prefix_len=prefix, stage_idx=s)
+    per_token = [cost.activation_bytes_per_token(s) for s in range(cost.pp)]
+    tokens = {cid: sum(lens) for cid, (lens, _) in items.items()}
+    state_tokens = state_tokens or {}
+    result = simulate(
+        stages,
+        duration=lambda s, a: bwd[s, a.chunk_id] if a.kind is ActionKind.BACKWARD
+        else fwd[s, a.chunk_id],
+        p2p=cost.p2p_seconds(sum(tokens.values()) / len(tokens)),
+        graph_bytes=lambda s, c: tokens[c] * per_token[s],
+        state_bytes=lambda s, c: (cost.kv_state_bytes(state_tokens[c], s)
+                                  if c in state_tokens else 0.0))
+    transient = [cost.backward_transient_bytes(max(tokens.values()), s) for s in range(cost.pp)]
+    peaks = [cost.static_bytes(s) + result.peak_memory[s] + transient[s] for s in range(cost.pp)]
+    return result, peaks
+
+
+def _combine(cost: CostModel, runs: list, num_microbatches: int) -> Prediction:
+    slowest = max(runs, key=lambda r: r[0].makespan)[0]
+    sync = max(cost.grad_sync_seconds(s) for s in range(cost.pp))
+    stage_peaks = tuple(max(r[1][s] for r in runs) for s in range(cost.pp))
+    return Prediction(iteration_seconds=slowest.makespan + sync,
+                      peak_memory_bytes=max(stage_peaks), stage_peak_bytes=stage_peaks,
+                      bubble_ratio=slowest.bubble_ratio,
+                      stage_busy_seconds=tuple(slowest.busy), num_microbatches=num_microbatches)
+
+
+def predict_megatron(cost: CostModel, seq_lens: Sequence[int]) -> Prediction:
+    """Megatron-LM: one sequence per micro-batch, 1F1B, ``cost.recompute`` layer recompute."""
+    if len(seq_lens) < cost.dp:
+        raise ValueError(f"{len(seq_lens)} sequences cannot feed dp={cost.dp} replicas")
+    runs = []
+    for r in range(cost.dp):
+        lens = list(seq_lens[r::cost.dp])
+        items = {i: ([n], 0) for i, n in enumerate(lens)}
+        runs.append(_simulate(cost, one_f_one_b(len(lens), cost.pp), items))
+    return _combine(cost, runs, len(seq_lens))
+
+
+def split_sequences(cost: CostModel, seq_lens: Sequence[int]) -> list[list[int]]:
+    """Sequences per replica, each share in batch order: longest serial time first, each to the
+    least loaded replica (LPT). One replica keeps the batch as it is."""
+    if cost.dp == 1:
+        return [list(seq_lens)]
+    serial = [cost.forward_seconds([n]) + cost.backward_seconds([n]) for n in seq_lens]
+    loads, owner = [0.0] * cost.dp, {}
+    for i in sorted(range(len(seq_lens)), key=lambda i: -serial[i]):
+        r = min(range(cost.dp), key=lambda r: (loads[r], r))
+        loads[r] += serial[i]
+        owner[i] = r
+    return [[n for i, n in enumerate(seq_lens) if owner[i] == r] for r in range(cost.dp)]
+
+
+def plan_items(plan: ChunkPlan) -> tuple[dict[int, tuple[list[int], int]], dict[int, int]]:
+    """Per chunk (segment lengths, prefix); per chain chunk but the last, its own state tokens."""
+    items = {c.chunk_id: chunk_segments(c) for c in plan.chunks}
+    state = {c.chunk_id: c.segments[0].num_tokens for c in plan.chunks
+             if c.is_dependent and c.chain_idx < plan.chain_of(c).num_chunks - 1}
+    return items, state
+
+
+def predict_chunkflow(cost: CostModel, seq_lens: Sequence[int], *, chunk_size: int, k: int,
+                      ) -> Prediction:
+    """chunkflow: chunks of ``chunk_size``, state-aware 1F1B keeping ``k`` graphs per chain."""
+    if cost.recompute != "none":
+        raise ValueError(f"recompute={cost.recompute!r}: chunkflow recomputes through its "
+                         f"S/R actions (k), run its cost model with recompute='none'")
+    runs, num_chunks = [], 0
+    for share in split_sequences(cost, seq_lens):
+        if not share:
+            continue
+        plan = build_chunks(share, chunk_size=chunk_size)
+        items, state = plan_items(plan)
+        runs.append(_simulate(cost, state_aware_1f1b(plan, cost.pp, k=k), items, state))
+        num_chunks += plan.num_chunks
+    return _combine(cost, runs, num_chunks)
+
+
+# ---- auto-tuner ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Candidate:
+    chunk_size: int
+    k: int
+    tp: int
+    pp: int
+    dp: int
+    iteration_seconds: float
+    peak_memory_bytes: float
+    bubble_ratio: float
+
+    @property
+    def layout(self) -> str:
+        """Megatron's <TP, SP, PP> plus the data-parallel degree."""
+        return f"<TP {self.tp}, SP {self.tp}, PP {self.pp}> x DP {self.dp}"
+
+
+def layouts(shape: ModelShape, num_gpus: int) -> list[tuple[int, int, int]]:
+    """(tp, pp, dp) with tp inside a node dividing the query and KV heads and the MLP width,
+    pp dividing the layers (Megatron's rules), tp * pp * dp = num_gpus."""
+    num_gpus = check_positive_int("num_gpus", num_gpus)
+    out = []
+    for tp in (1, 2, 4, 8):
+        if (tp > min(GPUS_PER_NODE, num_gpus) or num_gpus % tp or shape.num_attention_heads % tp
+                or shape.num_key_value_heads % tp or shape.intermediate_size % tp):
+            continue
+        for pp in range(1, num_gpus // tp + 1):
+            if (num_gpus // tp) % pp == 0 and shape.num_hidden_layers % pp == 0:
+                out.append((tp, pp, num_gpus // (tp * pp)))
+    return out
+
+
+def autotune(shape: ModelShape, gpu: GPUProfile, *, max_len: int, num_gpus: int,
+             memory_budget: float, global_batch: int = 256, seed: int = 0,
+             seq_lens: Sequence[int] | None = None, chunk_sizes: Sequence[int] = CHUNK_SIZES,
+             ks: Sequence[int] = KS) -> list[Candidate]:
+    """Candidates within ``memory_budget`` bytes per GPU, fastest first.
+
+    The batch: ``seq_lens``, or ``global_batch`` lengths from the long-tailed generator
+    (``chunkflow.plan.lengths``) scaled to ``max_len``, deterministic in ``seed``. Chunk sizes above ``max_len`` are skipped; K values beyond the longest chain give the
+    same schedule and are tried once. Raises ``ValueError`` when nothing fits, naming the
+    smallest peak found.
+    """
+    max_len = check_positive_int("max_len", max_len)
+    if seq_lens is None:
+        seq_lens = sample_lengths(random.Random(seed), check_positive_int(
+            "global_batch", global_batch), max_len=max_len)
+    seq_lens = list(seq_lens)
+    found, smallest = [], None
+    for tp, pp, dp in layouts(shape, num_gpus):
+        if dp > len(seq_lens):
+            continue
+        cost = CostModel(shape, gpu, tp=tp, pp=pp, dp=dp)
+        for chunk_size in sorted(c for c in chunk_sizes if c <= max_len) or [min(chunk_sizes)]:
+            longest = max(-(-n // chunk_size) for n in seq_lens)
+            for k in sorted({min(k, longest) for k in ks}):
+                pred = predict_chunkflow(cost, seq_lens, chunk_size=chunk_size, k=k)
+                cand = Candidate(chunk_size, k, tp, pp, dp, pred.iteration_seconds,
+                                 pred.peak_memory_bytes, pred.bubble_ratio)
+                if smallest is None or cand.peak_memory_bytes < smallest.peak_memory_bytes:
+                    smallest = cand
+                if cand.peak_memory_bytes <= memory_budget:
+                    found.append(cand)
+    if not found:
+        if smallest is None:
+            raise ValueError(f"no <TP, PP, DP> layout of {num_gpus} GPUs suits this model "
+                             f"(TP must divide the heads, PP the {shape.num_hidden_layers} layers)")
+        raise ValueError(f"nothing fits in {format_size(memory_budget)} per GPU: the smallest "
+                         f"predicted peak is {format_size(smallest.peak_memory_bytes)} "
+                         f"(chunk {format_size(smallest.chunk_size, tokens=True)}, K={smallest.k}, "
+                         f"{smallest.layout}); add GPUs or raise the budget")
+    return sorted(found, key=lambda c: (c.iteration_seconds, c.peak_memory_bytes))
+
+
+def format_candidates(cands: Sequence[Candidate], top: int = 5) -> str:
+    """The best ``top`` candidates as a table, the first one marked as the choice."""
+    if not cands:
+        return "no candidate fits the memory budget"
+    rows = [f"{'':2}{'chunk':>6} {'K':>3}  {'layout':<28} {'iteration':>10} {'peak mem':>10} "
+            f"{'bubbles':>8}"]
+    for i, c in enumerate(cands[:top]):
+        rows.append(f"{'*' if i == 0 else ' ':2}{format_size(c.chunk_size, tokens=True):>6} "
+                    f"{c.k:>3}  {c.layout:<28} {c.iteration_seconds:>9.2f}s "
+                    f"{format_size(c.peak_memory_bytes):>10} {c.bubble_ratio:>8.1%}")
+    if len(cands) > top:
+        rows.append(f"  ... {len(cands) - top} more within the budget")
+    return "\n".join(rows)
+
+
+# ---- sizes -----------------------------------------------------------------------------------
+
+_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "b": 1}
+
+
+def parse_size(text: str | int) -> int:
+    """``"256K"`` -> 262144, ``"80GiB"`` -> 80 * 2**30, ``"80GB"`` -> 80 * 10**9, ``"4096"``.
+
+    Bare K/M/G/T and KiB/MiB/GiB/TiB are binary, KB/MB/GB/TB decimal; case does not matter.
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        return check_positive_int("size", text)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match and match.group(2).lower()
+    if not match or unit not in _UNITS:
+        raise ValueError(f"cannot read size {text!r}: expected a number with an optional unit, "
+                         f"like 256K, 32768, 80GiB or 80GB")
+    value = float(match.group(1)) * _UNITS[unit]
+    if value < 1 or value != int(value):
+        raise ValueError(f"size {text!r} is not a positive whole number of units")
+    return int(value)
+
+
+def format_size(num: float, *, tokens: bool = False) -> str:
+    """Bytes as GiB/MiB; ``tokens``: a token count as 8K/256K."""
+    if tokens:
+        return f"{num // 1024:.0f}K" if num % 1024 == 0 and num >= 1024 else f"{num:.0f}"
+    return f"{num / 2**30:.1f}GiB" if num >= 2**30 else f"{num / 2**20:.1f}MiB"

@@ -1,0 +1,113 @@
+"""Predictions and the auto-tuner: closed forms where they exist, the budget, the ordering."""
+
+import dataclasses
+import random
+
+import pytest
+
+from chunkflow.plan import build_chunks
+from chunkflow.plan.cost import GPU_PROFILES, MODEL_SHAPES, CostModel, GPUProfile
+from chunkflow.plan.memory import estimate_peak_memory
+from chunkflow.sim.tune import (Candidate, autotune, format_candidates, format_size, layouts,
+                                 parse_size, predict_chunkflow, predict_megatron,
+                                 split_sequences)
+from chunkflow.plan.lengths import sample_lengths
+
+SHAPE = MODEL_SHAPES["qwen2.5-7b"]
+H100 = GPU_PROFILES["h100-80gb"]
+# No launch overhead, no small-GEMM penalty, free P2P: only FLOPs cost time.
+FLOPS_ONLY = GPUProfile("flops only", peak_flops=1e15, memory_bytes=80 * 2**30,
+                        matmul_efficiency=0.5, attention_efficiency=0.5,
+                        tokens_half_efficiency=0, layer_overhead_s=0.0,
+                        nvlink_bytes_per_s=float("inf"), network_bytes_per_s=float("inf"))
+
+
+@pytest.mark.parametrize("text, value", [
+    ("256K", 256 * 1024), ("32k", 32768), ("4096", 4096), ("1.5K", 1536), ("1M", 2**20),
+    ("80GiB", 80 * 2**30), ("80GB", 80 * 10**9), ("80 gib", 80 * 2**30), ("512MiB", 2**29),
+])
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "abc", "80XB", "0", "1.3", "-5K"])
+def test_parse_size_rejects(text):
+    with pytest.raises(ValueError, match="size"):
+        parse_size(text)
+
+
+def test_format_size():
+    assert format_size(8192, tokens=True) == "8K" and format_size(80 * 2**30) == "80.0GiB"
+
+
+def test_layouts_follow_megatrons_rules():
+    got = layouts(SHAPE, 16)
+    assert all(tp * pp * dp == 16 for tp, pp, dp in got)
+    assert {tp for tp, _, _ in got} == {1, 2, 4}  # 4 KV heads: TP 8 is not allowed
+    assert all(28 % pp == 0 for _, pp, _ in got) and (4, 4, 1) in got and (1, 16, 1) not in got
+
+
+def test_megatron_without_pipeline_is_the_sum_of_its_micro_batches():
+    lens = [100, 5000, 1200, 30000]
+    cost = CostModel(SHAPE, FLOPS_ONLY, tp=4, recompute="full")
+    pred = predict_megatron(cost, lens)
+    serial = sum(cost.forward_seconds([n]) + cost.backward_seconds([n]) for n in lens)
+    assert pred.iteration_seconds == pytest.approx(serial)
+    assert pred.bubble_ratio == pytest.approx(0, abs=1e-12)
+
+
+def test_megatron_pipeline_of_equal_micro_batches_has_1f1b_bubbles():
+    m, p = 8, 4
+    headless = dataclasses.replace(SHAPE, vocab_size=1)  # equal stages: 7 layers each
+    cost = CostModel(headless, FLOPS_ONLY, tp=4, pp=p)
+    pred = predict_megatron(cost, [4096] * m)
+    step = cost.forward_seconds([4096]) + cost.backward_seconds([4096])
+    assert pred.bubble_ratio == pytest.approx((p - 1) / (m + p - 1), abs=1e-4)
+    assert pred.iteration_seconds == pytest.approx((m + p - 1) * step, rel=1e-4)
+
+
+def test_chunkflow_memory_on_one_gpu_matches_the_step_estimate():
+    cost = CostModel(SHAPE, H100)
+    for lens, k in [([20000], 1), ([20000], 2), ([9000, 3000, 500], 1)]:
+        plan = build_chunks(lens, chunk_size=4096)
+        pred = predict_chunkflow(cost, lens, chunk_size=4096, k=k)
+        est = estimate_peak_memory(SHAPE, plan, k=k, param_bytes=2)
+        assert pred.peak_memory_bytes - cost.static_bytes(0) == est.activations + est.kv_state
+
+
+def test_chunkflow_rejects_layer_recompute():
+    with pytest.raises(ValueError, match="recompute"):
+        predict_chunkflow(CostModel(SHAPE, H100, recompute="full"), [10], chunk_size=8, k=1)
+
+
+def test_sequences_are_balanced_over_replicas():
+    lens = sample_lengths(random.Random(0), 64, max_len=65536)
+    cost = CostModel(SHAPE, H100, tp=4, dp=4)
+    shares = split_sequences(cost, lens)
+    assert sorted(n for share in shares for n in share) == sorted(lens)
+    load = [sum(cost.forward_seconds([n]) + cost.backward_seconds([n]) for n in s) for s in shares]
+    longest = max(cost.forward_seconds([n]) + cost.backward_seconds([n]) for n in lens)
+    assert max(load) - min(load) <= longest  # greedy (LPT) bound
+
+
+def test_autotune_respects_the_budget_and_sorts():
+    kw = dict(max_len=65536, num_gpus=8, global_batch=32, seed=0,
+              chunk_sizes=(4096, 16384), ks=(1, 4))
+    everything = autotune(SHAPE, H100, memory_budget=float("inf"), **kw)
+    assert everything and all(isinstance(c, Candidate) for c in everything)
+    times = [c.iteration_seconds for c in everything]
+    assert times == sorted(times)
+    assert {(c.tp, c.pp, c.dp) for c in everything} <= set(layouts(SHAPE, 8))
+    budget = sorted(c.peak_memory_bytes for c in everything)[len(everything) // 2]
+    within = autotune(SHAPE, H100, memory_budget=budget, **kw)
+    assert within == [c for c in everything if c.peak_memory_bytes <= budget]
+    text = format_candidates(within, top=3)
+    assert text.splitlines()[1].startswith("*") and "more within the budget" in text
+    with pytest.raises(ValueError, match="smallest predicted peak"):
+        autotune(SHAPE, H100, memory_budget=2**30, **kw)
+
+
+def test_autotune_tries_each_effective_k_once():
+    cands = autotune(SHAPE, H100, max_len=8192, num_gpus=1, memory_budget=float("inf"),
+                     seq_lens=[6000, 3000, 100], chunk_sizes=(4096,), ks=(1, 2, 4, 8))
+    assert sorted(c.k for c in cands) == [1, 2]  # the longest chain has two chunks
