@@ -9,8 +9,6 @@ aliases the attention output there, see the module docstring); 0.979-0.994 where
 chain's last chunk that also holds packed sequences (some q/k/v storage saved twice).
 """
 
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -25,6 +23,7 @@ from chunkflow.plan.memory import (
     estimate_peak_memory,
     kv_state_bytes,
 )
+from tests.torchless import run_without_torch
 
 TOLERANCE = 0.10  # |estimate / meter - 1|
 
@@ -167,13 +166,7 @@ def test_bad_model_and_plan():
 
 
 def test_imports_without_torch():
-    code = """
-import sys
-class _Blocker:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch.") or name == "numpy":
-            raise ImportError(f"{name} is blocked in this test")
-sys.meta_path.insert(0, _Blocker())
+    out = run_without_torch("""
 from types import SimpleNamespace
 from chunkflow.plan import build_chunks
 from chunkflow.plan.memory import estimate_peak_memory
@@ -181,8 +174,5 @@ model = SimpleNamespace(hidden_size=8, intermediate_size=16, num_hidden_layers=1
                         num_attention_heads=2, num_key_value_heads=1, head_dim=4, vocab_size=11,
                         num_params=100)
 print(estimate_peak_memory(model, build_chunks([9, 3], chunk_size=4), k=1).summary())
-assert "torch" not in sys.modules
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("peak ")
+""")
+    assert out.startswith("peak ")

@@ -1,14 +1,12 @@
 """`chunkflow simulate --paper`: the table runs, carries the paper's numbers, explains gaps."""
 
-import subprocess
-import sys
-
 import pytest
 
 from chunkflow.plan.cost import GPU_PROFILES
 from chunkflow.sim import paper
 from chunkflow.sim.paper import (PAPER_ABLATION_S, PAPER_CONFIGS, PAPER_MEMORY_GIB, Assumptions,
                                  PaperRow, _explain, format_paper_table, paper_comparison)
+from tests.torchless import run_without_torch
 
 
 @pytest.fixture(scope="module")
@@ -74,24 +72,13 @@ def test_main_paper_prints(monkeypatch, capsys, rows):
     assert "Megatron" in capsys.readouterr().out
 
 
-BLOCK_TORCH = """
-import sys
-class _Blocker:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch.") or name == "numpy":
-            raise ImportError(f"{name} is blocked in this test")
-sys.meta_path.insert(0, _Blocker())
+def test_cost_tune_and_paper_run_without_torch():
+    out = run_without_torch("""
 from chunkflow.plan.cost import MODEL_SHAPES, GPU_PROFILES, CostModel
 from chunkflow.sim.tune import predict_chunkflow
 from chunkflow.sim.paper import paper_comparison
 cost = CostModel(MODEL_SHAPES["qwen2.5-7b"], GPU_PROFILES["a100-80gb"], tp=4, pp=2)
 assert predict_chunkflow(cost, [30000, 200, 900], chunk_size=8192, k=2).iteration_seconds > 0
-assert "torch" not in sys.modules
 print("ok")
-"""
-
-
-def test_cost_tune_and_paper_run_without_torch():
-    out = subprocess.run([sys.executable, "-c", BLOCK_TORCH], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "ok"
+""")
+    assert out.strip() == "ok"
