@@ -82,6 +82,11 @@ def state_aware_1f1b(plan: ChunkPlan, num_stages: int, *, k: int,
     if sorted(order) != list(range(plan.num_chunks)):
         raise ValueError(f"order must be a permutation of the plan's chunk ids "
                          f"0..{plan.num_chunks - 1}, got {order}")
+    for chain in plan.chains:
+        positions = [order.index(c) for c in chain.chunk_ids]
+        if positions != sorted(positions):
+            raise ValueError(f"order {order} runs chain {chain.chain_id}'s chunks "
+                             f"{list(chain.chunk_ids)} out of ascending order")
     return [_stage_actions(plan, order, warmup=min(p - 1 - s, len(order)), k=k)
             for s in range(p)]
 
@@ -145,6 +150,14 @@ def run_pipeline(stages: Stages, *, duration: Callable[[int, Action], float],
     """
     p = len(stages)
     index = [{(_group(a), a.chunk_id): i for i, a in enumerate(acts)} for acts in stages]
+    for s, acts in enumerate(stages):  # each stage: one forward, then one backward, per chunk
+        forwarded, backwarded = set(), set()
+        for i, a in enumerate(acts):
+            if a.kind in (F, S) and a.chunk_id in forwarded or (
+                    a.kind is B and (a.chunk_id not in forwarded or a.chunk_id in backwarded)):
+                raise ScheduleError(f"stage {s} runs {a} out of turn (each chunk: one forward, "
+                                    f"then one backward)\n" + _grid(stages, {(s, i)}))
+            (backwarded if a.kind is B else forwarded).add(a.chunk_id)
     times: list[list[tuple[float, float]]] = [[] for _ in range(p)]
     free = [0] * p  # ints, so exact durations (Fraction) stay exact
     while True:

@@ -245,8 +245,12 @@ def speedup_rows(base: Assumptions, *, explain: bool = True) -> list[PaperRow]:
                                 f"({format_size(cfg.chunk_size, tokens=True)},{cfg.k}) "
                                 f"{_fmt_pred(cf)}"
                                 + (f" | does not fit: {'; '.join(over)}" if over else "")))
-        rows.append(_explain(row, base, speedup, _alternatives(base, cfg, "speedup")) if explain
-                    else row)
+        row = (_explain(row, base, speedup, _alternatives(base, cfg, "speedup")) if explain
+               else row)
+        if over and row.explanation:  # the layout itself cannot have been the paper's run
+            row = replace(row, explanation=f"{'; '.join(over)} per GPU: the paper's baseline "
+                          f"cannot have run exactly this layout. " + row.explanation)
+        rows.append(row)
     return rows
 
 

@@ -18,11 +18,15 @@ def test_every_generated_schedule_validates(lengths, chunk_size, k, p, seed):
 
     plan = build_chunks(lengths, chunk_size=chunk_size)
     validate_pipeline(state_aware_1f1b(plan, p, k=k), plan, k=k)
-    # any order that keeps chains ascending is valid too
-    units = [[c.chunk_id] for c in plan.chunks if c.chain_id is None]
-    units += [list(c.chunk_ids) for c in plan.chains]
-    random.Random(seed).shuffle(units)
-    order = [c for unit in units for c in unit]
+    # any order that keeps each chain ascending is valid too, chains interleaved with the rest
+    rng = random.Random(seed)
+    queues = [[c.chunk_id] for c in plan.chunks if c.chain_id is None]
+    queues += [list(c.chunk_ids) for c in plan.chains]
+    order = []
+    while queues:
+        q = rng.choice(queues)
+        order.append(q.pop(0))
+        queues = [q for q in queues if q]
     validate_pipeline(state_aware_1f1b(plan, p, k=k, order=order), plan, k=k)
 
 
@@ -60,8 +64,6 @@ def test_broken_schedules_are_refused_with_the_grid():
 
 def test_deadlock_is_found_by_the_dry_run():
     # stage 0 waits for B1 before F1, but stage 1 can only run B1 after F1: circular wait
-    stages = parse_pipeline("stage 0: F0 B0 B1 F1\nstage 1: F0 B0 F1 B1")
-    msg = fails(stages, None, 1, "")
     # each list is fine alone, but stage 0's B0 needs stage 1's B0, which comes after stage 1's
     # F1, which needs stage 0's F1, which comes after stage 0's B0
     stages = parse_pipeline("stage 0: F0 B0 F1 B1\nstage 1: F1 F0 B0 B1")
@@ -72,3 +74,17 @@ def test_deadlock_is_found_by_the_dry_run():
 def test_parse_errors_name_the_line():
     with pytest.raises(ValueError, match="line 2: 'stage 3: F0': expected 'stage 1: "):
         parse_pipeline("stage 0: F0 B0\nstage 3: F0")
+
+
+def test_orders_must_keep_chains_ascending():
+    plan = build_chunks([4, 2, 1, 1], chunk_size=2)  # chain 0 = chunks 0, 1
+    with pytest.raises(ValueError, match=r"runs chain 0's chunks \[0, 1\] out of ascending"):
+        state_aware_1f1b(plan, 2, k=1, order=[1, 0, 2, 3])
+
+
+def test_the_dry_run_refuses_out_of_turn_actions():
+    from chunkflow.plan.pipeline import run_pipeline
+
+    for text in ("stage 0: F0 B0\nstage 1: B0 F0", "stage 0: F0 F0 B0"):
+        with pytest.raises(ScheduleError, match="out of turn"):
+            run_pipeline(parse_pipeline(text), duration=lambda s, a: 1)

@@ -9,7 +9,7 @@ from chunkflow.plan import ActionKind, build_chunks
 from chunkflow.plan.pipeline import (format_pipeline, one_f_one_b, parse_pipeline,
                                      state_aware_1f1b, validate_pipeline)
 from chunkflow.sim import chrome_trace, simulate
-from chunkflow.sim.search import best_order
+from chunkflow.sim.search import best_order, candidate_orders
 
 
 def by_tokens(plan=None, sizes=None):
@@ -91,3 +91,19 @@ def test_order_search_beats_or_equals_the_default():
 def test_grid_round_trips():
     stages = state_aware_1f1b(build_chunks([9, 3, 20, 2], chunk_size=4), 3, k=2)
     assert parse_pipeline(format_pipeline(stages)) == stages
+
+
+def test_order_search_never_trades_memory_for_speed():
+    # a long chain and many short sequences: interleaving them piles up standalone graphs while
+    # the chain's backward waits; the search must not pick such an order
+    plan = build_chunks([64] + [4] * 16, chunk_size=4)
+    duration = by_tokens(plan)
+    name, order, _ = best_order(plan, 4, k=1, duration=duration)
+
+    def live(o):
+        return simulate(state_aware_1f1b(plan, 4, k=1, order=o), duration=duration,
+                        graph_bytes=lambda s, c: 1).peak_memory
+
+    interleaved = live(candidate_orders(plan)["chains interleaved"])
+    assert max(interleaved) > max(live(None))  # the trap is real
+    assert all(a <= b for a, b in zip(live(order), live(None)))
