@@ -27,6 +27,11 @@ def _plan(args: argparse.Namespace, unknown: list[str]) -> int:
 
     if args.auto:
         return _autotune(args, unknown)
+    ignored = [f"--{name.replace('_', '-')}" for name, default in _AUTO_DEFAULTS.items()
+               if getattr(args, name) != default]
+    if ignored:
+        print(f"chunkflow: warning: {', '.join(ignored)} only apply with --auto; ignored",
+              file=sys.stderr)
     if args.batches < 1:
         raise ValueError(f"--batches={args.batches}: must be a positive integer")
     cfg = config_from_args(args, unknown)
@@ -80,6 +85,11 @@ def _plan(args: argparse.Namespace, unknown: list[str]) -> int:
     return 0
 
 
+# plan --auto's options and defaults (other plan runs warn when one of them is changed)
+_AUTO_DEFAULTS = {"model": "qwen2.5-7b", "gpu": "h100-80gb", "gpus": 16, "max_len": "256K",
+                  "memory_budget": "80GiB", "global_batch": 256, "top": 5}
+
+
 def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
     """``plan --auto``: (chunk_size, K) and layout with the fastest predicted iteration."""
     from chunkflow.plan.cost import get_gpu, get_model_shape
@@ -117,6 +127,10 @@ def _simulate(args: argparse.Namespace, unknown: list[str]) -> int:
 
         main_paper()
         return 0
+    from chunkflow.plan.chunks import check_positive_int
+
+    for name in ("chunk_size", "k", "stages"):  # before anything is printed
+        check_positive_int(name, getattr(args, name))
     import json
 
     from chunkflow.plan import ActionKind, build_chunks, format_pipeline, one_f_one_b
@@ -182,16 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
                                         "of the configured data; prints each chunk and the "
                                         "schedule")
     auto = plan.add_argument_group("auto-tuning (--auto)")
+    d = _AUTO_DEFAULTS
     auto.add_argument("--auto", action="store_true", help="choose (chunk_size, K) and the "
                       "parallel layout with the fastest predicted iteration within the budget")
-    auto.add_argument("--model", default="qwen2.5-7b", help="qwen2.5-7b|14b|32b|72b")
-    auto.add_argument("--gpu", default="h100-80gb", help="h100-80gb or a100-80gb")
-    auto.add_argument("--gpus", type=int, default=16, help="GPUs in all (default 16)")
-    auto.add_argument("--max-len", default="256K", help="longest sequence, e.g. 256K")
-    auto.add_argument("--memory-budget", default="80GiB", help="per GPU, e.g. 80GiB")
-    auto.add_argument("--global-batch", type=int, default=256)
+    auto.add_argument("--model", default=d["model"], help="qwen2.5-7b|14b|32b|72b")
+    auto.add_argument("--gpu", default=d["gpu"], help="h100-80gb or a100-80gb")
+    auto.add_argument("--gpus", type=int, default=d["gpus"], help="GPUs in all (default 16)")
+    auto.add_argument("--max-len", default=d["max_len"], help="longest sequence, e.g. 256K")
+    auto.add_argument("--memory-budget", default=d["memory_budget"], help="per GPU, e.g. 80GiB")
+    auto.add_argument("--global-batch", type=int, default=d["global_batch"])
     auto.add_argument("--seed", type=int, default=0)
-    auto.add_argument("--top", type=int, default=5, help="candidates to print")
+    auto.add_argument("--top", type=int, default=d["top"], help="candidates to print")
     add_config_arguments(plan, resume=False)
     plan.set_defaults(func=_plan)
 

@@ -73,3 +73,11 @@ def test_plan_auto_prints_the_best_candidates(capsys):
     assert main(["plan", "--auto", "--memory-budget", "1GiB", "--max-len", "32K", "--gpus",
                  "4", "--global-batch", "8"]) == 2
     assert "chunkflow: error: " in capsys.readouterr().err
+
+
+def test_ignored_options_are_named_and_bad_ones_fail_before_output(capsys):
+    assert main(["plan", "--lengths", "10,3", "--gpus", "8"]) == 0
+    assert "warning: --gpus only apply with --auto; ignored" in capsys.readouterr().err
+    assert main(["simulate", "--k", "0"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "k must be a positive integer, got 0" in err
