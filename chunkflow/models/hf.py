@@ -161,6 +161,7 @@ class HFChunkModel:
         self.module, self.config = model, config
         self.decoder = causal_lm.get_decoder()
         self.lm_head = causal_lm.get_output_embeddings()
+        self.layer_ids = tuple(range(config.num_hidden_layers))
 
     def parameters(self):
         return self.module.parameters()

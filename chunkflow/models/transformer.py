@@ -161,6 +161,11 @@ class Transformer(nn.Module):
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
 
+    @property
+    def layer_ids(self) -> tuple[int, ...]:
+        """Indices of the decoder layers this model (or pipeline stage) holds."""
+        return tuple(int(i) for i in self.model.layers)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -179,12 +184,18 @@ class Transformer(nn.Module):
         position_ids: Optional[torch.Tensor] = None,
         attention: Optional[AttentionFn] = None,
     ) -> torch.Tensor:
-        """input_ids (B, S) -> final-norm hidden states (B, S, E), before the output head."""
-        B, S = input_ids.shape
+        """input_ids (B, S) -> final-norm hidden states (B, S, E), before the output head.
+
+        A pipeline stage is this model with the modules of other stages removed (set to None, or
+        deleted from ``model.layers``): without ``embed_tokens`` the input is the previous
+        stage's hidden states (B, S, E); without ``norm`` the output is the last layer's.
+        """
+        B, S = input_ids.shape[:2]
         if position_ids is None:
             position_ids = torch.arange(S, device=input_ids.device).expand(B, S)
-        x = self.model.embed_tokens(input_ids)
+        embed = self.model.embed_tokens
+        x = embed(input_ids) if embed is not None else input_ids
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)
         for layer in self.model.layers.values():
             x = layer(x, cos, sin, attention)
-        return self.model.norm(x)
+        return self.model.norm(x) if self.model.norm is not None else x

@@ -1,6 +1,13 @@
 """Planning layer (stdlib only): chunk construction (Algorithm 1), schedules (Algorithm 2) for one
-device and for pipelines (state-aware 1F1B), memory estimates."""
+device and for pipelines (state-aware 1F1B), data-parallel sharding, memory estimates."""
 
+from chunkflow.plan.balance import (
+    Sharding,
+    balance_chunks,
+    chunk_train_flops,
+    subplan,
+    unit_costs,
+)
 from chunkflow.plan.chunks import Chain, Chunk, ChunkPlan, Segment, build_chunks
 from chunkflow.plan.pipeline import (
     format_pipeline,
@@ -20,7 +27,8 @@ from chunkflow.plan.scheduling import (
 )
 
 __all__ = [
-    "Action", "ActionKind", "Chain", "Chunk", "ChunkPlan", "ScheduleError", "Segment",
-    "build_chunks", "format_pipeline", "format_schedule", "one_f_one_b", "parse_pipeline",
-    "parse_schedule", "schedule", "state_aware_1f1b", "validate_pipeline", "validate_schedule",
+    "Action", "ActionKind", "Chain", "Chunk", "ChunkPlan", "ScheduleError", "Segment", "Sharding",
+    "balance_chunks", "build_chunks", "chunk_train_flops", "format_pipeline", "format_schedule",
+    "one_f_one_b", "parse_pipeline", "parse_schedule", "schedule", "state_aware_1f1b", "subplan",
+    "unit_costs", "validate_pipeline", "validate_schedule",
 ]

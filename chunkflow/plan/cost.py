@@ -188,6 +188,21 @@ def attention_pairs(segment_lens: Sequence[int], prefix_len: int = 0) -> int:
     return pairs + (segment_lens[0] * prefix_len if segment_lens else 0)
 
 
+def forward_flops(shape: ModelShape, segment_lens: Sequence[int], *, prefix_len: int = 0,
+                  num_layers: int | None = None, head: bool = True, tp: int = 1) -> Flops:
+    """Forward FLOPs of one chunk through ``num_layers`` decoder layers (default: all) and, with
+    ``head``, the output head, per GPU of a TP group of ``tp``."""
+    s, n = shape, sum(segment_lens)
+    e, d, h = s.hidden_size, s.head_dim, s.num_attention_heads // tp
+    # per GPU: q and o (h heads), k and v (its KV heads, replicated past their number), SwiGLU
+    linear = (2 * e * h * d + 2 * e * math.ceil(s.num_key_value_heads / tp) * d
+              + 3 * e * s.intermediate_size // tp)
+    layers = s.num_hidden_layers if num_layers is None else num_layers
+    head_flops = 2 * n * e * s.vocab_size / tp if head else 0.0
+    return Flops(layers_matmul=2.0 * n * linear * layers, head_matmul=head_flops,
+                 attention=4.0 * h * d * attention_pairs(segment_lens, prefix_len) * layers)
+
+
 @dataclass(frozen=True)
 class CostModel:
     """Seconds and bytes per GPU for ``shape`` on ``gpu`` under a <TP, SP, PP, DP> layout."""
@@ -252,15 +267,9 @@ class CostModel:
 
     def forward_flops(self, segment_lens: Sequence[int], *, prefix_len: int = 0,
                       stage_idx: int = 0) -> Flops:
-        s, n = self.shape, sum(segment_lens)
-        e, d, h = s.hidden_size, s.head_dim, s.num_attention_heads // self.tp
-        # per GPU: q and o (h heads), k and v (its KV heads), SwiGLU gate/up/down
-        linear = (2 * e * h * d + 2 * e * self.kv_heads_per_gpu * d
-                  + 3 * e * s.intermediate_size // self.tp)
         layers = self.stage_layers[stage_idx]
-        head = 2 * n * e * s.vocab_size / self.tp if self._is_last(stage_idx) else 0.0
-        return Flops(layers_matmul=2.0 * n * linear * layers, head_matmul=head,
-                     attention=4.0 * h * d * attention_pairs(segment_lens, prefix_len) * layers)
+        return forward_flops(self.shape, segment_lens, prefix_len=prefix_len, num_layers=layers,
+                             head=self._is_last(stage_idx), tp=self.tp)
 
     def _rolloff(self, num_tokens: int) -> float:
         return num_tokens / (num_tokens + self.gpu.tokens_half_efficiency)

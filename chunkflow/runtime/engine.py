@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from chunkflow.plan import ActionKind, Chunk, ChunkPlan, build_chunks, schedule
+from chunkflow.plan import Action, ActionKind, Chunk, ChunkPlan, build_chunks, schedule
 from chunkflow.plan.chunks import check_positive_int
 from chunkflow.runtime.attention import (
     ATTENTION_BACKENDS,
@@ -175,15 +175,32 @@ class ChunkFlowEngine:
 
     # -- execution ----------------------------------------------------------------------------
 
-    def forward_backward(self, batch) -> StepResult:
-        """One step's forward and backward over ``batch``; gradients accumulate into ``.grad``."""
+    def forward_backward(self, batch, *, plan: ChunkPlan | None = None,
+                         actions: Sequence[Action] | None = None, io: "StageIO | None" = None,
+                         sync: "GradSync | None" = None) -> StepResult:
+        """One step's forward and backward over ``batch``; gradients accumulate into ``.grad``.
+
+        The distributed runtime (``chunkflow.parallel``) passes the rest: ``plan``, this rank's
+        share of the global batch's plan (default: built from ``batch``); ``actions``, this
+        pipeline stage's action list (default: :func:`chunkflow.plan.schedule`); ``io``, where
+        a stage's inputs come from and its outputs go; ``sync``, the data-parallel hooks.
+        """
+        io, sync = io or StageIO(), sync or GradSync()
         ids_list, labels_list = self._prepare(batch)
         device, dtype = self._param().device, self._param().dtype
         acc = torch.promote_types(dtype, torch.float32)
         targets = [shift_labels(labels) for labels in labels_list]
-        weights, num_loss_tokens = token_weights(targets, self.loss_normalization, acc)
-        plan = build_chunks([len(x) for x in ids_list], chunk_size=self.chunk_size,
-                            pack_chain_tails=self.pack_chain_tails)
+        seq_lens = [len(x) for x in ids_list]
+        if plan is None:
+            plan = build_chunks(seq_lens, chunk_size=self.chunk_size,
+                                pack_chain_tails=self.pack_chain_tails)
+        elif list(plan.seq_lens) != seq_lens or plan.chunk_size != self.chunk_size:
+            raise ValueError(f"plan (chunk_size {plan.chunk_size}, sequence lengths "
+                             f"{list(plan.seq_lens)}) does not match the engine's chunk_size "
+                             f"{self.chunk_size} and the batch's lengths {seq_lens}")
+        weights, num_loss_tokens = token_weights(targets, self.loss_normalization, acc,
+                                                 totals=sync.global_counts)
+        actions = schedule(plan, k=self.k) if actions is None else list(actions)
         step = _Step(plan, ids_list, targets, weights, get_kernel(self.attention_backend, device),
                      device)
         self.meter.reset(exclude=list(self.model.parameters()))
@@ -198,7 +215,7 @@ class ChunkFlowEngine:
                 if p.requires_grad and p.grad is None:
                     p.grad = torch.zeros_like(p)
         else:
-            total = self._execute(step, total)
+            total = self._execute(step, actions, io, sync, total)
 
         peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                 else self.meter.peak)
@@ -206,58 +223,87 @@ class ChunkFlowEngine:
                           num_chunks=plan.num_chunks, num_tokens=plan.num_tokens,
                           peak_memory_bytes=peak, plan=plan)
 
-    def _execute(self, step: "_Step", total: torch.Tensor) -> torch.Tensor:
-        cfg, plan = self.config, step.plan
+    def _execute(self, step: "_Step", actions: list[Action], io: "StageIO", sync: "GradSync",
+                 total: torch.Tensor) -> torch.Tensor:
+        plan = step.plan
+        layer_ids = self.model.layer_ids
         states: dict[int, ChainState] = {}
-        graphs: dict[int, tuple[torch.Tensor, list]] = {}
+        graphs: dict[int, _Graph] = {}
+        stage_inputs: dict[int, torch.Tensor] = {}  # inputs of S chunks, for their R
+        last_backward = max(i for i, a in enumerate(actions) if a.kind is ActionKind.BACKWARD)
         # On CUDA the peak comes from the allocator; the saved-tensor hooks would be pure overhead.
         hooks = (contextlib.nullcontext() if step.kernel_device.type == "cuda"
                  else self.meter.hooks())
         try:
             with hooks:
-                for action in schedule(plan, k=self.k):
+                for i, action in enumerate(actions):
                     chunk = plan.chunks[action.chunk_id]
                     chain = plan.chain_of(chunk)
                     if chain is not None and chain.chain_id not in states:
                         states[chain.chain_id] = ChainState(
-                            num_layers=cfg.num_hidden_layers,
+                            layer_ids=layer_ids,
                             seq_len=plan.chunks[chain.chunk_ids[-1]].segments[0].start,
                             meter=self.meter)
                     state = states.get(chunk.chain_id)
                     if action.kind is ActionKind.BACKWARD:
-                        loss, own_kv = graphs.pop(chunk.chunk_id)
-                        self._backward(loss, own_kv)
-                        total += loss.detach()
-                        del loss, own_kv  # the chunk's k/v must not live into the next forward
+                        graph = graphs.pop(chunk.chunk_id)
+                        grad_output = io.recv_backward(chunk)
+                        sync.before_backward(last=i == last_backward)
+                        self._backward(graph, grad_output)
+                        if graph.input is not None:
+                            grad_input = graph.input.grad
+                            io.send_backward(chunk, grad_input if grad_input is not None
+                                             else torch.zeros_like(graph.input))
+                        if graph.output.dim() == 0:  # the last stage: a chunk's loss
+                            total += graph.output.detach()
+                        del graph, grad_output  # the chunk's k/v must not live into the next forward
                         if chain is not None and chunk.chain_idx == 0:
                             states.pop(chain.chain_id).free()
                     else:
-                        keep_graph = action.kind is not ActionKind.STATE_FORWARD
-                        out = self._forward(step, chunk, state, grad=keep_graph,
-                                            write_state=action.kind is not ActionKind.RECOMPUTE)
-                        if keep_graph:
-                            graphs[chunk.chunk_id] = out
-                        del out
-            assert not graphs and not states, "schedule left graphs or state behind"
+                        kind = action.kind
+                        x = (stage_inputs.pop(chunk.chunk_id, None) if kind is ActionKind.RECOMPUTE
+                             else io.recv_forward(chunk))
+                        if kind is ActionKind.STATE_FORWARD and x is not None:
+                            stage_inputs[chunk.chunk_id] = x
+                        graph = self._forward(step, chunk, state, x,
+                                              grad=kind is not ActionKind.STATE_FORWARD,
+                                              write_state=kind is not ActionKind.RECOMPUTE)
+                        if kind is not ActionKind.RECOMPUTE and graph.output.dim() > 0:
+                            io.send_forward(chunk, graph.output.detach())
+                        if kind is not ActionKind.STATE_FORWARD:
+                            graphs[chunk.chunk_id] = graph
+                        del graph, x
+            assert not graphs and not states and not stage_inputs, \
+                "schedule left graphs, state or stage inputs behind"
+            sync.finish()
         finally:  # only has work left when a step failed: drop its graphs and state
             graphs.clear()
+            stage_inputs.clear()
             for state in states.values():
                 state.free()
         return total
 
-    def _forward(self, step: "_Step", chunk: Chunk, state: ChainState | None, *, grad: bool,
-                 write_state: bool):
-        """Run one chunk. With ``grad``: returns (loss, own_kv), the chunk's weighted loss and the
-        key/value outputs that will receive gradients from later chunks of its chain."""
+    def _forward(self, step: "_Step", chunk: Chunk, state: ChainState | None,
+                 x: torch.Tensor | None, *, grad: bool, write_state: bool) -> "_Graph":
+        """Run one chunk on this model (or pipeline stage). ``x``: the hidden states the previous
+        stage sent, None on the first stage (which embeds the chunk's tokens).
+
+        Returns the chunk's graph: its weighted loss (last stage) or output hidden states,
+        and the key/value outputs that will receive gradients from later chunks of its chain.
+        """
         segments, offset = [], 0
         for i, seg in enumerate(chunk.segments):
             is_chain = i == 0 and chunk.chain_id is not None
             segments.append(_Segment(offset, seg.num_tokens, seg.start,
                                      state if is_chain else None))
             offset += seg.num_tokens
-        device = self._param().device
-        # (n,) per segment, laid out segment after segment -> (1, L)
-        input_ids = torch.cat([step.ids[s.seq_id][s.start:s.end] for s in chunk.segments])[None]
+        device = step.kernel_device
+        if x is None:
+            # (n,) per segment, laid out segment after segment -> (1, L)
+            x = torch.cat([step.ids[s.seq_id][s.start:s.end] for s in chunk.segments])[None]
+            inputs = None
+        else:
+            inputs = x = x.detach().requires_grad_(grad)  # (1, L, E); its grad goes back
         position_ids = torch.cat([torch.arange(s.start, s.end, device=device)
                                   for s in chunk.segments])[None]
         # Only a chain chunk followed by more chunks receives gradients for its own keys/values.
@@ -266,26 +312,27 @@ class ChunkFlowEngine:
         attention = _ChunkAttention(segments, step.kernel, block_size=self.chunk_size,
                                     write_state=write_state, keep_kv=grad and has_successor)
         with torch.set_grad_enabled(grad):
-            hidden = self.model.hidden_states(input_ids, position_ids=position_ids,
-                                              attention=attention)
-            if not grad:
-                return None  # state-only forward: the keys/values are in the state already
+            hidden = self.model.hidden_states(x, position_ids=position_ids, attention=attention)
+            if self.model.lm_head is None or not grad:
+                # Not the last stage (hidden states go on), or a state-only forward on the last.
+                return _Graph(hidden, attention.own_kv, inputs)
             logits = self.model.lm_head(hidden)[0]  # (L, V)
             targets = torch.cat([step.targets[s.seq_id][s.start:s.end] for s in chunk.segments])
             weights = torch.cat([step.weights[s.seq_id][s.start:s.end] for s in chunk.segments])
             loss = weighted_cross_entropy(logits, targets, weights)
-        return loss, attention.own_kv
+        return _Graph(loss, attention.own_kv, inputs)
 
     @staticmethod
-    def _backward(loss: torch.Tensor, own_kv: list) -> None:
-        """Backward of one chunk: its loss, plus the key/value gradients later chunks sent back.
+    def _backward(graph: "_Graph", grad_output: torch.Tensor | None) -> None:
+        """Backward of one chunk: its loss (or, on an earlier pipeline stage, its output with the
+        gradient the next stage sent), plus the key/value gradients later chunks sent back.
 
-        Keys/values that do not require grad (everything before them frozen) need nothing.
+        Tensors that do not require grad (everything before them frozen) need nothing.
         """
         tensors, grads = [], []
-        if loss.requires_grad:
-            tensors, grads = [loss], [None]
-        for layer_idx, seg, k_s, v_s in own_kv:
+        if graph.output.requires_grad:
+            tensors, grads = [graph.output], [grad_output]
+        for layer_idx, seg, k_s, v_s in graph.own_kv:
             grad_k, grad_v = seg.state.grads(layer_idx)
             sl = slice(seg.start, seg.start + seg.length)
             for t, g in ((k_s, grad_k), (v_s, grad_v)):
@@ -294,6 +341,56 @@ class ChunkFlowEngine:
                     grads.append(g[:, :, sl].to(t.dtype))
         if tensors:
             torch.autograd.backward(tensors, grads)
+
+
+class StageIO:
+    """Where a pipeline stage's chunk inputs come from and its outputs go. This base class is a
+    single device, first and last stage at once: nothing to receive or send.
+    ``chunkflow.parallel`` implements it with point-to-point communication."""
+
+    def recv_forward(self, chunk: Chunk) -> torch.Tensor | None:
+        """The previous stage's output for ``chunk`` (1, L, E); None on the first stage."""
+        return None
+
+    def send_forward(self, chunk: Chunk, hidden: torch.Tensor) -> None:
+        """Hand ``chunk``'s output (1, L, E) to the next stage (called on all but the last)."""
+
+    def recv_backward(self, chunk: Chunk) -> torch.Tensor | None:
+        """The gradient of this stage's output for ``chunk``; None on the last stage."""
+        return None
+
+    def send_backward(self, chunk: Chunk, grad: torch.Tensor) -> None:
+        """Hand the gradient of ``chunk``'s input to the previous stage (all but the first)."""
+
+
+class GradSync:
+    """Data-parallel hooks around a step. This base class is a single process: nothing to do.
+
+    * ``global_counts(num_tokens, num_sequences)``: the supervised tokens and supervised
+      sequences of the whole global batch, from this rank's counts (a sum over ranks), so the
+      loss normaliser is known before the first backward;
+    * ``before_backward(last=...)``: called before every backward; ``last`` on the step's last;
+    * ``finish()``: after the last backward, once the gradients are complete on this rank.
+    """
+
+    def global_counts(self, num_tokens: int, num_sequences: int) -> tuple[int, int]:
+        return num_tokens, num_sequences
+
+    def before_backward(self, *, last: bool) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+@dataclass
+class _Graph:
+    """What a chunk's backward needs: its loss (0-dim) or output hidden states, its own keys and
+    values that later chunks send gradients to, and the input received from the previous stage."""
+
+    output: torch.Tensor
+    own_kv: list
+    input: torch.Tensor | None
 
 
 @dataclass

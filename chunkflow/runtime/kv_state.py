@@ -1,6 +1,6 @@
 """Key/value state of one chain: what later chunks attend to, and the gradients they send back.
 
-Per layer: post-RoPE keys and values of the sequence up to the chain's last chunk (no later chunk
+Per layer (the layers of this model or pipeline stage, by global index): post-RoPE keys and values of the sequence up to the chain's last chunk (no later chunk
 reads the last one's), shape (1, G, T, D) with the un-expanded key/value heads (G, not H), filled
 chunk by chunk as forward runs. Gradients live in float32 buffers (or the key dtype where that is
 wider) and accumulate as later chunks run backward. All buffers are allocated at the first write,
@@ -11,18 +11,20 @@ state once the chain's first chunk has run backward.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from chunkflow.runtime.memory import MemoryMeter
 
 
 class ChainState:
-    def __init__(self, *, num_layers: int, seq_len: int, meter: MemoryMeter):
+    def __init__(self, *, layer_ids: Sequence[int], seq_len: int, meter: MemoryMeter):
         self.seq_len = seq_len
-        self.k: list[torch.Tensor | None] = [None] * num_layers
-        self.v: list[torch.Tensor | None] = [None] * num_layers
-        self.grad_k: list[torch.Tensor | None] = [None] * num_layers
-        self.grad_v: list[torch.Tensor | None] = [None] * num_layers
+        self.k: dict[int, torch.Tensor | None] = dict.fromkeys(layer_ids)
+        self.v: dict[int, torch.Tensor | None] = dict.fromkeys(layer_ids)
+        self.grad_k: dict[int, torch.Tensor | None] = dict.fromkeys(layer_ids)
+        self.grad_v: dict[int, torch.Tensor | None] = dict.fromkeys(layer_ids)
         self._meter = meter
         self._nbytes = 0
 
@@ -45,7 +47,7 @@ class ChainState:
         grad_dtype = torch.promote_types(like.dtype, torch.float32)
         for buffers, dtype in ((self.k, like.dtype), (self.v, like.dtype),
                                (self.grad_k, grad_dtype), (self.grad_v, grad_dtype)):
-            for layer_idx in range(len(buffers)):
+            for layer_idx in buffers:
                 buffers[layer_idx] = torch.zeros(shape, dtype=dtype, device=like.device)
                 self._nbytes += buffers[layer_idx].nbytes
         self._meter.add(self._nbytes)
@@ -55,6 +57,6 @@ class ChainState:
         return self.grad_k[layer_idx], self.grad_v[layer_idx]
 
     def free(self) -> None:
-        self.k = self.v = self.grad_k = self.grad_v = []
+        self.k, self.v, self.grad_k, self.grad_v = {}, {}, {}, {}
         self._meter.add(-self._nbytes)
         self._nbytes = 0

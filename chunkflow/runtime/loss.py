@@ -30,15 +30,21 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return targets
 
 
-def token_weights(targets: list[torch.Tensor], normalization: str,
-                  dtype: torch.dtype) -> tuple[list[torch.Tensor], int]:
-    """Per-token loss weights for each sequence, and the number of supervised tokens."""
+def token_weights(targets: list[torch.Tensor], normalization: str, dtype: torch.dtype, *,
+                  totals=None) -> tuple[list[torch.Tensor], int]:
+    """Per-token loss weights for each sequence, and the number of supervised tokens.
+
+    ``totals(num_tokens, num_sequences) -> (num_tokens, num_sequences)``: the whole global
+    batch's supervised tokens and sequences from these sequences' counts (data parallelism: a
+    sum over ranks; each sequence lives whole on one rank). Default: these sequences are all.
+    """
     if normalization not in LOSS_NORMALIZATIONS:
         raise ValueError(f"loss_normalization={normalization!r}; valid: {LOSS_NORMALIZATIONS}")
     masks = [t != IGNORE_INDEX for t in targets]
     counts = [int(m.sum()) for m in masks]
-    total = sum(counts)
-    num_seqs = sum(1 for c in counts if c > 0)
+    total, num_seqs = sum(counts), sum(1 for c in counts if c > 0)
+    if totals is not None:
+        total, num_seqs = totals(total, num_seqs)
     weights = []
     for mask, count in zip(masks, counts):
         if normalization == "token":

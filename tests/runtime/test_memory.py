@@ -81,8 +81,8 @@ def test_failed_step_does_not_inflate_the_next_peak():
 
     def tracking(*args, **kwargs):
         out = original_forward(*args, **kwargs)
-        if out is not None:
-            alive.append(weakref.ref(out[0]))  # the chunk's loss: its graph's root
+        if out.output.requires_grad:  # F or R, not a state-only S
+            alive.append(weakref.ref(out.output))  # the chunk's loss: its graph's root
         return out
 
     engine._forward = tracking

@@ -79,7 +79,7 @@ def test_bf16_model_state_grads_are_fp32():
 
     def spy(self, like):
         original(self, like)
-        seen.extend((k.dtype, g.dtype, k.shape[1]) for k, g in zip(self.k, self.grad_k))
+        seen.extend((k.dtype, g.dtype, k.shape[1]) for k, g in zip(self.k.values(), self.grad_k.values()))
 
     kv_state.ChainState._allocate = spy
     try:
