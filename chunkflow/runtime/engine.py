@@ -227,6 +227,7 @@ class ChunkFlowEngine:
                  total: torch.Tensor) -> torch.Tensor:
         plan = step.plan
         layer_ids = self.model.layer_ids
+        is_last_stage = self.model.lm_head is not None
         states: dict[int, ChainState] = {}
         graphs: dict[int, _Graph] = {}
         stage_inputs: dict[int, torch.Tensor] = {}  # inputs of S chunks, for their R
@@ -254,8 +255,8 @@ class ChunkFlowEngine:
                             grad_input = graph.input.grad
                             io.send_backward(chunk, grad_input if grad_input is not None
                                              else torch.zeros_like(graph.input))
-                        if graph.output.dim() == 0:  # the last stage: a chunk's loss
-                            total += graph.output.detach()
+                        if is_last_stage:
+                            total += graph.output.detach()  # the chunk's loss
                         del graph, grad_output  # the chunk's k/v must not live into the next forward
                         if chain is not None and chunk.chain_idx == 0:
                             states.pop(chain.chain_id).free()
@@ -268,7 +269,7 @@ class ChunkFlowEngine:
                         graph = self._forward(step, chunk, state, x,
                                               grad=kind is not ActionKind.STATE_FORWARD,
                                               write_state=kind is not ActionKind.RECOMPUTE)
-                        if kind is not ActionKind.RECOMPUTE and graph.output.dim() > 0:
+                        if kind is not ActionKind.RECOMPUTE and not is_last_stage:
                             io.send_forward(chunk, graph.output.detach())
                         if kind is not ActionKind.STATE_FORWARD:
                             graphs[chunk.chunk_id] = graph

@@ -39,7 +39,9 @@ class MemoryMeter:
 
         Anything an earlier step still holds (say, after it raised) is forgotten, not carried over.
         """
-        self._excluded = {t.untyped_storage().data_ptr() for t in exclude}
+        # FSDP's sharded parameters are DTensors: their storage is the local shard's.
+        self._excluded = {(t.to_local() if hasattr(t, "to_local") else t)
+                          .untyped_storage().data_ptr() for t in exclude}
         self.generation += 1
         self._storages = {}
         self.current = self.peak = 0

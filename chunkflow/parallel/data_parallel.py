@@ -1,0 +1,128 @@
+"""Data parallelism for chunked steps: DDP and FSDP2, synchronised once per step.
+
+A rank runs its share of the global batch as many backwards (one per chunk, in the order the
+schedule gives), and ranks hold different numbers of chunks. So neither wrapper may communicate
+per chunk: every collective must be issued the same number of times on every rank.
+
+* **DDP**: its hooks stay idle (its forward, which would arm them, is never called) while
+  gradients accumulate in ``.grad``; right before the step's last backward the reducer is armed
+  with ``prepare_for_backward``, so that backward all-reduces the accumulated gradients, bucket by
+  bucket, overlapped with the backward itself (what ``torch.distributed.pipelining`` does for its
+  last micro-batch). A comm hook sums instead of averaging.
+* **FSDP2** (``fully_shard`` on every decoder layer and on the root): parameters are gathered at
+  the step's first forward and stay gathered (``reshard_after_forward=False``, no resharding or
+  gradient sync after each backward, so later forwards and backwards issue no collective); once
+  the last backward ran, the accumulated gradients are reduce-scattered (summed) and parameters
+  resharded. At rest (optimizer step, checkpoints) parameters, gradients and AdamW state are
+  sharded over the replicas; during a step a replica holds its full stage, like ZeRO-2.
+
+Both sum, and the loss normaliser is already global (``global_counts``, a sum over the replicas
+before the first backward), so gradients equal one process running the whole global batch. A
+replica with no chunk runs a one-token chunk with no target (zero gradient) so that it takes part
+in every collective.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+from torch.nn.parallel import DistributedDataParallel
+
+from chunkflow.parallel.mesh import ParallelContext
+from chunkflow.runtime.engine import GradSync
+
+DATA_PARALLEL = ("ddp", "fsdp")
+
+
+def _sum_hook(group, bucket):
+    fut = dist.all_reduce(bucket.buffer(), group=group, async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
+
+
+def apply_ddp(model: nn.Module, ctx: ParallelContext) -> DistributedDataParallel:
+    """Wrap ``model`` (the stage) in DDP over the data-parallel group; gradients are summed."""
+    ddp = DistributedDataParallel(model, process_group=ctx.dp_group,
+                                  device_ids=[ctx.device.index] if ctx.device.type == "cuda"
+                                  else None, broadcast_buffers=False)
+    ddp.register_comm_hook(ctx.dp_group, _sum_hook)
+    return ddp
+
+
+def apply_fsdp(model: nn.Module, ctx: ParallelContext) -> nn.Module:
+    """``fully_shard`` every decoder layer, then the root (embedding, norm, head), over "dp"."""
+    mesh = ctx.mesh["dp"]
+    for layer in model.model.layers.values():
+        fully_shard(layer, mesh=mesh, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)
+    # The engine calls hidden_states() and lm_head, not forward(): hidden_states gathers the
+    # root's parameters, and they stay gathered for lm_head.
+    register_fsdp_forward_method(model, "hidden_states")
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)  # sum, like the single process's one backward
+    return model
+
+
+class DataParallelSync(GradSync):
+    """The engine's hooks for one replica of a stage: global loss normaliser, then one gradient
+    synchronisation per step (see the module docstring)."""
+
+    def __init__(self, wrapped: nn.Module | None, ctx: ParallelContext):
+        self.wrapped, self.ctx = wrapped, ctx
+
+    def global_counts(self, num_tokens: int, num_sequences: int) -> tuple[int, int]:
+        t = torch.tensor([num_tokens, num_sequences], dtype=torch.int64,
+                         device=self.ctx.comm_device)
+        dist.all_reduce(t, group=self.ctx.dp_group)
+        return int(t[0]), int(t[1])
+
+    def start(self) -> None:
+        if isinstance(self.wrapped, FSDPModule):
+            self.wrapped.set_requires_gradient_sync(False)
+            self.wrapped.set_reshard_after_backward(False)
+            self.wrapped.set_is_last_backward(False)
+
+    def before_backward(self, *, last: bool) -> None:
+        if last and isinstance(self.wrapped, DistributedDataParallel):
+            # Arms DDP's hooks for this backward only: it all-reduces what .grad accumulated.
+            self.wrapped.reducer.prepare_for_backward([])
+
+    def finish(self) -> None:
+        if isinstance(self.wrapped, FSDPModule):
+            fsdp = self.wrapped
+            fsdp.set_requires_gradient_sync(True)
+            fsdp.set_reshard_after_backward(True)
+            fsdp.set_is_last_backward(True)
+            state = fully_shard.state(fsdp)
+            for module_state in state._state_ctx.all_states:
+                for group in module_state._fsdp_param_groups:
+                    group.post_backward()  # reduce-scatter the accumulated gradient, reshard
+            state._root_post_backward_final_callback()
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float, ctx: ParallelContext, *,
+                   sharded: bool) -> float:
+    """Clip the gradients of the whole model, spread over stages (and, ``sharded``, over FSDP
+    shards) to ``max_norm``; return the total norm before clipping, as
+    ``torch.nn.utils.clip_grad_norm_`` does for one process."""
+    grads = [p.grad for p in params if p.grad is not None]
+    local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+    acc = torch.promote_types(local[0].dtype, torch.float32) if local else torch.float64
+    sq = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    for g in local:
+        sq += g.detach().to(acc).pow(2).sum().to(torch.float64)
+    sq = sq.to(ctx.comm_device)
+    if sharded and ctx.dp > 1:
+        dist.all_reduce(sq, group=ctx.dp_group)
+    if ctx.pp > 1:
+        dist.all_reduce(sq, group=ctx.pp_group)
+    norm = math.sqrt(float(sq))
+    if math.isfinite(norm):
+        coef = min(1.0, max_norm / (norm + 1e-6))
+        for g in local:
+            g.detach().mul_(coef)
+    return norm

@@ -1,0 +1,154 @@
+"""One training step on a (dp x pp) layout: the global batch's chunks over replicas and stages.
+
+:class:`ParallelEngine` wraps :class:`chunkflow.runtime.ChunkFlowEngine` for one rank:
+
+1. every rank builds the chunk plan of the whole global batch (the same plan a single process
+   would build, so chunking is identical);
+2. :func:`chunkflow.plan.balance_chunks` hands whole units (a chain with all its chunks, or a
+   standalone chunk) to the ``dp`` replicas, balancing the cost model's FLOPs, which count the
+   attention over chain prefixes; each replica runs its :func:`~chunkflow.plan.subplan`;
+3. with ``pp`` stages, a replica runs its subplan's :func:`~chunkflow.plan.state_aware_1f1b`
+   lists, this rank the list of its stage; with one stage, the single-device schedule;
+4. gradients are summed over replicas once per step (:mod:`chunkflow.parallel.data_parallel`).
+
+Loss and gradients equal one process training on the whole global batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from chunkflow.parallel.data_parallel import (
+    DATA_PARALLEL,
+    DataParallelSync,
+    apply_ddp,
+    apply_fsdp,
+    clip_grad_norm,
+)
+from chunkflow.parallel.mesh import ParallelContext
+from chunkflow.parallel.pipeline import P2PStageIO, split_stage
+from chunkflow.plan import (
+    ChunkPlan,
+    Sharding,
+    balance_chunks,
+    build_chunks,
+    schedule,
+    state_aware_1f1b,
+    subplan,
+)
+from chunkflow.plan.cost import ModelShape
+from chunkflow.runtime.engine import ChunkFlowEngine, StepResult
+from chunkflow.runtime.loss import IGNORE_INDEX
+
+
+def model_shape(config) -> ModelShape:
+    """The cost model's view of a model config (chunkflow's or a transformers one)."""
+    heads = config.num_attention_heads
+    return ModelShape(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        qkv_bias=bool(getattr(config, "qkv_bias", getattr(config, "attention_bias", False))))
+
+
+@dataclass
+class ParallelStepResult:
+    loss: float
+    """The global batch's loss (summed over every replica's last stage)."""
+    num_loss_tokens: int
+    num_tokens: int
+    """Tokens of the whole global batch."""
+    sharding: Sharding
+    local: StepResult
+    """This rank's own step: its subplan, chunks, tokens and peak memory."""
+
+    @property
+    def imbalance(self) -> float:
+        """max / mean of the replicas' estimated cost (1.0 = perfect)."""
+        return self.sharding.imbalance
+
+
+class ParallelEngine:
+    """This rank's part of chunkflow training on ``ctx``'s (dp x pp) layout.
+
+    ``model``: the whole model, identical on every rank (same seed or checkpoint). With pp > 1 it
+    is cut down to this rank's stage in place; with dp > 1 it is wrapped in DDP or FSDP2
+    (``data_parallel``). Build the optimizer over :attr:`parameters` afterwards.
+    """
+
+    def __init__(self, model: nn.Module, ctx: ParallelContext, *, chunk_size: int, k: int = 1,
+                 data_parallel: str = "ddp", loss_normalization: str = "token",
+                 pack_chain_tails: bool = True, attention_backend: str = "auto"):
+        if data_parallel not in DATA_PARALLEL:
+            raise ValueError(f"data_parallel={data_parallel!r}; valid: {', '.join(DATA_PARALLEL)}")
+        self.ctx, self.data_parallel = ctx, data_parallel
+        self.shape = model_shape(model.config)
+        if ctx.pp > 1:
+            model = split_stage(model, ctx.stage, ctx.pp)
+        self.engine = ChunkFlowEngine(model, chunk_size=chunk_size, k=k,
+                                      loss_normalization=loss_normalization,
+                                      pack_chain_tails=pack_chain_tails,
+                                      attention_backend=attention_backend)
+        self.model = model
+        wrapped = None
+        if ctx.dp > 1:
+            wrapped = apply_ddp(model, ctx) if data_parallel == "ddp" else apply_fsdp(model, ctx)
+        self.wrapped = wrapped
+        self.sync = DataParallelSync(wrapped, ctx)
+        param = next(iter(model.parameters()))
+        self.io = P2PStageIO(ctx, hidden_size=model.config.hidden_size, dtype=param.dtype)
+
+    @property
+    def chunk_size(self) -> int:
+        return self.engine.chunk_size
+
+    @property
+    def k(self) -> int:
+        return self.engine.k
+
+    def parameters(self) -> list[torch.Tensor]:
+        """This rank's trainable parameters (FSDP: its shards)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def shard(self, seq_lens: list[int]) -> tuple[ChunkPlan, Sharding]:
+        """The global batch's plan and its units' placement on the replicas."""
+        plan = build_chunks(seq_lens, chunk_size=self.chunk_size,
+                            pack_chain_tails=self.engine.pack_chain_tails)
+        return plan, balance_chunks(plan, self.ctx.dp, k=self.k, shape=self.shape)
+
+    def forward_backward(self, batch: list[dict]) -> ParallelStepResult:
+        """Forward and backward of this rank's share of the global ``batch`` (a list of dicts
+        with ``input_ids`` and optional ``labels``, the same list on every rank)."""
+        plan, sharding = self.shard([len(item["input_ids"]) for item in batch])
+        mine = sharding.chunk_ids[self.ctx.dp_rank]
+        if mine:
+            sub, seq_ids = subplan(plan, mine)
+            local_batch = [batch[i] for i in seq_ids]
+        else:  # fewer units than replicas: one token with no target keeps the collectives going
+            local_batch = [{"input_ids": torch.zeros(1, dtype=torch.long),
+                            "labels": torch.full((1,), IGNORE_INDEX)}]
+            sub = build_chunks([1], chunk_size=self.chunk_size)
+        actions = (schedule(sub, k=self.k) if self.ctx.pp == 1
+                   else state_aware_1f1b(sub, self.ctx.pp, k=self.k)[self.ctx.stage])
+        self.sync.start()
+        try:
+            local = self.engine.forward_backward(local_batch, plan=sub, actions=actions,
+                                                 io=self.io, sync=self.sync)
+        finally:
+            self.io.wait()
+        loss = torch.tensor([float(local.loss)], dtype=torch.float64, device=self.ctx.comm_device)
+        dist.all_reduce(loss)  # only last stages hold a loss; every replica's share adds up
+        return ParallelStepResult(loss=float(loss), num_loss_tokens=local.num_loss_tokens,
+                                  num_tokens=plan.num_tokens, sharding=sharding, local=local)
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Clip this step's gradients of the whole model; return the norm before clipping."""
+        return clip_grad_norm(self.parameters(), max_norm, self.ctx,
+                              sharded=self.data_parallel == "fsdp" and self.ctx.dp > 1)

@@ -1,0 +1,100 @@
+"""Pipeline parallelism: a stage is the model minus other stages' modules; chunks flow between
+stages by point-to-point sends.
+
+Each stage executes its own action list from :func:`chunkflow.plan.state_aware_1f1b`, the lists
+:mod:`chunkflow.sim` simulates, through the single-device engine: :class:`P2PStageIO` is where a
+stage's inputs come from and its outputs go. ``F``/``S`` receive the previous stage's hidden
+states (1, n, E) and send theirs on; ``R`` recomputes from the input the stage kept at ``S``
+(nothing travels); ``B`` receives the gradient of its output and sends its input's gradient back.
+Every stage keeps the key/value state of its own layers only, and at most k graphs per chain.
+
+Shapes are known on both sides without any metadata message: every rank holds the plan, and a
+chunk's token count says how big its activation is. Sends are asynchronous (kept alive until the
+step ends); receives block, in an order both partners derive from the same schedule (forward in
+plan order, backward in the order the schedule's backward queue gives, the same on every stage),
+so messages need no tags (NCCL has none; gloo's tagged pairs would connect lazily, per tag).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from chunkflow.models.transformer import Transformer
+from chunkflow.parallel.mesh import ParallelContext
+from chunkflow.plan import Chunk
+from chunkflow.runtime.engine import StageIO
+
+
+def stage_layer_ranges(num_layers: int, num_stages: int) -> list[range]:
+    """Decoder layers of each stage: balanced, a remainder to the first stages (the last one also
+    holds the output head), as :attr:`chunkflow.plan.cost.CostModel.stage_layers`."""
+    if num_stages > num_layers:
+        raise ValueError(f"pp={num_stages} stages for a model of {num_layers} layers; valid: "
+                         f"pp <= {num_layers} (every stage needs a layer)")
+    q, r = divmod(num_layers, num_stages)
+    ranges, start = [], 0
+    for s in range(num_stages):
+        n = q + (s < r)
+        ranges.append(range(start, start + n))
+        start += n
+    return ranges
+
+
+def split_stage(model: torch.nn.Module, stage: int, num_stages: int) -> Transformer:
+    """In place: keep stage ``stage``'s decoder layers, the embedding on the first stage and the
+    final norm and output head on the last. Parameter names stay those of the whole model."""
+    if not isinstance(model, Transformer):
+        raise ValueError(f"pipeline parallelism runs chunkflow's reference model (Llama/Qwen2 "
+                         f"family), got {type(model).__name__}; load a Hugging Face checkpoint "
+                         f"with --model.implementation=reference, or use pp=1")
+    if model.config.tie_word_embeddings and num_stages > 1:
+        raise ValueError("pipeline parallelism with tied input/output embeddings "
+                         "(tie_word_embeddings=true) is not supported: the embedding and the head "
+                         "would live on different stages; valid: pp=1 for this model")
+    keep = stage_layer_ranges(model.config.num_hidden_layers, num_stages)[stage]
+    for key in list(model.model.layers):
+        if int(key) not in keep:
+            del model.model.layers[key]
+    if stage != 0:
+        model.model.embed_tokens = None
+    if stage != num_stages - 1:
+        model.model.norm = None
+        model.lm_head = None
+    return model
+
+
+class P2PStageIO(StageIO):
+    """Point-to-point inputs and outputs of one pipeline stage (see the module docstring)."""
+
+    def __init__(self, ctx: ParallelContext, *, hidden_size: int, dtype: torch.dtype):
+        self.ctx, self.hidden_size, self.dtype = ctx, hidden_size, dtype
+        self._pending: list[tuple[dist.Work, torch.Tensor]] = []
+
+    def _recv(self, chunk: Chunk, src: int) -> torch.Tensor:
+        buf = torch.empty(1, chunk.num_tokens, self.hidden_size, dtype=self.dtype,
+                          device=self.ctx.device)
+        dist.recv(buf, src=src)
+        return buf
+
+    def _send(self, tensor: torch.Tensor, dst: int) -> None:
+        tensor = tensor.detach().to(self.dtype).contiguous()
+        self._pending.append((dist.isend(tensor, dst=dst), tensor))
+
+    def recv_forward(self, chunk: Chunk) -> torch.Tensor | None:
+        return None if self.ctx.is_first_stage else self._recv(chunk, self.ctx.prev_rank)
+
+    def send_forward(self, chunk: Chunk, hidden: torch.Tensor) -> None:
+        self._send(hidden, self.ctx.next_rank)
+
+    def recv_backward(self, chunk: Chunk) -> torch.Tensor | None:
+        return None if self.ctx.is_last_stage else self._recv(chunk, self.ctx.next_rank)
+
+    def send_backward(self, chunk: Chunk, grad: torch.Tensor) -> None:
+        self._send(grad, self.ctx.prev_rank)
+
+    def wait(self) -> None:
+        """Complete every send of the step (their buffers are freed afterwards)."""
+        for work, _ in self._pending:
+            work.wait()
+        self._pending.clear()
