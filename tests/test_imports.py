@@ -22,3 +22,22 @@ print("ok")
 
 def test_plan_imports_without_torch():
     assert run_without_torch(CODE).strip() == "ok"
+
+
+def test_only_the_parallel_package_imports_torch_distributed():
+    """DESIGN.md: chunkflow.parallel is the one place that talks to torch.distributed."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).parents[1] / "chunkflow"
+    offenders = []
+    for path in root.rglob("*.py"):
+        if path.parent.name == "parallel":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.relative_to(root)}: {n}" for n in names
+                          if n.startswith("torch.distributed")]
+    assert not offenders, offenders
+    assert any((root / "parallel").glob("*.py"))

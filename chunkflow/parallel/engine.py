@@ -65,6 +65,10 @@ class ParallelStepResult:
     num_loss_tokens: int
     num_tokens: int
     """Tokens of the whole global batch."""
+    peak_memory_bytes: int
+    """The largest peak over all ranks."""
+    plan: ChunkPlan
+    """The global batch's plan."""
     sharding: Sharding
     local: StepResult
     """This rank's own step: its subplan, chunks, tokens and peak memory."""
@@ -141,12 +145,19 @@ class ParallelEngine:
         try:
             local = self.engine.forward_backward(local_batch, plan=sub, actions=actions,
                                                  io=self.io, sync=self.sync)
-        finally:
             self.io.wait()
+        except RuntimeError as e:  # say which rank; a peer's failure shows up here as a
+            # closed connection, a silent peer as a timeout (parallel.timeout_s)
+            raise RuntimeError(f"rank {self.ctx.rank} (replica {self.ctx.dp_rank}, stage "
+                               f"{self.ctx.stage}) failed in a training step: {e}") from e
         loss = torch.tensor([float(local.loss)], dtype=torch.float64, device=self.ctx.comm_device)
         dist.all_reduce(loss)  # only last stages hold a loss; every replica's share adds up
+        peak = torch.tensor([local.peak_memory_bytes], dtype=torch.int64,
+                            device=self.ctx.comm_device)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         return ParallelStepResult(loss=float(loss), num_loss_tokens=local.num_loss_tokens,
-                                  num_tokens=plan.num_tokens, sharding=sharding, local=local)
+                                  num_tokens=plan.num_tokens, peak_memory_bytes=int(peak),
+                                  plan=plan, sharding=sharding, local=local)
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Clip this step's gradients of the whole model; return the norm before clipping."""

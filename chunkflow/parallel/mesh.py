@@ -95,6 +95,23 @@ class ParallelContext:
         dist.all_reduce(t)
         return t.tolist()
 
+    def run_on_rank0(self, fn):
+        """``fn()`` on rank 0, its result on every rank; if it raises, the same error is raised
+        on every rank (so a refused setting stops the whole run, not just rank 0)."""
+        result, error = None, None
+        if self.rank == 0:
+            try:
+                result = fn()
+            except Exception as e:  # re-raised below, on every rank
+                error = e
+        result, error = self.broadcast_object((result, error))
+        if error is not None:
+            raise error
+        return result
+
+    def close(self) -> None:
+        dist.destroy_process_group()
+
     @property
     def comm_device(self) -> torch.device:
         """Where small control tensors live: NCCL needs them on the GPU, gloo on the CPU."""

@@ -84,16 +84,26 @@ def save_checkpoint(run_dir: Path, *, step: int, model: torch.nn.Module,
         torch.save(_rng_states(), tmp / "rng.pt")
         state = dict(trainer_state, step=step, python_rng=_encode_py_rng(random.getstate()))
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        for f in tmp.iterdir():  # durable before the rename makes the checkpoint visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():  # never replace a saved checkpoint; the trainer never asks to
-            raise ValueError(f"checkpoint {str(final)!r} already exists; it is left as it is")
-        os.rename(tmp, final)
-        _fsync_dir(run_dir)
+        _publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _prune(run_dir, final, keep_last)
+    return final
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Make the complete temporary directory ``tmp`` the checkpoint ``final``, durably."""
+    for f in tmp.iterdir():  # durable before the rename makes the checkpoint visible
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():  # never replace a saved checkpoint; the trainer never asks to
+        raise ValueError(f"checkpoint {str(final)!r} already exists; it is left as it is")
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _prune(run_dir: Path, final: Path, keep_last: int) -> None:
     for _, old in list_checkpoints(run_dir)[:-keep_last]:
         if old != final:
             # Renamed first, so a kill during the deletion leaves a temporary directory (removed
@@ -101,7 +111,6 @@ def save_checkpoint(run_dir: Path, *, step: int, model: torch.nn.Module,
             doomed = run_dir / f"{_TMP_PREFIX}{old.name[len('step-'):]}.deleted"
             os.rename(old, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
-    return final
 
 
 def load_checkpoint(path: Path, *, model: torch.nn.Module,
@@ -114,6 +123,10 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module,
     if missing:
         raise ValueError(f"checkpoint {str(path)!r} is incomplete or not a chunkflow "
                          f"checkpoint: missing {', '.join(missing)}")
+    layout = json.loads((path / "trainer_state.json").read_text()).get("layout")
+    if layout is not None:
+        raise ValueError(f"checkpoint {str(path)!r} was saved by a distributed run "
+                         f"({_describe_layout(layout)}); valid: resume it on that layout")
     device = next(model.parameters()).device
     try:
         missing_keys, unexpected = load_model(model, str(path / "model.safetensors"),
@@ -134,6 +147,99 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module,
     if optimizer is not None:
         random.setstate(_decode_py_rng(state["python_rng"]))
     return state
+
+
+# -- distributed runs ---------------------------------------------------------------------------
+# One directory, as above, written by several ranks: the first replica of each pipeline stage
+# writes its stage's weights (a shard of a Hugging Face checkpoint: model-0000s-of-0000p.safetensors
+# plus model.safetensors.index.json when pp > 1) and its optimizer state; rank 0 writes the rest
+# and publishes the directory. ``ctx`` is a chunkflow.parallel.ParallelContext.
+
+
+def _describe_layout(layout: dict[str, Any]) -> str:
+    return (f"dp={layout['dp']} x pp={layout['pp']}, data_parallel="
+            f"{layout['data_parallel']}")
+
+
+def stage_files(stage: int, num_stages: int) -> tuple[str, str]:
+    """(weights, optimizer) file names of one pipeline stage."""
+    if num_stages == 1:
+        return "model.safetensors", "optimizer.pt"
+    part = f"{stage + 1:05d}-of-{num_stages:05d}"
+    return f"model-{part}.safetensors", f"optimizer-{part}.pt"
+
+
+def save_distributed_checkpoint(run_dir: Path, *, step: int, ctx, layout: dict[str, Any],
+                                model: torch.nn.Module, model_state: dict[str, torch.Tensor],
+                                optim_state: dict, trainer_state: dict[str, Any],
+                                keep_last: int) -> Path:
+    """Collective: every rank calls it with its stage's full state (see above)."""
+    from safetensors.torch import save_file
+
+    final = run_dir / checkpoint_name(step)
+    tmp = None
+    if ctx.rank == 0:
+        tmp = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step:08d}.tmp-", dir=run_dir)
+    tmp = Path(ctx.broadcast_object(tmp))
+    if ctx.dp_rank == 0:
+        weights, optim = stage_files(ctx.stage, ctx.pp)
+        save_file(model_state, str(tmp / weights), metadata={"format": "pt"})
+        torch.save(optim_state, tmp / optim)
+    ctx.barrier()
+    if ctx.rank == 0:
+        try:
+            if ctx.pp > 1:
+                _write_index(tmp, ctx.pp)
+            (tmp / "config.json").write_text(_hf_config_json(model))
+            torch.save(_rng_states(), tmp / "rng.pt")
+            state = dict(trainer_state, step=step, layout=layout,
+                         python_rng=_encode_py_rng(random.getstate()))
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            _publish(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _prune(run_dir, final, keep_last)
+    ctx.barrier()
+    return final
+
+
+def _write_index(tmp: Path, num_stages: int) -> None:
+    """model.safetensors.index.json, so the stage shards load as one Hugging Face model."""
+    from safetensors import safe_open
+
+    weight_map = {}
+    for stage in range(num_stages):
+        name = stage_files(stage, num_stages)[0]
+        with safe_open(str(tmp / name), framework="pt") as f:
+            weight_map.update(dict.fromkeys(f.keys(), name))
+    index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def load_distributed_checkpoint(path: Path, *, ctx, layout: dict[str, Any]
+                                ) -> tuple[dict[str, torch.Tensor], dict, dict[str, Any]]:
+    """This rank's stage weights and optimizer state, and the trainer state; restores RNGs."""
+    from safetensors.torch import load_file
+
+    if not (path / "trainer_state.json").is_file():
+        raise ValueError(f"checkpoint {str(path)!r} is incomplete or not a chunkflow checkpoint: "
+                         f"missing trainer_state.json")
+    state = json.loads((path / "trainer_state.json").read_text())
+    saved = state.get("layout") or {"dp": 1, "pp": 1, "data_parallel": "none (one process)"}
+    if saved != layout:
+        raise ValueError(f"checkpoint {str(path)!r} was saved with {_describe_layout(saved)}; "
+                         f"this run is {_describe_layout(layout)}; valid: resume on the layout "
+                         f"that saved it")
+    weights, optim = stage_files(ctx.stage, ctx.pp)
+    missing = [f for f in (weights, optim, "rng.pt") if not (path / f).is_file()]
+    if missing:
+        raise ValueError(f"checkpoint {str(path)!r} is incomplete: missing {', '.join(missing)}")
+    model_state = load_file(str(path / weights))
+    optim_state = torch.load(path / optim, weights_only=True)
+    torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
+    random.setstate(_decode_py_rng(state["python_rng"]))
+    return model_state, optim_state, state
 
 
 def _hf_config_json(model: torch.nn.Module) -> str:

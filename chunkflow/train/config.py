@@ -150,6 +150,17 @@ class CheckpointSection:
 
 
 @dataclass
+class ParallelSection:
+    pp: int = _f(1, "Pipeline stages (state-aware 1F1B); data-parallel replicas = number of "
+                    "processes / pp. Launch with torchrun --nproc-per-node N -m chunkflow train.")
+    data_parallel: Literal["ddp", "fsdp"] = _f(
+        "ddp", "ddp: replicated weights, gradients all-reduced once per step; fsdp: FSDP2 "
+               "(fully_shard), weights, gradients and AdamW state sharded over the replicas.")
+    timeout_s: float = _f(600.0, "Seconds a collective or send/receive may wait before the "
+                                 "run fails (a dead or stuck rank becomes an error, not a hang).")
+
+
+@dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -158,13 +169,14 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     log: LogSection = field(default_factory=LogSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
 
     def validate(self) -> "TrainConfig":
         """Range checks that types alone cannot express; raises ValueError naming the option."""
         positive = ["data.batch_size", "data.batch_tokens", "data.max_length",
                     "data.synthetic_max_len", "data.synthetic_min_len", "chunking.chunk_size",
                     "chunking.k", "train.steps", "log.interval", "checkpoint.keep_last",
-                    "model.vocab_size"]
+                    "model.vocab_size", "parallel.pp", "parallel.timeout_s"]
         non_negative = ["data.shuffle_buffer", "optim.warmup_steps", "checkpoint.interval",
                         "optim.weight_decay", "optim.grad_clip", "optim.min_lr_ratio"]
         for name in positive + non_negative:
@@ -172,7 +184,8 @@ class TrainConfig:
             if value is None:
                 continue
             if name in positive and value <= 0:
-                raise ValueError(f"--{name}={value}: must be a positive integer")
+                what = "a positive integer" if isinstance(value, int) else "positive"
+                raise ValueError(f"--{name}={value}: must be {what}")
             if name in non_negative and value < 0:
                 raise ValueError(f"--{name}={value}: must be >= 0")
         for name in FIELDS:

@@ -41,8 +41,10 @@ from chunkflow.train import TrainingError
 from chunkflow.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
+    load_distributed_checkpoint,
     remove_partial_checkpoints,
     save_checkpoint,
+    save_distributed_checkpoint,
 )
 from chunkflow.train.config import TrainConfig
 from chunkflow.train.data import DataPosition, DataStats, build_dataset, global_batches
@@ -139,10 +141,11 @@ def _prepare_run_dir(config: TrainConfig) -> tuple[Path, Path | None]:
 # records either way, so a run stopped by a bad record can go on past it.
 _RESUMABLE_CHANGES = ("chunking.", "optim.", "train.steps", "train.output_dir", "train.device",
                       "train.deterministic", "train.autocast", "log.", "checkpoint.",
-                      "data.skip_invalid")
+                      "data.skip_invalid", "parallel.timeout_s")
 
 
-def _check_resumed_config(saved: dict, cfg: TrainConfig, path: Path) -> None:
+def _check_resumed_config(saved: dict, cfg: TrainConfig, path: Path, *,
+                          verbose: bool = True) -> None:
     now = cfg.to_dict()
     changes = [(f"{section}.{key}", value, now[section][key])
                for section, fields in saved.items() for key, value in fields.items()
@@ -154,9 +157,23 @@ def _check_resumed_config(saved: dict, cfg: TrainConfig, path: Path) -> None:
             + ", ".join(f"--{n}={new!r} (the checkpoint has {old!r})" for n, old, new in refused)
             + "; valid: the checkpoint's values, or a new run")
     shown = [c for c in changes if not c[0].startswith(("checkpoint.", "train.output_dir"))]
-    if shown:
+    if shown and verbose:
         print("note: resuming with changed settings: "
               + ", ".join(f"{name} {old!r} -> {new!r}" for name, old, new in shown))
+
+
+def _init_parallel(cfg: TrainConfig):
+    """The distributed context under torchrun (WORLD_SIZE > 1), else None (one process)."""
+    from chunkflow.parallel import init_distributed, is_distributed_launch
+
+    if not is_distributed_launch():
+        if cfg.parallel.pp > 1:
+            raise ValueError(f"--parallel.pp={cfg.parallel.pp} needs at least {cfg.parallel.pp} "
+                             f"processes, one per stage; valid: launch with torchrun "
+                             f"--nproc-per-node {cfg.parallel.pp} -m chunkflow train ..., or pp=1")
+        return None
+    return init_distributed(pp=cfg.parallel.pp, device=resolve_device(cfg.train.device),
+                            timeout_s=cfg.parallel.timeout_s)
 
 
 class _StopRequest:
@@ -247,19 +264,36 @@ class Trainer:
 
     def __init__(self, config: TrainConfig):
         self.cfg = cfg = config.validate()
-        self.device = resolve_device(cfg.train.device)
+        # Under torchrun: this rank's place in the (dp x pp) layout; None for one process.
+        self.ctx = ctx = _init_parallel(cfg)
+        self.is_main = ctx is None or ctx.rank == 0
+        self.device = ctx.device if ctx is not None else resolve_device(cfg.train.device)
         self.autocast = cfg.train.autocast == "bf16" or (cfg.train.autocast == "auto"
                                                          and self.device.type == "cuda")
-        self.run_dir, resume_path = _prepare_run_dir(cfg)
+        if ctx is None:
+            self.run_dir, resume_path = _prepare_run_dir(cfg)
+        else:  # rank 0 decides (and names a default run directory) for everyone
+            output_dir, self.run_dir, resume_path = ctx.run_on_rank0(
+                lambda: (cfg.train.output_dir, *_prepare_run_dir(cfg)))
+            cfg.train.output_dir = output_dir
         self.model = build_model(cfg, self.device)
         self.dataset = build_dataset(cfg.data, vocab_size=self.model.config.vocab_size,
                                      seed=cfg.train.seed, model_path=cfg.model.path)
-        self.engine = ChunkFlowEngine(
-            self.model, chunk_size=cfg.chunking.chunk_size, k=cfg.chunking.k,
-            loss_normalization=cfg.chunking.loss_normalization,
-            pack_chain_tails=cfg.chunking.pack_chain_tails,
-            attention_backend=cfg.chunking.attention_backend)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        options = dict(chunk_size=cfg.chunking.chunk_size, k=cfg.chunking.k,
+                       loss_normalization=cfg.chunking.loss_normalization,
+                       pack_chain_tails=cfg.chunking.pack_chain_tails,
+                       attention_backend=cfg.chunking.attention_backend)
+        if ctx is None:
+            self.engine = ChunkFlowEngine(self.model, **options)
+            self.params = [p for p in self.model.parameters() if p.requires_grad]
+        else:
+            from chunkflow.parallel import ParallelEngine
+
+            self.engine = ParallelEngine(self.model, ctx,
+                                         data_parallel=cfg.parallel.data_parallel, **options)
+            self.params = self.engine.parameters()
+            self.layout = {"dp": ctx.dp, "pp": ctx.pp,
+                           "data_parallel": cfg.parallel.data_parallel if ctx.dp > 1 else "none"}
         self.optimizer = torch.optim.AdamW(
             self.params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
             eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
@@ -267,8 +301,8 @@ class Trainer:
         self.step, self.position, self.stats, self.tokens_seen = 0, DataPosition(), DataStats(), 0
         self.last_checkpoint: Path | None = None
         if resume_path is not None:
-            state = load_checkpoint(resume_path, model=self.model, optimizer=self.optimizer)
-            _check_resumed_config(state["config"], cfg, resume_path)
+            state = self._load(resume_path)
+            _check_resumed_config(state["config"], cfg, resume_path, verbose=self.is_main)
             for group in self.optimizer.param_groups:  # the configured values, not the saved
                 group.update(betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
                              weight_decay=cfg.optim.weight_decay)
@@ -276,42 +310,74 @@ class Trainer:
             self.position = DataPosition.from_dict(state["data_position"])
             self.stats = DataStats.from_dict(state["data_stats"])
             self.last_checkpoint = resume_path
-        cfg.save(self.run_dir / "config.toml")
+        if self.is_main:
+            cfg.save(self.run_dir / "config.toml")
         name = (cfg.model.preset if cfg.model.path is None else
                 f"{cfg.model.path} ({cfg.model.implementation})")
-        print(f"chunkflow train: {name} model "
-              f"({_num_params(self.model) / 1e6:.2f}M params, {cfg.model.dtype}) on "
-              f"{self.device}{', bf16 autocast' if self.autocast else ''}; data: "
-              f"{self.dataset.describe()}; chunk_size={cfg.chunking.chunk_size}, "
-              f"k={cfg.chunking.k}; run dir {self.run_dir}"
-              + (f"; resuming from {resume_path} (step {self.step})" if resume_path else ""),
-              flush=True)
+        where = (f"{self.device}" if ctx is None else
+                 f"{ctx.layout.world_size} processes (dp={ctx.dp} x pp={ctx.pp}"
+                 f"{', ' + cfg.parallel.data_parallel if ctx.dp > 1 else ''}) on "
+                 f"{self.device.type}")
+        self._print(f"chunkflow train: {name} model "
+                    f"({_num_params(self.model) / 1e6:.2f}M params"
+                    f"{' on stage 0' if ctx is not None and ctx.pp > 1 else ''}, "
+                    f"{cfg.model.dtype}) on {where}{', bf16 autocast' if self.autocast else ''}; "
+                    f"data: {self.dataset.describe()}; chunk_size={cfg.chunking.chunk_size}, "
+                    f"k={cfg.chunking.k}; run dir {self.run_dir}"
+                    + (f"; resuming from {resume_path} (step {self.step})" if resume_path
+                       else ""))
+
+    def _print(self, text: str) -> None:
+        if self.is_main:
+            print(text, flush=True)
+
+    def _load(self, path: Path) -> dict[str, Any]:
+        if self.ctx is None:
+            return load_checkpoint(path, model=self.model, optimizer=self.optimizer)
+        from chunkflow.parallel.checkpoint import load_stage_state
+
+        model_state, optim_state, state = load_distributed_checkpoint(
+            path, ctx=self.ctx, layout=self.layout)
+        load_stage_state(self.engine, self.optimizer, model_state, optim_state)
+        return state
 
     def save(self) -> Path:
         state = {"data_position": self.position.to_dict(), "data_stats": self.stats.to_dict(),
                  "tokens_seen": self.tokens_seen, "config": self.cfg.to_dict()}
-        self.last_checkpoint = save_checkpoint(
-            self.run_dir, step=self.step, model=self.model, optimizer=self.optimizer,
-            trainer_state=state, keep_last=self.cfg.checkpoint.keep_last)
+        if self.ctx is None:
+            self.last_checkpoint = save_checkpoint(
+                self.run_dir, step=self.step, model=self.model, optimizer=self.optimizer,
+                trainer_state=state, keep_last=self.cfg.checkpoint.keep_last)
+            return self.last_checkpoint
+        from chunkflow.parallel.checkpoint import stage_state
+
+        model_state, optim_state = stage_state(self.engine, self.optimizer)
+        self.last_checkpoint = save_distributed_checkpoint(
+            self.run_dir, step=self.step, ctx=self.ctx, layout=self.layout, model=self.model,
+            model_state=model_state, optim_state=optim_state, trainer_state=state,
+            keep_last=self.cfg.checkpoint.keep_last)
         return self.last_checkpoint
 
     def run(self) -> TrainSummary:
         cfg, total = self.cfg, self.cfg.train.steps
         summary = TrainSummary(run_dir=self.run_dir, steps_done=self.step)
         if self.step >= total:
-            print(f"nothing to do: the checkpoint is at step {self.step} and --train.steps="
-                  f"{total}")
+            self._print(f"nothing to do: the checkpoint is at step {self.step} and "
+                        f"--train.steps={total}")
             return summary
-        metrics = _Metrics(self.run_dir, resume_step=self.step, tensorboard=cfg.log.tensorboard)
+        # Only rank 0 logs; every rank trains, saves its part and stops together.
+        metrics = (_Metrics(self.run_dir, resume_step=self.step, tensorboard=cfg.log.tensorboard)
+                   if self.is_main else None)
         batches = global_batches(self.dataset, cfg.data, self.position, self.stats)
         bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=None if cfg.log.progress else True)
+                   disable=None if cfg.log.progress and self.is_main else True)
         warned_skips = self.stats.skipped > 0
         try:
             with _StopRequest() as stop, _deterministic(cfg.train.deterministic):
                 while self.step < total:
                     record = self.train_step(*next(batches))
-                    metrics.log(record)
+                    if metrics is not None:
+                        metrics.log(record)
                     if summary.first_loss is None:
                         summary.first_loss = record["loss"]
                     summary.last_loss, summary.steps_done = record["loss"], self.step
@@ -320,31 +386,37 @@ class Trainer:
                                     peak=f"{record['peak_memory_bytes'] / 2**20:.0f}MiB",
                                     refresh=False)
                     bar.update(1)
-                    if record["skipped"] and not warned_skips:
+                    if record["skipped"] and not warned_skips and self.is_main:
                         warned_skips = True
                         bar.write(f"warning: skipping invalid records (--data.skip_invalid); "
                                   f"first: {self.stats.first_skip_reason}")
-                    if self.step % cfg.log.interval == 0 or self.step == total:
+                    if self.is_main and (self.step % cfg.log.interval == 0
+                                         or self.step == total):
                         bar.write(_format_line(record, total))
                     interval = cfg.checkpoint.interval
-                    if stop.requested or self.step == total or (
+                    stopping = stop.requested
+                    if self.ctx is not None:  # a signal may reach ranks a step apart: agree
+                        stopping = self.ctx.all_sum([float(stopping)])[0] > 0
+                    if stopping or self.step == total or (
                             interval and self.step % interval == 0):
                         self.save()
-                    if stop.requested:
+                    if stopping:
                         summary.interrupted = True
                         break
         finally:
             bar.close()
-            metrics.close()
+            if metrics is not None:
+                metrics.close()
         summary.checkpoint, summary.data = self.last_checkpoint, self.stats.to_dict()
         losses = (f", loss {summary.first_loss:.4f} -> {summary.last_loss:.4f}"
                   if summary.first_loss is not None else "")
         data = self.stats.summary(max_length=cfg.data.max_length)
-        print(f"{'interrupted' if summary.interrupted else 'done'}: step {self.step}/{total}"
-              f"{losses}; data: {data}; checkpoint {self.last_checkpoint}")
+        self._print(f"{'interrupted' if summary.interrupted else 'done'}: step {self.step}/"
+                    f"{total}{losses}; data: {data}; checkpoint {self.last_checkpoint}")
         if summary.interrupted:
-            print(f"continue with: chunkflow train --config {self.run_dir / 'config.toml'} "
-                  f"--resume")
+            launcher = "torchrun ... -m chunkflow" if self.ctx is not None else "chunkflow"
+            self._print(f"continue with: {launcher} train --config "
+                        f"{self.run_dir / 'config.toml'} --resume")
         return summary
 
     def train_step(self, batch, position: DataPosition, stats: DataStats) -> dict[str, Any]:
@@ -367,7 +439,10 @@ class Trainer:
                 f"token (the first token of a sequence is never a target)")
         loss = float(result.loss)
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        if self.ctx is None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        else:  # the norm over every stage (and FSDP shard), the same on every rank
+            grad_norm = self.engine.clip_grad_norm(max_norm)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             kept = (f"the last checkpoint, {self.last_checkpoint}, is intact"
                     if self.last_checkpoint else "no checkpoint was saved yet")
@@ -388,10 +463,10 @@ class Trainer:
         self.step, self.position, self.stats = step, position, stats
         self.tokens_seen += result.num_tokens
         plan = result.plan
-        return {
+        record = {
             "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
             "sequences": len(batch), "tokens": result.num_tokens,
-            "supervised_tokens": result.num_loss_tokens, "chunks": result.num_chunks,
+            "supervised_tokens": result.num_loss_tokens, "chunks": plan.num_chunks,
             "chains": len(plan.chains), "longest_sequence": max(len(ex) for ex in batch),
             "packing_efficiency": plan.packing_efficiency,
             "peak_memory_bytes": result.peak_memory_bytes, "max_rss_bytes": _max_rss_bytes(),
@@ -399,11 +474,20 @@ class Trainer:
             "tokens_seen": self.tokens_seen, "skipped": stats.skipped,
             "truncated": stats.truncated, "dropped": stats.dropped,
         }
+        if self.ctx is not None:
+            # How evenly the replicas' estimated costs came out (max/mean), and their chunks.
+            record["dp_imbalance"] = result.imbalance
+            record["dp_chunks"] = [len(c) for c in result.sharding.chunk_ids]
+        return record
 
 
 def train(config: TrainConfig) -> TrainSummary:
     """Run the training job described by ``config``; see the module docstring."""
-    return Trainer(config).run()
+    trainer = Trainer(config)
+    summary = trainer.run()
+    if trainer.ctx is not None:
+        trainer.ctx.close()
+    return summary
 
 
 def _format_line(record: dict[str, Any], total: int) -> str:
@@ -412,4 +496,6 @@ def _format_line(record: dict[str, Any], total: int) -> str:
             f"tokens {record['tokens']:6d}  chunks {record['chunks']:3d}  "
             f"packing {record['packing_efficiency']:.1%}  "
             f"peak {record['peak_memory_bytes'] / 2**20:6.1f} MiB  "
-            f"{record['tokens_per_s']:7.0f} tok/s")
+            f"{record['tokens_per_s']:7.0f} tok/s"
+            + (f"  dp imbalance {record['dp_imbalance']:.2f}" if "dp_imbalance" in record
+               else ""))

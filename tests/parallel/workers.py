@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import time
 import traceback
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -29,18 +31,33 @@ def spawn(fn, world_size: int, *args) -> None:
     mp.spawn(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
 
 
-def _entry(rank, world_size, port, fn, args):
+def start(fn, world_size: int, *args, timeout_s: float, error_dir: Path) -> list:
+    """Like :func:`spawn`, but returns the processes unjoined (nobody kills the others when one
+    fails) and each rank writes the error it ended with to ``error_dir/rank<r>.txt``."""
+    port, context = free_port(), mp.get_context("spawn")
+    procs = [context.Process(target=_entry, args=(r, world_size, port, fn, args, timeout_s,
+                                                   str(error_dir)))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    return procs
+
+
+def _entry(rank, world_size, port, fn, args, timeout_s=60.0, error_dir=None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
     try:
         fn(rank, world_size, *args)
-    except BaseException:
+    except BaseException as e:
         traceback.print_exc()
+        if error_dir is not None:
+            Path(error_dir, f"rank{rank}.txt").write_text(f"{type(e).__name__}: {e}")
         raise
     finally:
-        dist.destroy_process_group()
+        if error_dir is None:  # a failed peer would make this wait
+            dist.destroy_process_group()
 
 
 def make_batch(lengths, *, seed: int = 1, vocab: int = 53) -> list[dict]:
@@ -87,3 +104,23 @@ def check_gradients(rank, world_size, cases):
             dist.all_gather_object(every, names)
             assert set().union(*every) == set(want), (where, set(want) - set().union(*every))
             assert result.sharding.num_ranks == dp, where
+
+
+def fail_one_rank(rank, world_size, dp, pp, how):
+    """Rank 1 raises (or hangs) in its third chunk forward; the others must not wait forever."""
+    ctx = init_distributed(dp=dp, pp=pp, device=torch.device("cpu"))
+    engine = ParallelEngine(tiny_model(num_hidden_layers=4), ctx, chunk_size=16, k=1)
+    if rank == 1:
+        calls, forward = 0, engine.engine._forward
+
+        def broken(*args, **kwargs):
+            nonlocal calls
+            calls += 1
+            if calls == 3:
+                if how == "raise":
+                    raise RuntimeError("injected failure on rank 1")
+                time.sleep(600)  # a stuck rank: alive, silent
+            return forward(*args, **kwargs)
+
+        engine.engine._forward = broken
+    engine.forward_backward(make_batch(LENGTHS))
