@@ -54,6 +54,10 @@ def apply_ddp(model: nn.Module, ctx: ParallelContext) -> DistributedDataParallel
 
 def apply_fsdp(model: nn.Module, ctx: ParallelContext) -> nn.Module:
     """``fully_shard`` every decoder layer, then the root (embedding, norm, head), over "dp"."""
+    if not hasattr(model, "hidden_states"):
+        raise ValueError(f"data_parallel='fsdp' runs chunkflow's reference model, got "
+                         f"{type(model).__name__}; valid: data_parallel='ddp' for a transformers "
+                         f"model, or --model.implementation=reference (Llama/Qwen2)")
     mesh = ctx.mesh["dp"]
     for layer in model.model.layers.values():
         fully_shard(layer, mesh=mesh, reshard_after_forward=False)

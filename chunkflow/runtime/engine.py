@@ -11,6 +11,12 @@
   prefix adds the prefix's gradients to the chain state in turn.
 
 Gradients accumulate into ``.grad`` exactly as ``loss.backward()`` of unchunked training would.
+
+The same executor runs one pipeline stage: the model is then a stage (the whole model minus
+other stages' modules), the actions are that stage's list from
+:func:`chunkflow.plan.state_aware_1f1b`, a :class:`StageIO` receives inputs and sends outputs
+and their gradients, and a :class:`GradSync` supplies the global loss normaliser and the
+data-parallel gradient synchronisation. A single device is a one-stage pipeline with no peers.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Batches mix chains and packed chunks, with masked prompts; each rank checks the 
 parameters it holds against plain unchunked training of the whole batch.
 """
 
-from tests.parallel.workers import check_gradients, spawn
+from tests.parallel.workers import check_gradients, check_hf_ddp, spawn
 
 
 def test_two_ranks_data_parallel_and_pipeline():
@@ -27,3 +27,7 @@ def test_four_ranks_pipeline_and_data_x_pipeline():
         dict(dp=2, pp=2, k=2, data_parallel="fsdp", steps=2),
         dict(dp=2, pp=2, k=1, data_parallel="ddp", lengths=(50,)),
     ])
+
+
+def test_two_ranks_data_parallel_hugging_face_model():
+    spawn(check_hf_ddp, 2)

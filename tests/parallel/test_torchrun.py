@@ -76,6 +76,10 @@ def test_torchrun_matches_one_process_and_resumes_exactly(tmp_path, single, npro
     for name in final:
         assert torch.equal(again[name], final[name]), name
 
+    # One process cannot continue a distributed checkpoint (or the reverse): a clear refusal.
+    assert main(["train", *args(tmp_path / "part", **{"train.steps": "6",
+                                                      "checkpoint.resume": "true"})]) == 2
+
     lines = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().split("\n")
              if x]
     assert [r["step"] for r in lines] == [1, 2, 3, 4]

@@ -124,3 +124,20 @@ def fail_one_rank(rank, world_size, dp, pp, how):
 
         engine.engine._forward = broken
     engine.forward_backward(make_batch(LENGTHS))
+
+
+def check_hf_ddp(rank, world_size):
+    """A transformers Llama under DDP: gradients equal plain single-process HF training."""
+    from tests.models.test_hf_adapter import build, make_batch as hf_batch, plain_step
+
+    ctx = init_distributed(dp=world_size, pp=1, device=torch.device("cpu"))
+    ref = build("llama")
+    batch = hf_batch(ref.config.vocab_size)
+    want_loss = plain_step(ref, batch).item()
+    engine = ParallelEngine(build("llama"), ctx, chunk_size=16, k=2, data_parallel="ddp")
+    result = engine.forward_backward(batch)
+    assert abs(result.loss - want_loss) <= 1e-10 * abs(want_loss), (result.loss, want_loss)
+    want = dict(ref.named_parameters())
+    for name, p in engine.model.named_parameters():
+        rel = float((p.grad - want[name].grad).norm() / want[name].grad.norm())
+        assert rel < 1e-10, (rank, name, rel)
