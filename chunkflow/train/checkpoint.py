@@ -79,17 +79,28 @@ def save_checkpoint(run_dir: Path, *, step: int, model: torch.nn.Module,
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step:08d}.tmp-", dir=run_dir))
     try:
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(_hf_config_json(model))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _complete(tmp, final, model=model, trainer_state=dict(trainer_state, step=step),
+              keep_last=keep_last)
+    return final
+
+
+def _complete(tmp: Path, final: Path, *, model: torch.nn.Module, trainer_state: dict[str, Any],
+              keep_last: int) -> None:
+    """Add config, RNG and trainer state to ``tmp``, publish it as ``final``, prune old ones."""
+    try:
+        (tmp / "config.json").write_text(_hf_config_json(model))
         torch.save(_rng_states(), tmp / "rng.pt")
-        state = dict(trainer_state, step=step, python_rng=_encode_py_rng(random.getstate()))
+        state = dict(trainer_state, python_rng=_encode_py_rng(random.getstate()))
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
         _publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _prune(run_dir, final, keep_last)
-    return final
+    _prune(final.parent, final, keep_last)
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -187,19 +198,10 @@ def save_distributed_checkpoint(run_dir: Path, *, step: int, ctx, layout: dict[s
         torch.save(optim_state, tmp / optim)
     ctx.barrier()
     if ctx.rank == 0:
-        try:
-            if ctx.pp > 1:
-                _write_index(tmp, ctx.pp)
-            (tmp / "config.json").write_text(_hf_config_json(model))
-            torch.save(_rng_states(), tmp / "rng.pt")
-            state = dict(trainer_state, step=step, layout=layout,
-                         python_rng=_encode_py_rng(random.getstate()))
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-            _publish(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _prune(run_dir, final, keep_last)
+        if ctx.pp > 1:
+            _write_index(tmp, ctx.pp)
+        _complete(tmp, final, model=model, keep_last=keep_last,
+                  trainer_state=dict(trainer_state, step=step, layout=layout))
     ctx.barrier()
     return final
 
