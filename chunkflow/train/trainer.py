@@ -19,7 +19,6 @@ checkpoint; a NaN/inf loss stops before the optimizer step, so the last checkpoi
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import math
 import os
@@ -39,15 +38,14 @@ from chunkflow.models import Transformer
 from chunkflow.runtime.engine import ChunkFlowEngine
 from chunkflow.train import TrainingError
 from chunkflow.train.checkpoint import (
-    list_checkpoints,
     load_checkpoint,
     load_distributed_checkpoint,
-    remove_partial_checkpoints,
     save_checkpoint,
     save_distributed_checkpoint,
 )
 from chunkflow.train.config import TrainConfig
 from chunkflow.train.data import DataPosition, DataStats, build_dataset, global_batches
+from chunkflow.train.resume import check_resumed_config, prepare_run_dir
 
 
 @dataclass
@@ -100,66 +98,6 @@ def build_model(config: TrainConfig, device: torch.device) -> torch.nn.Module:
 
 def _num_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def _prepare_run_dir(config: TrainConfig) -> tuple[Path, Path | None]:
-    """The run directory and the checkpoint to resume from, if any."""
-    output_dir = config.train.output_dir
-    if output_dir is None:
-        if config.checkpoint.resume:
-            raise ValueError("--resume needs --train.output_dir: the run directory to continue")
-        output_dir = f"runs/train-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-        config.train.output_dir = output_dir
-    run_dir = Path(output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    remove_partial_checkpoints(run_dir)
-    existing = list_checkpoints(run_dir)
-    if config.checkpoint.resume_from is not None:
-        path = Path(config.checkpoint.resume_from)
-        if config.checkpoint.resume:
-            raise ValueError(f"both --resume and --checkpoint.resume_from={str(path)!r}; valid: "
-                             f"one of them")
-        if existing and path.resolve() != existing[-1][1].resolve():
-            raise ValueError(f"--checkpoint.resume_from={str(path)!r} into {str(run_dir)!r}, "
-                             f"which holds checkpoints of another history (newest "
-                             f"{existing[-1][1].name}); valid: a new --train.output_dir, or "
-                             f"--resume to continue the newest one there")
-        return run_dir, path
-    if config.checkpoint.resume:
-        if not existing:
-            raise ValueError(f"--resume: no checkpoint (step-* directory) in {str(run_dir)!r}")
-        return run_dir, existing[-1][1]
-    if existing:
-        raise ValueError(f"{str(run_dir)!r} already holds checkpoints ({existing[-1][1].name}); "
-                         f"pass --resume to continue that run, or choose another "
-                         f"--train.output_dir")
-    return run_dir, None
-
-
-# Settings a resumed run may change; any other change would make it a different run (model,
-# data stream, seed) and is refused. skip_invalid may change: the stream position counts skipped
-# records either way, so a run stopped by a bad record can go on past it.
-_RESUMABLE_CHANGES = ("chunking.", "optim.", "train.steps", "train.output_dir", "train.device",
-                      "train.deterministic", "train.autocast", "log.", "checkpoint.",
-                      "data.skip_invalid", "parallel.timeout_s")
-
-
-def _check_resumed_config(saved: dict, cfg: TrainConfig, path: Path, *,
-                          verbose: bool = True) -> None:
-    now = cfg.to_dict()
-    changes = [(f"{section}.{key}", value, now[section][key])
-               for section, fields in saved.items() for key, value in fields.items()
-               if now.get(section, {}).get(key, value) != value]
-    refused = [c for c in changes if not c[0].startswith(_RESUMABLE_CHANGES)]
-    if refused:
-        raise ValueError(
-            f"cannot resume {str(path)!r} with a different model, data or seed: "
-            + ", ".join(f"--{n}={new!r} (the checkpoint has {old!r})" for n, old, new in refused)
-            + "; valid: the checkpoint's values, or a new run")
-    shown = [c for c in changes if not c[0].startswith(("checkpoint.", "train.output_dir"))]
-    if shown and verbose:
-        print("note: resuming with changed settings: "
-              + ", ".join(f"{name} {old!r} -> {new!r}" for name, old, new in shown))
 
 
 def _init_parallel(cfg: TrainConfig):
@@ -271,10 +209,10 @@ class Trainer:
         self.autocast = cfg.train.autocast == "bf16" or (cfg.train.autocast == "auto"
                                                          and self.device.type == "cuda")
         if ctx is None:
-            self.run_dir, resume_path = _prepare_run_dir(cfg)
+            self.run_dir, resume_path = prepare_run_dir(cfg)
         else:  # rank 0 decides (and names a default run directory) for everyone
             output_dir, self.run_dir, resume_path = ctx.run_on_rank0(
-                lambda: (cfg.train.output_dir, *_prepare_run_dir(cfg)))
+                lambda: (cfg.train.output_dir, *prepare_run_dir(cfg)))
             cfg.train.output_dir = output_dir
         self.model = build_model(cfg, self.device)
         self.dataset = build_dataset(cfg.data, vocab_size=self.model.config.vocab_size,
@@ -302,7 +240,7 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         if resume_path is not None:
             state = self._load(resume_path)
-            _check_resumed_config(state["config"], cfg, resume_path, verbose=self.is_main)
+            check_resumed_config(state["config"], cfg, resume_path, verbose=self.is_main)
             for group in self.optimizer.param_groups:  # the configured values, not the saved
                 group.update(betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
                              weight_decay=cfg.optim.weight_decay)
