@@ -47,15 +47,7 @@ from chunkflow.runtime.loss import IGNORE_INDEX
 
 def model_shape(config) -> ModelShape:
     """The cost model's view of a model config (chunkflow's or a transformers one)."""
-    heads = config.num_attention_heads
-    return ModelShape(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=getattr(config, "num_key_value_heads", None) or heads,
-        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-        qkv_bias=bool(getattr(config, "qkv_bias", getattr(config, "attention_bias", False))))
+    return ModelShape.from_config(config)
 
 
 @dataclass

@@ -81,6 +81,23 @@ class ModelShape:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} must be a multiple "
                              f"of num_key_value_heads={self.num_key_value_heads}")
 
+    @classmethod
+    def from_config(cls, config) -> "ModelShape":
+        """The shape of a model config: chunkflow's ``ModelConfig`` or a transformers one
+        (Qwen2 has q/k/v biases without a config flag for them)."""
+        heads = config.num_attention_heads
+        qkv_bias = getattr(config, "qkv_bias", None)
+        if qkv_bias is None:
+            qkv_bias = (getattr(config, "model_type", None) == "qwen2"
+                        or bool(getattr(config, "attention_bias", False)))
+        return cls(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                   intermediate_size=config.intermediate_size,
+                   num_hidden_layers=config.num_hidden_layers, num_attention_heads=heads,
+                   num_key_value_heads=getattr(config, "num_key_value_heads", None) or heads,
+                   head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+                   tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+                   qkv_bias=bool(qkv_bias))
+
     @property
     def params_per_layer(self) -> int:
         e, d = self.hidden_size, self.head_dim

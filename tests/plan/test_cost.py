@@ -27,6 +27,24 @@ def test_shapes_are_the_presets(name):
     assert shape.num_params == preset.num_params
 
 
+@pytest.mark.parametrize("name", ["tiny", "qwen2.5-0.5b", "qwen2.5-7b"])
+def test_shape_from_config_counts_the_parameters_of_the_model(name):
+    assert ModelShape.from_config(PRESETS[name]).num_params == PRESETS[name].num_params
+
+
+def test_shape_from_transformers_configs_sees_qwen2_biases():
+    transformers = pytest.importorskip("transformers")
+    kw = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2)
+    # Qwen2 always has q/k/v biases (its config has no flag for them); Llama has none by default.
+    for config, bias in ((transformers.Qwen2Config(**kw), True),
+                         (transformers.LlamaConfig(**kw), False)):
+        shape = ModelShape.from_config(config)
+        assert shape.qkv_bias is bias
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        assert shape.num_params == sum(p.numel() for p in model.parameters())
+
+
 def test_qwen25_7b_has_about_7_6b_parameters():
     assert 7.6e9 < MODEL_SHAPES["qwen2.5-7b"].num_params < 7.7e9  # published: 7.61B
 
