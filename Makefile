@@ -19,8 +19,7 @@ test: $(BIN)/chunkflow
 	$(BIN)/python -m pytest -q
 
 bench: $(BIN)/chunkflow
-	$(BIN)/python benchmarks/memory_vs_length.py
-	$(BIN)/python benchmarks/packing.py
+	$(BIN)/chunkflow bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info

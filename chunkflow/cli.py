@@ -1,4 +1,4 @@
-"""Command line: ``chunkflow train | plan | simulate | report``.
+"""Command line: ``chunkflow train | plan | simulate | bench | report``.
 
 ``train`` and ``plan`` take the same configuration: ``--config FILE.toml`` and
 ``--section.field=value`` overrides (see ``chunkflow train --help`` for every field).
@@ -105,6 +105,26 @@ def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
     candidates = autotune(shape, gpu, max_len=max_len, num_gpus=args.gpus,
                           memory_budget=budget, global_batch=args.global_batch, seed=args.seed)
     print(format_candidates(candidates, top=args.top))
+    return 0
+
+
+def _bench(args: argparse.Namespace, unknown: list[str]) -> int:
+    """Train the same model on the same data with chunkflow and the baselines; write tables."""
+    from chunkflow.bench.options import BenchOptions
+    from chunkflow.bench.sweep import run
+    from chunkflow.sim.tune import parse_size
+
+    if unknown:
+        raise ValueError(f"unexpected arguments {' '.join(unknown)}; see chunkflow bench --help")
+    budget = (None if args.memory_budget.strip().lower() == "none"
+              else parse_size(args.memory_budget))
+    lengths = tuple(parse_size(x) for x in args.lengths.split(","))
+    options = BenchOptions(
+        lengths=lengths, num_sequences=args.num_sequences, steps=args.steps,
+        chunk_size=args.chunk_size, k=args.k, hf_micro_batch=args.hf_micro_batch,
+        pad_micro_batches=args.pad_micro_batches, memory_budget=budget, model=args.model,
+        device=args.device, dtype=args.dtype, seed=args.seed, output_dir=args.output_dir)
+    run(options, log=lambda line: print(line, flush=True))
     return 0
 
 
@@ -226,6 +246,39 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--paper", action="store_true", help="Megatron-LM vs chunkflow at "
                           "the paper's scale, from the cost model")
     simulate.set_defaults(func=_simulate)
+
+    from chunkflow.bench.options import BenchOptions
+
+    b = BenchOptions()
+    bench = sub.add_parser(
+        "bench", help="chunkflow against Megatron-style padding and packing, HF flattened "
+        "batches and the ideal: throughput and peak memory over a sweep of maximum lengths",
+        description="Trains the same model on the same LMSys-like global batches with each "
+                    "method, one process per configuration, and writes a markdown table, JSON "
+                    "and PNG plots named after the hardware and date. The defaults reproduce "
+                    "the README's CPU table (about 12 minutes on 2 cores).")
+    bench.add_argument("--lengths", default=",".join(str(n) for n in b.lengths),
+                       help="maximum lengths to sweep, comma-separated (e.g. 4K,16K,32K)")
+    bench.add_argument("--num-sequences", type=int, default=b.num_sequences,
+                       help="sequences per global batch (one has the maximum length)")
+    bench.add_argument("--steps", type=int, default=b.steps,
+                       help="measured steps at the longest length, each on a new global "
+                            "batch; a length L gets steps x (longest // L)")
+    bench.add_argument("--chunk-size", type=int, default=b.chunk_size, help="chunkflow's")
+    bench.add_argument("--k", type=int, default=b.k, help="chunkflow's K")
+    bench.add_argument("--hf-micro-batch", type=int, default=b.hf_micro_batch,
+                       help="examples per HF micro-batch, flattened into one row")
+    bench.add_argument("--pad-micro-batches", type=int, default=b.pad_micro_batches,
+                       help="padded micro-batches run per step; all have one shape, the rest "
+                            "are counted at their mean time")
+    bench.add_argument("--memory-budget", default="768MiB",
+                       help="peak step memory for the budget table (e.g. 768MiB), or none")
+    bench.add_argument("--model", default=b.model, help="cpu or gpu (chunkflow.bench.workload)")
+    bench.add_argument("--device", default=b.device, help="cpu or cuda")
+    bench.add_argument("--dtype", default=b.dtype, help="float32, or bfloat16 autocast")
+    bench.add_argument("--seed", type=int, default=b.seed)
+    bench.add_argument("--output-dir", default=b.output_dir)
+    bench.set_defaults(func=_bench)
 
     report = sub.add_parser("report", help="plot loss, throughput and peak memory of a run "
                                            "to a PNG")

@@ -1,10 +1,13 @@
-"""The planning layer, the simulator and the synthetic data need only the standard library."""
+"""The planning layer, the simulator, the synthetic data and the command line's parser need only
+the standard library."""
 
 from tests.torchless import run_without_torch
 
 CODE = """
 import chunkflow, chunkflow.plan, chunkflow.plan.pipeline, chunkflow.sim, chunkflow.sim.search
-import chunkflow.train.synthetic
+import chunkflow.train.synthetic, chunkflow.bench.options
+import chunkflow.cli
+chunkflow.cli.build_parser()  # the parser (bench's options included) needs no torch
 plan = chunkflow.plan.build_chunks([5, 17, 3], chunk_size=8)
 chunkflow.plan.validate_schedule(chunkflow.plan.schedule(plan, k=1), plan, k=1)
 stages = chunkflow.plan.pipeline.state_aware_1f1b(plan, 2, k=1)
