@@ -80,12 +80,12 @@ def method_table(rows: list[dict], chunkflow: dict) -> list[str]:
             + (" MFU |" if mfu else ""))
     columns = head.count("|") - 1
     lines = [head, "|" + "---|" * columns]
+    ok = "error" not in chunkflow
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['label']} | failed: {r['error']} |" + " |" * (columns - 2))
             continue
         sampled = "*" if r["sampled"] else ""
-        ok = "error" not in chunkflow
         loss = "" if r["loss"] is None else f"{r['loss']:.6f}"
         lines.append(
             f"| {r['label']} | {r['step_seconds']:.2f}{sampled} | {r['tokens_per_second']:.0f} "

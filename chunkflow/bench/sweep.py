@@ -97,7 +97,8 @@ def run(o: BenchOptions, *, log=print, worker=_run_worker) -> Path:
     if o.device == "cuda" and "gpu" not in info:
         raise ValueError("--device cuda: torch sees no CUDA device here; use --device cpu")
     peak_flops = _peak_flops(o, info)
-    results: dict[tuple[int, MethodConfig], dict] = {}
+    results: dict[tuple[int, MethodConfig], dict] = {}  # raw, for the JSON
+    summaries: dict[tuple[int, MethodConfig], dict] = {}
     budget_mib = o.memory_budget / report.MiB if o.memory_budget else None
     start = time.perf_counter()
 
@@ -109,13 +110,13 @@ def run(o: BenchOptions, *, log=print, worker=_run_worker) -> Path:
                     "seed": o.seed, "device": o.device, "dtype": o.dtype,
                     "max_micro_batches": o.pad_micro_batches}
             results[key] = worker(spec)
-            s = report.summarise(results[key], peak_flops=peak_flops)
+            summaries[key] = s = report.summarise(results[key], peak_flops=peak_flops)
             figures = (f"failed: {s['error']}" if "error" in s else
                        f"{s['tokens_per_second']:8.0f} tok/s, step {s['step_seconds']:7.2f} s, "
                        f"peak {s['peak_mib']:7.0f} MiB, work {s['work']:.2f}")
             log(f"[{time.perf_counter() - start:6.0f} s] max {max_len:6d}  "
                 f"{s['label']:44s} {figures}")
-        return report.summarise(results[key], peak_flops=peak_flops)
+        return summaries[key]
 
     tables, choices = {}, {}
     for max_len in o.lengths:
@@ -124,17 +125,15 @@ def run(o: BenchOptions, *, log=print, worker=_run_worker) -> Path:
             continue
         choices[max_len] = {}
         for family, candidates in budget_candidates(o, max_len).items():
-            fitting = []
+            fitting: dict[MethodConfig, dict] = {}
             for c in candidates:
-                twin = MethodConfig(**{**asdict(c), "recompute": False})
-                if c.recompute and twin in candidates and any(
-                        r["label"] == twin.label for r in fitting):
+                if c.recompute and MethodConfig(**{**asdict(c), "recompute": False}) in fitting:
                     continue  # recompute on top of a configuration that fits is only slower
                 r = measure(max_len, c)
                 if "error" not in r and r["peak_mib"] <= budget_mib:
-                    fitting.append(r)
-            choices[max_len][family] = max(fitting, key=lambda r: r["tokens_per_second"],
-                                           default=None)
+                    fitting[c] = r
+            choices[max_len][family] = max(fitting.values(), default=None,
+                                           key=lambda r: r["tokens_per_second"])
     elapsed = time.perf_counter() - start
     return _write(o, info, results, tables, choices, budget_mib, elapsed, log)
 
