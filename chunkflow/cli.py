@@ -2,27 +2,38 @@
 
 ``train`` and ``plan`` take the same configuration: ``--config FILE.toml`` and
 ``--section.field=value`` overrides (see ``chunkflow train --help`` for every field).
-User errors print ``chunkflow: error: ...`` and exit with status 2; a diverged run exits with 1,
-an interrupted one (Ctrl-C, after saving a checkpoint) with 130.
+Exit status: 0 done; 2 a user error (``chunkflow: error: ...``: a bad option, file or record,
+named); 1 training stopped (a diverged loss, too many empty batches); 3 a checkpoint did not fit
+on the disk (one line with the directory and the bytes needed; older checkpoints are intact);
+130 interrupted (Ctrl-C, after saving a checkpoint).
+
+chunkflow never downloads anything: Hugging Face libraries run offline (``HF_HUB_OFFLINE=1``
+unless set otherwise), and model and tokenizer paths must be local directories.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+EXIT_USER_ERROR, EXIT_STOPPED, EXIT_DISK_FULL, EXIT_INTERRUPTED = 2, 1, 3, 130
 
 
 def _train(args: argparse.Namespace, unknown: list[str]) -> int:
     from chunkflow.train.config import config_from_args
     from chunkflow.train.trainer import train
 
-    summary = train(config_from_args(args, unknown))
-    return 130 if summary.interrupted else 0
+    # Under torchrun every rank parses the same arguments; rank 0 speaks for them.
+    log = print if os.environ.get("RANK", "0") == "0" else None
+    summary = train(config_from_args(args, unknown, log=log))
+    return EXIT_INTERRUPTED if summary.interrupted else 0
 
 
 def _plan(args: argparse.Namespace, unknown: list[str]) -> int:
     from chunkflow.plan import build_chunks, format_schedule, schedule
     from chunkflow.plan.memory import estimate_peak_memory
+    from chunkflow.train.build import model_label, model_shape
     from chunkflow.train.config import config_from_args
 
     if args.auto:
@@ -36,7 +47,7 @@ def _plan(args: argparse.Namespace, unknown: list[str]) -> int:
         raise ValueError(f"--batches={args.batches}: must be a positive integer")
     cfg = config_from_args(args, unknown)
     chunking = cfg.chunking
-    model_config = cfg.model.model_config()
+    shape = model_shape(cfg)
     param_bytes = {"float32": 4, "bfloat16": 2, "float64": 8}[cfg.model.dtype]
     # bf16 autocast stores activations in bf16 (plan does not probe for a GPU: "auto" counts as
     # autocast only when the device is named cuda).
@@ -47,20 +58,16 @@ def _plan(args: argparse.Namespace, unknown: list[str]) -> int:
     def describe(lengths: list[int]) -> str:
         plan = build_chunks(lengths, chunk_size=chunking.chunk_size,
                             pack_chain_tails=chunking.pack_chain_tails)
-        estimate = estimate_peak_memory(model_config, plan, k=chunking.k,
+        estimate = estimate_peak_memory(shape, plan, k=chunking.k,
                                         param_bytes=param_bytes,
                                         activation_bytes=activation_bytes)
         return (f"{plan.summary()}; longest sequence {max(lengths)} tokens\n"
-                f"  estimated peak memory ({cfg.model.preset}, {cfg.model.dtype}"
+                f"  estimated peak memory ({model_label(cfg)}, {cfg.model.dtype}"
                 f"{', bf16 autocast' if activation_bytes == 2 != param_bytes else ''}, "
                 f"k={chunking.k}): {estimate.summary()}"), plan
 
     if args.lengths:
-        try:
-            lengths = [int(x) for x in args.lengths.split(",")]
-        except ValueError:
-            raise ValueError(f"--lengths {args.lengths!r}: expected comma-separated integers, "
-                             f"like 9000,300,120") from None
+        lengths = _parse_lengths(args.lengths)
         text, plan = describe(lengths)
         print(text)
         for chunk in plan.chunks:
@@ -71,41 +78,113 @@ def _plan(args: argparse.Namespace, unknown: list[str]) -> int:
         print(f"schedule (k={chunking.k}): {format_schedule(schedule(plan, k=chunking.k))}")
         return 0
 
-    from chunkflow.train.data import DataPosition, DataStats, build_dataset, global_batches
-
-    dataset = build_dataset(cfg.data, vocab_size=model_config.vocab_size, seed=cfg.train.seed)
-    stats = DataStats()
+    dataset, first = _data_batches(cfg, args.batches)
     print(f"data: {dataset.describe()}; chunk_size={chunking.chunk_size}, k={chunking.k}")
-    batches = global_batches(dataset, cfg.data, DataPosition(), stats)
-    for i in range(args.batches):
-        batch, _, batch_stats = next(batches)
+    for i, (batch, _) in enumerate(first):
         text, _ = describe([len(ex) for ex in batch])
         print(f"global batch {i + 1}: {text}")
-    print(f"data so far: {batch_stats.summary(max_length=cfg.data.max_length)}")
+    print(f"data so far: {first[-1][1].summary(max_length=cfg.data.max_length)}")
     return 0
 
 
+def _parse_lengths(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--lengths {text!r}: expected comma-separated integers, like "
+                         f"9000,300,120") from None
+
+
+def _data_batches(cfg, num_batches: int):
+    """The configured data set (with the run's tokenizer) and its first global batches, each
+    with the data counters after it."""
+    from chunkflow.train.build import build_tokenizer, model_shape
+    from chunkflow.train.data import DataPosition, DataStats, build_dataset, global_batches
+
+    dataset = build_dataset(cfg.data, vocab_size=model_shape(cfg).vocab_size,
+                            seed=cfg.train.seed, tokenizer=build_tokenizer(cfg),
+                            model_path=cfg.model.path)
+    batches = global_batches(dataset, cfg.data, DataPosition(), DataStats())
+    return dataset, [(batch, stats) for (batch, _, stats), _ in zip(batches, range(num_batches))]
+
+
 # plan --auto's options and defaults (other plan runs warn when one of them is changed)
-_AUTO_DEFAULTS = {"model": "qwen2.5-7b", "gpu": "h100-80gb", "gpus": 16, "max_len": "256K",
+_AUTO_DEFAULTS = {"model": None, "gpu": "h100-80gb", "gpus": 16, "max_len": "256K",
                   "memory_budget": "80GiB", "global_batch": 256, "top": 5}
 
 
 def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
-    """``plan --auto``: (chunk_size, K) and layout with the fastest predicted iteration."""
-    from chunkflow.plan.cost import get_gpu, get_model_shape
-    from chunkflow.sim.tune import autotune, format_candidates, parse_size
+    """``plan --auto``: (chunk_size, K) and layout with the fastest predicted iteration.
 
-    if unknown:
-        raise ValueError(f"unexpected arguments with --auto: {' '.join(unknown)}")
-    shape, gpu = get_model_shape(args.model), get_gpu(args.gpu)
-    max_len, budget = parse_size(args.max_len), parse_size(args.memory_budget)
-    print(f"auto-tune: {args.model} on {args.gpus} x {gpu.name}, max length {args.max_len}, "
-          f"memory budget {args.memory_budget}, global batch {args.global_batch} "
-          f"(predicted by chunkflow.plan.cost + chunkflow.sim)")
+    The model: ``--model NAME`` (the paper's shapes and chunkflow's presets), or the run's own
+    ``--model.path`` / ``--model.preset``. The batches: ``--global-batch`` long-tailed lengths
+    up to ``--max-len``, or, when the run's data is given (``--data.path`` or ``--config``), its
+    first ``--batches`` global batches as the run will form them."""
+    from chunkflow.plan.cost import get_gpu
+    from chunkflow.sim.tune import autotune, format_candidates, format_size, parse_size
+    from chunkflow.train.config import config_from_args
+
+    cfg = config_from_args(args, unknown)  # the run's options (same as chunkflow train)
+    given = {name for name in vars(args) if "." in name}
+    own_model = args.config is not None or given & {"model.path", "model.preset"}
+    if own_model and args.model is not None:
+        raise ValueError(f"--model {args.model} and the run's model ("
+                         f"{cfg.model.path or cfg.model.preset}) both given; valid: one of them")
+    from chunkflow.train.build import model_label, model_shape
+
+    shape, name = ((model_shape(cfg), model_label(cfg)) if own_model
+                   else (_named_shape(args.model or "qwen2.5-7b"), args.model or "qwen2.5-7b"))
+    gpu, budget = get_gpu(args.gpu), parse_size(args.memory_budget)
+    options = {}
+    if args.config is not None or "data.path" in given:
+        # The run's own data: its first global batches, as the trainer will form them. The
+        # layouts are those chunkflow runs today (data x pipeline parallel; no tensor
+        # parallelism; pipeline stages need the reference model).
+        if args.batches < 1:
+            raise ValueError(f"--batches={args.batches}: must be a positive integer")
+        _, first = _data_batches(cfg, args.batches)
+        options["batches"] = [[len(ex) for ex in batch] for batch, _ in first]
+        max_len = max(max(b) for b in options["batches"])
+        longest = 1 << (max_len - 1).bit_length()
+        options["chunk_sizes"] = [1 << p for p in range(7, 16) if 1 << p <= longest]
+        options["max_tp"] = 1
+        if cfg.model.path is not None and cfg.model.implementation == "hf":
+            options["max_pp"] = 1
+        data = cfg.data.path or "the built-in data"
+        source = (f"the first {len(first)} global batch(es) of {data} (longest sequence "
+                  f"{max_len} tokens)")
+    else:
+        max_len = parse_size(args.max_len)
+        source = f"max length {args.max_len}, global batch {args.global_batch}"
+    print(f"auto-tune: {name} on {args.gpus} x {gpu.name}, {source}, memory budget "
+          f"{args.memory_budget} (predicted by chunkflow.plan.cost + chunkflow.sim)")
     candidates = autotune(shape, gpu, max_len=max_len, num_gpus=args.gpus,
-                          memory_budget=budget, global_batch=args.global_batch, seed=args.seed)
+                          memory_budget=budget, global_batch=args.global_batch, seed=args.seed,
+                          **options)
     print(format_candidates(candidates, top=args.top))
+    if "batches" in options:
+        best = candidates[0]
+        launch = ("chunkflow train" if args.gpus == 1 else
+                  f"torchrun --nproc-per-node {args.gpus} -m chunkflow train")
+        pp = f" --parallel.pp={best.pp}" if best.pp > 1 else ""
+        print(f"for this run: {launch} ... --chunking.chunk_size={best.chunk_size} "
+              f"--chunking.k={best.k}{pp} (predicted peak "
+              f"{format_size(best.peak_memory_bytes)} per GPU)")
     return 0
+
+
+def _named_shape(name: str):
+    """``--model``: a shape of the paper's table (qwen2.5-7b..72b) or a chunkflow preset."""
+    from chunkflow.plan.cost import MODEL_SHAPES, ModelShape, get_model_shape
+
+    if name.lower() in MODEL_SHAPES:
+        return get_model_shape(name)
+    from chunkflow.models.config import PRESETS
+
+    if name.lower() in PRESETS:
+        return ModelShape.from_config(PRESETS[name.lower()])
+    raise ValueError(f"--model {name!r}: known are {', '.join([*MODEL_SHAPES, *PRESETS])}, or "
+                     f"pass the run's --model.path")
 
 
 def _bench(args: argparse.Namespace, unknown: list[str]) -> int:
@@ -211,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Chunk statistics of the first global batches of the configured data (or "
                     "of --lengths), with an estimate of peak memory. Takes the same "
                     "configuration as `chunkflow train`.")
-    plan.add_argument("--batches", type=int, default=3, help="global batches to show (default 3)")
+    plan.add_argument("--batches", type=int, default=3, help="global batches to show, or (with "
+                      "--auto and the run's data) to tune on (default 3)")
     plan.add_argument("--lengths", help="comma-separated sequence lengths of one batch instead "
                                         "of the configured data; prints each chunk and the "
                                         "schedule")
@@ -219,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = _AUTO_DEFAULTS
     auto.add_argument("--auto", action="store_true", help="choose (chunk_size, K) and the "
                       "parallel layout with the fastest predicted iteration within the budget")
-    auto.add_argument("--model", default=d["model"], help="qwen2.5-7b|14b|32b|72b")
+    auto.add_argument("--model", default=d["model"], help="qwen2.5-7b (default)|14b|32b|72b or "
+                      "a preset (tiny, qwen2.5-0.5b); or give the run's --model.path")
     auto.add_argument("--gpu", default=d["gpu"], help="h100-80gb or a100-80gb")
     auto.add_argument("--gpus", type=int, default=d["gpus"], help="GPUs in all (default 16)")
     auto.add_argument("--max-len", default=d["max_len"], help="longest sequence, e.g. 256K")
@@ -289,20 +370,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before transformers or huggingface_hub are imported: they read it once, at import.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args, unknown = build_parser().parse_known_args(argv)
-    from chunkflow.train import TrainingError
+    from chunkflow.train import CheckpointSpaceError, TrainingError
 
     try:
         return args.func(args, unknown)
     except ValueError as e:
         print(f"chunkflow: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    except CheckpointSpaceError as e:
+        print(f"chunkflow: checkpoint not saved: {e}", file=sys.stderr)
+        return EXIT_DISK_FULL
     except TrainingError as e:
         print(f"chunkflow: training stopped: {e}", file=sys.stderr)
-        return 1
+        return EXIT_STOPPED
     except KeyboardInterrupt:  # a second Ctrl-C: stop without saving
         print("chunkflow: aborted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -81,3 +81,48 @@ def test_ignored_options_are_named_and_bad_ones_fail_before_output(capsys):
     assert main(["simulate", "--k", "0"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and "k must be a positive integer, got 0" in err
+
+
+def test_plan_counts_with_the_model_directorys_tokenizer(tmp_path, capsys):
+    """Issue 13.3: plan counted a --model.path run's data with the byte tokenizer (36,399 tokens
+    for a batch that trains as 9,172) and called the model "tiny"."""
+    import transformers
+
+    from tests.train.test_trainer_hf import CHATS, model_dir
+
+    model = model_dir(tmp_path, tied=False)
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in CHATS))
+    assert main(["plan", f"--model.path={model}", f"--data.path={data}", "--batches=1",
+                 "--data.shuffle_buffer=0", "--data.batch_size=3",
+                 "--chunking.chunk_size=64"]) == 0
+    out = capsys.readouterr().out
+    tok = transformers.AutoTokenizer.from_pretrained(model)
+    texts = [tok.apply_chat_template(r["messages"], tokenize=False) if "messages" in r
+             else r["text"] for r in CHATS]
+    tokens = sum(len(tok.encode(t, add_special_tokens=False)) for t in texts) + 1  # text: EOS
+    assert f"global batch 1: 3 sequences, {tokens} tokens" in out
+    assert f"estimated peak memory ({model} (hf), float32" in out and "(tiny" not in out
+
+
+def test_plan_auto_tunes_the_users_own_run(tmp_path, capsys):
+    """Issue 13: plan --auto took only the built-in 7B-72B shapes and a synthetic batch."""
+    from tests.train.test_trainer_hf import CHATS, model_dir
+
+    model = model_dir(tmp_path, tied=False)
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in CHATS * 40))
+    assert main(["plan", "--auto", f"--model.path={model}", f"--data.path={data}",
+                 "--data.batch_size=8", "--gpus=2", "--memory-budget=1GiB", "--top=2"]) == 0
+    out = capsys.readouterr().out
+    assert f"auto-tune: {model} (hf) on 2 x H100-80GB, the first 3 global batch(es) of " \
+           f"{data}" in out
+    assert "<TP 1, SP 1, PP 1> x DP 2" in out and "TP 2" not in out  # what chunkflow runs today
+    assert "for this run: torchrun --nproc-per-node 2 -m chunkflow train ... " \
+           "--chunking.chunk_size=" in out
+    # presets by name, the 0.5B included
+    assert main(["plan", "--auto", "--model", "qwen2.5-0.5b", "--gpus=1", "--max-len=32K",
+                 "--global-batch=8", "--top=1"]) == 0
+    assert "auto-tune: qwen2.5-0.5b on 1 x H100-80GB" in capsys.readouterr().out
+    assert main(["plan", "--auto", "--model", "qwen2.5-7b", f"--model.path={model}"]) == 2
+    assert "both given" in capsys.readouterr().err

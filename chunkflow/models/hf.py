@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -90,44 +91,85 @@ def register() -> None:
 
 
 def unsupported_reason(config) -> str | None:
-    """Why a model with this transformers config cannot be trained exactly, or None."""
+    """Why a model with this transformers config cannot be trained exactly (every reason, most
+    specific first), or None."""
     model_type = getattr(config, "model_type", None)
     if getattr(config, "is_encoder_decoder", False):
         return "encoder-decoder models are not causal LMs over one sequence"
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        return (f"model_type {model_type!r} is not supported yet; supported: "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)}. Other architectures may use attention "
-                f"that chunking would change (sliding windows, soft-capping, linear or recurrent "
-                f"layers), so they are refused rather than trained with wrong gradients")
+    reasons = []
+    for name in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if getattr(config, name, None):
+            reasons.append(f"{name}={getattr(config, name)}: logit soft-capping is not "
+                           f"supported (chunkflow's attention kernels compute plain softmax "
+                           f"attention)")
     layer_types = getattr(config, "layer_types", None) or []
     if any(t != "full_attention" for t in layer_types):
-        return (f"layer_types {sorted(set(layer_types))}: only full causal attention is exact "
-                f"under chunking (sliding-window or linear-attention layers are not)")
+        reasons.append(f"layer_types {sorted(set(layer_types))}: only full causal attention is "
+                       f"exact under chunking (sliding-window or linear-attention layers are not)")
     window = getattr(config, "sliding_window", None)
     uses_window = getattr(config, "use_sliding_window", window is not None)
     if window is not None and uses_window:
-        return (f"sliding_window={window}: sliding-window attention is not supported (set "
-                f"sliding_window=None for full attention)")
-    for name in ("final_logit_softcapping", "attn_logit_softcapping"):
-        if getattr(config, name, None):
-            return f"{name}={getattr(config, name)}: logit soft-capping is not supported"
+        reasons.append(f"sliding_window={window}: sliding-window attention is not supported "
+                       f"(set sliding_window=None for full attention)")
     if getattr(config, "attention_dropout", 0.0):
-        return (f"attention_dropout={config.attention_dropout}: dropout makes gradients random; "
-                f"set it to 0")
+        reasons.append(f"attention_dropout={config.attention_dropout}: dropout makes gradients "
+                       f"random; set it to 0")
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) \
         else "default"
     if rope_type == "dynamic":
-        return ("rope_type 'dynamic' rescales RoPE by the length of each forward pass, which "
-                "chunking changes; static RoPE types (default, linear, llama3, yarn) are fine")
-    return None
+        reasons.append("rope_type 'dynamic' rescales RoPE by the length of each forward pass, "
+                       "which chunking changes; static RoPE types (default, linear, llama3, "
+                       "yarn) are fine")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        reasons.append(f"model_type {model_type!r} is not supported yet; supported: "
+                       f"{', '.join(SUPPORTED_MODEL_TYPES)}. Other architectures may use "
+                       f"attention that chunking would change (sliding windows, soft-capping, "
+                       f"linear or recurrent layers), so they are refused rather than trained "
+                       f"with wrong gradients")
+    return "; ".join(reasons) or None
+
+
+def check_model_dir(path: str, *, option: str = "--model.path") -> Path:
+    """``path`` as a local Hugging Face model directory (config.json and safetensors weights),
+    or a ValueError saying what is missing. Nothing is looked up on the network."""
+    where = Path(path)
+    valid = "valid: a local directory with config.json and safetensors weights"
+    if not where.exists():
+        raise ValueError(f"{option}={path!r} does not exist; {valid} (chunkflow never "
+                         f"downloads models: fetch it first, e.g. with huggingface-cli download)")
+    if not where.is_dir():
+        raise ValueError(f"{option}={path!r} is a file, not a directory; {valid}")
+    if not (where / "config.json").is_file():
+        raise ValueError(f"{option}={path!r} has no config.json; {valid}")
+    if not any(where.glob("*.safetensors")) and not any(where.glob("*.safetensors.index.json")):
+        pickles = sorted(p.name for p in where.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        found = f"only pickle weights ({', '.join(pickles)}), which can run code on load" \
+            if pickles else "no *.safetensors weights"
+        raise ValueError(f"{option}={path!r} has {found}; {valid} (convert once with "
+                         f"transformers: from_pretrained(...).save_pretrained(...))")
+    return where
 
 
 def load_hf_model(path: str, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """A local transformers causal LM directory, loaded as is (no network), checked to be
-    trainable with chunkflow."""
-    from transformers import AutoModelForCausalLM
+    trainable with chunkflow before its weights are read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    check_model_dir(path)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # OSError, ValueError, KeyError, ... from transformers
+        raise ValueError(f"--model.path={path!r}: config.json is not a transformers model "
+                         f"config ({type(e).__name__}: {e})") from None
+    reason = unsupported_reason(config)
+    if reason is not None:
+        raise ValueError(f"--model.path={path!r} ({type(config).__name__}) cannot be trained "
+                         f"with chunkflow: {reason}")
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # chunkflow prints its own line about the model
     try:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype,
                                                      attn_implementation="sdpa")
@@ -135,6 +177,9 @@ def load_hf_model(path: str, *, dtype: torch.dtype, device: torch.device) -> nn.
         raise ValueError(f"--model.path={path!r}: cannot load a transformers causal LM "
                          f"({type(e).__name__}: {e}); valid: a local directory with "
                          f"config.json and safetensors weights") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     HFChunkModel(model)  # refuse unsupported architectures before any work is done
     return model.to(device)
 

@@ -28,22 +28,30 @@ def _module(engine: ParallelEngine) -> torch.nn.Module:
     return engine.wrapped if engine.wrapped is not None else engine.model
 
 
-def stage_state(engine: ParallelEngine, optimizer: torch.optim.Optimizer
-                ) -> tuple[dict[str, torch.Tensor], dict]:
-    """Full model and optimizer state of this rank's stage (collective over its replicas)."""
+def stage_state(engine: ParallelEngine, optimizer: torch.optim.Optimizer, *, weights: bool = True
+                ) -> tuple[dict[str, torch.Tensor] | None, dict]:
+    """Full model and optimizer state of this rank's stage (collective over its replicas).
+    ``weights=False``: the optimizer state only (LoRA runs save their adapter themselves)."""
     module = _module(engine)
-    model_state = {k: v.detach().cpu().contiguous()
-                   for k, v in get_model_state_dict(module, options=_FULL).items()}
-    if engine.model.config.tie_word_embeddings:
-        model_state.pop("lm_head.weight", None)  # stored once, as Hugging Face does
+    model_state = None
+    if weights:
+        model_state = {k: v.detach().cpu().contiguous()
+                       for k, v in get_model_state_dict(module, options=_FULL).items()}
+        if engine.model.config.tie_word_embeddings:
+            model_state.pop("lm_head.weight", None)  # stored once, as Hugging Face does
     optim_state = get_optimizer_state_dict(module, optimizer, options=_FULL)
     return model_state, optim_state
 
 
 def load_stage_state(engine: ParallelEngine, optimizer: torch.optim.Optimizer,
-                     model_state: dict[str, torch.Tensor], optim_state: dict | None) -> None:
+                     model_state: dict[str, torch.Tensor] | None, optim_state: dict | None
+                     ) -> None:
     """Inverse of :func:`stage_state` (every rank passes the full state it read)."""
     module = _module(engine)
+    if model_state is None:
+        if optim_state is not None:
+            set_optimizer_state_dict(module, optimizer, optim_state, options=_FULL)
+        return
     expected = set(get_model_state_dict(module, options=_FULL))
     if engine.model.config.tie_word_embeddings and "lm_head.weight" in expected:
         model_state = dict(model_state, **{"lm_head.weight": model_state.get(

@@ -68,7 +68,19 @@ def apply_fsdp(model: nn.Module, ctx: ParallelContext) -> nn.Module:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)  # sum, like the single process's one backward
+            # A plain SUM reduce-scatter: for float32/bf16 FSDP2 otherwise expresses the factor
+            # as ReduceOp.PREMUL_SUM, which gloo (CPU) does not implement.
+            if hasattr(module, "set_force_sum_reduction_for_comms"):  # torch >= 2.8
+                module.set_force_sum_reduction_for_comms(True)
     return model
+
+
+def reshard(model: nn.Module) -> None:
+    """Free the gathered parameters of every FSDP2 module of ``model`` (after a forward-only
+    pass, which has no backward to reshard them)."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 class DataParallelSync(GradSync):

@@ -28,6 +28,7 @@ from chunkflow.parallel.data_parallel import (
     apply_ddp,
     apply_fsdp,
     clip_grad_norm,
+    reshard,
 )
 from chunkflow.parallel.mesh import ParallelContext
 from chunkflow.parallel.pipeline import P2PStageIO, split_stage
@@ -41,7 +42,7 @@ from chunkflow.plan import (
     subplan,
 )
 from chunkflow.plan.cost import ModelShape
-from chunkflow.runtime.engine import ChunkFlowEngine, StepResult
+from chunkflow.runtime.engine import ChunkFlowEngine, EvalResult, StepResult
 from chunkflow.runtime.loss import IGNORE_INDEX
 
 
@@ -119,18 +120,41 @@ class ParallelEngine:
                             pack_chain_tails=self.engine.pack_chain_tails)
         return plan, balance_chunks(plan, self.ctx.dp, k=self.k, shape=self.shape)
 
-    def forward_backward(self, batch: list[dict]) -> ParallelStepResult:
-        """Forward and backward of this rank's share of the global ``batch`` (a list of dicts
-        with ``input_ids`` and optional ``labels``, the same list on every rank)."""
+    def _local(self, batch: list[dict]) -> tuple[ChunkPlan, Sharding, ChunkPlan, list[dict]]:
+        """The global plan, its sharding, and this replica's subplan and sequences."""
         plan, sharding = self.shard([len(item["input_ids"]) for item in batch])
         mine = sharding.chunk_ids[self.ctx.dp_rank]
         if mine:
             sub, seq_ids = subplan(plan, mine)
-            local_batch = [batch[i] for i in seq_ids]
-        else:  # fewer units than replicas: one token with no target keeps the collectives going
-            local_batch = [{"input_ids": torch.zeros(1, dtype=torch.long),
-                            "labels": torch.full((1,), IGNORE_INDEX)}]
-            sub = build_chunks([1], chunk_size=self.chunk_size)
+            return plan, sharding, sub, [batch[i] for i in seq_ids]
+        # Fewer units than replicas: one token with no target keeps the collectives going.
+        local_batch = [{"input_ids": torch.zeros(1, dtype=torch.long),
+                        "labels": torch.full((1,), IGNORE_INDEX)}]
+        return plan, sharding, build_chunks([1], chunk_size=self.chunk_size), local_batch
+
+    def evaluate(self, batch: list[dict]) -> EvalResult:
+        """Forward-only loss of the global ``batch`` (the same list on every rank): each
+        replica runs its units through the pipeline; the sums are those of the whole batch."""
+        plan, _, sub, local_batch = self._local(batch)
+        try:
+            local = self.engine.evaluate(local_batch, plan=sub, io=self.io)
+            self.io.wait()
+        except RuntimeError as e:
+            raise RuntimeError(f"rank {self.ctx.rank} (replica {self.ctx.dp_rank}, stage "
+                               f"{self.ctx.stage}) failed in an evaluation: {e}") from e
+        if self.data_parallel == "fsdp" and self.ctx.dp > 1:
+            reshard(self.model)
+        # Only last stages hold a loss; each supervised token is counted on one rank.
+        last = self.ctx.is_last_stage
+        loss_sum, num_loss_tokens = self.ctx.all_sum(
+            [local.loss_sum if last else 0.0, float(local.num_loss_tokens) if last else 0.0])
+        return EvalResult(loss_sum=loss_sum, num_loss_tokens=int(num_loss_tokens),
+                          num_tokens=plan.num_tokens, num_chunks=plan.num_chunks)
+
+    def forward_backward(self, batch: list[dict]) -> ParallelStepResult:
+        """Forward and backward of this rank's share of the global ``batch`` (a list of dicts
+        with ``input_ids`` and optional ``labels``, the same list on every rank)."""
+        plan, sharding, sub, local_batch = self._local(batch)
         actions = (schedule(sub, k=self.k) if self.ctx.pp == 1
                    else state_aware_1f1b(sub, self.ctx.pp, k=self.k)[self.ctx.stage])
         self.sync.start()

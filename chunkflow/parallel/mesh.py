@@ -89,6 +89,12 @@ class ParallelContext:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def all_gather_object(self, obj) -> list:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        out = [None] * self.layout.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def all_sum(self, values: list[float]) -> list[float]:
         """Element-wise sum over every rank (float64)."""
         t = torch.tensor(values, dtype=torch.float64, device=self.comm_device)

@@ -12,6 +12,13 @@
 
 Gradients accumulate into ``.grad`` exactly as ``loss.backward()`` of unchunked training would.
 
+Dropout (e.g. LoRA's) draws its masks from a generator seeded per chunk and step, so a chunk's
+``S``, ``F`` and ``R`` see the same mask and the recompute reproduces the forward exactly.
+
+``evaluate(batch)`` is the forward alone: every chunk once, in chain order, under ``no_grad``,
+keeping only the chain's key/value state, and returns the sum of the token losses and their
+number (held-out loss with the memory of one chunk).
+
 The same executor runs one pipeline stage: the model is then a stage (the whole model minus
 other stages' modules), the actions are that stage's list from
 :func:`chunkflow.plan.state_aware_1f1b`, a :class:`StageIO` receives inputs and sends outputs
@@ -58,6 +65,15 @@ class StepResult:
     peak_memory_bytes: int
     """CUDA: max_memory_allocated. CPU: peak of bytes saved for backward + key/value state."""
     plan: ChunkPlan
+
+
+@dataclass
+class EvalResult:
+    loss_sum: float
+    """Sum of the supervised tokens' cross-entropy (nats)."""
+    num_loss_tokens: int
+    num_tokens: int
+    num_chunks: int
 
 
 @dataclass
@@ -208,7 +224,7 @@ class ChunkFlowEngine:
                                                  totals=sync.global_counts)
         actions = schedule(plan, k=self.k) if actions is None else list(actions)
         step = _Step(plan, ids_list, targets, weights, get_kernel(self.attention_backend, device),
-                     device)
+                     device, self._dropout_seed())
         self.meter.reset(exclude=list(self.model.parameters()))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -228,6 +244,59 @@ class ChunkFlowEngine:
         return StepResult(loss=total.to(acc), num_loss_tokens=num_loss_tokens,
                           num_chunks=plan.num_chunks, num_tokens=plan.num_tokens,
                           peak_memory_bytes=peak, plan=plan)
+
+    @torch.no_grad()
+    def evaluate(self, batch, *, plan: ChunkPlan | None = None,
+                 io: "StageIO | None" = None) -> EvalResult:
+        """Forward-only loss of ``batch``: the sum of its supervised tokens' cross-entropy and
+        their number, chunk by chunk (chains in order, keeping only their KV state). With
+        ``io`` and ``plan``, this pipeline stage's part (the last stage holds the loss)."""
+        io = io or StageIO()
+        ids_list, labels_list = self._prepare(batch)
+        device, dtype = self._param().device, self._param().dtype
+        acc = torch.promote_types(dtype, torch.float32)
+        targets = [shift_labels(labels) for labels in labels_list]
+        if plan is None:
+            plan = build_chunks([len(x) for x in ids_list], chunk_size=self.chunk_size,
+                                pack_chain_tails=self.pack_chain_tails)
+        weights = [(t != IGNORE_INDEX).to(acc) for t in targets]  # sum, not mean
+        num_loss_tokens = int(sum(int(w.sum()) for w in weights))
+        step = _Step(plan, ids_list, targets, weights, get_kernel(self.attention_backend, device),
+                     device, None)
+        is_last_stage = self.model.lm_head is not None
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        order = [c for chunk in plan.chunks for c in
+                 ([chunk.chunk_id] if chunk.chain_id is None else
+                  plan.chains[chunk.chain_id].chunk_ids if chunk.chain_idx == 0 else [])]
+        state = None
+        for chunk_id in order:
+            chunk = plan.chunks[chunk_id]
+            chain = plan.chain_of(chunk)
+            if chain is not None and chunk.chain_idx == 0:
+                state = ChainState(layer_ids=self.model.layer_ids,
+                                   seq_len=plan.chunks[chain.chunk_ids[-1]].segments[0].start,
+                                   meter=self.meter, with_grads=False)
+            graph = self._forward(step, chunk, state if chain is not None else None,
+                                  io.recv_forward(chunk), grad=False, write_state=True,
+                                  with_loss=is_last_stage)
+            if is_last_stage:
+                total += graph.output.double()
+            else:
+                io.send_forward(chunk, graph.output)
+            if chain is not None and chunk.chain_idx == chain.num_chunks - 1:
+                state.free()
+                state = None
+        return EvalResult(loss_sum=float(total), num_loss_tokens=num_loss_tokens,
+                          num_tokens=plan.num_tokens, num_chunks=plan.num_chunks)
+
+    def _dropout_seed(self) -> int | None:
+        """A seed for this step's dropout masks when the model has active dropout, else None.
+        Drawn from torch's global generator, so it is part of a checkpoint's RNG state."""
+        module = getattr(self.model, "module", self.model)
+        if not any(isinstance(m, nn.Dropout) and m.p > 0 and m.training
+                   for m in module.modules()):
+            return None
+        return int(torch.randint(0, 2**62, (1,)))
 
     def _execute(self, step: "_Step", actions: list[Action], io: "StageIO", sync: "GradSync",
                  total: torch.Tensor) -> torch.Tensor:
@@ -291,13 +360,29 @@ class ChunkFlowEngine:
         return total
 
     def _forward(self, step: "_Step", chunk: Chunk, state: ChainState | None,
-                 x: torch.Tensor | None, *, grad: bool, write_state: bool) -> "_Graph":
+                 x: torch.Tensor | None, *, grad: bool, write_state: bool,
+                 with_loss: bool | None = None) -> "_Graph":
         """Run one chunk on this model (or pipeline stage). ``x``: the hidden states the previous
-        stage sent, None on the first stage (which embeds the chunk's tokens).
+        stage sent, None on the first stage (which embeds the chunk's tokens). ``with_loss``
+        (default: ``grad``): compute the chunk's loss on the last stage.
 
         Returns the chunk's graph: its weighted loss (last stage) or output hidden states,
         and the key/value outputs that will receive gradients from later chunks of its chain.
         """
+        if step.dropout_seed is None:
+            return self._run_chunk(step, chunk, state, x, grad=grad, write_state=write_state,
+                                   with_loss=grad if with_loss is None else with_loss)
+        # The same dropout masks in every forward of this chunk (S, F and R).
+        device = step.kernel_device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
+                                   device_type=device.type):
+            torch.manual_seed(step.dropout_seed + chunk.chunk_id)
+            return self._run_chunk(step, chunk, state, x, grad=grad, write_state=write_state,
+                                   with_loss=grad if with_loss is None else with_loss)
+
+    def _run_chunk(self, step: "_Step", chunk: Chunk, state: ChainState | None,
+                   x: torch.Tensor | None, *, grad: bool, write_state: bool,
+                   with_loss: bool) -> "_Graph":
         segments, offset = [], 0
         for i, seg in enumerate(chunk.segments):
             is_chain = i == 0 and chunk.chain_id is not None
@@ -320,7 +405,7 @@ class ChunkFlowEngine:
                                     write_state=write_state, keep_kv=grad and has_successor)
         with torch.set_grad_enabled(grad):
             hidden = self.model.hidden_states(x, position_ids=position_ids, attention=attention)
-            if self.model.lm_head is None or not grad:
+            if self.model.lm_head is None or not with_loss:
                 # Not the last stage (hidden states go on), or a state-only forward on the last.
                 return _Graph(hidden, attention.own_kv, inputs)
             logits = self.model.lm_head(hidden)[0]  # (L, V)
@@ -410,6 +495,8 @@ class _Step:
     weights: list[torch.Tensor]
     kernel: object
     kernel_device: torch.device
+    dropout_seed: int | None
+    """Seed of this step's dropout masks (one generator per chunk); None: no active dropout."""
 
 
 def _describe(x: Any) -> str:

@@ -19,8 +19,10 @@ from chunkflow.runtime.memory import MemoryMeter
 
 
 class ChainState:
-    def __init__(self, *, layer_ids: Sequence[int], seq_len: int, meter: MemoryMeter):
-        self.seq_len = seq_len
+    def __init__(self, *, layer_ids: Sequence[int], seq_len: int, meter: MemoryMeter,
+                 with_grads: bool = True):
+        """``with_grads=False``: keys and values only (a forward-only pass, e.g. evaluation)."""
+        self.seq_len, self.with_grads = seq_len, with_grads
         self.k: dict[int, torch.Tensor | None] = dict.fromkeys(layer_ids)
         self.v: dict[int, torch.Tensor | None] = dict.fromkeys(layer_ids)
         self.grad_k: dict[int, torch.Tensor | None] = dict.fromkeys(layer_ids)
@@ -45,8 +47,10 @@ class ChainState:
         # (1, G, n, D) -> (1, G, T, D) for every layer
         shape = (*like.shape[:2], self.seq_len, like.shape[3])
         grad_dtype = torch.promote_types(like.dtype, torch.float32)
-        for buffers, dtype in ((self.k, like.dtype), (self.v, like.dtype),
-                               (self.grad_k, grad_dtype), (self.grad_v, grad_dtype)):
+        parts = [(self.k, like.dtype), (self.v, like.dtype)]
+        if self.with_grads:
+            parts += [(self.grad_k, grad_dtype), (self.grad_v, grad_dtype)]
+        for buffers, dtype in parts:
             for layer_idx in buffers:
                 buffers[layer_idx] = torch.zeros(shape, dtype=dtype, device=like.device)
                 self._nbytes += buffers[layer_idx].nbytes

@@ -157,16 +157,19 @@ class Candidate:
         return f"<TP {self.tp}, SP {self.tp}, PP {self.pp}> x DP {self.dp}"
 
 
-def layouts(shape: ModelShape, num_gpus: int) -> list[tuple[int, int, int]]:
+def layouts(shape: ModelShape, num_gpus: int, *, max_tp: int = GPUS_PER_NODE,
+            max_pp: int | None = None) -> list[tuple[int, int, int]]:
     """(tp, pp, dp) with tp inside a node dividing the query and KV heads and the MLP width,
-    pp dividing the layers (Megatron's rules), tp * pp * dp = num_gpus."""
+    pp dividing the layers (Megatron's rules), tp * pp * dp = num_gpus; ``max_tp``/``max_pp``
+    restrict them (to what a runtime can run)."""
     num_gpus = check_positive_int("num_gpus", num_gpus)
     out = []
     for tp in (1, 2, 4, 8):
-        if (tp > min(GPUS_PER_NODE, num_gpus) or num_gpus % tp or shape.num_attention_heads % tp
-                or shape.num_key_value_heads % tp or shape.intermediate_size % tp):
+        if (tp > min(GPUS_PER_NODE, num_gpus, max_tp) or num_gpus % tp
+                or shape.num_attention_heads % tp or shape.num_key_value_heads % tp
+                or shape.intermediate_size % tp):
             continue
-        for pp in range(1, num_gpus // tp + 1):
+        for pp in range(1, min(num_gpus // tp, max_pp or num_gpus) + 1):
             if (num_gpus // tp) % pp == 0 and shape.num_hidden_layers % pp == 0:
                 out.append((tp, pp, num_gpus // (tp * pp)))
     return out
@@ -174,31 +177,42 @@ def layouts(shape: ModelShape, num_gpus: int) -> list[tuple[int, int, int]]:
 
 def autotune(shape: ModelShape, gpu: GPUProfile, *, max_len: int, num_gpus: int,
              memory_budget: float, global_batch: int = 256, seed: int = 0,
-             seq_lens: Sequence[int] | None = None, chunk_sizes: Sequence[int] = CHUNK_SIZES,
-             ks: Sequence[int] = KS) -> list[Candidate]:
+             seq_lens: Sequence[int] | None = None,
+             batches: Sequence[Sequence[int]] | None = None,
+             chunk_sizes: Sequence[int] = CHUNK_SIZES, ks: Sequence[int] = KS,
+             max_tp: int = GPUS_PER_NODE, max_pp: int | None = None) -> list[Candidate]:
     """Candidates within ``memory_budget`` bytes per GPU, fastest first.
 
-    The batch: ``seq_lens``, or ``global_batch`` lengths from the long-tailed generator
-    (``chunkflow.plan.lengths``) scaled to ``max_len``, deterministic in ``seed``. Chunk sizes above ``max_len`` are skipped; K values beyond the longest chain give the
-    same schedule and are tried once. Raises ``ValueError`` when nothing fits, naming the
-    smallest peak found.
+    The workload: ``batches`` (several global batches, e.g. a run's own: a candidate's time is
+    their mean, its peak their maximum), or one batch ``seq_lens``, or ``global_batch`` lengths
+    from the long-tailed generator (``chunkflow.plan.lengths``) scaled to ``max_len``,
+    deterministic in ``seed``. Chunk sizes above ``max_len`` are skipped; K values beyond the
+    longest chain give the same schedule and are tried once; ``max_tp``/``max_pp`` limit the
+    layouts (see :func:`layouts`). Raises ``ValueError`` when nothing fits, naming the smallest
+    peak found.
     """
     max_len = check_positive_int("max_len", max_len)
-    if seq_lens is None:
-        seq_lens = sample_lengths(random.Random(seed), check_positive_int(
-            "global_batch", global_batch), max_len=max_len)
-    seq_lens = list(seq_lens)
+    if batches is None:
+        if seq_lens is None:
+            seq_lens = sample_lengths(random.Random(seed), check_positive_int(
+                "global_batch", global_batch), max_len=max_len)
+        batches = [seq_lens]
+    batches = [list(b) for b in batches]
+    if not batches or not all(batches):
+        raise ValueError("autotune needs at least one non-empty batch of sequence lengths")
     found, smallest = [], None
-    for tp, pp, dp in layouts(shape, num_gpus):
-        if dp > len(seq_lens):
+    for tp, pp, dp in layouts(shape, num_gpus, max_tp=max_tp, max_pp=max_pp):
+        if dp > min(len(b) for b in batches):
             continue
         cost = CostModel(shape, gpu, tp=tp, pp=pp, dp=dp)
         for chunk_size in sorted(c for c in chunk_sizes if c <= max_len) or [min(chunk_sizes)]:
-            longest = max(-(-n // chunk_size) for n in seq_lens)
+            longest = max(-(-n // chunk_size) for b in batches for n in b)
             for k in sorted({min(k, longest) for k in ks}):
-                pred = predict_chunkflow(cost, seq_lens, chunk_size=chunk_size, k=k)
-                cand = Candidate(chunk_size, k, tp, pp, dp, pred.iteration_seconds,
-                                 pred.peak_memory_bytes, pred.bubble_ratio)
+                preds = [predict_chunkflow(cost, b, chunk_size=chunk_size, k=k) for b in batches]
+                cand = Candidate(chunk_size, k, tp, pp, dp,
+                                 sum(p.iteration_seconds for p in preds) / len(preds),
+                                 max(p.peak_memory_bytes for p in preds),
+                                 sum(p.bubble_ratio for p in preds) / len(preds))
                 if smallest is None or cand.peak_memory_bytes < smallest.peak_memory_bytes:
                     smallest = cand
                 if cand.peak_memory_bytes <= memory_budget:
@@ -206,7 +220,8 @@ def autotune(shape: ModelShape, gpu: GPUProfile, *, max_len: int, num_gpus: int,
     if not found:
         if smallest is None:
             raise ValueError(f"no <TP, PP, DP> layout of {num_gpus} GPUs suits this model "
-                             f"(TP must divide the heads, PP the {shape.num_hidden_layers} layers)")
+                             f"(TP must divide the heads, PP the {shape.num_hidden_layers} layers; "
+                             f"DP at most the {min(len(b) for b in batches)} sequences of a batch)")
         raise ValueError(f"nothing fits in {format_size(memory_budget)} per GPU: the smallest "
                          f"predicted peak is {format_size(smallest.peak_memory_bytes)} "
                          f"(chunk {format_size(smallest.chunk_size, tokens=True)}, K={smallest.k}, "
@@ -222,11 +237,15 @@ def format_candidates(cands: Sequence[Candidate], top: int = 5) -> str:
             f"{'bubbles':>8}"]
     for i, c in enumerate(cands[:top]):
         rows.append(f"{'*' if i == 0 else ' ':2}{format_size(c.chunk_size, tokens=True):>6} "
-                    f"{c.k:>3}  {c.layout:<28} {c.iteration_seconds:>9.2f}s "
+                    f"{c.k:>3}  {c.layout:<28} {_fmt_seconds(c.iteration_seconds):>10} "
                     f"{format_size(c.peak_memory_bytes):>10} {c.bubble_ratio:>8.1%}")
     if len(cands) > top:
         rows.append(f"  ... {len(cands) - top} more within the budget")
     return "\n".join(rows)
+
+
+def _fmt_seconds(seconds: float) -> str:
+    return f"{seconds:.2f}s" if seconds >= 0.1 else f"{seconds * 1e3:.2f}ms"
 
 
 # ---- sizes -----------------------------------------------------------------------------------

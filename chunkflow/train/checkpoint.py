@@ -1,23 +1,35 @@
-"""Checkpoints: one directory per saved step, written atomically, loaded without pickled code.
+"""Checkpoints: one directory per saved step, written atomically, verified before use, loaded
+without pickled code.
 
-Layout of ``<run_dir>/step-00000100/``:
+Layout of ``<run_dir>/step-00000100/`` (what the model files are is :mod:`chunkflow.train.export`'s
+business: ``model.safetensors`` + ``config.json``, or a LoRA adapter, plus the tokenizer and
+``generation_config.json``, so the directory is a Hugging Face model directory too):
 
-* ``model.safetensors``  the weights (shared tensors such as tied embeddings stored once);
-* ``config.json``        the model configuration in Hugging Face format, so the directory also
-                          loads with ``AutoModelForCausalLM.from_pretrained``;
 * ``optimizer.pt``       the optimizer's state dict: tensors and numbers only, so it loads with
                           ``torch.load(weights_only=True)``;
 * ``rng.pt``             torch CPU (and CUDA) generator states, also tensors only;
-* ``trainer_state.json`` step, data position, data counters, Python RNG state, run counters.
+* ``trainer_state.json`` step, data position, data counters, Python RNG state, run counters;
+* ``manifest.json``      every other file's size and SHA-256, written last.
 
-Invariants: a directory named ``step-*`` is always complete, because it is written under a
-temporary name and renamed in one ``os.rename``; a SIGKILL at any moment leaves at most a
-``.step-*.tmp-*`` directory behind, which the next run removes. Older checkpoints are deleted
-only after the new one is in place, and the newest is never deleted.
+Invariants:
+
+- A directory named ``step-*`` is always complete: it is written under a temporary name and
+  renamed in one ``os.rename``; a SIGKILL at any moment leaves at most a ``.step-*.tmp-*``
+  directory behind, which the next run removes.
+- A checkpoint is used only after :func:`checkpoint_problem` found every file of its manifest
+  with the recorded size and checksum (a truncated or corrupted one is named and skipped).
+- A run never loses a saved checkpoint: older ones are deleted only beyond ``keep_last``, after
+  the new one is in place, and checkpoints newer than the step a run resumed from are moved to
+  ``superseded/`` (never deleted, never overwritten) before the run saves over their steps.
+- No space left on the device is one :class:`CheckpointSpaceError` naming the directory and the
+  bytes needed; the partial checkpoint is removed and the older ones are untouched.
+- Files get the usual permissions (0666 and 0777 less the umask), not mkdtemp's private 0700.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import random
@@ -25,14 +37,18 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_model, save_model
+
+from chunkflow.train import CheckpointSpaceError
 
 _NAME = re.compile(r"^step-(\d+)$")
 _TMP_PREFIX = ".step-"
-FILES = ("model.safetensors", "config.json", "optimizer.pt", "rng.pt", "trainer_state.json")
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.json"
+SUPERSEDED = "superseded"
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def checkpoint_name(step: int) -> str:
@@ -40,7 +56,7 @@ def checkpoint_name(step: int) -> str:
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints in ``run_dir``, oldest first."""
+    """Checkpoint directories in ``run_dir`` (complete by construction), oldest first."""
     if not run_dir.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in run_dir.iterdir()
@@ -54,6 +70,106 @@ def remove_partial_checkpoints(run_dir: Path) -> list[Path]:
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)
     return stale
+
+
+# -- verification ----------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entries(root: Path, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """{relative path: {"bytes", "sha256"}} of ``names`` under ``root`` (default: every file)."""
+    if names is None:
+        names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    return {n: {"bytes": (root / n).stat().st_size, "sha256": _sha256(root / n)} for n in names}
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """``path/trainer_state.json``; a CheckpointError-style ValueError names the file."""
+    file = path / TRAINER_STATE
+    try:
+        state = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint {str(path)!r} is incomplete or not a chunkflow checkpoint: "
+                         f"missing {TRAINER_STATE}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: unreadable ({type(e).__name__}: {e}); the checkpoint is "
+                         f"corrupt") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise ValueError(f"{file}: not a chunkflow trainer state (no integer 'step')")
+    return state
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be resumed from (missing, truncated or corrupt files), or None.
+
+    Every file in ``manifest.json`` must have its recorded size and SHA-256. Checkpoints from
+    before manifests existed get the structural checks only."""
+    if not path.is_dir():
+        return f"{path} is not a directory"
+    manifest = path / MANIFEST
+    if manifest.is_file():
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            return f"{manifest}: unreadable ({type(e).__name__}: {e})"
+        for name, want in sorted(files.items()):
+            file = path / name
+            if not file.is_file():
+                return f"{file} is missing"
+            size = file.stat().st_size
+            if size != want["bytes"]:
+                return f"{file} has {size} bytes, the manifest says {want['bytes']} (truncated?)"
+            if _sha256(file) != want["sha256"]:
+                return f"{file} does not match its SHA-256 in {MANIFEST} (corrupted)"
+    elif not any(path.glob("*.safetensors")):
+        return f"{path} holds no weights (*.safetensors) and no {MANIFEST}"
+    try:
+        read_trainer_state(path)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """Raise ValueError naming the problem unless ``path`` is complete; return its trainer state."""
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ValueError(f"checkpoint {str(path)!r} cannot be used: {problem}; valid: a complete "
+                         f"step-* directory of a chunkflow run")
+    return read_trainer_state(path)
+
+
+# -- saving ------------------------------------------------------------------------------------
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _finish_files(tmp: Path) -> None:
+    """Usual permissions (mkdtemp makes 0700), then every file durable before the rename."""
+    mask = _umask()
+    for p in [tmp, *tmp.rglob("*")]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
 
 
 def _fsync_dir(path: Path) -> None:
@@ -71,44 +187,43 @@ def _rng_states() -> dict[str, Any]:
     return states
 
 
-def save_checkpoint(run_dir: Path, *, step: int, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any],
-                    keep_last: int) -> Path:
-    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep_last``."""
-    final = run_dir / checkpoint_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step:08d}.tmp-", dir=run_dir))
-    try:
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _complete(tmp, final, model=model, trainer_state=dict(trainer_state, step=step),
-              keep_last=keep_last)
-    return final
+def write_run_state(tmp: Path, trainer_state: dict[str, Any],
+                    entries: dict[str, dict[str, Any]] | None = None) -> None:
+    """RNG states and trainer state, then the manifest of everything in ``tmp`` (``entries``:
+    files already checksummed by the ranks that wrote them)."""
+    torch.save(_rng_states(), tmp / "rng.pt")
+    state = dict(trainer_state, python_rng=_encode_py_rng(random.getstate()))
+    (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
+    entries = dict(entries or {})
+    rest = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*")
+                  if p.is_file() and p.relative_to(tmp).as_posix() not in entries)
+    entries.update(file_entries(tmp, rest))
+    (tmp / MANIFEST).write_text(json.dumps({"format": 1, "files": dict(sorted(entries.items()))},
+                                           indent=1))
 
 
-def _complete(tmp: Path, final: Path, *, model: torch.nn.Module, trainer_state: dict[str, Any],
-              keep_last: int) -> None:
-    """Add config, RNG and trainer state to ``tmp``, publish it as ``final``, prune old ones."""
-    try:
-        (tmp / "config.json").write_text(_hf_config_json(model))
-        torch.save(_rng_states(), tmp / "rng.pt")
-        state = dict(trainer_state, python_rng=_encode_py_rng(random.getstate()))
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        _publish(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _prune(final.parent, final, keep_last)
+def set_aside_newer(run_dir: Path, step: int) -> list[Path]:
+    """Move checkpoints at ``step`` or later (a history this run is replacing, e.g. after a
+    resume from an older step or past a corrupt newest one) into ``superseded/``; never
+    deletes. Returns their new paths."""
+    moved = []
+    for s, path in list_checkpoints(run_dir):
+        if s < step:
+            continue
+        target_dir = run_dir / SUPERSEDED
+        target_dir.mkdir(exist_ok=True)
+        target, n = target_dir / path.name, 1
+        while target.exists():
+            target, n = target_dir / f"{path.name}.{n}", n + 1
+        os.rename(path, target)
+        moved.append(target)
+    return moved
 
 
 def _publish(tmp: Path, final: Path) -> None:
     """Make the complete temporary directory ``tmp`` the checkpoint ``final``, durably."""
-    for f in tmp.iterdir():  # durable before the rename makes the checkpoint visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():  # never replace a saved checkpoint; the trainer never asks to
+    _finish_files(tmp)
+    if final.exists():  # never replace a saved checkpoint (set_aside_newer moved any away)
         raise ValueError(f"checkpoint {str(final)!r} already exists; it is left as it is")
     os.rename(tmp, final)
     _fsync_dir(final.parent)
@@ -124,50 +239,94 @@ def _prune(run_dir: Path, final: Path, keep_last: int) -> None:
             shutil.rmtree(doomed, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, *, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-    """Restore weights (and optimizer and RNG states) from ``path``; return the trainer state."""
-    if not path.is_dir():
-        raise ValueError(f"checkpoint {str(path)!r} is not a directory; checkpoints are the "
-                         f"step-* directories inside a run's output_dir")
-    missing = [f for f in FILES if not (path / f).is_file()]
-    if missing:
-        raise ValueError(f"checkpoint {str(path)!r} is incomplete or not a chunkflow "
-                         f"checkpoint: missing {', '.join(missing)}")
-    layout = json.loads((path / "trainer_state.json").read_text()).get("layout")
-    if layout is not None:
-        raise ValueError(f"checkpoint {str(path)!r} was saved by a distributed run "
-                         f"({_describe_layout(layout)}); valid: resume it on that layout")
-    device = next(model.parameters()).device
+def is_disk_full(e: BaseException, run_dir: Path | None = None, needed_bytes: int = 0) -> bool:
+    """Whether a failed write ran out of space: an ENOSPC/EDQUOT anywhere in the exception's
+    chain, or (writers such as torch.save report a full disk as a bare RuntimeError) less free
+    space in ``run_dir`` than the checkpoint needs."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            return True
+        e = e.__cause__ or e.__context__
+    return (run_dir is not None and run_dir.is_dir()
+            and shutil.disk_usage(run_dir).free < needed_bytes)
+
+
+def space_error(run_dir: Path, step: int, needed_bytes: int) -> CheckpointSpaceError:
+    """The one-line report of a checkpoint that did not fit on the device."""
+    free = shutil.disk_usage(run_dir).free if run_dir.is_dir() else 0
+    older = list_checkpoints(run_dir)
+    kept = (f"the newest saved checkpoint, {older[-1][1].name}, is intact" if older
+            else "no checkpoint had been saved yet")
+    return CheckpointSpaceError(
+        f"no space left on the device for checkpoint {checkpoint_name(step)} in "
+        f"{run_dir.resolve()}: it needs about {_fmt_bytes(needed_bytes)} and "
+        f"{_fmt_bytes(free)} are free. The partial checkpoint was removed and {kept}; free "
+        f"space (or raise --checkpoint.interval, lower --checkpoint.keep_last), then continue "
+        f"with: chunkflow train --train.output_dir {run_dir.resolve()} --resume")
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def save_checkpoint(run_dir: Path, *, step: int, write: Callable[[Path], None],
+                    trainer_state: dict[str, Any], keep_last: int,
+                    needed_bytes: int) -> tuple[Path, list[Path]]:
+    """Write checkpoint ``step`` atomically: ``write(tmp)`` puts the model and optimizer files
+    into the temporary directory, this adds RNG and trainer state and the manifest, publishes
+    it, then deletes all but the newest ``keep_last``. Returns the checkpoint and the newer
+    checkpoints it set aside (see :func:`set_aside_newer`)."""
+    final = run_dir / checkpoint_name(step)
+    tmp = None
     try:
-        missing_keys, unexpected = load_model(model, str(path / "model.safetensors"),
-                                              strict=False, device=str(device))
-    except RuntimeError as e:  # shape mismatches
-        raise ValueError(f"checkpoint {str(path)!r} does not match the model: {e}") from None
-    if missing_keys or unexpected:
-        raise ValueError(f"checkpoint {str(path)!r} does not match the model: missing "
-                         f"{sorted(missing_keys)}, unexpected {sorted(unexpected)}")
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step:08d}.tmp-", dir=run_dir))
+        write(tmp)
+        write_run_state(tmp, dict(trainer_state, step=step))
+        moved = set_aside_newer(run_dir, step)
+        _publish(tmp, final)
+    except Exception as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e, run_dir, needed_bytes):
+            raise space_error(run_dir, step, needed_bytes) from None
+        raise
+    except BaseException:  # e.g. KeyboardInterrupt: leave no partial checkpoint either
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _prune(run_dir, final, keep_last)
+    return final, moved
+
+
+def load_optimizer_and_rng(path: Path, optimizer: torch.optim.Optimizer | None,
+                           device: torch.device, *, optimizer_file: str = "optimizer.pt") -> None:
+    """Restore the optimizer state and the torch RNG states saved in ``path``."""
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device,
+        optimizer.load_state_dict(torch.load(path / optimizer_file, map_location=device,
                                              weights_only=True))
-        rng = torch.load(path / "rng.pt", weights_only=True)
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(list(rng["cuda"]))
-    state = json.loads((path / "trainer_state.json").read_text())
-    if optimizer is not None:
-        random.setstate(_decode_py_rng(state["python_rng"]))
-    return state
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(rng["cuda"]))
+
+
+def restore_python_rng(state: dict[str, Any]) -> None:
+    random.setstate(_decode_py_rng(state["python_rng"]))
 
 
 # -- distributed runs ---------------------------------------------------------------------------
 # One directory, as above, written by several ranks: the first replica of each pipeline stage
 # writes its stage's weights (a shard of a Hugging Face checkpoint: model-0000s-of-0000p.safetensors
-# plus model.safetensors.index.json when pp > 1) and its optimizer state; rank 0 writes the rest
-# and publishes the directory. ``ctx`` is a chunkflow.parallel.ParallelContext.
+# plus model.safetensors.index.json when pp > 1) and its optimizer state, and checksums them;
+# rank 0 writes the rest and publishes the directory. ``ctx`` is a chunkflow.parallel.ParallelContext.
 
 
-def _describe_layout(layout: dict[str, Any]) -> str:
+def describe_layout(layout: dict[str, Any]) -> str:
     return (f"dp={layout['dp']} x pp={layout['pp']}, data_parallel="
             f"{layout['data_parallel']}")
 
@@ -180,33 +339,82 @@ def stage_files(stage: int, num_stages: int) -> tuple[str, str]:
     return f"model-{part}.safetensors", f"optimizer-{part}.pt"
 
 
-def save_distributed_checkpoint(run_dir: Path, *, step: int, ctx, layout: dict[str, Any],
-                                model: torch.nn.Module, model_state: dict[str, torch.Tensor],
-                                optim_state: dict, trainer_state: dict[str, Any],
-                                keep_last: int) -> Path:
-    """Collective: every rank calls it with its stage's full state (see above)."""
-    from safetensors.torch import save_file
-
+def save_distributed_checkpoint(run_dir: Path, *, step: int, ctx,
+                                write_shard: Callable[[Path], list[str]] | None,
+                                write_main: Callable[[Path], None], trainer_state: dict[str, Any],
+                                keep_last: int, needed_bytes: int) -> tuple[Path, list[Path]]:
+    """Collective. ``write_shard(tmp)`` (None on ranks that write nothing) writes this rank's
+    files and returns their names; rank 0 then runs ``write_main(tmp)`` and publishes. A failure
+    on any rank (a full disk included) is raised on every rank, and the partial directory is
+    removed."""
     final = run_dir / checkpoint_name(step)
     tmp = None
     if ctx.rank == 0:
         tmp = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step:08d}.tmp-", dir=run_dir)
     tmp = Path(ctx.broadcast_object(tmp))
-    if ctx.dp_rank == 0:
-        weights, optim = stage_files(ctx.stage, ctx.pp)
-        save_file(model_state, str(tmp / weights), metadata={"format": "pt"})
-        torch.save(optim_state, tmp / optim)
-    ctx.barrier()
-    if ctx.rank == 0:
-        if ctx.pp > 1:
-            _write_index(tmp, ctx.pp)
-        _complete(tmp, final, model=model, keep_last=keep_last,
-                  trainer_state=dict(trainer_state, step=step, layout=layout))
-    ctx.barrier()
-    return final
+
+    def attempt(fn) -> tuple[Any, str | None, bool]:
+        try:
+            return fn(), None, False
+        except Exception as e:  # reported on every rank below
+            return (None, f"rank {ctx.rank}: {type(e).__name__}: {e}",
+                    is_disk_full(e, run_dir, needed_bytes))
+
+    entries, error, full = attempt(lambda: file_entries(tmp, write_shard(tmp))
+                                   if write_shard is not None else {})
+    outcomes = ctx.all_gather_object((entries, error, full))
+    moved: list[Path] = []
+    if ctx.rank == 0 and not any(e for _, e, _ in outcomes):
+        merged = {k: v for entries, _, _ in outcomes for k, v in (entries or {}).items()}
+
+        def main():
+            write_main(tmp)
+            write_run_state(tmp, dict(trainer_state, step=step), merged)
+            moved.extend(set_aside_newer(run_dir, step))
+            _publish(tmp, final)
+            _prune(run_dir, final, keep_last)
+
+        _, error, full = attempt(main)
+        outcomes.append((None, error, full))
+    outcomes = ctx.broadcast_object(outcomes if ctx.rank == 0 else None)
+    errors = [(e, f) for _, e, f in outcomes if e]
+    if errors:
+        if ctx.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        ctx.barrier()
+        if any(f for _, f in errors):
+            raise space_error(run_dir, step, needed_bytes)
+        raise RuntimeError(f"checkpoint {checkpoint_name(step)} was not saved: "
+                           + "; ".join(e for e, _ in errors))
+    return final, moved
 
 
-def _write_index(tmp: Path, num_stages: int) -> None:
+def load_distributed_checkpoint(path: Path, *, ctx, layout: dict[str, Any], weights: bool = True
+                                ) -> tuple[dict[str, torch.Tensor] | None, dict, dict[str, Any]]:
+    """This rank's stage weights (``weights=False``: None, for LoRA runs, which load their
+    adapter themselves) and optimizer state, and the trainer state; restores RNGs. (Rank 0
+    verified the checkpoint when it chose it.)"""
+    from safetensors.torch import load_file
+
+    state = read_trainer_state(path)
+    saved = state.get("layout") or {"dp": 1, "pp": 1, "data_parallel": "none (one process)"}
+    if saved != layout:
+        raise ValueError(f"checkpoint {str(path)!r} was saved with {describe_layout(saved)}; "
+                         f"this run is {describe_layout(layout)}; valid: resume on the layout "
+                         f"that saved it")
+    weights_file, optim = stage_files(ctx.stage, ctx.pp)
+    needed = [weights_file] * weights + [optim, "rng.pt"]
+    missing = [f for f in needed if not (path / f).is_file()]
+    if missing:
+        raise ValueError(f"checkpoint {str(path)!r} is incomplete: missing {', '.join(missing)}")
+    model_state = load_file(str(path / weights_file)) if weights else None
+    optim_state = torch.load(path / optim, weights_only=True)
+    load_optimizer_and_rng(path, None, torch.device("cpu"))
+    restore_python_rng(state)
+    return model_state, optim_state, state
+
+
+def write_stage_index(tmp: Path, num_stages: int) -> None:
     """model.safetensors.index.json, so the stage shards load as one Hugging Face model."""
     from safetensors import safe_open
 
@@ -217,45 +425,6 @@ def _write_index(tmp: Path, num_stages: int) -> None:
             weight_map.update(dict.fromkeys(f.keys(), name))
     index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
-def load_distributed_checkpoint(path: Path, *, ctx, layout: dict[str, Any]
-                                ) -> tuple[dict[str, torch.Tensor], dict, dict[str, Any]]:
-    """This rank's stage weights and optimizer state, and the trainer state; restores RNGs."""
-    from safetensors.torch import load_file
-
-    if not (path / "trainer_state.json").is_file():
-        raise ValueError(f"checkpoint {str(path)!r} is incomplete or not a chunkflow checkpoint: "
-                         f"missing trainer_state.json")
-    state = json.loads((path / "trainer_state.json").read_text())
-    saved = state.get("layout") or {"dp": 1, "pp": 1, "data_parallel": "none (one process)"}
-    if saved != layout:
-        raise ValueError(f"checkpoint {str(path)!r} was saved with {_describe_layout(saved)}; "
-                         f"this run is {_describe_layout(layout)}; valid: resume on the layout "
-                         f"that saved it")
-    weights, optim = stage_files(ctx.stage, ctx.pp)
-    missing = [f for f in (weights, optim, "rng.pt") if not (path / f).is_file()]
-    if missing:
-        raise ValueError(f"checkpoint {str(path)!r} is incomplete: missing {', '.join(missing)}")
-    model_state = load_file(str(path / weights))
-    optim_state = torch.load(path / optim, weights_only=True)
-    torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
-    random.setstate(_decode_py_rng(state["python_rng"]))
-    return model_state, optim_state, state
-
-
-def _hf_config_json(model: torch.nn.Module) -> str:
-    """config.json in Hugging Face's format, so a checkpoint directory is also a model directory
-    that ``transformers.AutoModelForCausalLM.from_pretrained`` loads."""
-    from chunkflow.models.config import ModelConfig
-    from chunkflow.models.hf_checkpoint import config_to_hf
-
-    config = model.config
-    if isinstance(config, ModelConfig):  # the reference model; else a transformers config
-
-        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        return json.dumps(config_to_hf(config, dtype=dtype), indent=2)
-    return config.to_json_string()
 
 
 def _encode_py_rng(state: tuple) -> list:

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import difflib
 import math
+import os
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,36 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+
+DEFAULT_STEPS = 80
+# Options that name files or directories: stored absolute (see TrainConfig.resolve_paths).
+PATH_FIELDS = ("model.path", "data.path", "data.tokenizer", "train.output_dir",
+               "checkpoint.resume_from", "eval.path")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def absolute_path_option(name: str, value: str | None) -> str | None:
+    """``value`` of the path option ``name`` made absolute (each item of a comma-separated
+    list; globs stay globs; 'auto' and 'byte' tokenizers stay as they are)."""
+    if value is None or (name == "data.tokenizer" and value in ("auto", "byte")):
+        return value
+    parts = value.split(",") if name in ("data.path", "eval.path") else [value]
+    return ",".join(os.path.abspath(os.path.expanduser(p.strip())) if p.strip() else p
+                    for p in parts)
+
+
+def parse_role_map(text: str) -> dict[str, str]:
+    """``"human=user,gpt=assistant"`` -> ``{"human": "user", "gpt": "assistant"}``."""
+    mapping = {}
+    for pair in text.split(","):
+        src, sep, dst = (x.strip() for x in pair.partition("="))
+        if not sep or not src or dst not in CHAT_ROLES:
+            raise ValueError(f"--data.role_map={text!r}: {pair.strip()!r} is not from=to with to "
+                             f"one of {', '.join(CHAT_ROLES)}; valid: e.g. "
+                             f"'human=user,gpt=assistant'")
+        mapping[src] = dst
+    return mapping
 
 
 def _f(default: Any, help: str):
@@ -89,6 +120,9 @@ class DataSection:
                                       "truncated or dropped.")
     overlong: Literal["truncate", "drop"] = _f("truncate", "What happens to sequences longer "
                                                "than max_length (counted and reported).")
+    role_map: str | None = _f(None, "Rename chat roles before rendering, comma-separated "
+                                    "from=to pairs (ShareGPT: 'human=user,gpt=assistant'). "
+                                    "Roles must end up in system, user, assistant, tool.")
     shuffle_buffer: int = _f(1000, "Records in the streaming shuffle buffer; 0 = file order.")
     skip_invalid: bool = _f(False, "Skip malformed records (counted and reported) instead of "
                                    "stopping with an error.")
@@ -122,7 +156,13 @@ class OptimSection:
 
 @dataclass
 class TrainSection:
-    steps: int = _f(80, "Optimizer steps (global batches).")
+    steps: int | None = _f(None, f"Optimizer steps (global batches). Unset: "
+                                 f"{DEFAULT_STEPS}, or as many as --train.epochs takes.")
+    epochs: int | None = _f(None, "Passes over the data files instead of --train.steps: the "
+                                  "step count is worked out from the data before training, "
+                                  "and the last global batch may be smaller.")
+    max_empty_batches: int = _f(10, "A global batch with no supervised token is skipped with a "
+                                    "warning; this many in a row stop the run.")
     output_dir: str | None = _f(None, "Run directory (metrics.jsonl, config.toml, checkpoints). "
                                       "Unset: runs/train-<date>-<time>.")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto = cuda when available, else cpu.")
@@ -161,6 +201,33 @@ class ParallelSection:
 
 
 @dataclass
+class LoraSection:
+    rank: int = _f(0, "LoRA rank; 0 = no LoRA (every parameter is trained). Needs model.path "
+                      "and model.implementation=hf.")
+    alpha: float = _f(16.0, "LoRA alpha; adapters are scaled by alpha / rank.")
+    dropout: float = _f(0.0, "LoRA dropout on the adapters' input. Every forward of a chunk, "
+                             "its recompute included, draws the same mask.")
+    target_modules: str = _f("all-linear", "Modules that get adapters: 'all-linear' (every "
+                                           "linear layer but the output head) or "
+                                           "comma-separated names, e.g. q_proj,v_proj.")
+    modules_to_save: str | None = _f(None, "Modules trained fully next to the adapters and "
+                                           "saved with them, comma-separated (e.g. "
+                                           "embed_tokens,lm_head).")
+    merge_on_save: bool = _f(False, "Also write the merged model (base + adapters) into every "
+                                    "checkpoint's merged/ directory; the final checkpoint "
+                                    "always gets one.")
+
+
+@dataclass
+class EvalSection:
+    path: str | None = _f(None, "Held-out JSONL/Parquet files or globs (same record kinds as "
+                                "data.path). Unset: no evaluation.")
+    interval: int = _f(0, "Evaluate every N steps (and always at the end); 0 = only at the end.")
+    max_batches: int | None = _f(None, "Global batches of held-out data per evaluation, from "
+                                       "the start of the files. Unset: all of it.")
+
+
+@dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -170,15 +237,19 @@ class TrainConfig:
     log: LogSection = field(default_factory=LogSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
     def validate(self) -> "TrainConfig":
         """Range checks that types alone cannot express; raises ValueError naming the option."""
         positive = ["data.batch_size", "data.batch_tokens", "data.max_length",
                     "data.synthetic_max_len", "data.synthetic_min_len", "chunking.chunk_size",
-                    "chunking.k", "train.steps", "log.interval", "checkpoint.keep_last",
-                    "model.vocab_size", "parallel.pp", "parallel.timeout_s"]
+                    "chunking.k", "train.steps", "train.epochs", "train.max_empty_batches",
+                    "log.interval", "checkpoint.keep_last", "model.vocab_size", "parallel.pp",
+                    "parallel.timeout_s", "lora.alpha", "eval.max_batches"]
         non_negative = ["data.shuffle_buffer", "optim.warmup_steps", "checkpoint.interval",
-                        "optim.weight_decay", "optim.grad_clip", "optim.min_lr_ratio"]
+                        "optim.weight_decay", "optim.grad_clip", "optim.min_lr_ratio",
+                        "lora.rank", "eval.interval"]
         for name in positive + non_negative:
             value = self.get(name)
             if value is None:
@@ -203,11 +274,33 @@ class TrainConfig:
         if self.data.synthetic_min_len > self.data.synthetic_max_len:
             raise ValueError(f"--data.synthetic_min_len={self.data.synthetic_min_len} exceeds "
                              f"--data.synthetic_max_len={self.data.synthetic_max_len}")
+        if self.train.steps is not None and self.train.epochs is not None:
+            raise ValueError(f"--train.steps={self.train.steps} and --train.epochs="
+                             f"{self.train.epochs}: set one of them")
+        if not 0 <= self.lora.dropout < 1:
+            raise ValueError(f"--lora.dropout={self.lora.dropout}: must be in [0, 1)")
+        if self.data.role_map is not None:
+            parse_role_map(self.data.role_map)
         from chunkflow.models.config import PRESETS
 
         if self.model.preset.lower() not in PRESETS:
             raise ValueError(f"--model.preset={self.model.preset!r}: known presets are "
                              f"{', '.join(PRESETS)}")
+        return self
+
+    @property
+    def num_steps(self) -> int | None:
+        """--train.steps, its default when neither steps nor epochs is set, None with epochs."""
+        if self.train.epochs is not None:
+            return self.train.steps
+        return DEFAULT_STEPS if self.train.steps is None else self.train.steps
+
+    def resolve_paths(self) -> "TrainConfig":
+        """Make every file or directory option absolute (relative to the working directory),
+        so that the saved config.toml means the same files from any directory."""
+        for name in PATH_FIELDS:
+            section, key = name.split(".")
+            setattr(getattr(self, section), key, absolute_path_option(name, self.get(name)))
         return self
 
     def get(self, name: str) -> Any:
@@ -333,13 +426,64 @@ def read_toml(path: str | Path, config: TrainConfig | None = None) -> TrainConfi
     return config
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None
-                ) -> TrainConfig:
-    """Defaults, then the TOML file, then ``{"section.field": value}`` overrides (text or typed)."""
-    config = read_toml(path) if path is not None else TrainConfig()
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
+                base: TrainConfig | None = None) -> TrainConfig:
+    """Defaults (or ``base``), then the TOML file, then ``{"section.field": value}`` overrides
+    (text or typed); paths made absolute, values checked."""
+    config = base if base is not None else TrainConfig()
+    if path is not None:
+        read_toml(path, config)
     for name, value in (overrides or {}).items():
         _apply(config, name, value, from_text=isinstance(value, str), where="")
-    return config.validate()
+    return config.resolve_paths().validate()
+
+
+def config_from_dict(data: dict[str, dict[str, Any]], *, where: str) -> TrainConfig:
+    """A configuration from ``TrainConfig.to_dict()`` output (as checkpoints store it)."""
+    config = TrainConfig()
+    for section, entries in data.items():
+        if section not in SECTIONS or not isinstance(entries, dict):
+            raise ValueError(f"{where}: unknown configuration section {section!r}")
+        for key, value in entries.items():
+            if value is not None:
+                _apply(config, f"{section}.{key}", value, from_text=False, where=f"{where}: ")
+    return config
+
+
+_TRUE = ("true", "1", "yes", "on")
+
+
+def resume_base(overrides: dict[str, Any]) -> tuple[TrainConfig | None, str | None]:
+    """The configuration a resume without ``--config`` starts from, and where it came from.
+
+    ``--resume``: the run's own ``<output_dir>/config.toml``; ``--checkpoint.resume_from=DIR``:
+    the configuration saved in that checkpoint (its model, data and settings; the run directory
+    and checkpoint options are this run's). So the README's ``chunkflow train
+    --train.output_dir=RUN --resume`` continues the run as it was configured, and any option
+    given on the command line changes it (and is checked like any other resumed setting)."""
+    resume = str(overrides.get("checkpoint.resume", "false")).lower() in _TRUE
+    output_dir, resume_from = (overrides.get("train.output_dir"),
+                               overrides.get("checkpoint.resume_from"))
+    if resume and output_dir is not None and resume_from is None:
+        path = Path(os.path.expanduser(output_dir)) / "config.toml"
+        if path.is_file():
+            return read_toml(path), os.path.abspath(path)
+    elif resume_from is not None and str(resume_from).lower() not in ("none", "null"):
+        path = Path(os.path.expanduser(resume_from)) / "trainer_state.json"
+        if path.is_file():
+            import json
+
+            try:
+                saved = json.loads(path.read_text())["config"]
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}: unreadable trainer state ({type(e).__name__}: {e}); "
+                                 f"valid: the trainer_state.json of a chunkflow checkpoint"
+                                 ) from None
+            saved = {s: dict(v) for s, v in saved.items()}
+            saved.get("train", {}).pop("output_dir", None)  # the new run's, not the old one's
+            saved.pop("checkpoint", None)
+            return config_from_dict(saved, where=str(path)), os.path.abspath(path)
+    return None, None
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, *, resume: bool = True) -> None:
@@ -362,8 +506,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, resume: bool = True
                                help=f"{f.metadata['help']} (default: {f.default})", **extra)
 
 
-def config_from_args(args: argparse.Namespace, unknown: list[str]) -> TrainConfig:
-    """The configuration for parsed ``chunkflow train`` arguments; unknown options are errors."""
+def config_from_args(args: argparse.Namespace, unknown: list[str], *,
+                     log=None) -> TrainConfig:
+    """The configuration for parsed ``chunkflow train`` arguments; unknown options are errors.
+
+    Without ``--config``, a resume starts from the resumed run's saved configuration (see
+    :func:`resume_base`); ``log`` (a print-like callable) hears where it came from."""
     for arg in unknown:
         name = arg.lstrip("-").split("=", 1)[0]
         raise ValueError(f"unknown option {arg!r}{_suggest(name, FIELDS)}"
@@ -371,4 +519,9 @@ def config_from_args(args: argparse.Namespace, unknown: list[str]) -> TrainConfi
     overrides = {name: value for name, value in vars(args).items() if name in FIELDS}
     if getattr(args, "resume", False):
         overrides["checkpoint.resume"] = "true"
-    return load_config(args.config, overrides)
+    base = None
+    if args.config is None:
+        base, source = resume_base(overrides)
+        if base is not None and log is not None:
+            log(f"configuration: {source}, with the options given here on top")
+    return load_config(args.config, overrides, base=base)

@@ -31,10 +31,10 @@ import random
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from chunkflow.train.config import DataSection
+from chunkflow.train.config import CHAT_ROLES, DataSection, parse_role_map
 from chunkflow.train.synthetic import MarkovSource, sample_lengths
-from chunkflow.train.tokenizer import (IGNORE_INDEX, ChatTemplateError, encode_chat,
-                                       load_tokenizer)
+from chunkflow.train.tokenizer import (IGNORE_INDEX, ChatTemplateError, check_messages,
+                                       encode_chat, load_tokenizer)
 
 _SKIP_HINT = "; --data.skip_invalid=true skips such records"
 # Synthetic Markov symbol s becomes byte 64 + s ('@', 'A'..'Z', '[', ...): printable, and inside
@@ -73,6 +73,11 @@ class DataStats:
     truncated: int = 0
     dropped: int = 0
     first_skip_reason: str | None = None
+    text_examples: int = 0
+    chat_examples: int = 0
+    token_examples: int = 0
+    epoch_records: int | None = None
+    """Raw records in one epoch of the files, known once the first epoch has been read."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -81,10 +86,18 @@ class DataStats:
     def from_dict(cls, d: dict[str, Any]) -> "DataStats":
         return cls(**d)
 
-    def summary(self, *, max_length: int | None = None) -> str:
-        """One line, e.g. ``1200 examples; 3 invalid records skipped (first: ...)``."""
+    def summary(self, *, max_length: int | None = None, eos_token_id: int | None = None) -> str:
+        """One line, e.g. ``1200 examples (1150 chat, 50 text); 3 invalid records skipped
+        (first: ...)``; ``eos_token_id``: the one appended to text records, if any."""
         limit = "max_length" if max_length is None else f"max_length {max_length}"
-        parts = [f"{self.examples} examples"]
+        kinds = [f"{n} {kind}" for n, kind in ((self.chat_examples, "chat"),
+                                               (self.text_examples, "text"),
+                                               (self.token_examples, "pre-tokenised"))
+                 if n]
+        if self.text_examples and eos_token_id is not None:
+            kinds[[k.endswith(" text") for k in kinds].index(True)] += \
+                f" with EOS {eos_token_id} appended"
+        parts = [f"{self.examples} examples" + (f" ({', '.join(kinds)})" if kinds else "")]
         if self.skipped:
             parts.append(f"{self.skipped} invalid record{'s' * (self.skipped != 1)} skipped "
                          f"(first: {self.first_skip_reason})")
@@ -142,6 +155,7 @@ class SyntheticDataset:
 
     def examples(self, start: DataPosition, stats: DataStats
                  ) -> Iterator[tuple[Example, DataPosition]]:
+        """Endless: synthetic data has no epochs."""
         if start.epoch != 0:
             raise DataError(f"position {start}: the synthetic data set has no epochs; valid: "
                             f"epoch 0 (was the checkpoint written with file data, --data.path?)")
@@ -157,9 +171,14 @@ class SyntheticDataset:
 class FileDataset:
     """JSONL/Parquet records, streamed through a shuffle buffer, epoch after epoch."""
 
-    def __init__(self, cfg: DataSection, *, vocab_size: int, seed: int, tokenizer):
+    def __init__(self, cfg: DataSection, *, vocab_size: int, seed: int, tokenizer,
+                 path: str | None = None, shuffle_buffer: int | None = None,
+                 option: str = "--data.path"):
         self.cfg, self.vocab_size, self.seed, self.tokenizer = cfg, vocab_size, seed, tokenizer
-        self.files = [(p, _format_of(p, cfg.format)) for p in _expand(cfg.path)]
+        self.path = cfg.path if path is None else path
+        self.shuffle_buffer = cfg.shuffle_buffer if shuffle_buffer is None else shuffle_buffer
+        self.role_map = parse_role_map(cfg.role_map) if cfg.role_map else {}
+        self.files = [(p, _format_of(p, cfg.format)) for p in _expand(self.path, option)]
         for path, fmt in self.files:
             if fmt != "jsonl" or not os.path.isfile(path):  # a pipe cannot be peeked at
                 continue
@@ -172,22 +191,27 @@ class FileDataset:
     def describe(self) -> str:
         num_bytes = sum(os.path.getsize(p) for p, _ in self.files)
         formats = sorted({f for _, f in self.files})
-        eos = (f", EOS {self.tokenizer.eos_token_id} appended to text" if self.cfg.add_eos
-               and self.tokenizer.eos_token_id is not None else "")
-        return (f"{len(self.files)} {'/'.join(formats)} file(s) from {self.cfg.path!r} "
+        return (f"{len(self.files)} {'/'.join(formats)} file(s) from {self.path!r} "
                 f"({num_bytes / 2**20:.1f} MiB), tokenizer {self.tokenizer.name} (vocab "
-                f"{self.tokenizer.vocab_size}){eos}, shuffle buffer {self.cfg.shuffle_buffer}, "
+                f"{self.tokenizer.vocab_size}), shuffle buffer {self.shuffle_buffer}, "
                 f"seed {self.seed}{_limit_note(self.cfg)}")
 
-    def examples(self, start: DataPosition, stats: DataStats
+    @property
+    def eos_appended(self) -> int | None:
+        """The EOS id appended to text records, if any (reported with the record counts)."""
+        return self.tokenizer.eos_token_id if self.cfg.add_eos else None
+
+    def examples(self, start: DataPosition, stats: DataStats, *, num_epochs: int | None = None
                  ) -> Iterator[tuple[Example, DataPosition]]:
+        """Examples from ``start`` on, each with the position after it: endless, or up to the
+        end of epoch ``num_epochs - 1``."""
         epoch, resume_idx = start.epoch, start.index
-        while True:
+        while num_epochs is None or epoch < num_epochs:
             rng = random.Random(f"{self.seed}:{epoch}")
-            stream = _shuffled(self._raw_items(), self.cfg.shuffle_buffer, rng)
+            stream = _shuffled(self._raw_items(), self.shuffle_buffer, rng)
             # Replaying the raw stream (unparsed lines) keeps the shuffle RNG in step.
             if sum(1 for _ in itertools.islice(stream, resume_idx)) < resume_idx:
-                raise DataError(f"cannot resume at {start}: epoch {epoch} of {self.cfg.path!r} "
+                raise DataError(f"cannot resume at {start}: epoch {epoch} of {self.path!r} "
                                 f"has fewer than {resume_idx} records; valid: the data files of "
                                 f"the checkpointed run, unchanged")
             usable = skipped = dropped = 0
@@ -199,7 +223,7 @@ class FileDataset:
                 idx += 1
                 where = self._where(file_idx, num)
                 try:
-                    example = self._example(raw, where)
+                    example, kind = self._example(raw, where)
                 except _Invalid as e:
                     if not self.cfg.skip_invalid:
                         raise DataError(f"{where}: {e}{_SKIP_HINT}") from None
@@ -213,13 +237,32 @@ class FileDataset:
                     continue
                 usable += 1
                 stats.examples += 1
+                setattr(stats, f"{kind}_examples", getattr(stats, f"{kind}_examples") + 1)
                 yield example, DataPosition(epoch, idx)
             # A resumed epoch (resume_idx > 0) already yielded an example before the checkpoint.
             if usable == 0 and resume_idx == 0:
-                raise DataError(f"no usable records in {self.cfg.path!r}: epoch {epoch} read "
+                raise DataError(f"no usable records in {self.path!r}: epoch {epoch} read "
                                 f"{idx} records, {skipped} invalid skipped, {dropped} dropped as "
                                 f"longer than --data.max_length={self.cfg.max_length}")
+            stats.epoch_records = idx
             epoch, resume_idx = epoch + 1, 0
+
+    def record_lengths(self) -> list[int | None]:
+        """The length of each raw record in file order as training will see it (after
+        max_length), None for one that is skipped or dropped; one pass over the files."""
+        lengths, stats = [], DataStats()
+        for file_idx, num, raw in self._raw_items():
+            where = self._where(file_idx, num)
+            try:
+                example, _ = self._example(raw, where)
+            except _Invalid as e:
+                if not self.cfg.skip_invalid:
+                    raise DataError(f"{where}: {e}{_SKIP_HINT}") from None
+                lengths.append(None)
+                continue
+            example = _fit(example, self.cfg, stats)
+            lengths.append(None if example is None else len(example))
+        return lengths
 
     def _raw_items(self) -> Iterator[tuple[int, int, Any]]:
         """(file index, line number or row index, unparsed line / row dict) for every record."""
@@ -230,9 +273,25 @@ class FileDataset:
 
     def _where(self, file_idx: int, num: int) -> str:
         path, fmt = self.files[file_idx]
-        return f"{path}:{num}" if fmt == "jsonl" else f"{path}:row {num}"
+        return f"{path}:{num}" if fmt == "jsonl" else f"{path}:row {num}"  # both 1-based
 
-    def _example(self, raw: Any, where: str) -> Example:
+    def _roles(self, messages: Any) -> Any:
+        """Messages with --data.role_map applied; a role outside CHAT_ROLES is refused, so a
+        ShareGPT "gpt" turn is never trained as context (or a "human" one as a reply)."""
+        check_messages(messages)
+        if self.role_map:
+            messages = [dict(m, role=self.role_map.get(m["role"], m["role"])) for m in messages]
+        unknown = sorted({m["role"] for m in messages} - set(CHAT_ROLES))
+        if unknown:
+            hint = ", ".join(f"{r}=" for r in unknown)
+            raise _Invalid(f"{self.cfg.messages_field!r}: unknown role(s) {', '.join(map(repr, unknown))}; "
+                           f"valid roles: {', '.join(CHAT_ROLES)}. Map others with "
+                           f"--data.role_map (e.g. '{hint}user' or ShareGPT's "
+                           f"'human=user,gpt=assistant')")
+        return messages
+
+    def _example(self, raw: Any, where: str) -> tuple[Example, str]:
+        """The record as an example, and its kind: "token", "chat" or "text"."""
         cfg = self.cfg
         if isinstance(raw, bytes):
             try:
@@ -249,10 +308,10 @@ class FileDataset:
             labels = raw.get(cfg.labels_field)
             if labels is not None:
                 _check_labels(labels, len(ids), cfg.labels_field, self.vocab_size)
-            return Example(ids, labels, where)
+            return Example(ids, labels, where), "token"
         if raw.get(cfg.messages_field) is not None:
-            messages = raw[cfg.messages_field]
             try:
+                messages = self._roles(raw[cfg.messages_field])
                 ids, labels = encode_chat(self.tokenizer, messages, train_on=cfg.train_on)
             except ChatTemplateError as e:  # the tokenizer's fault, not the record's: no skipping
                 raise DataError(f"{where}: {e}") from None
@@ -263,7 +322,7 @@ class FileDataset:
                 raise _Invalid(f"no message has role 'assistant' (roles: {', '.join(roles)}), so "
                                f"nothing would be supervised; valid: an assistant turn, or "
                                f"--data.train_on=all")
-            return Example(ids, labels, where)
+            return Example(ids, labels, where), "chat"
         if raw.get(cfg.text_field) is not None:
             text = raw[cfg.text_field]
             if not isinstance(text, str):
@@ -273,7 +332,7 @@ class FileDataset:
                 raise _Invalid(f"{cfg.text_field!r} is empty")
             if cfg.add_eos and self.tokenizer.eos_token_id is not None:
                 ids.append(self.tokenizer.eos_token_id)
-            return Example(ids, None, where)
+            return Example(ids, None, where), "text"
         expected = ", ".join(repr(f) for f in (cfg.input_ids_field, cfg.messages_field,
                                                  cfg.text_field))
         raise _Invalid(f"record has none of the fields {expected} (non-null); its fields are "
@@ -319,7 +378,7 @@ def _limit_note(cfg: DataSection) -> str:
     return f", max_length {cfg.max_length} ({cfg.overlong} longer ones)"
 
 
-def _expand(spec: str) -> list[str]:
+def _expand(spec: str, option: str = "--data.path") -> list[str]:
     """Comma-separated paths and globs -> files, each pattern's matches sorted."""
     files = []
     for pattern in (p.strip() for p in spec.split(",")):
@@ -329,19 +388,19 @@ def _expand(spec: str) -> list[str]:
             matches = [m for m in sorted(glob.glob(pattern, recursive=True))
                        if not os.path.isdir(m)]
             if not matches:
-                raise DataError(f"--data.path: pattern {pattern!r} matches no files; valid: "
+                raise DataError(f"{option}: pattern {pattern!r} matches no files; valid: "
                                 f"existing JSONL/Parquet files or globs that match some")
         elif not os.path.exists(pattern):
-            raise DataError(f"--data.path: {pattern!r} does not exist; valid: existing "
+            raise DataError(f"{option}: {pattern!r} does not exist; valid: existing "
                             f"JSONL/Parquet files or globs, comma-separated")
         elif os.path.isdir(pattern):
-            raise DataError(f"--data.path: {pattern!r} is a directory; valid: files or a glob "
+            raise DataError(f"{option}: {pattern!r} is a directory; valid: files or a glob "
                             f"such as '{os.path.join(pattern, '*.jsonl')}'")
         else:
             matches = [pattern]
         files += matches
     if not files:
-        raise DataError(f"--data.path={spec!r} names no files")
+        raise DataError(f"{option}={spec!r} names no files")
     return files
 
 
@@ -360,7 +419,7 @@ def _jsonl_lines(path: str) -> Iterator[tuple[int, bytes]]:
 
 
 def _parquet_rows(path: str, fields: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
-    """(0-based row index, row dict), one record batch in memory at a time."""
+    """(1-based row number, row dict), one record batch in memory at a time."""
     import pyarrow.parquet as pq
 
     try:
@@ -374,7 +433,7 @@ def _parquet_rows(path: str, fields: tuple[str, ...]) -> Iterator[tuple[int, dic
         columns = [f for f in fields if f in pf.schema_arrow.names] or None
         rows = (row for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS,
                                                  columns=columns) for row in batch.to_pylist())
-        yield from enumerate(rows)
+        yield from enumerate(rows, 1)
 
 
 def _shuffled(items: Iterator, buffer_size: int, rng: random.Random) -> Iterator:
@@ -403,9 +462,16 @@ def build_dataset(cfg: DataSection, *, vocab_size: int, seed: int, tokenizer=Non
         spec = cfg.tokenizer if cfg.tokenizer != "auto" else (model_path or "byte")
         tokenizer = load_tokenizer(spec)
     if tokenizer.vocab_size > vocab_size:
+        if model_path is not None:
+            advice = (f"the tokenizer the model at --model.path={model_path!r} was trained with "
+                      f"(--data.tokenizer=auto uses the one in its directory), or a copy of the "
+                      f"model with resized embeddings (model.resize_token_embeddings("
+                      f"{tokenizer.vocab_size}), then save_pretrained)")
+        else:
+            advice = f"--model.vocab_size={tokenizer.vocab_size} or larger"
         raise DataError(f"--data.tokenizer={tokenizer.name!r} has {tokenizer.vocab_size} token "
-                        f"ids but the model's vocabulary has {vocab_size}; valid: "
-                        f"--model.vocab_size={tokenizer.vocab_size} or larger")
+                        f"ids but the model's vocabulary has {vocab_size}, so some ids would "
+                        f"have no embedding; valid: {advice}")
     if cfg.path is None:
         if vocab_size < _SYMBOL_OFFSET + _NUM_SYMBOLS:
             raise DataError(f"the synthetic data uses token ids {_SYMBOL_OFFSET}.."
@@ -416,18 +482,30 @@ def build_dataset(cfg: DataSection, *, vocab_size: int, seed: int, tokenizer=Non
     return FileDataset(cfg, vocab_size=vocab_size, seed=seed, tokenizer=tokenizer)
 
 
-def global_batches(dataset, cfg: DataSection, start: DataPosition, stats: DataStats
+def build_eval_dataset(cfg: DataSection, path: str, *, vocab_size: int, tokenizer
+                       ) -> FileDataset:
+    """Held-out files (``--eval.path``) read like the training data, in file order."""
+    return FileDataset(cfg, vocab_size=vocab_size, seed=0, tokenizer=tokenizer, path=path,
+                       shuffle_buffer=0, option="--eval.path")
+
+
+def global_batches(dataset, cfg: DataSection, start: DataPosition, stats: DataStats, *,
+                   num_epochs: int | None = None
                    ) -> Iterator[tuple[list[Example], DataPosition, DataStats]]:
-    """Endless global batches, each with the position after its last example and the stats then.
+    """Global batches, each with the position after its last example and the stats then.
 
     ``cfg.batch_tokens`` set: as many examples as fit the budget (a longer one alone); otherwise
-    ``cfg.batch_size`` examples. ``stats`` is not modified: the yielded copies carry the counts.
+    ``cfg.batch_size`` examples. Endless, or with ``num_epochs`` until the data set's stream
+    ends after that many epochs, the last batch then holding what is left (nothing is dropped).
+    ``stats`` is not modified: the yielded copies carry the counts.
     """
     running = dataclasses.replace(stats)
     batch: list[Example] = []
     num_tokens = 0
     last_position, last_snapshot = start, running
-    for example, position in dataset.examples(start, running):
+    stream = (dataset.examples(start, running) if num_epochs is None
+              else dataset.examples(start, running, num_epochs=num_epochs))
+    for example, position in stream:
         # Snapshot per example: with a token budget the batch ends only once the next example is
         # read, and the counts must not include what reading it skipped or truncated.
         snapshot = dataclasses.replace(running)
@@ -442,3 +520,34 @@ def global_batches(dataset, cfg: DataSection, start: DataPosition, stats: DataSt
         if full:
             yield batch, last_position, last_snapshot
             batch, num_tokens = [], 0
+    if batch:  # a finite stream's remainder
+        yield batch, last_position, dataclasses.replace(running)
+
+
+class _Lengths:
+    """A stand-in data set of known record lengths, replaying FileDataset's epoch shuffles
+    (which depend on the number of records and the seed alone) without reading the files."""
+
+    def __init__(self, lengths: list[int | None], *, seed: int, shuffle_buffer: int):
+        self.lengths, self.seed, self.shuffle_buffer = lengths, seed, shuffle_buffer
+
+    def examples(self, start: DataPosition, stats: DataStats, *, num_epochs: int):
+        for epoch in range(start.epoch, num_epochs):
+            order = _shuffled(iter(range(len(self.lengths))), self.shuffle_buffer,
+                              random.Random(f"{self.seed}:{epoch}"))
+            for idx, raw in enumerate(order, 1):
+                if idx <= (start.index if epoch == start.epoch else 0):
+                    continue
+                if self.lengths[raw] is not None:
+                    yield range(self.lengths[raw]), DataPosition(epoch, idx)
+
+
+def count_steps(dataset: FileDataset, cfg: DataSection, num_epochs: int) -> int:
+    """Global batches (optimizer steps) in ``num_epochs`` passes over the files, exactly as
+    :func:`global_batches` will form them; reads and tokenises the files once."""
+    lengths = _Lengths(dataset.record_lengths(), seed=dataset.seed,
+                       shuffle_buffer=dataset.shuffle_buffer)
+    if not any(n is not None for n in lengths.lengths):
+        raise DataError(f"no usable records in {dataset.path!r}")
+    return sum(1 for _ in global_batches(lengths, cfg, DataPosition(), DataStats(),
+                                         num_epochs=num_epochs))

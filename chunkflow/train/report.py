@@ -1,9 +1,13 @@
-"""A run's training curves as one PNG: loss, throughput and peak memory against the step.
+"""A run's training curves as one PNG: loss (and held-out loss), learning rate and gradient
+norm, throughput and peak memory against the step.
 
 Reads ``<run_dir>/metrics.jsonl``, which the trainer appends one JSON object per optimizer step
-to (``step``, ``loss``, ``tokens_per_s``, ``peak_memory_bytes``, ...). A resumed run redoes the
-steps logged after its last checkpoint, so a step may appear twice: the last occurrence wins, as
-it is the one the run's weights descend from. Points are drawn in step order.
+to (``step``, ``loss``, ``lr``, ``grad_norm``, ``tokens_per_s``, ``peak_memory_bytes``, and
+``eval_loss`` on evaluated steps). A resumed run redoes the steps logged after its last
+checkpoint, so a step may appear twice: the last occurrence wins, as it is the one the run's
+weights descend from; a record without a ``loss`` (an evaluation logged after the run's last
+step) is merged into its step's record instead. Points are drawn in step order; the step axis
+has whole-number ticks.
 
 matplotlib is imported inside :func:`write_report`, and the figure is drawn on an Agg canvas of
 its own (no pyplot, no global backend switch), so importing this module costs nothing and it
@@ -18,11 +22,12 @@ from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
 
-# (metrics key, panel title, y-axis label, scale applied to the value)
+# (metrics key, panel title, y-axis label, scale applied to the value, line label)
 _PANELS = (
-    ("loss", "Loss", "loss", 1.0),
-    ("tokens_per_s", "Throughput", "tokens / s", 1.0),
-    ("peak_memory_bytes", "Peak memory", "MiB", 1 / 2**20),
+    ("loss", "Loss", "loss", 1.0, "loss"),
+    ("lr", "Learning rate and gradient norm", "learning rate", 1.0, "learning rate"),
+    ("tokens_per_s", "Throughput", "tokens / s", 1.0, "throughput"),
+    ("peak_memory_bytes", "Peak memory", "MiB", 1 / 2**20, "peak memory"),
 )
 
 
@@ -58,6 +63,9 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
             step = record.get("step")
             if isinstance(step, bool) or not isinstance(step, int):
                 raise ValueError(f"{where}: 'step' must be an integer, got {step!r}")
+            if "loss" not in record and step in by_step:  # an evaluation of a logged step
+                by_step[step] = {**by_step[step], **record}
+                continue
             by_step.pop(step, None)  # re-insert: the last occurrence wins
             by_step[step] = record
     if not by_step:
@@ -95,22 +103,37 @@ def write_report(run_dir: str | Path, *, output: Path | None = None) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 9), dpi=100, layout="constrained")
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(8, 11), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(_PANELS), 1, sharex=True)
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     metrics_path = run_dir / METRICS_FILE
     # Markers make a short run (a handful of steps) readable; long runs are plain lines.
     marker = "o" if len(records) <= 50 else None
-    for ax, (key, title, ylabel, scale) in zip(axes, _PANELS):
+    for ax, (key, title, ylabel, scale, label) in zip(axes, _PANELS):
         steps, values = _series(records, key, scale, metrics_path)
         if steps:
-            ax.plot(steps, values, marker=marker, markersize=3, linewidth=1.2, label=title.lower())
+            ax.plot(steps, values, marker=marker, markersize=3, linewidth=1.2, label=label)
         else:
             ax.text(0.5, 0.5, f"no '{key}' in {METRICS_FILE}", ha="center", va="center",
                     transform=ax.transAxes, color="gray")
         ax.set_title(title, loc="left", fontsize=10)
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
+    steps, evals = _series(records, "eval_loss", 1.0, metrics_path)
+    if steps:
+        axes[0].plot(steps, evals, marker="s", markersize=4, linewidth=1.2, label="eval loss")
+        axes[0].legend(loc="best", fontsize=8)
+    steps, norms = _series(records, "grad_norm", 1.0, metrics_path)
+    if steps:
+        twin = axes[1].twinx()
+        twin.plot(steps, norms, color="tab:orange", marker=marker, markersize=3, linewidth=1.0,
+                  label="gradient norm")
+        twin.set_ylabel("gradient norm (before clipping)")
+        handles = axes[1].get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+        axes[1].legend(handles=handles, loc="best", fontsize=8)
     # On CPU the meter counts what the step holds; the process's max RSS (weights, optimizer,
     # allocator) is logged beside it and shown for comparison when present.
     steps, rss = _series(records, "max_rss_bytes", 1 / 2**20, metrics_path)

@@ -1,67 +1,134 @@
 """Where a run lives, and what resuming it may change.
 
 ``prepare_run_dir`` picks the run directory (a dated default), cleans what a killed run left
-behind and finds the checkpoint to continue; ``check_resumed_config`` refuses a resume that would
-be a different run (model, data, seed, layout) and lists the settings that did change.
+behind and finds the checkpoint to continue: with ``--resume`` the newest checkpoint that
+verifies (a truncated or corrupt newer one is skipped with a warning that names it), with
+``--checkpoint.resume_from`` the one given, which may be an older step of the same run. It
+creates nothing for a start that is refused, and :meth:`RunDir.remove_if_unused` removes a
+directory this start created when the run fails before its first step.
+
+``check_resumed_config`` refuses a resume that would be a different run (model, data, seed,
+layout, adapters) and lists the settings that did change.
 """
 
 from __future__ import annotations
 
 import datetime
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from chunkflow.train.checkpoint import list_checkpoints, remove_partial_checkpoints
-from chunkflow.train.config import TrainConfig
+from chunkflow.train.checkpoint import (
+    checkpoint_problem,
+    list_checkpoints,
+    read_trainer_state,
+    remove_partial_checkpoints,
+    verify_checkpoint,
+)
+from chunkflow.train.config import PATH_FIELDS, TrainConfig, absolute_path_option
 
 
-def prepare_run_dir(config: TrainConfig) -> tuple[Path, Path | None]:
-    """The run directory and the checkpoint to resume from, if any."""
+@dataclass
+class RunDir:
+    path: Path
+    resume_from: Path | None
+    created: bool
+    """This start made the directory (so a failed start may remove it again)."""
+    warnings: list[str] = field(default_factory=list)
+
+    def remove_if_unused(self) -> None:
+        """After a failed start: remove the directory if this start created it and no step was
+        logged or saved in it."""
+        metrics = self.path / "metrics.jsonl"
+        if (self.created and self.path.is_dir() and not list_checkpoints(self.path)
+                and not (metrics.is_file() and metrics.read_text().strip())):
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def prepare_run_dir(config: TrainConfig) -> RunDir:
+    """The run directory and the checkpoint to resume from, if any (see the module docstring)."""
     output_dir = config.train.output_dir
     if output_dir is None:
         if config.checkpoint.resume:
             raise ValueError("--resume needs --train.output_dir: the run directory to continue")
-        output_dir = f"runs/train-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+        output_dir = str(Path(f"runs/train-{datetime.datetime.now():%Y%m%d-%H%M%S}").absolute())
         config.train.output_dir = output_dir
     run_dir = Path(output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    remove_partial_checkpoints(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--train.output_dir={output_dir!r} is a file; valid: a directory")
     existing = list_checkpoints(run_dir)
+    resume_from, warnings = None, []
     if config.checkpoint.resume_from is not None:
-        path = Path(config.checkpoint.resume_from)
+        resume_from = Path(config.checkpoint.resume_from)
         if config.checkpoint.resume:
-            raise ValueError(f"both --resume and --checkpoint.resume_from={str(path)!r}; valid: "
-                             f"one of them")
-        if existing and path.resolve() != existing[-1][1].resolve():
-            raise ValueError(f"--checkpoint.resume_from={str(path)!r} into {str(run_dir)!r}, "
-                             f"which holds checkpoints of another history (newest "
-                             f"{existing[-1][1].name}); valid: a new --train.output_dir, or "
-                             f"--resume to continue the newest one there")
-        return run_dir, path
-    if config.checkpoint.resume:
+            raise ValueError(f"both --resume and --checkpoint.resume_from={str(resume_from)!r}; "
+                             f"valid: one of them")
+        verify_checkpoint(resume_from)
+        same_run = resume_from.resolve().parent == run_dir.resolve()
+        if existing and not same_run:
+            raise ValueError(f"--checkpoint.resume_from={str(resume_from)!r} into "
+                             f"{str(run_dir)!r}, which holds checkpoints of another history "
+                             f"(newest {existing[-1][1].name}); valid: a new --train.output_dir, "
+                             f"a checkpoint of this run, or --resume to continue the newest one")
+        step = read_trainer_state(resume_from)["step"]
+        newer = [p.name for s, p in existing if s > step]
+        if newer:
+            warnings.append(f"resuming {run_dir} from its step {step}: the newer checkpoints "
+                            f"{', '.join(newer)} will be moved to {run_dir / 'superseded'} (not "
+                            f"deleted) when this run saves over their steps")
+    elif config.checkpoint.resume:
         if not existing:
             raise ValueError(f"--resume: no checkpoint (step-* directory) in {str(run_dir)!r}")
-        return run_dir, existing[-1][1]
-    if existing:
+        skipped = []
+        for _, path in reversed(existing):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                resume_from = path
+                break
+            skipped.append((path.name, problem))
+        if resume_from is None:
+            raise ValueError(f"--resume: no usable checkpoint in {str(run_dir)!r}: "
+                             + "; ".join(f"{name}: {why}" for name, why in skipped))
+        if skipped:
+            warnings.append(f"skipping checkpoint(s) that do not verify: "
+                            + "; ".join(f"{name} ({why})" for name, why in skipped)
+                            + f"; resuming from {resume_from.name} instead (the skipped ones are "
+                              f"moved to {run_dir / 'superseded'} when this run saves over "
+                              f"their steps)")
+    elif existing:
         raise ValueError(f"{str(run_dir)!r} already holds checkpoints ({existing[-1][1].name}); "
                          f"pass --resume to continue that run, or choose another "
                          f"--train.output_dir")
-    return run_dir, None
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    remove_partial_checkpoints(run_dir)
+    return RunDir(run_dir, resume_from, created, warnings)
 
 
 # Settings a resumed run may change; any other change would make it a different run (model,
-# data stream, seed) and is refused. skip_invalid may change: the stream position counts skipped
-# records either way, so a run stopped by a bad record can go on past it.
-RESUMABLE_CHANGES = ("chunking.", "optim.", "train.steps", "train.output_dir", "train.device",
-                      "train.deterministic", "train.autocast", "log.", "checkpoint.",
-                      "data.skip_invalid", "parallel.timeout_s")
+# adapters, data stream, seed) and is refused. skip_invalid may change: the stream position
+# counts skipped records either way, so a run stopped by a bad record can go on past it.
+RESUMABLE_CHANGES = ("chunking.", "optim.", "train.steps", "train.epochs", "train.output_dir",
+                     "train.device", "train.deterministic", "train.autocast",
+                     "train.max_empty_batches", "log.", "checkpoint.", "eval.",
+                     "lora.merge_on_save", "data.skip_invalid", "parallel.timeout_s")
 
 
 def check_resumed_config(saved: dict, cfg: TrainConfig, path: Path, *,
-                          verbose: bool = True) -> None:
+                         verbose: bool = True) -> None:
     now = cfg.to_dict()
+    # Checkpoints from before paths were stored absolute: read theirs from here.
+    saved = {section: {key: absolute_path_option(f"{section}.{key}", value)
+                       if f"{section}.{key}" in PATH_FIELDS else value
+                       for key, value in fields.items()} for section, fields in saved.items()}
     changes = [(f"{section}.{key}", value, now[section][key])
                for section, fields in saved.items() for key, value in fields.items()
                if now.get(section, {}).get(key, value) != value]
+    # Sections a checkpoint predates hold their defaults: a change from those is a change too.
+    for section, fields in now.items():
+        for key, value in fields.items():
+            if section not in saved and value != getattr(getattr(TrainConfig(), section), key):
+                changes.append((f"{section}.{key}", None, value))
     refused = [c for c in changes if not c[0].startswith(RESUMABLE_CHANGES)]
     if refused:
         raise ValueError(

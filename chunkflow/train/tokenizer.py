@@ -4,7 +4,9 @@ Two tokenizers share one small interface (``vocab_size``, ``eos_token_id``, ``na
 ``encode(text)``, ``render_chat(messages, add_generation_prompt=...)``):
 
 - ``ByteTokenizer``: UTF-8 bytes, 256 ids, no special tokens, and a plain-text chat template
-  (``<|user|>\\n...\\n``, ``<|assistant|>\\n...<|end|>\\n``). Needs nothing installed.
+  (``<|user|>\\n...\\n``, ``<|assistant|>\\n...<|end|>\\n``). Needs nothing installed to
+  train; ``save_pretrained`` writes it as a Hugging Face tokenizer that encodes the same ids
+  and carries the same chat template, so checkpoints of byte-level runs are self-contained.
 - ``HFTokenizer``: a local Hugging Face tokenizer directory, loaded with ``local_files_only``
   (never the network); its own ``chat_template`` renders messages.
 
@@ -36,6 +38,8 @@ class Tokenizer(Protocol):
 
     def render_chat(self, messages: list[dict], *, add_generation_prompt: bool) -> str: ...
 
+    def save_pretrained(self, path: str | Path) -> None: ...
+
 
 class ChatTemplateError(ValueError):
     """The tokenizer cannot label chat records (no template, or one that is not prefix-stable).
@@ -44,12 +48,47 @@ class ChatTemplateError(ValueError):
     """
 
 
+# ByteTokenizer.render_chat as a Jinja chat template, for the saved Hugging Face tokenizer.
+# ByteTokenizer.render_chat as a Jinja chat template, for the saved Hugging Face tokenizer.
+# Newlines are expressions: transformers renders with trim_blocks, which eats a literal newline
+# after a block tag.
+_BYTE_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ '<|end|>\\n' }}{% else %}{{ '\\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map, which byte-level BPE works on."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    mapping, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
 class ByteTokenizer:
     """UTF-8 bytes as token ids 0..255; no EOS token."""
 
     vocab_size = 256
     eos_token_id = None
     name = "byte"
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write this tokenizer as a Hugging Face fast tokenizer (byte-level BPE without merges,
+        id = byte value) with the same chat template."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        vocab = {char: b for b, char in _bytes_to_unicode().items()}
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=_BYTE_CHAT_TEMPLATE,
+                                clean_up_tokenization_spaces=False).save_pretrained(str(path))
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -77,6 +116,10 @@ class HFTokenizer:
         self.name = path
         self.vocab_size = len(self._tok)  # includes added special tokens, unlike tok.vocab_size
         self.eos_token_id = self._tok.eos_token_id
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """The tokenizer files (with its chat template), as transformers writes them."""
+        self._tok.save_pretrained(str(path))
 
     def encode(self, text: str) -> list[int]:
         # No BOS/EOS here: the chat template writes its own special tokens into the text, and

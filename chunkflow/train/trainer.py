@@ -1,25 +1,28 @@
 """The training loop: one global batch, one ChunkFlow forward/backward, one AdamW step.
 
-``train(config)`` runs a whole job: it builds the model, data stream and engine from the config,
-resumes from a checkpoint when asked, and for each step
+``train(config)`` runs a whole job: it builds the tokenizer, model (LoRA-wrapped when asked),
+data stream and engine from the config, resumes from a checkpoint when asked, and for each step
 
-1. takes the next global batch from the stream (chunks are built over the whole batch),
-2. runs ``engine.forward_backward`` (bf16 autocast on CUDA when enabled),
+1. takes the next global batch from the stream (chunks are built over the whole batch); a batch
+   without a supervised token is skipped with a warning (the data position moves on, no step is
+   taken) and ``--train.max_empty_batches`` of them in a row stop the run;
+2. runs ``engine.forward_backward`` (bf16 autocast on CUDA when enabled);
 3. checks that loss and gradient norm are finite, clips, sets the scheduled learning rate and
-   steps AdamW,
-4. appends a line to ``metrics.jsonl``, updates the progress bar, saves a checkpoint every
-   ``checkpoint.interval`` steps.
+   steps AdamW;
+4. evaluates on ``--eval.path`` every ``eval.interval`` steps and at the end (forward only,
+   chunk by chunk), appends a line to ``metrics.jsonl``, updates the progress bar, saves a
+   checkpoint every ``checkpoint.interval`` steps and at the end.
 
-Exact resume: a checkpoint holds everything the next step reads (weights, optimizer moments,
-step, data position and counters, RNG states), so on CPU a resumed run's weights equal an
-uninterrupted run's bit for bit. The first Ctrl-C finishes the current step and saves a
+Exact resume: a checkpoint holds everything the next step reads (weights or adapter, optimizer
+moments, step, data position and counters, RNG states), so on CPU a resumed run's weights equal
+an uninterrupted run's bit for bit. The first Ctrl-C finishes the current step and saves a
 checkpoint; a NaN/inf loss stops before the optimizer step, so the last checkpoint stays good.
+A start that fails before its first step leaves no run directory behind.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import resource
@@ -34,18 +37,34 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from chunkflow.models import Transformer
 from chunkflow.runtime.engine import ChunkFlowEngine
 from chunkflow.train import TrainingError
+from chunkflow.train.build import build_model, build_tokenizer, model_label
 from chunkflow.train.checkpoint import (
-    load_checkpoint,
     load_distributed_checkpoint,
+    load_optimizer_and_rng,
+    restore_python_rng,
     save_checkpoint,
     save_distributed_checkpoint,
+    stage_files,
+    verify_checkpoint,
+    write_stage_index,
 )
 from chunkflow.train.config import TrainConfig
-from chunkflow.train.data import DataPosition, DataStats, build_dataset, global_batches
+from chunkflow.train.data import (
+    DataError,
+    DataPosition,
+    DataStats,
+    FileDataset,
+    build_dataset,
+    build_eval_dataset,
+    count_steps,
+    global_batches,
+)
+from chunkflow.train.export import ModelFiles, state_bytes
+from chunkflow.train.metrics import MetricsLog, format_eval, format_step
 from chunkflow.train.resume import check_resumed_config, prepare_run_dir
+from chunkflow.runtime.loss import IGNORE_INDEX
 
 
 @dataclass
@@ -57,6 +76,7 @@ class TrainSummary:
     interrupted: bool = False
     checkpoint: Path | None = None
     data: dict[str, Any] = field(default_factory=dict)
+    eval_loss: float | None = None
 
 
 def lr_at(step: int, *, lr: float, warmup_steps: int, total_steps: int,
@@ -78,26 +98,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(config: TrainConfig, device: torch.device) -> torch.nn.Module:
-    """The model to train: a preset initialised from the seed, or model.path's weights."""
-    dtype = getattr(torch, config.model.dtype)
-    torch.manual_seed(config.train.seed)
-    if config.model.path is None:
-        return Transformer(config.model.model_config()).to(device=device, dtype=dtype)
-    if config.model.vocab_size is not None:
-        raise ValueError("--model.vocab_size applies to presets; a --model.path checkpoint has "
-                         "its own vocabulary")
-    if config.model.implementation == "reference":
-        from chunkflow.models.hf_checkpoint import load_hf_checkpoint
-
-        return load_hf_checkpoint(config.model.path, dtype=dtype, device=device)
-    from chunkflow.models.hf import load_hf_model
-
-    return load_hf_model(config.model.path, dtype=dtype, device=device)
+def _num_params(model: torch.nn.Module, *, trainable: bool = False) -> int:
+    params = {id(p): p for p in model.parameters() if p.requires_grad or not trainable}
+    return sum(p.numel() for p in params.values())
 
 
-def _num_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+def supervised_tokens(batch) -> int:
+    """Targets in a global batch (the first token of a sequence is never one)."""
+    return sum(len(ex) - 1 if ex.labels is None else
+               sum(1 for t in ex.labels[1:] if t != IGNORE_INDEX) for ex in batch)
 
 
 def _init_parallel(cfg: TrainConfig):
@@ -155,46 +164,10 @@ def _max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-class _Metrics:
-    """metrics.jsonl (one line per step) and, optionally, TensorBoard scalars."""
-
-    def __init__(self, run_dir: Path, *, resume_step: int, tensorboard: bool):
-        self.path = run_dir / "metrics.jsonl"
-        if self.path.exists():
-            # A killed run may have logged steps after its last checkpoint; they will be redone.
-            # A SIGKILL during a write can also leave a partial last line: drop it too.
-            kept = []
-            for line in self.path.read_text().splitlines():
-                try:
-                    if json.loads(line)["step"] <= resume_step:
-                        kept.append(line)
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)  # a kill now keeps either the old or the new history
-        self.file = open(self.path, "a")
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise ValueError(f"--log.tensorboard=true needs the tensorboard package "
-                                 f"(pip install tensorboard): {e}") from None
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-
-    def log(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, record["step"])
-
-    def close(self) -> None:
-        self.file.close()
-        if self.writer is not None:
-            self.writer.close()
+def _inputs(batch) -> list[dict[str, torch.Tensor]]:
+    return [{"input_ids": torch.tensor(ex.input_ids),
+             "labels": torch.tensor(ex.labels if ex.labels is not None else ex.input_ids)}
+            for ex in batch]
 
 
 class Trainer:
@@ -209,14 +182,31 @@ class Trainer:
         self.autocast = cfg.train.autocast == "bf16" or (cfg.train.autocast == "auto"
                                                          and self.device.type == "cuda")
         if ctx is None:
-            self.run_dir, resume_path = prepare_run_dir(cfg)
+            self.run_info = prepare_run_dir(cfg)
         else:  # rank 0 decides (and names a default run directory) for everyone
-            output_dir, self.run_dir, resume_path = ctx.run_on_rank0(
-                lambda: (cfg.train.output_dir, *prepare_run_dir(cfg)))
+            output_dir, self.run_info = ctx.run_on_rank0(
+                lambda: (cfg.train.output_dir, prepare_run_dir(cfg)))
             cfg.train.output_dir = output_dir
+        self.run_dir = self.run_info.path
+        try:
+            self._build()
+        except BaseException:
+            if self.is_main:
+                self.run_info.remove_if_unused()
+            raise
+
+    def _build(self) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        for warning in self.run_info.warnings:
+            self._print(f"warning: {warning}")
+        self.tokenizer = build_tokenizer(cfg)
         self.model = build_model(cfg, self.device)
-        self.dataset = build_dataset(cfg.data, vocab_size=self.model.config.vocab_size,
-                                     seed=cfg.train.seed, model_path=cfg.model.path)
+        vocab_size = self.model.config.vocab_size
+        self.dataset = build_dataset(cfg.data, vocab_size=vocab_size, seed=cfg.train.seed,
+                                     tokenizer=self.tokenizer, model_path=cfg.model.path)
+        self.eval_dataset = None if cfg.eval.path is None else build_eval_dataset(
+            cfg.data, cfg.eval.path, vocab_size=vocab_size, tokenizer=self.tokenizer)
+        self.files = ModelFiles(self.model, self.tokenizer, model_path=cfg.model.path)
         options = dict(chunk_size=cfg.chunking.chunk_size, k=cfg.chunking.k,
                        loss_normalization=cfg.chunking.loss_normalization,
                        pack_chain_tails=cfg.chunking.pack_chain_tails,
@@ -237,7 +227,9 @@ class Trainer:
             eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
         # What a checkpoint must hold beyond weights and optimizer: where the data stream is.
         self.step, self.position, self.stats, self.tokens_seen = 0, DataPosition(), DataStats(), 0
+        self.empty_batches = self.consecutive_empty = 0
         self.last_checkpoint: Path | None = None
+        resume_path = self.run_info.resume_from
         if resume_path is not None:
             state = self._load(resume_path)
             check_resumed_config(state["config"], cfg, resume_path, verbose=self.is_main)
@@ -247,134 +239,311 @@ class Trainer:
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
             self.position = DataPosition.from_dict(state["data_position"])
             self.stats = DataStats.from_dict(state["data_stats"])
+            self.empty_batches = state.get("empty_batches", 0)
+            self.consecutive_empty = state.get("consecutive_empty", 0)
             self.last_checkpoint = resume_path
+        self.total_steps = self._total_steps()
         if self.is_main:
             cfg.save(self.run_dir / "config.toml")
-        name = (cfg.model.preset if cfg.model.path is None else
-                f"{cfg.model.path} ({cfg.model.implementation})")
+        self._print(self._describe(resume_path))
+
+    def _total_steps(self) -> int:
+        """--train.steps, or the global batches of --train.epochs passes over the files."""
+        cfg = self.cfg
+        if cfg.train.epochs is None:
+            return cfg.num_steps
+        if not isinstance(self.dataset, FileDataset):
+            raise ValueError(f"--train.epochs={cfg.train.epochs} needs data files "
+                             f"(--data.path): the built-in synthetic data is endless; valid: "
+                             f"--train.steps")
+        steps = count_steps(self.dataset, cfg.data, cfg.train.epochs)
+        self._print(f"train.epochs={cfg.train.epochs}: {steps} steps (global batches) in "
+                    f"{cfg.train.epochs} pass(es) over {self.dataset.path!r}")
+        return steps
+
+    def _describe(self, resume_path: Path | None) -> str:
+        cfg, ctx = self.cfg, self.ctx
+        trainable = ""
+        if cfg.lora.rank:
+            trainable = (f", {_num_params(self.model, trainable=True) / 1e6:.2f}M trainable: "
+                         f"LoRA rank {cfg.lora.rank}")
         where = (f"{self.device}" if ctx is None else
                  f"{ctx.layout.world_size} processes (dp={ctx.dp} x pp={ctx.pp}"
                  f"{', ' + cfg.parallel.data_parallel if ctx.dp > 1 else ''}) on "
                  f"{self.device.type}")
-        self._print(f"chunkflow train: {name} model "
-                    f"({_num_params(self.model) / 1e6:.2f}M params"
-                    f"{' on stage 0' if ctx is not None and ctx.pp > 1 else ''}, "
-                    f"{cfg.model.dtype}) on {where}{', bf16 autocast' if self.autocast else ''}; "
-                    f"data: {self.dataset.describe()}; chunk_size={cfg.chunking.chunk_size}, "
-                    f"k={cfg.chunking.k}; run dir {self.run_dir}"
-                    + (f"; resuming from {resume_path} (step {self.step})" if resume_path
-                       else ""))
+        return (f"chunkflow train: {model_label(cfg)} model "
+                f"({_num_params(self.model) / 1e6:.2f}M params"
+                f"{' on stage 0' if ctx is not None and ctx.pp > 1 else ''}{trainable}, "
+                f"{cfg.model.dtype}) on {where}{', bf16 autocast' if self.autocast else ''}; "
+                f"data: {self.dataset.describe()}; chunk_size={cfg.chunking.chunk_size}, "
+                f"k={cfg.chunking.k}; run dir {self.run_dir}"
+                + (f"; resuming from {resume_path} (step {self.step})" if resume_path else ""))
 
     def _print(self, text: str) -> None:
         if self.is_main:
             print(text, flush=True)
 
+    # -- checkpoints ------------------------------------------------------------------------
+
     def _load(self, path: Path) -> dict[str, Any]:
+        """Restore model (or adapter), optimizer and RNG states from ``path``; its state."""
         if self.ctx is None:
-            return load_checkpoint(path, model=self.model, optimizer=self.optimizer)
+            state = verify_checkpoint(path)
+            if state.get("layout") is not None:
+                raise ValueError(f"checkpoint {str(path)!r} was saved by a distributed run "
+                                 f"({state['layout']}); valid: resume it on that layout")
+            self.files.load(path)
+            load_optimizer_and_rng(path, self.optimizer, self.device)
+            restore_python_rng(state)
+            return state
         from chunkflow.parallel.checkpoint import load_stage_state
 
         model_state, optim_state, state = load_distributed_checkpoint(
-            path, ctx=self.ctx, layout=self.layout)
+            path, ctx=self.ctx, layout=self.layout, weights=not self.files.lora)
+        if self.files.lora:
+            self.files.load(path)
         load_stage_state(self.engine, self.optimizer, model_state, optim_state)
         return state
 
-    def save(self) -> Path:
+    def save(self, *, final: bool = False) -> Path:
+        cfg = self.cfg
         state = {"data_position": self.position.to_dict(), "data_stats": self.stats.to_dict(),
-                 "tokens_seen": self.tokens_seen, "config": self.cfg.to_dict()}
+                 "tokens_seen": self.tokens_seen, "empty_batches": self.empty_batches,
+                 "consecutive_empty": self.consecutive_empty, "config": cfg.to_dict()}
+        merged = self.files.lora and (cfg.lora.merge_on_save or final)
+        needed = self.files.num_bytes() + state_bytes(self.optimizer.state_dict())
         if self.ctx is None:
-            self.last_checkpoint = save_checkpoint(
-                self.run_dir, step=self.step, model=self.model, optimizer=self.optimizer,
-                trainer_state=state, keep_last=self.cfg.checkpoint.keep_last)
-            return self.last_checkpoint
+            def write(tmp: Path) -> None:
+                self.files.write(tmp, merged=merged)
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+
+            path, moved = save_checkpoint(self.run_dir, step=self.step, write=write,
+                                          trainer_state=state, keep_last=cfg.checkpoint.keep_last,
+                                          needed_bytes=needed)
+        else:
+            path, moved = self._save_distributed(state, merged=merged, needed=needed)
+        for m in moved:
+            self._print(f"note: moved {m.name} (a later step of the history this run replaces) "
+                        f"to {m}; it is kept, not deleted")
+        self.last_checkpoint = path
+        return path
+
+    def _save_distributed(self, state: dict[str, Any], *, merged: bool,
+                          needed: int) -> tuple[Path, list[Path]]:
+        from safetensors.torch import save_file
+
         from chunkflow.parallel.checkpoint import stage_state
 
-        model_state, optim_state = stage_state(self.engine, self.optimizer)
-        self.last_checkpoint = save_distributed_checkpoint(
-            self.run_dir, step=self.step, ctx=self.ctx, layout=self.layout, model=self.model,
-            model_state=model_state, optim_state=optim_state, trainer_state=state,
-            keep_last=self.cfg.checkpoint.keep_last)
-        return self.last_checkpoint
+        ctx, lora = self.ctx, self.files.lora
+        model_state, optim_state = stage_state(self.engine, self.optimizer, weights=not lora)
+
+        def write_shard(tmp: Path) -> list[str]:
+            weights, optim = stage_files(ctx.stage, ctx.pp)
+            if lora:
+                from chunkflow.train.lora import save_adapter
+
+                names = save_adapter(self.model, tmp)
+            else:
+                save_file(model_state, str(tmp / weights), metadata={"format": "pt"})
+                names = [weights]
+            torch.save(optim_state, tmp / optim)
+            return names + [optim]
+
+        def write_main(tmp: Path) -> None:
+            if ctx.pp > 1:
+                write_stage_index(tmp, ctx.pp)
+            self.files.write_extras(tmp, merged=merged)
+
+        return save_distributed_checkpoint(
+            self.run_dir, step=self.step, ctx=ctx,
+            write_shard=write_shard if ctx.dp_rank == 0 else None, write_main=write_main,
+            trainer_state=dict(state, layout=self.layout), keep_last=self.cfg.checkpoint.keep_last,
+            needed_bytes=needed)
+
+    # -- the loop ---------------------------------------------------------------------------
 
     def run(self) -> TrainSummary:
-        cfg, total = self.cfg, self.cfg.train.steps
+        cfg, total = self.cfg, self.total_steps
         summary = TrainSummary(run_dir=self.run_dir, steps_done=self.step)
         if self.step >= total:
-            self._print(f"nothing to do: the checkpoint is at step {self.step} and "
-                        f"--train.steps={total}")
+            self._print(f"nothing to do: the checkpoint is at step {self.step} and the run "
+                        f"has {total} steps")
             return summary
         # Only rank 0 logs; every rank trains, saves its part and stops together.
-        metrics = (_Metrics(self.run_dir, resume_step=self.step, tensorboard=cfg.log.tensorboard)
-                   if self.is_main else None)
-        batches = global_batches(self.dataset, cfg.data, self.position, self.stats)
+        metrics = (MetricsLog(self.run_dir, resume_step=self.step,
+                              tensorboard=cfg.log.tensorboard) if self.is_main else None)
+        batches = global_batches(self.dataset, cfg.data, self.position, self.stats,
+                                 num_epochs=cfg.train.epochs)
         bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=None if cfg.log.progress and self.is_main else True)
         warned_skips = self.stats.skipped > 0
+        saved_step = self.step if self.last_checkpoint is not None else None
+        logged_eval = None
         try:
             with _StopRequest() as stop, _deterministic(cfg.train.deterministic):
                 while self.step < total:
-                    record = self.train_step(*next(batches))
+                    item = next(batches, None)
+                    if item is None:  # --train.epochs: the data is used up
+                        break
+                    batch, position, stats = item
+                    self._note_epoch(bar, position, stats)
+                    if supervised_tokens(batch) == 0:
+                        self._skip_empty(bar, batch, position, stats)
+                        continue
+                    record = self.train_step(batch, position, stats)
+                    if self._eval_due(total):
+                        record.update(self.evaluate())
+                        logged_eval = self.step
                     if metrics is not None:
                         metrics.log(record)
                     if summary.first_loss is None:
                         summary.first_loss = record["loss"]
                     summary.last_loss, summary.steps_done = record["loss"], self.step
-                    bar.set_postfix(loss=f"{record['loss']:.4f}",
-                                    tok_s=f"{record['tokens_per_s']:.0f}",
-                                    peak=f"{record['peak_memory_bytes'] / 2**20:.0f}MiB",
-                                    refresh=False)
+                    postfix = dict(loss=f"{record['loss']:.4f}",
+                                   tok_s=f"{record['tokens_per_s']:.0f}",
+                                   peak=f"{record['peak_memory_bytes'] / 2**20:.0f}MiB")
+                    if "eval_loss" in record:
+                        summary.eval_loss = record["eval_loss"]
+                    if summary.eval_loss is not None:
+                        postfix["eval"] = f"{summary.eval_loss:.4f}"
+                    bar.set_postfix(postfix, refresh=False)
                     bar.update(1)
                     if record["skipped"] and not warned_skips and self.is_main:
                         warned_skips = True
                         bar.write(f"warning: skipping invalid records (--data.skip_invalid); "
                                   f"first: {self.stats.first_skip_reason}")
                     if self.is_main and (self.step % cfg.log.interval == 0
-                                         or self.step == total):
-                        bar.write(_format_line(record, total))
+                                         or self.step == total or "eval_loss" in record):
+                        bar.write(format_step(record, total))
                     interval = cfg.checkpoint.interval
                     stopping = stop.requested
                     if self.ctx is not None:  # a signal may reach ranks a step apart: agree
                         stopping = self.ctx.all_sum([float(stopping)])[0] > 0
-                    if stopping or self.step == total or (
-                            interval and self.step % interval == 0):
+                    if stopping or (interval and self.step % interval == 0
+                                    and self.step < total):
                         self.save()
+                        saved_step = self.step
                     if stopping:
                         summary.interrupted = True
                         break
+                if not summary.interrupted and self.step > 0:
+                    if self.eval_dataset is not None and logged_eval != self.step:
+                        record = {"step": self.step, **self.evaluate()}
+                        summary.eval_loss = record["eval_loss"]
+                        if metrics is not None:
+                            metrics.log(record)
+                        self._print(f"step {self.step}: {format_eval(record)}")
+                    if saved_step != self.step:
+                        self.save(final=True)
         finally:
             bar.close()
             if metrics is not None:
                 metrics.close()
+            if self.is_main:
+                self.run_info.remove_if_unused()
+        self._finish(summary, total)
+        return summary
+
+    def _finish(self, summary: TrainSummary, total: int) -> None:
+        cfg = self.cfg
         summary.checkpoint, summary.data = self.last_checkpoint, self.stats.to_dict()
         losses = (f", loss {summary.first_loss:.4f} -> {summary.last_loss:.4f}"
                   if summary.first_loss is not None else "")
-        data = self.stats.summary(max_length=cfg.data.max_length)
+        if summary.eval_loss is not None:
+            losses += f", eval loss {summary.eval_loss:.4f}"
+        data = self.stats.summary(max_length=cfg.data.max_length,
+                                  eos_token_id=getattr(self.dataset, "eos_appended", None))
+        passes = self._passes()
+        if passes is not None:
+            data += f"; {passes:.2f} passes over the data"
+        if self.empty_batches:
+            data += (f"; {self.empty_batches} global batch{'es' * (self.empty_batches != 1)} "
+                     f"without a supervised token skipped")
         self._print(f"{'interrupted' if summary.interrupted else 'done'}: step {self.step}/"
                     f"{total}{losses}; data: {data}; checkpoint {self.last_checkpoint}")
         if summary.interrupted:
             launcher = "torchrun ... -m chunkflow" if self.ctx is not None else "chunkflow"
-            self._print(f"continue with: {launcher} train --config "
-                        f"{self.run_dir / 'config.toml'} --resume")
-        return summary
+            self._print(f"continue with: {launcher} train --train.output_dir {self.run_dir} "
+                        f"--resume")
+
+    def _passes(self) -> float | None:
+        """How many passes over the data files the run has made (None: not known yet)."""
+        records = self.stats.epoch_records
+        if not isinstance(self.dataset, FileDataset) or not records:
+            return None
+        return self.position.epoch + self.position.index / records
+
+    def _note_epoch(self, bar, position: DataPosition, stats: DataStats) -> None:
+        """Say when the stream has read every record once and starts the next pass."""
+        if position.epoch <= self.position.epoch or not self.is_main:
+            return
+        wrap = ("" if self.cfg.train.epochs is not None else
+                "; the data wraps around (--train.epochs stops after a number of passes)")
+        bar.write(f"data: epoch {self.position.epoch + 1} complete ({stats.epoch_records} "
+                  f"records read); step {self.step + 1} starts epoch {position.epoch + 1}{wrap}")
+
+    def _skip_empty(self, bar, batch, position: DataPosition, stats: DataStats) -> None:
+        self.empty_batches += 1
+        self.consecutive_empty += 1
+        self.position, self.stats = position, stats  # the data moves on; no step is taken
+        where = f"{batch[0].origin} .. {batch[-1].origin}"
+        limit = self.cfg.train.max_empty_batches
+        if self.consecutive_empty >= limit:
+            raise TrainingError(
+                f"{self.consecutive_empty} global batches in a row have no supervised token "
+                f"(the last: {where}), --train.max_empty_batches={limit}; check the labels "
+                f"(-100 everywhere?), --data.train_on, and records of a single token (the "
+                f"first token of a sequence is never a target)")
+        if self.is_main:
+            bar.write(f"warning: the global batch {where} has no supervised token: skipped, no "
+                      f"step taken ({self.empty_batches} so far; {limit} in a row stop the run)")
+
+    def _eval_due(self, total: int) -> bool:
+        interval = self.cfg.eval.interval
+        return self.eval_dataset is not None and (
+            self.step == total or (interval > 0 and self.step % interval == 0))
+
+    def evaluate(self) -> dict[str, Any]:
+        """Held-out loss (token mean) and perplexity over ``--eval.path`` (at most
+        ``--eval.max_batches`` global batches from its start), forward only."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        loss_sum, num_tokens, num_batches = 0.0, 0, 0
+        batches = global_batches(self.eval_dataset, cfg.data, DataPosition(), DataStats(),
+                                 num_epochs=1)
+        self.model.eval()  # dropout off
+        try:
+            for batch, _, _ in batches:
+                if cfg.eval.max_batches is not None and num_batches >= cfg.eval.max_batches:
+                    break
+                with self._autocast():
+                    result = self.engine.evaluate(_inputs(batch))
+                loss_sum += result.loss_sum
+                num_tokens += result.num_loss_tokens
+                num_batches += 1
+        finally:
+            self.model.train()
+        if num_tokens == 0:
+            raise DataError(f"--eval.path={cfg.eval.path!r}: the held-out data has no supervised "
+                            f"token in {num_batches} global batch(es); valid: records with "
+                            f"targets (see --data.train_on)")
+        loss = loss_sum / num_tokens
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)),
+                "eval_tokens": num_tokens, "eval_batches": num_batches,
+                "eval_time_s": time.perf_counter() - t0}
+
+    def _autocast(self):
+        return (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast
+                else contextlib.nullcontext())
 
     def train_step(self, batch, position: DataPosition, stats: DataStats) -> dict[str, Any]:
         """One optimizer step on one global batch; returns its metrics record."""
         cfg, step = self.cfg, self.step + 1
-        inputs = [{"input_ids": torch.tensor(ex.input_ids),
-                   "labels": torch.tensor(ex.labels if ex.labels is not None else ex.input_ids)}
-                  for ex in batch]
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        ctx = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast
-               else contextlib.nullcontext())
-        with ctx:
-            result = self.engine.forward_backward(inputs)
-        if result.num_loss_tokens == 0:
-            raise TrainingError(
-                f"step {step}: the global batch ({batch[0].origin} .. {batch[-1].origin}) has no "
-                f"supervised token, so there is nothing to learn and the step was not taken; "
-                f"check the labels (-100 everywhere?), --data.train_on, and records of a single "
-                f"token (the first token of a sequence is never a target)")
+        with self._autocast():
+            result = self.engine.forward_backward(_inputs(batch))
+        assert result.num_loss_tokens > 0, "empty batches are skipped before the step"
         loss = float(result.loss)
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         if self.ctx is None:
@@ -390,7 +559,7 @@ class Trainer:
                 f"{cfg.optim.lr}) or more --optim.warmup_steps; the batch holds "
                 f"{batch[0].origin} .. {batch[-1].origin}")
         lr = lr_at(step, lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps,
-                   total_steps=cfg.train.steps, min_lr_ratio=cfg.optim.min_lr_ratio)
+                   total_steps=self.total_steps, min_lr_ratio=cfg.optim.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
@@ -399,6 +568,7 @@ class Trainer:
         step_time = time.perf_counter() - t0
         # Only now is the step complete: advance what the next checkpoint records.
         self.step, self.position, self.stats = step, position, stats
+        self.consecutive_empty = 0
         self.tokens_seen += result.num_tokens
         plan = result.plan
         record = {
@@ -411,7 +581,11 @@ class Trainer:
             "step_time_s": step_time, "tokens_per_s": result.num_tokens / step_time,
             "tokens_seen": self.tokens_seen, "skipped": stats.skipped,
             "truncated": stats.truncated, "dropped": stats.dropped,
+            "empty_batches": self.empty_batches,
         }
+        passes = self._passes()
+        if passes is not None:
+            record["epoch"] = passes
         if self.ctx is not None:
             # How evenly the replicas' estimated costs came out (max/mean), and their chunks.
             record["dp_imbalance"] = result.imbalance
@@ -426,14 +600,3 @@ def train(config: TrainConfig) -> TrainSummary:
     if trainer.ctx is not None:
         trainer.ctx.close()
     return summary
-
-
-def _format_line(record: dict[str, Any], total: int) -> str:
-    return (f"step {record['step']:>{len(str(total))}}/{total}  loss {record['loss']:.4f}  "
-            f"lr {record['lr']:.2e}  grad {record['grad_norm']:.2f}  "
-            f"tokens {record['tokens']:6d}  chunks {record['chunks']:3d}  "
-            f"packing {record['packing_efficiency']:.1%}  "
-            f"peak {record['peak_memory_bytes'] / 2**20:6.1f} MiB  "
-            f"{record['tokens_per_s']:7.0f} tok/s"
-            + (f"  dp imbalance {record['dp_imbalance']:.2f}" if "dp_imbalance" in record
-               else ""))

@@ -8,7 +8,8 @@ from chunkflow.cli import main
 from chunkflow.train.config import FIELDS, TrainConfig, load_config, read_toml
 
 
-def test_precedence_defaults_then_file_then_command_line(tmp_path):
+def test_precedence_defaults_then_file_then_command_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     path = tmp_path / "run.toml"
     path.write_text('[chunking]\nchunk_size = 1024\nk = 2\n[data]\nmax_length = 9000\n'
                     'path = "a.jsonl,b/*.parquet"\n')
@@ -17,7 +18,8 @@ def test_precedence_defaults_then_file_then_command_line(tmp_path):
     assert cfg.chunking.chunk_size == 1024  # from the file
     assert cfg.chunking.k == 3  # the command line wins
     assert cfg.data.skip_invalid is True and cfg.data.max_length is None
-    assert cfg.data.path == "a.jsonl,b/*.parquet" and cfg.optim.lr == 1e-4
+    # paths are stored absolute (relative to the working directory), globs kept
+    assert cfg.data.path == f"{tmp_path}/a.jsonl,{tmp_path}/b/*.parquet" and cfg.optim.lr == 1e-4
     assert cfg.train.steps == TrainConfig().train.steps  # untouched default
 
 

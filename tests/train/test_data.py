@@ -75,9 +75,44 @@ class WithEos(ByteTokenizer):
 def test_eos_appended_to_text_only_when_asked(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", [{"text": "ab"}, {"input_ids": [9]}])
     ds, _ = dataset(path, tokenizer=WithEos())
-    assert [ex.input_ids for ex in take(ds, 2)] == [[97, 98, 0], [9]]
+    stats = DataStats()
+    assert [ex.input_ids for ex in take(ds, 2, stats=stats)] == [[97, 98, 0], [9]]
+    assert stats.summary(eos_token_id=ds.eos_appended) == \
+        "2 examples (1 text with EOS 0 appended, 1 pre-tokenised)"
     ds, _ = dataset(path, tokenizer=WithEos(), add_eos=False)
     assert take(ds, 1)[0].input_ids == [97, 98]
+
+
+def test_eos_is_not_announced_for_chat_only_data(tmp_path):
+    """Issue 13.9: "EOS appended" was printed for data without a text record."""
+    chat = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    ds, _ = dataset(write_jsonl(tmp_path / "a.jsonl", [chat]), tokenizer=WithEos())
+    stats = DataStats()
+    take(ds, 3, stats=stats)
+    assert "EOS" not in ds.describe() and "EOS" not in stats.summary(eos_token_id=0)
+    assert stats.summary(eos_token_id=0) == "3 examples (3 chat)"
+
+
+def test_unknown_chat_roles_are_refused_or_mapped(tmp_path):
+    """Issue 13.9: roles such as ShareGPT's "human"/"gpt" next to an assistant turn were
+    rendered and trained silently."""
+    path = write_jsonl(tmp_path / "a.jsonl", [
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+        {"messages": [{"role": "human", "content": "q"}, {"role": "gpt", "content": "a"},
+                      {"role": "assistant", "content": "b"}]},
+    ])
+    ds, _ = dataset(path)
+    with pytest.raises(DataError, match=re.escape(
+            f"{path}:2: 'messages': unknown role(s) 'gpt', 'human'; valid roles: system, user, "
+            f"assistant, tool. Map others with --data.role_map")):
+        take(ds, 2)
+    ds, _ = dataset(path, role_map="human=user,gpt=assistant")
+    mapped = take(ds, 2)[1]
+    assert bytes(mapped.input_ids) == (b"<|user|>\nq\n<|assistant|>\na<|end|>\n"
+                                       b"<|assistant|>\nb<|end|>\n")
+    assert bytes(t for t in mapped.labels if t != -100) == b"a<|end|>\nb<|end|>\n"
+    with pytest.raises(ValueError, match="--data.role_map='gpt': 'gpt' is not from=to"):
+        dataset(path, role_map="gpt")
 
 
 def test_hf_tokenizer_directory(tmp_path):
@@ -153,13 +188,14 @@ def test_parquet_rows_mixed_kinds_and_errors(tmp_path):
     ]), path, row_group_size=2)
     ds, _ = dataset(path)
     a, b = take(ds, 2)
+    # rows are numbered from 1, like JSONL lines (and spreadsheet rows)
     assert (a.input_ids, a.origin, b.input_ids, b.origin) == \
-        ([97, 98], f"{path}:row 0", [3, 4], f"{path}:row 1")
-    with pytest.raises(DataError, match=f"^{path}:row 2: 'text' is empty{HINT}$"):
+        ([97, 98], f"{path}:row 1", [3, 4], f"{path}:row 2")
+    with pytest.raises(DataError, match=f"^{path}:row 3: 'text' is empty{HINT}$"):
         take(ds, 3)
     pq.write_table(pa.Table.from_pylist([{"body": "x", "n": 1}]), path)
     ds, _ = dataset(path)
-    with pytest.raises(DataError, match=rf"^{path}:row 0: .* its fields are \['body', 'n'\]"):
+    with pytest.raises(DataError, match=rf"^{path}:row 1: .* its fields are \['body', 'n'\]"):
         take(ds, 1)
     (tmp_path / "junk.parquet").write_text('{"text": "not parquet"}\n')
     ds, _ = dataset(tmp_path / "junk.parquet")
@@ -189,7 +225,7 @@ def test_skip_invalid_counts_and_keeps_the_first_reason(tmp_path):
     assert texts(take(ds, 7, stats=stats)) == ["r0", "r2", "r3", "r5", "r6", "r7", "r9"]
     assert (stats.examples, stats.skipped) == (7, 3)
     assert stats.first_skip_reason.startswith(f"{path}:2: malformed JSON (")
-    assert stats.summary() == f"7 examples; 3 invalid records skipped (first: " \
+    assert stats.summary() == f"7 examples (7 text); 3 invalid records skipped (first: " \
                               f"{stats.first_skip_reason})"
 
 
@@ -219,7 +255,8 @@ def test_max_length_truncates_or_drops_and_counts(tmp_path):
     assert (a.input_ids, b.input_ids, b.labels, c.input_ids, len(d)) == \
         (list(b"abcd"), [1, 2, 3, 4], [-100, 2, 3, 4], list(b"xy"), 4)
     assert (stats.examples, stats.truncated, stats.dropped) == (4, 3, 0)
-    assert stats.summary(max_length=4) == "4 examples; 3 truncated to max_length 4"
+    assert stats.summary(max_length=4) == ("4 examples (3 text, 1 pre-tokenised); 3 truncated "
+                                           "to max_length 4")
     ds, _ = dataset(path, max_length=4, overlong="drop")
     stats = DataStats()
     assert texts(take(ds, 2, stats=stats)) == ["xy", "xy"]  # second one from epoch 1

@@ -42,7 +42,7 @@ def test_report_is_a_png_of_sensible_size(tmp_path):
     out = write_report(run_dir)
     assert out == run_dir / "report.png" and out.is_file()
     width, height = _png_size(out)
-    assert (width, height) == (800, 900)  # figsize (8, 9) at 100 dpi
+    assert (width, height) == (800, 1100)  # figsize (8, 11) at 100 dpi
     assert 10_000 < out.stat().st_size < 2_000_000  # drawn, not blank
 
 
@@ -50,7 +50,7 @@ def test_custom_output_and_string_run_dir(tmp_path):
     run_dir = _write(tmp_path / "run-b", [_record(1), _record(2)])
     out = write_report(str(run_dir), output=tmp_path / "plots" / "curves.png")
     assert out == tmp_path / "plots" / "curves.png"
-    assert _png_size(out) == (800, 900)
+    assert _png_size(out) == (800, 1100)
     with pytest.raises(ValueError, match="curves.svg.*PNG"):
         write_report(run_dir, output=tmp_path / "curves.svg")
 
@@ -69,6 +69,36 @@ def test_duplicate_steps_keep_the_last_occurrence(tmp_path):
     assert dup_png == write_report(clean).read_bytes()
 
 
+def test_panels_for_lr_grad_norm_and_eval_with_whole_step_ticks(tmp_path, monkeypatch):
+    """Issue 13.9: no learning-rate / gradient-norm panel, and fractional step ticks (a
+    3-step run showed 1.00, 1.25, ...). An evaluation logged after the last step is merged."""
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    lines = [_record(s, lr=1e-3 * s, grad_norm=2.0 / s) for s in (1, 2, 3)]
+    lines += [{"step": 3, "eval_loss": 1.5, "eval_ppl": 4.48, "eval_tokens": 10}]
+    run_dir = _write(tmp_path / "run", lines)
+    assert read_metrics(run_dir)[-1]["eval_loss"] == 1.5 and read_metrics(run_dir)[-1]["loss"]
+    drawn = {}
+    savefig = Figure.savefig
+
+    def capture(fig, *args, **kwargs):
+        drawn["fig"] = fig
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", capture)
+    write_report(run_dir)
+    fig = drawn["fig"]
+    axes = [a for a in fig.axes if isinstance(a, Axes)]
+    titles = [a.get_title(loc="left") for a in axes]
+    assert titles[:4] == ["Loss", "Learning rate and gradient norm", "Throughput", "Peak memory"]
+    labels = {line.get_label(): list(line.get_ydata()) for a in axes for line in a.get_lines()}
+    assert labels["eval loss"] == [1.5]
+    assert labels["learning rate"] == [1e-3, 2e-3, 3e-3] and labels["gradient norm"] == [2.0, 1.0, 2 / 3]
+    ticks = [t for t in axes[3].get_xticks() if 1 <= t <= 3]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+
+
 def test_steps_out_of_order_are_sorted_and_blank_lines_skipped(tmp_path):
     run_dir = _write(tmp_path / "run", [_record(3), "", _record(1), "   ", _record(2)])
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3]
@@ -79,7 +109,7 @@ def test_missing_metrics_and_nulls_still_draw(tmp_path):
     lines = [{"step": s, "loss": None if s == 2 else 1.0 / s, "peak_memory_bytes": 2**20}
              for s in range(1, 5)]
     out = write_report(_write(tmp_path / "sparse", lines))
-    assert _png_size(out) == (800, 900)
+    assert _png_size(out) == (800, 1100)
 
 
 def test_missing_run_dir(tmp_path):

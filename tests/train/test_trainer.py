@@ -190,8 +190,9 @@ def test_existing_checkpoints_are_never_overwritten(tmp_path, capsys):
     assert main(["train", *args(tmp_path / "empty"), "--resume"]) == 2
     assert "--resume: no checkpoint" in capsys.readouterr().err
     assert main(["train", *args(tmp_path / "x", **{"checkpoint.resume_from": str(tmp_path)})]) == 2
-    assert "is incomplete or not a chunkflow checkpoint: missing model.safetensors" in (
-        capsys.readouterr().err)
+    assert "cannot be used: " in (err := capsys.readouterr().err) and "holds no weights" in err
+    # refused starts leave no run directory behind
+    assert not (tmp_path / "empty").exists() and not (tmp_path / "x").exists()
 
 
 def test_tensorboard_and_cpu_autocast(tmp_path):
@@ -300,12 +301,41 @@ def test_resume_refuses_other_data_and_applies_new_optimizer_settings(tmp_path, 
     assert group["weight_decay"] == 0.5 and group["betas"] == (0.9, 0.5)
 
 
-def test_nothing_supervised_stops_the_run(tmp_path, capsys):
+def test_a_batch_without_targets_is_skipped_and_counted_and_resume_moves_past_it(tmp_path,
+                                                                                  capsys):
+    """Issue 13.5: one unsupervised global batch used to stop the run for good (exit 1, and
+    --resume replayed the same batch). Now it is skipped, counted, and the data moves on."""
+    records = [{"input_ids": [1, 2, 3, 4], "labels": [-100] * 4} if i in (2, 3) else
+               {"input_ids": [1 + i, 2, 3, 4 + i]} for i in range(10)]
     data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    common = {"data.path": str(data), "data.shuffle_buffer": "0", "data.batch_size": "2",
+              "checkpoint.interval": "1"}
+    assert main(["train", *args(tmp_path / "a", **common, **{"train.steps": "3"})]) == 0
+    out = capsys.readouterr().out
+    assert f"warning: the global batch {data}:3 .. {data}:4 has no supervised token: skipped" in out
+    assert "1 global batch without a supervised token skipped" in out.splitlines()[-1]
+    steps = metrics(tmp_path / "a")
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert [r["empty_batches"] for r in steps] == [0, 1, 1]
+    state = json.loads((tmp_path / "a" / "step-00000003" / "trainer_state.json").read_text())
+    assert state["data_position"]["index"] == 8 and state["empty_batches"] == 1  # moved on
+
+    # stopped right before the empty batch, resumed: the same run
+    assert main(["train", *args(tmp_path / "b", **common, **{"train.steps": "1"})]) == 0
+    assert main(["train", *args(tmp_path / "b", **common, **{"train.steps": "3"}),
+                 "--resume"]) == 0
+    assert_bitwise_equal(weights(tmp_path / "a" / "step-00000003"),
+                         weights(tmp_path / "b" / "step-00000003"))
+
+    # only --train.max_empty_batches in a row stop the run
     data.write_text(json.dumps({"input_ids": [1, 2, 3], "labels": [-100, -100, -100]}) + "\n")
-    assert main(["train", *args(tmp_path / "r", **{"data.path": str(data),
-                                                    "train.steps": "1"})]) == 1
-    assert "has no supervised token" in capsys.readouterr().err
+    assert main(["train", *args(tmp_path / "r", **{"data.path": str(data), "train.steps": "1",
+                                                    "train.max_empty_batches": "3"})]) == 1
+    err = capsys.readouterr().err
+    assert "3 global batches in a row have no supervised token" in err
+    assert "--train.max_empty_batches=3" in err
+    assert not (tmp_path / "r").exists()  # no step ran: no run directory left behind
 
 
 def test_nan_gradient_stops_the_run(tmp_path):
@@ -321,3 +351,49 @@ def test_nan_gradient_stops_the_run(tmp_path):
     with pytest.raises(TrainingError, match=r"step 1: loss [0-9.]+, gradient norm (inf|nan).*no "
                                             r"checkpoint was saved yet"):
         trainer.run()
+
+
+def test_epochs_count_the_steps_and_read_every_record_exactly_that_often(tmp_path, capsys):
+    """--train.epochs: the step count comes from the data (shuffled, token-budget batches);
+    the last batch takes what is left; epoch boundaries are reported (issue 13.9: the data
+    used to wrap around without a word)."""
+    data = write_jsonl(tmp_path / "data.jsonl", 23)
+    lengths = [len(json.loads(line)["text"]) for line in data.read_text().splitlines()]
+    common = {"data.path": str(data), "data.shuffle_buffer": "5", "data.batch_tokens": "600",
+              "train.epochs": "2", "checkpoint.interval": "2"}
+    assert main(["train", *args(tmp_path / "a", **common)]) == 0
+    out = capsys.readouterr().out
+    records = metrics(tmp_path / "a")
+    steps = len(records)
+    assert f"train.epochs=2: {steps} steps (global batches) in 2 pass(es)" in out
+    assert sum(r["tokens"] for r in records) == 2 * sum(lengths)  # every record twice
+    assert sum(r["sequences"] for r in records) == 2 * 23
+    assert records[-1]["epoch"] == pytest.approx(2.0)
+    assert "data: epoch 1 complete (23 records read); step " in out
+    assert "wraps around" not in out and "2.00 passes over the data" in out.splitlines()[-1]
+
+    # killed mid-run and resumed: the same weights
+    first = Trainer(config(tmp_path / "b", **common))
+    train_step = first.train_step
+
+    def crash(*batch):
+        if first.step == 3:
+            raise KeyboardInterrupt
+        return train_step(*batch)
+
+    first.train_step = crash
+    with pytest.raises(KeyboardInterrupt):
+        first.run()
+    Trainer(config(tmp_path / "b", **common, **{"checkpoint.resume": "true"})).run()
+    final = f"step-{steps:08d}"
+    assert_bitwise_equal(weights(tmp_path / "a" / final), weights(tmp_path / "b" / final))
+
+    # by steps, the stream wraps around, and says so
+    assert main(["train", *args(tmp_path / "c", **{"data.path": str(data),
+                                                    "train.steps": "12"})]) == 0
+    assert "; the data wraps around (--train.epochs" in capsys.readouterr().out
+    assert main(["train", *args(tmp_path / "d", **{"train.epochs": "1"})]) == 2
+    assert "--train.epochs=1 needs data files" in capsys.readouterr().err
+    assert main(["train", *args(tmp_path / "e", **{"train.epochs": "1", "train.steps": "3",
+                                                    "data.path": str(data)})]) == 2
+    assert "set one of them" in capsys.readouterr().err

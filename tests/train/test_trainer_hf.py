@@ -2,6 +2,7 @@
 is or as the reference model, with checkpoints that transformers loads."""
 
 import json
+import socket
 
 import pytest
 import torch
@@ -78,9 +79,44 @@ def test_hf_and_reference_implementations_train_the_same(tmp_path, tied):
                                atol=1e-6)
 
 
-def test_model_path_errors(tmp_path, capsys):
-    code, _ = train(tmp_path, str(tmp_path / "missing"), "hf")
-    assert code == 2 and "--model.path=" in capsys.readouterr().err
+def test_model_path_errors(tmp_path, capsys, monkeypatch):
+    """Issue 13.8: a missing directory went to the network (5 retries, 26 s) and left an empty
+    run directory; a Gemma2 directory got transformers' SDPA error plus advice that did not
+    apply; a tokenizer larger than the model got --model.vocab_size advice."""
+    calls = []
+
+    def no_network(*args, **kwargs):
+        calls.append(args)
+        raise OSError("test: the network was contacted")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    for implementation in ("hf", "reference"):
+        code, run = train(tmp_path, str(tmp_path / "missing"), implementation)
+        err = capsys.readouterr().err
+        assert code == 2 and f"--model.path='{tmp_path / 'missing'}' does not exist" in err
+        assert not calls and not run.exists()
+
     path = model_dir(tmp_path, tied=False)
     code, _ = train(tmp_path, path, "hf", **{"model.vocab_size": "999"})
     assert code == 2 and "--model.vocab_size applies to presets" in capsys.readouterr().err
+
+    gemma = tmp_path / "gemma2"
+    transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        vocab_size=400, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8)).save_pretrained(gemma)
+    code, _ = train(tmp_path, str(gemma), "hf", **{"data.tokenizer": path})
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot be trained with chunkflow: final_logit_softcapping=30.0: logit " \
+        "soft-capping is not supported" in err
+    assert "valid: a local directory" not in err and "sdpa" not in err.lower()
+
+    small = tmp_path / "small"
+    transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2)).save_pretrained(small)
+    code, _ = train(tmp_path, str(small), "hf", **{"data.tokenizer": path})
+    err = capsys.readouterr().err
+    assert code == 2 and "the model's vocabulary has 100" in err
+    assert "resize_token_embeddings" in err and "--model.vocab_size" not in err
+    assert not calls

@@ -1,0 +1,97 @@
+"""What a training configuration builds: the tokenizer, the model (LoRA-wrapped when asked) and,
+for planning, the model's shape. Nothing here touches the network: ``--model.path`` must be a
+local model directory (checked before transformers sees it)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from chunkflow.train.config import TrainConfig
+from chunkflow.train.tokenizer import load_tokenizer
+
+
+def tokenizer_spec(config: TrainConfig) -> str:
+    """``--data.tokenizer``, with 'auto' resolved: the model directory's tokenizer, else byte."""
+    if config.data.tokenizer != "auto":
+        return config.data.tokenizer
+    return config.model.path or "byte"
+
+
+def build_tokenizer(config: TrainConfig):
+    if config.model.path is not None and config.data.tokenizer == "auto":
+        from chunkflow.models.hf import check_model_dir
+
+        check_model_dir(config.model.path)
+    return load_tokenizer(tokenizer_spec(config))
+
+
+def model_label(config: TrainConfig) -> str:
+    """How runs and plans name the model: the preset, or the directory and implementation."""
+    if config.model.path is None:
+        return config.model.preset
+    return f"{config.model.path} ({config.model.implementation})"
+
+
+def _check_lora(config: TrainConfig) -> None:
+    if config.lora.rank == 0:
+        return
+    if config.model.path is None:
+        raise ValueError(f"--lora.rank={config.lora.rank} adapts a pretrained model: set "
+                         f"--model.path to a local Hugging Face model directory (a preset is "
+                         f"randomly initialised, so train it fully with --lora.rank=0)")
+    if config.model.implementation != "hf":
+        raise ValueError(f"--lora.rank={config.lora.rank} with --model.implementation=reference: "
+                         f"LoRA runs through peft on the transformers model; valid: "
+                         f"--model.implementation=hf")
+
+
+def build_model(config: TrainConfig, device: torch.device) -> nn.Module:
+    """The model to train, in training mode: a preset initialised from the seed, or
+    model.path's weights (as is, or in chunkflow's reference model), LoRA-wrapped with
+    ``--lora.rank > 0``."""
+    dtype = getattr(torch, config.model.dtype)
+    torch.manual_seed(config.train.seed)
+    _check_lora(config)
+    if config.model.path is None:
+        from chunkflow.models import Transformer
+
+        return Transformer(config.model.model_config()).to(device=device, dtype=dtype).train()
+    if config.model.vocab_size is not None:
+        raise ValueError("--model.vocab_size applies to presets; a --model.path checkpoint has "
+                         "its own vocabulary")
+    if config.model.implementation == "reference":
+        from chunkflow.models.hf import check_model_dir
+        from chunkflow.models.hf_checkpoint import load_hf_checkpoint
+
+        check_model_dir(config.model.path)
+        return load_hf_checkpoint(config.model.path, dtype=dtype, device=device).train()
+    from chunkflow.models.hf import load_hf_model
+
+    model = load_hf_model(config.model.path, dtype=dtype, device=device)
+    if config.lora.rank > 0:
+        from chunkflow.train.lora import apply_lora
+
+        model = apply_lora(model, config.lora, model_path=config.model.path)
+    return model.train()
+
+
+def model_shape(config: TrainConfig):
+    """The cost and memory models' view of the configured model
+    (:class:`chunkflow.plan.cost.ModelShape`): a preset's, or model.path's config.json (any
+    family chunkflow trains)."""
+    from chunkflow.plan.cost import ModelShape
+
+    if config.model.path is None:
+        return ModelShape.from_config(config.model.model_config())
+    from transformers import AutoConfig
+
+    from chunkflow.models.hf import check_model_dir
+
+    check_model_dir(config.model.path)
+    try:
+        hf = AutoConfig.from_pretrained(config.model.path, local_files_only=True)
+    except Exception as e:  # OSError, ValueError, KeyError, ... from transformers
+        raise ValueError(f"--model.path={config.model.path!r}: config.json is not a "
+                         f"transformers model config ({type(e).__name__}: {e})") from None
+    return ModelShape.from_config(hf.get_text_config())

@@ -1,0 +1,157 @@
+"""What a checkpoint holds of the model: a Hugging Face model directory of its own.
+
+``ModelFiles(model, tokenizer, model_path=...)`` writes, into a checkpoint directory:
+
+* full fine-tuning: ``model.safetensors`` (shared tensors such as tied embeddings once) and
+  ``config.json`` in Hugging Face format, so ``AutoModelForCausalLM.from_pretrained(step_dir)``
+  loads the trained model;
+* LoRA: the adapter in PEFT's format (``adapter_model.safetensors``, ``adapter_config.json``,
+  whose base is the absolute ``--model.path``); with ``merged=True`` also ``merged/``, a full
+  model directory of base + adapter;
+* always, next to the weights: the tokenizer (its files and chat template, so
+  ``AutoTokenizer.from_pretrained(step_dir)`` and ``apply_chat_template`` work; a byte-level run
+  writes the byte tokenizer in Hugging Face form) and ``generation_config.json`` (the source
+  model's, or one naming the tokenizer's end-of-sequence token).
+
+Distributed runs write the weights per stage (:mod:`chunkflow.train.checkpoint`) and the rest
+with :meth:`ModelFiles.write_metadata`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+GENERATION_CONFIG = "generation_config.json"
+MERGED_DIR = "merged"
+
+
+def is_lora(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def hf_config_json(model: nn.Module) -> str:
+    """config.json in Hugging Face's format for ``model`` (chunkflow's reference model or a
+    transformers model; a PEFT model's base)."""
+    from chunkflow.models.config import ModelConfig
+    from chunkflow.models.hf_checkpoint import config_to_hf
+
+    if is_lora(model):
+        model = model.get_base_model()
+    config = model.config
+    if isinstance(config, ModelConfig):
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        return json.dumps(config_to_hf(config, dtype=dtype), indent=2)
+    return config.to_json_string()
+
+
+class ModelFiles:
+    """Writes and reads the model part of a checkpoint (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, tokenizer, *, model_path: str | None):
+        self.model, self.tokenizer, self.model_path = model, tokenizer, model_path
+        self.lora = is_lora(model)
+
+    def write(self, path: Path, *, merged: bool = False) -> None:
+        """Everything of one process's model into checkpoint directory ``path``."""
+        from safetensors.torch import save_model
+
+        if self.lora:
+            from chunkflow.train.lora import save_adapter
+
+            save_adapter(self.model, path)
+        else:
+            save_model(self.model, str(path / "model.safetensors"), metadata={"format": "pt"})
+        self.write_extras(path, merged=merged)
+
+    def write_extras(self, path: Path, *, merged: bool = False) -> None:
+        """All but the weights (or adapter): config.json and generation_config.json next to
+        full weights, the tokenizer, and for LoRA with ``merged`` the merged model."""
+        if not self.lora:
+            self.write_metadata(path)
+            return
+        self._write_tokenizer(path)
+        if merged:
+            self.write_merged(path / MERGED_DIR)
+
+    def write_merged(self, path: Path) -> None:
+        """A full model directory of base + adapter (LoRA runs)."""
+        from safetensors.torch import save_file
+
+        from chunkflow.train.lora import merged_state_dict
+
+        path.mkdir()
+        save_file(merged_state_dict(self.model), str(path / "model.safetensors"),
+                  metadata={"format": "pt"})
+        self.write_metadata(path)
+
+    def write_metadata(self, path: Path) -> None:
+        """config.json, generation_config.json and the tokenizer (not the weights)."""
+        (path / "config.json").write_text(hf_config_json(self.model))
+        (path / GENERATION_CONFIG).write_text(self._generation_config())
+        self._write_tokenizer(path)
+
+    def _write_tokenizer(self, path: Path) -> None:
+        self.tokenizer.save_pretrained(path)
+
+    def _generation_config(self) -> str:
+        """The source model's generation config, else one from the tokenizer's special tokens."""
+        from transformers import GenerationConfig
+
+        base = self.model.get_base_model() if self.lora else self.model
+        config = getattr(base, "generation_config", None)
+        if config is None and self.model_path is not None \
+                and (Path(self.model_path) / GENERATION_CONFIG).is_file():
+            config = GenerationConfig.from_pretrained(self.model_path, local_files_only=True)
+        if config is None:
+            config = GenerationConfig()
+        if config.eos_token_id is None and self.tokenizer.eos_token_id is not None:
+            config.eos_token_id = self.tokenizer.eos_token_id
+        return config.to_json_string(use_diff=True)
+
+    def load(self, path: Path) -> None:
+        """The weights of checkpoint ``path`` into the model (strict: every tensor used, every
+        parameter set)."""
+        if self.lora:
+            from chunkflow.train.lora import load_adapter
+
+            load_adapter(self.model, path)
+            return
+        from safetensors.torch import load_model
+
+        device = next(self.model.parameters()).device
+        try:
+            missing, unexpected = load_model(self.model, str(path / "model.safetensors"),
+                                             strict=False, device=str(device))
+        except RuntimeError as e:  # shape mismatches
+            raise ValueError(f"checkpoint {str(path)!r} does not match the model: "
+                             f"{_first_lines(str(e))}") from None
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {str(path)!r} does not match the model: missing "
+                             f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+
+    def num_bytes(self) -> int:
+        """Bytes of the saved weights (for the disk-space report)."""
+        params = [p for p in self.model.parameters() if p.requires_grad] if self.lora \
+            else list({id(p): p for p in self.model.parameters()}.values())
+        return sum(p.numel() * p.element_size() for p in params)
+
+
+def _first_lines(text: str, n: int = 3) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    more = f" ... ({len(lines) - n} more lines)" if len(lines) > n else ""
+    return " ".join(lines[:n]) + more
+
+
+def state_bytes(state: dict) -> int:
+    """Bytes of the tensors in a (nested) state dict."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0
