@@ -21,7 +21,7 @@ EXIT_USER_ERROR, EXIT_STOPPED, EXIT_DISK_FULL, EXIT_INTERRUPTED = 2, 1, 3, 130
 
 
 def _train(args: argparse.Namespace, unknown: list[str]) -> int:
-    from chunkflow.train.config import config_from_args
+    from chunkflow.train.arguments import config_from_args
     from chunkflow.train.trainer import train
 
     # Under torchrun every rank parses the same arguments; rank 0 speaks for them.
@@ -34,7 +34,7 @@ def _plan(args: argparse.Namespace, unknown: list[str]) -> int:
     from chunkflow.plan import build_chunks, format_schedule, schedule
     from chunkflow.plan.memory import estimate_peak_memory
     from chunkflow.train.build import model_label, model_shape
-    from chunkflow.train.config import config_from_args
+    from chunkflow.train.arguments import config_from_args
 
     if args.auto:
         return _autotune(args, unknown)
@@ -99,7 +99,8 @@ def _data_batches(cfg, num_batches: int):
     """The configured data set (with the run's tokenizer) and its first global batches, each
     with the data counters after it."""
     from chunkflow.train.build import build_tokenizer, model_shape
-    from chunkflow.train.data import DataPosition, DataStats, build_dataset, global_batches
+    from chunkflow.train.batching import global_batches
+    from chunkflow.train.data import DataPosition, DataStats, build_dataset
 
     dataset = build_dataset(cfg.data, vocab_size=model_shape(cfg).vocab_size,
                             seed=cfg.train.seed, tokenizer=build_tokenizer(cfg),
@@ -122,7 +123,7 @@ def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
     first ``--batches`` global batches as the run will form them."""
     from chunkflow.plan.cost import get_gpu
     from chunkflow.sim.tune import autotune, format_candidates, format_size, parse_size
-    from chunkflow.train.config import config_from_args
+    from chunkflow.train.arguments import config_from_args
 
     cfg = config_from_args(args, unknown)  # the run's options (same as chunkflow train)
     given = {name for name in vars(args) if "." in name}
@@ -270,7 +271,7 @@ def _simulate(args: argparse.Namespace, unknown: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from chunkflow.train.config import add_config_arguments
+    from chunkflow.train.arguments import add_config_arguments
 
     parser = argparse.ArgumentParser(prog="chunkflow", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,8 +1,8 @@
 """Training data: JSONL/Parquet files or the built-in synthetic set, streamed into global batches.
 
-A data set is an endless stream of ``Example`` (input ids, optional labels, origin), each yielded
-with the ``DataPosition`` right after it; ``global_batches`` groups the stream into global batches
-of ``batch_size`` examples or of a ``batch_tokens`` budget.
+A data set is a stream of ``Example`` (input ids, optional labels, origin), each yielded with the
+``DataPosition`` right after it: endless, or ``num_epochs`` passes over the files.
+:mod:`chunkflow.train.batching` groups the stream into global batches.
 
 Invariants:
 - Streaming: files are read line by line (JSONL) or batch by batch (Parquet); memory holds at most
@@ -10,9 +10,6 @@ Invariants:
 - ``DataPosition(epoch, index)``: ``index`` counts raw items taken from the epoch's shuffled stream,
   invalid and dropped ones included. The shuffle RNG depends on (seed, epoch) only, so resuming
   replays the raw stream and the shuffle and discards ``index`` items without parsing them.
-- ``global_batches`` yields each batch with the position right after its last example and the
-  stats as of that position, so resuming from that pair yields exactly the batches and counts of
-  an uninterrupted run.
 - Nothing is truncated or dropped unless ``max_length`` is set, and then each one is counted.
 - Synthetic example i depends on (seed, i) alone: resuming costs nothing, and there are no epochs.
 
@@ -106,6 +103,21 @@ class DataStats:
         if self.dropped:
             parts.append(f"{self.dropped} dropped as longer than {limit}")
         return "; ".join(parts)
+
+
+def supervised_tokens(batch: list[Example]) -> int:
+    """Targets in a global batch (the first token of a sequence is never one)."""
+    return sum(len(ex) - 1 if ex.labels is None else
+               sum(1 for t in ex.labels[1:] if t != IGNORE_INDEX) for ex in batch)
+
+
+def to_inputs(batch: list[Example]) -> list[dict]:
+    """A global batch as the engines take it: ``input_ids`` and ``labels`` tensors."""
+    import torch
+
+    return [{"input_ids": torch.tensor(ex.input_ids),
+             "labels": torch.tensor(ex.labels if ex.labels is not None else ex.input_ids)}
+            for ex in batch]
 
 
 class DataError(ValueError):
@@ -208,7 +220,7 @@ class FileDataset:
         epoch, resume_idx = start.epoch, start.index
         while num_epochs is None or epoch < num_epochs:
             rng = random.Random(f"{self.seed}:{epoch}")
-            stream = _shuffled(self._raw_items(), self.shuffle_buffer, rng)
+            stream = shuffled(self._raw_items(), self.shuffle_buffer, rng)
             # Replaying the raw stream (unparsed lines) keeps the shuffle RNG in step.
             if sum(1 for _ in itertools.islice(stream, resume_idx)) < resume_idx:
                 raise DataError(f"cannot resume at {start}: epoch {epoch} of {self.path!r} "
@@ -436,7 +448,7 @@ def _parquet_rows(path: str, fields: tuple[str, ...]) -> Iterator[tuple[int, dic
         yield from enumerate(rows, 1)
 
 
-def _shuffled(items: Iterator, buffer_size: int, rng: random.Random) -> Iterator:
+def shuffled(items: Iterator, buffer_size: int, rng: random.Random) -> Iterator:
     """Streaming shuffle: a permutation in which no item moves earlier than buffer_size places."""
     if buffer_size <= 0:
         yield from items
@@ -487,67 +499,3 @@ def build_eval_dataset(cfg: DataSection, path: str, *, vocab_size: int, tokenize
     """Held-out files (``--eval.path``) read like the training data, in file order."""
     return FileDataset(cfg, vocab_size=vocab_size, seed=0, tokenizer=tokenizer, path=path,
                        shuffle_buffer=0, option="--eval.path")
-
-
-def global_batches(dataset, cfg: DataSection, start: DataPosition, stats: DataStats, *,
-                   num_epochs: int | None = None
-                   ) -> Iterator[tuple[list[Example], DataPosition, DataStats]]:
-    """Global batches, each with the position after its last example and the stats then.
-
-    ``cfg.batch_tokens`` set: as many examples as fit the budget (a longer one alone); otherwise
-    ``cfg.batch_size`` examples. Endless, or with ``num_epochs`` until the data set's stream
-    ends after that many epochs, the last batch then holding what is left (nothing is dropped).
-    ``stats`` is not modified: the yielded copies carry the counts.
-    """
-    running = dataclasses.replace(stats)
-    batch: list[Example] = []
-    num_tokens = 0
-    last_position, last_snapshot = start, running
-    stream = (dataset.examples(start, running) if num_epochs is None
-              else dataset.examples(start, running, num_epochs=num_epochs))
-    for example, position in stream:
-        # Snapshot per example: with a token budget the batch ends only once the next example is
-        # read, and the counts must not include what reading it skipped or truncated.
-        snapshot = dataclasses.replace(running)
-        if cfg.batch_tokens is not None and batch and num_tokens + len(example) > cfg.batch_tokens:
-            yield batch, last_position, last_snapshot
-            batch, num_tokens = [], 0
-        batch.append(example)
-        num_tokens += len(example)
-        last_position, last_snapshot = position, snapshot
-        full = (num_tokens >= cfg.batch_tokens if cfg.batch_tokens is not None
-                else len(batch) == cfg.batch_size)
-        if full:
-            yield batch, last_position, last_snapshot
-            batch, num_tokens = [], 0
-    if batch:  # a finite stream's remainder
-        yield batch, last_position, dataclasses.replace(running)
-
-
-class _Lengths:
-    """A stand-in data set of known record lengths, replaying FileDataset's epoch shuffles
-    (which depend on the number of records and the seed alone) without reading the files."""
-
-    def __init__(self, lengths: list[int | None], *, seed: int, shuffle_buffer: int):
-        self.lengths, self.seed, self.shuffle_buffer = lengths, seed, shuffle_buffer
-
-    def examples(self, start: DataPosition, stats: DataStats, *, num_epochs: int):
-        for epoch in range(start.epoch, num_epochs):
-            order = _shuffled(iter(range(len(self.lengths))), self.shuffle_buffer,
-                              random.Random(f"{self.seed}:{epoch}"))
-            for idx, raw in enumerate(order, 1):
-                if idx <= (start.index if epoch == start.epoch else 0):
-                    continue
-                if self.lengths[raw] is not None:
-                    yield range(self.lengths[raw]), DataPosition(epoch, idx)
-
-
-def count_steps(dataset: FileDataset, cfg: DataSection, num_epochs: int) -> int:
-    """Global batches (optimizer steps) in ``num_epochs`` passes over the files, exactly as
-    :func:`global_batches` will form them; reads and tokenises the files once."""
-    lengths = _Lengths(dataset.record_lengths(), seed=dataset.seed,
-                       shuffle_buffer=dataset.shuffle_buffer)
-    if not any(n is not None for n in lengths.lengths):
-        raise DataError(f"no usable records in {dataset.path!r}")
-    return sum(1 for _ in global_batches(lengths, cfg, DataPosition(), DataStats(),
-                                         num_epochs=num_epochs))

@@ -90,7 +90,7 @@ def prepare_run_dir(config: TrainConfig) -> RunDir:
             raise ValueError(f"--resume: no usable checkpoint in {str(run_dir)!r}: "
                              + "; ".join(f"{name}: {why}" for name, why in skipped))
         if skipped:
-            warnings.append(f"skipping checkpoint(s) that do not verify: "
+            warnings.append("skipping checkpoint(s) that do not verify: "
                             + "; ".join(f"{name} ({why})" for name, why in skipped)
                             + f"; resuming from {resume_from.name} instead (the skipped ones are "
                               f"moved to {run_dir / 'superseded'} when this run saves over "
@@ -121,14 +121,14 @@ def check_resumed_config(saved: dict, cfg: TrainConfig, path: Path, *,
     saved = {section: {key: absolute_path_option(f"{section}.{key}", value)
                        if f"{section}.{key}" in PATH_FIELDS else value
                        for key, value in fields.items()} for section, fields in saved.items()}
-    changes = [(f"{section}.{key}", value, now[section][key])
-               for section, fields in saved.items() for key, value in fields.items()
-               if now.get(section, {}).get(key, value) != value]
-    # Sections a checkpoint predates hold their defaults: a change from those is a change too.
+    # Fields a checkpoint predates held their defaults then: a change from those is a change.
+    defaults = TrainConfig().to_dict()
+    changes = []
     for section, fields in now.items():
         for key, value in fields.items():
-            if section not in saved and value != getattr(getattr(TrainConfig(), section), key):
-                changes.append((f"{section}.{key}", None, value))
+            old = saved.get(section, {}).get(key, defaults[section][key])
+            if old != value:
+                changes.append((f"{section}.{key}", old, value))
     refused = [c for c in changes if not c[0].startswith(RESUMABLE_CHANGES)]
     if refused:
         raise ValueError(

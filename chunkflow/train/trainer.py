@@ -24,11 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import resource
-import signal
-import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +34,7 @@ from tqdm import tqdm
 
 from chunkflow.runtime.engine import ChunkFlowEngine
 from chunkflow.train import TrainingError
+from chunkflow.train.batching import count_steps, global_batches
 from chunkflow.train.build import build_model, build_tokenizer, model_label
 from chunkflow.train.checkpoint import (
     load_distributed_checkpoint,
@@ -52,19 +48,25 @@ from chunkflow.train.checkpoint import (
 )
 from chunkflow.train.config import TrainConfig
 from chunkflow.train.data import (
-    DataError,
     DataPosition,
     DataStats,
     FileDataset,
     build_dataset,
     build_eval_dataset,
-    count_steps,
-    global_batches,
+    supervised_tokens,
+    to_inputs,
 )
+from chunkflow.train.evaluate import evaluate
 from chunkflow.train.export import ModelFiles, state_bytes
 from chunkflow.train.metrics import MetricsLog, format_eval, format_step
+from chunkflow.train.process import (
+    StopRequest,
+    deterministic,
+    init_parallel,
+    max_rss_bytes,
+    resolve_device,
+)
 from chunkflow.train.resume import check_resumed_config, prepare_run_dir
-from chunkflow.runtime.loss import IGNORE_INDEX
 
 
 @dataclass
@@ -89,85 +91,9 @@ def lr_at(step: int, *, lr: float, warmup_steps: int, total_steps: int,
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * cosine)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--train.device=cuda but no CUDA device is available (this torch "
-                         f"build: {torch.__version__}); use --train.device=cpu")
-    return torch.device(name)
-
-
 def _num_params(model: torch.nn.Module, *, trainable: bool = False) -> int:
     params = {id(p): p for p in model.parameters() if p.requires_grad or not trainable}
     return sum(p.numel() for p in params.values())
-
-
-def supervised_tokens(batch) -> int:
-    """Targets in a global batch (the first token of a sequence is never one)."""
-    return sum(len(ex) - 1 if ex.labels is None else
-               sum(1 for t in ex.labels[1:] if t != IGNORE_INDEX) for ex in batch)
-
-
-def _init_parallel(cfg: TrainConfig):
-    """The distributed context under torchrun (WORLD_SIZE > 1), else None (one process)."""
-    from chunkflow.parallel import init_distributed, is_distributed_launch
-
-    if not is_distributed_launch():
-        if cfg.parallel.pp > 1:
-            raise ValueError(f"--parallel.pp={cfg.parallel.pp} needs at least {cfg.parallel.pp} "
-                             f"processes, one per stage; valid: launch with torchrun "
-                             f"--nproc-per-node {cfg.parallel.pp} -m chunkflow train ..., or pp=1")
-        return None
-    return init_distributed(pp=cfg.parallel.pp, device=resolve_device(cfg.train.device),
-                            timeout_s=cfg.parallel.timeout_s)
-
-
-class _StopRequest:
-    """First Ctrl-C: finish the step, save, exit. Second: stop at once (KeyboardInterrupt)."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nchunkflow: interrupted; finishing this step and saving a checkpoint "
-              "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
-@contextlib.contextmanager
-def _deterministic(enabled: bool):
-    """torch.use_deterministic_algorithms for the run only, not for the rest of the process."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    if enabled:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it
-    torch.use_deterministic_algorithms(enabled or previous)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous)
-
-
-def _max_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def _inputs(batch) -> list[dict[str, torch.Tensor]]:
-    return [{"input_ids": torch.tensor(ex.input_ids),
-             "labels": torch.tensor(ex.labels if ex.labels is not None else ex.input_ids)}
-            for ex in batch]
 
 
 class Trainer:
@@ -176,7 +102,7 @@ class Trainer:
     def __init__(self, config: TrainConfig):
         self.cfg = cfg = config.validate()
         # Under torchrun: this rank's place in the (dp x pp) layout; None for one process.
-        self.ctx = ctx = _init_parallel(cfg)
+        self.ctx = ctx = init_parallel(cfg)
         self.is_main = ctx is None or ctx.rank == 0
         self.device = ctx.device if ctx is not None else resolve_device(cfg.train.device)
         self.autocast = cfg.train.autocast == "bf16" or (cfg.train.autocast == "auto"
@@ -380,7 +306,7 @@ class Trainer:
         saved_step = self.step if self.last_checkpoint is not None else None
         logged_eval = None
         try:
-            with _StopRequest() as stop, _deterministic(cfg.train.deterministic):
+            with StopRequest() as stop, deterministic(cfg.train.deterministic):
                 while self.step < total:
                     item = next(batches, None)
                     if item is None:  # --train.epochs: the data is used up
@@ -504,33 +430,9 @@ class Trainer:
             self.step == total or (interval > 0 and self.step % interval == 0))
 
     def evaluate(self) -> dict[str, Any]:
-        """Held-out loss (token mean) and perplexity over ``--eval.path`` (at most
-        ``--eval.max_batches`` global batches from its start), forward only."""
-        cfg = self.cfg
-        t0 = time.perf_counter()
-        loss_sum, num_tokens, num_batches = 0.0, 0, 0
-        batches = global_batches(self.eval_dataset, cfg.data, DataPosition(), DataStats(),
-                                 num_epochs=1)
-        self.model.eval()  # dropout off
-        try:
-            for batch, _, _ in batches:
-                if cfg.eval.max_batches is not None and num_batches >= cfg.eval.max_batches:
-                    break
-                with self._autocast():
-                    result = self.engine.evaluate(_inputs(batch))
-                loss_sum += result.loss_sum
-                num_tokens += result.num_loss_tokens
-                num_batches += 1
-        finally:
-            self.model.train()
-        if num_tokens == 0:
-            raise DataError(f"--eval.path={cfg.eval.path!r}: the held-out data has no supervised "
-                            f"token in {num_batches} global batch(es); valid: records with "
-                            f"targets (see --data.train_on)")
-        loss = loss_sum / num_tokens
-        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)),
-                "eval_tokens": num_tokens, "eval_batches": num_batches,
-                "eval_time_s": time.perf_counter() - t0}
+        """Held-out loss and perplexity over ``--eval.path`` (see :func:`evaluate`)."""
+        return evaluate(self.engine, self.model, self.eval_dataset, self.cfg,
+                        autocast=self._autocast)
 
     def _autocast(self):
         return (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast
@@ -542,7 +444,7 @@ class Trainer:
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            result = self.engine.forward_backward(_inputs(batch))
+            result = self.engine.forward_backward(to_inputs(batch))
         assert result.num_loss_tokens > 0, "empty batches are skipped before the step"
         loss = float(result.loss)
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
@@ -577,7 +479,7 @@ class Trainer:
             "supervised_tokens": result.num_loss_tokens, "chunks": plan.num_chunks,
             "chains": len(plan.chains), "longest_sequence": max(len(ex) for ex in batch),
             "packing_efficiency": plan.packing_efficiency,
-            "peak_memory_bytes": result.peak_memory_bytes, "max_rss_bytes": _max_rss_bytes(),
+            "peak_memory_bytes": result.peak_memory_bytes, "max_rss_bytes": max_rss_bytes(),
             "step_time_s": step_time, "tokens_per_s": result.num_tokens / step_time,
             "tokens_seen": self.tokens_seen, "skipped": stats.skipped,
             "truncated": stats.truncated, "dropped": stats.dropped,

@@ -18,8 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from chunkflow.train.config import DataSection
+from chunkflow.train.batching import global_batches
 from chunkflow.train.data import (DataError, DataPosition, DataStats, Example, FileDataset,
-                                  build_dataset, global_batches)
+                                  build_dataset)
 from chunkflow.train.synthetic import MarkovSource, sample_lengths
 from chunkflow.train.tokenizer import ByteTokenizer, ChatTemplateError
 

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import transformers
 from chunkflow.cli import main
 from chunkflow.train.checkpoint import checkpoint_problem
 from chunkflow.train.tokenizer import ByteTokenizer
-from tests.train.test_trainer import args, assert_bitwise_equal, metrics, weights
+from tests.train.test_trainer import _wait_for, args, assert_bitwise_equal, metrics, weights
 from tests.train.test_trainer_hf import CHATS, model_dir
 
 
@@ -45,10 +46,15 @@ def test_readme_resume_of_a_model_path_run_from_anywhere(tmp_path, monkeypatch, 
     model_dir(tmp_path, tied=True)
     chat_job(tmp_path)
     monkeypatch.chdir(tmp_path)
-    assert main(["train", *hf_args("runs/full", "model", "chats.jsonl")]) == 0
-    assert main(["train", *hf_args("runs/res", "model", "chats.jsonl", **{
-        "train.steps": "3"})]) == 0  # stands for a run killed after its step-2 checkpoint
-    shutil.rmtree(tmp_path / "runs/res/step-00000003")
+    steps = {"train.steps": "20"}
+    assert main(["train", *hf_args("runs/full", "model", "chats.jsonl", **steps)]) == 0
+    proc = subprocess.Popen([sys.executable, "-m", "chunkflow", "train",
+                             *hf_args("runs/res", "model", "chats.jsonl", **steps)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(tmp_path / "runs/res/step-00000004", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert not (tmp_path / "runs/res/step-00000020").exists(), "finished before the kill"
     saved = (tmp_path / "runs/res/config.toml").read_text()
     assert f'path = "{tmp_path / "model"}"' in saved  # stored absolute
 
@@ -59,18 +65,16 @@ def test_readme_resume_of_a_model_path_run_from_anywhere(tmp_path, monkeypatch, 
     assert main(["train", "--train.output_dir", "runs/res", "--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err and not (elsewhere / "runs").exists()
     # the README's command, with the run directory as seen from here
-    capsys.readouterr()
-    assert main(["train", "--train.output_dir", "../runs/res", "--resume",
-                 "--train.steps=6"]) == 0
+    assert main(["train", "--train.output_dir", "../runs/res", "--resume"]) == 0
     out = capsys.readouterr().out
     assert f"configuration: {tmp_path / 'runs/res/config.toml'}" in out
     assert "resuming from" in out and "size mismatch" not in out
-    assert_bitwise_equal(weights(tmp_path / "runs/full/step-00000006"),
-                         weights(tmp_path / "runs/res/step-00000006"))
-    assert [r["step"] for r in metrics(tmp_path / "runs/res")] == [1, 2, 3, 4, 5, 6]
+    assert_bitwise_equal(weights(tmp_path / "runs/full/step-00000020"),
+                         weights(tmp_path / "runs/res/step-00000020"))
+    assert [r["step"] for r in metrics(tmp_path / "runs/res")] == list(range(1, 21))
     # the same files, by absolute path, are the same run
     assert main(["train", *hf_args(str(tmp_path / "runs/res"), str(tmp_path / "model"),
-                                   str(tmp_path / "chats.jsonl"), **{"train.steps": "7"}),
+                                   str(tmp_path / "chats.jsonl"), **{"train.steps": "21"}),
                  "--resume"]) == 0
 
 

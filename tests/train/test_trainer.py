@@ -1,7 +1,6 @@
 """The training loop: metrics, checkpoints, exact resume (also after SIGKILL), Ctrl-C, NaN."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

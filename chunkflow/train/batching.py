@@ -1,0 +1,80 @@
+"""Global batches: the data stream grouped into optimizer steps, and their number.
+
+``global_batches`` yields each batch with the position right after its last example and the
+stats as of that position, so resuming from that pair yields exactly the batches and counts of
+an uninterrupted run. ``count_steps`` counts the batches of ``--train.epochs`` passes exactly,
+from one pass over the files (the epochs' shuffles depend on the seed and the record count only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Iterator
+
+from chunkflow.train.config import DataSection
+from chunkflow.train.data import DataError, DataPosition, DataStats, Example, FileDataset, shuffled
+
+
+def global_batches(dataset, cfg: DataSection, start: DataPosition, stats: DataStats, *,
+                   num_epochs: int | None = None
+                   ) -> Iterator[tuple[list[Example], DataPosition, DataStats]]:
+    """Global batches, each with the position after its last example and the stats then.
+
+    ``cfg.batch_tokens`` set: as many examples as fit the budget (a longer one alone); otherwise
+    ``cfg.batch_size`` examples. Endless, or with ``num_epochs`` until the data set's stream
+    ends after that many epochs, the last batch then holding what is left (nothing is dropped).
+    ``stats`` is not modified: the yielded copies carry the counts.
+    """
+    running = dataclasses.replace(stats)
+    batch: list[Example] = []
+    num_tokens = 0
+    last_position, last_snapshot = start, running
+    stream = (dataset.examples(start, running) if num_epochs is None
+              else dataset.examples(start, running, num_epochs=num_epochs))
+    for example, position in stream:
+        # Snapshot per example: with a token budget the batch ends only once the next example is
+        # read, and the counts must not include what reading it skipped or truncated.
+        snapshot = dataclasses.replace(running)
+        if cfg.batch_tokens is not None and batch and num_tokens + len(example) > cfg.batch_tokens:
+            yield batch, last_position, last_snapshot
+            batch, num_tokens = [], 0
+        batch.append(example)
+        num_tokens += len(example)
+        last_position, last_snapshot = position, snapshot
+        full = (num_tokens >= cfg.batch_tokens if cfg.batch_tokens is not None
+                else len(batch) == cfg.batch_size)
+        if full:
+            yield batch, last_position, last_snapshot
+            batch, num_tokens = [], 0
+    if batch:  # a finite stream's remainder
+        yield batch, last_position, dataclasses.replace(running)
+
+
+class _Lengths:
+    """A stand-in data set of known record lengths, replaying FileDataset's epoch shuffles
+    (which depend on the number of records and the seed alone) without reading the files."""
+
+    def __init__(self, lengths: list[int | None], *, seed: int, shuffle_buffer: int):
+        self.lengths, self.seed, self.shuffle_buffer = lengths, seed, shuffle_buffer
+
+    def examples(self, start: DataPosition, stats: DataStats, *, num_epochs: int):
+        for epoch in range(start.epoch, num_epochs):
+            order = shuffled(iter(range(len(self.lengths))), self.shuffle_buffer,
+                              random.Random(f"{self.seed}:{epoch}"))
+            for idx, raw in enumerate(order, 1):
+                if idx <= (start.index if epoch == start.epoch else 0):
+                    continue
+                if self.lengths[raw] is not None:
+                    yield range(self.lengths[raw]), DataPosition(epoch, idx)
+
+
+def count_steps(dataset: FileDataset, cfg: DataSection, num_epochs: int) -> int:
+    """Global batches (optimizer steps) in ``num_epochs`` passes over the files, exactly as
+    :func:`global_batches` will form them; reads and tokenises the files once."""
+    lengths = _Lengths(dataset.record_lengths(), seed=dataset.seed,
+                       shuffle_buffer=dataset.shuffle_buffer)
+    if not any(n is not None for n in lengths.lengths):
+        raise DataError(f"no usable records in {dataset.path!r}")
+    return sum(1 for _ in global_batches(lengths, cfg, DataPosition(), DataStats(),
+                                         num_epochs=num_epochs))
