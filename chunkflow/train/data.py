@@ -226,27 +226,17 @@ class FileDataset:
                 raise DataError(f"cannot resume at {start}: epoch {epoch} of {self.path!r} "
                                 f"has fewer than {resume_idx} records; valid: the data files of "
                                 f"the checkpointed run, unchanged")
-            usable = skipped = dropped = 0
-            idx = resume_idx
+            usable, idx = 0, resume_idx
             # Later epochs read the same records again: count each skipped/truncated/dropped
             # record once, in the epoch that first reads it.
             counts = stats if epoch == 0 else DataStats()
+            skipped0, dropped0 = counts.skipped, counts.dropped
             for file_idx, num, raw in stream:
                 idx += 1
-                where = self._where(file_idx, num)
-                try:
-                    example, kind = self._example(raw, where)
-                except _Invalid as e:
-                    if not self.cfg.skip_invalid:
-                        raise DataError(f"{where}: {e}{_SKIP_HINT}") from None
-                    counts.skipped += 1
-                    skipped += 1
-                    counts.first_skip_reason = counts.first_skip_reason or f"{where}: {e}"
+                parsed = self._parse(file_idx, num, raw, counts)
+                if parsed is None:
                     continue
-                example = _fit(example, self.cfg, counts)
-                if example is None:  # overlong, --data.overlong=drop
-                    dropped += 1
-                    continue
+                example, kind = parsed
                 usable += 1
                 stats.examples += 1
                 setattr(stats, f"{kind}_examples", getattr(stats, f"{kind}_examples") + 1)
@@ -254,27 +244,35 @@ class FileDataset:
             # A resumed epoch (resume_idx > 0) already yielded an example before the checkpoint.
             if usable == 0 and resume_idx == 0:
                 raise DataError(f"no usable records in {self.path!r}: epoch {epoch} read "
-                                f"{idx} records, {skipped} invalid skipped, {dropped} dropped as "
-                                f"longer than --data.max_length={self.cfg.max_length}")
+                                f"{idx} records, {counts.skipped - skipped0} invalid skipped, "
+                                f"{counts.dropped - dropped0} dropped as longer than "
+                                f"--data.max_length={self.cfg.max_length}")
             stats.epoch_records = idx
             epoch, resume_idx = epoch + 1, 0
 
     def record_lengths(self) -> list[int | None]:
         """The length of each raw record in file order as training will see it (after
         max_length), None for one that is skipped or dropped; one pass over the files."""
-        lengths, stats = [], DataStats()
-        for file_idx, num, raw in self._raw_items():
-            where = self._where(file_idx, num)
-            try:
-                example, _ = self._example(raw, where)
-            except _Invalid as e:
-                if not self.cfg.skip_invalid:
-                    raise DataError(f"{where}: {e}{_SKIP_HINT}") from None
-                lengths.append(None)
-                continue
-            example = _fit(example, self.cfg, stats)
-            lengths.append(None if example is None else len(example))
-        return lengths
+        counts = DataStats()
+        return [None if parsed is None else len(parsed[0])
+                for parsed in (self._parse(*item, counts) for item in self._raw_items())]
+
+    def _parse(self, file_idx: int, num: int, raw: Any, counts: DataStats
+               ) -> tuple[Example, str] | None:
+        """A raw record as training sees it (after --data.max_length) and its kind, or None
+        when it is skipped (--data.skip_invalid) or dropped, counted in ``counts``; an invalid
+        record is otherwise a DataError naming its file and line."""
+        where = self._where(file_idx, num)
+        try:
+            example, kind = self._example(raw, where)
+        except _Invalid as e:
+            if not self.cfg.skip_invalid:
+                raise DataError(f"{where}: {e}{_SKIP_HINT}") from None
+            counts.skipped += 1
+            counts.first_skip_reason = counts.first_skip_reason or f"{where}: {e}"
+            return None
+        example = _fit(example, self.cfg, counts)
+        return None if example is None else (example, kind)
 
     def _raw_items(self) -> Iterator[tuple[int, int, Any]]:
         """(file index, line number or row index, unparsed line / row dict) for every record."""

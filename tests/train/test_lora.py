@@ -1,10 +1,6 @@
 """LoRA from the command line ([lora]): exact adapter gradients, bitwise resume after SIGKILL,
 and checkpoints that peft and transformers load with the trained model's logits."""
 
-import signal
-import subprocess
-import sys
-
 import pytest
 import torch
 import transformers
@@ -16,7 +12,7 @@ from chunkflow.train.build import build_model
 from chunkflow.train.trainer import Trainer
 from tests.models.test_hf_adapter import assert_grads_close, grads, make_batch, plain_step
 from tests.train.test_resume import chat_job, hf_args
-from tests.train.test_trainer import _wait_for
+from tests.train.test_trainer import kill_when
 from tests.train.test_trainer_hf import model_dir
 
 peft = pytest.importorskip("peft")
@@ -85,12 +81,7 @@ def test_lora_run_resumes_bitwise_after_sigkill_and_its_files_load(tmp_path):
     assert not (tmp_path / "full" / "step-00000005" / "merged").exists()  # only at the end
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "chunkflow", "train",
-                             *hf_args(str(run), model, str(data), **lora)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(run / "step-00000002", proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=120)
+    kill_when(run / "step-00000002", hf_args(str(run), model, str(data), **lora))
     assert not (run / "step-00000006").exists(), "finished before the kill: proves nothing"
     assert main(["train", "--train.output_dir", str(run), "--resume"]) == 0
     from safetensors.torch import load_file

@@ -8,7 +8,6 @@ import errno
 import json
 import os
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import transformers
 from chunkflow.cli import main
 from chunkflow.train.checkpoint import checkpoint_problem
 from chunkflow.train.tokenizer import ByteTokenizer
-from tests.train.test_trainer import _wait_for, args, assert_bitwise_equal, metrics, weights
+from tests.train.test_trainer import args, assert_bitwise_equal, kill_when, metrics, weights
 from tests.train.test_trainer_hf import CHATS, model_dir
 
 
@@ -48,12 +47,8 @@ def test_readme_resume_of_a_model_path_run_from_anywhere(tmp_path, monkeypatch, 
     monkeypatch.chdir(tmp_path)
     steps = {"train.steps": "20"}
     assert main(["train", *hf_args("runs/full", "model", "chats.jsonl", **steps)]) == 0
-    proc = subprocess.Popen([sys.executable, "-m", "chunkflow", "train",
-                             *hf_args("runs/res", "model", "chats.jsonl", **steps)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(tmp_path / "runs/res/step-00000004", proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=120)
+    kill_when(tmp_path / "runs/res/step-00000004", hf_args("runs/res", "model", "chats.jsonl",
+                                                        **steps))
     assert not (tmp_path / "runs/res/step-00000020").exists(), "finished before the kill"
     saved = (tmp_path / "runs/res/config.toml").read_text()
     assert f'path = "{tmp_path / "model"}"' in saved  # stored absolute

@@ -94,17 +94,8 @@ def test_resume_equals_uninterrupted_run_bitwise(tmp_path):
               "data.batch_tokens": "700", "train.steps": "7", "checkpoint.interval": "3"}
     Trainer(config(tmp_path / "a", **common)).run()
 
-    first = Trainer(config(tmp_path / "b", **common))
-    train_step = first.train_step
-
-    def crash(*batch):  # dies in step 5, after the step-3 checkpoint and a logged step 4
-        if first.step == 4:
-            raise KeyboardInterrupt
-        return train_step(*batch)
-
-    first.train_step = crash
-    with pytest.raises(KeyboardInterrupt):
-        first.run()
+    # dies in step 5, after the step-3 checkpoint and a logged step 4
+    crash_after(Trainer(config(tmp_path / "b", **common)), 4)
     partial = tmp_path / "b" / ".step-00000006.tmp-x"  # what a kill during a save leaves
     partial.mkdir()
     resumed = Trainer(config(tmp_path / "b", **common, **{"checkpoint.resume": "true"}))
@@ -118,6 +109,29 @@ def test_resume_equals_uninterrupted_run_bitwise(tmp_path):
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
     state = json.loads((tmp_path / "b" / "step-00000007" / "trainer_state.json").read_text())
     assert state["data_stats"]["skipped"] == 1 and state["data_position"]["epoch"] >= 1
+
+
+def crash_after(trainer: Trainer, step: int) -> None:
+    """Run ``trainer`` until it dies in the step after ``step`` (as a kill would stop it)."""
+    train_step = trainer.train_step
+
+    def crash(*batch):
+        if trainer.step == step:
+            raise KeyboardInterrupt
+        return train_step(*batch)
+
+    trainer.train_step = crash
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+
+
+def kill_when(path: Path, argv: list[str]) -> None:
+    """Start ``chunkflow train *argv`` and SIGKILL it once ``path`` exists."""
+    proc = subprocess.Popen([sys.executable, "-m", "chunkflow", "train", *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(path, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=120)
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0):
@@ -372,17 +386,7 @@ def test_epochs_count_the_steps_and_read_every_record_exactly_that_often(tmp_pat
     assert "wraps around" not in out and "2.00 passes over the data" in out.splitlines()[-1]
 
     # killed mid-run and resumed: the same weights
-    first = Trainer(config(tmp_path / "b", **common))
-    train_step = first.train_step
-
-    def crash(*batch):
-        if first.step == 3:
-            raise KeyboardInterrupt
-        return train_step(*batch)
-
-    first.train_step = crash
-    with pytest.raises(KeyboardInterrupt):
-        first.run()
+    crash_after(Trainer(config(tmp_path / "b", **common)), 3)
     Trainer(config(tmp_path / "b", **common, **{"checkpoint.resume": "true"})).run()
     final = f"step-{steps:08d}"
     assert_bitwise_equal(weights(tmp_path / "a" / final), weights(tmp_path / "b" / final))
