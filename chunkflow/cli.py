@@ -95,14 +95,16 @@ def _parse_lengths(text: str) -> list[int]:
                          f"9000,300,120") from None
 
 
-def _data_batches(cfg, num_batches: int):
+def _data_batches(cfg, num_batches: int, *, vocab_size: int | None = None):
     """The configured data set (with the run's tokenizer) and its first global batches, each
-    with the data counters after it."""
-    from chunkflow.train.build import build_tokenizer, model_shape
+    with the data counters after it. ``vocab_size``: the model's (default: the configured
+    model's)."""
     from chunkflow.train.batching import global_batches
+    from chunkflow.train.build import build_tokenizer, model_shape
     from chunkflow.train.data import DataPosition, DataStats, build_dataset
 
-    dataset = build_dataset(cfg.data, vocab_size=model_shape(cfg).vocab_size,
+    vocab_size = model_shape(cfg).vocab_size if vocab_size is None else vocab_size
+    dataset = build_dataset(cfg.data, vocab_size=vocab_size,
                             seed=cfg.train.seed, tokenizer=build_tokenizer(cfg),
                             model_path=cfg.model.path)
     batches = global_batches(dataset, cfg.data, DataPosition(), DataStats())
@@ -143,10 +145,10 @@ def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
         # parallelism; pipeline stages need the reference model).
         if args.batches < 1:
             raise ValueError(f"--batches={args.batches}: must be a positive integer")
-        _, first = _data_batches(cfg, args.batches)
+        _, first = _data_batches(cfg, args.batches, vocab_size=shape.vocab_size)
         options["batches"] = [[len(ex) for ex in batch] for batch, _ in first]
         max_len = max(max(b) for b in options["batches"])
-        longest = 1 << (max_len - 1).bit_length()
+        longest = max(128, 1 << (max_len - 1).bit_length())  # the powers of two up to it
         options["chunk_sizes"] = [1 << p for p in range(7, 16) if 1 << p <= longest]
         options["max_tp"] = 1
         if cfg.model.path is not None and cfg.model.implementation == "hf":

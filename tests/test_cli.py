@@ -126,3 +126,10 @@ def test_plan_auto_tunes_the_users_own_run(tmp_path, capsys):
     assert "auto-tune: qwen2.5-0.5b on 1 x H100-80GB" in capsys.readouterr().out
     assert main(["plan", "--auto", "--model", "qwen2.5-7b", f"--model.path={model}"]) == 2
     assert "both given" in capsys.readouterr().err
+    # a named model with the run's data: its vocabulary, not the tiny preset's, checks the ids;
+    # sequences shorter than the smallest chunk size still get a candidate
+    ids = tmp_path / "ids.jsonl"
+    ids.write_text("".join(json.dumps({"input_ids": [151000 + i, 5, 7]}) + "\n" for i in range(8)))
+    assert main(["plan", "--auto", "--model", "qwen2.5-7b", f"--data.path={ids}", "--gpus=4",
+                 "--data.batch_size=4", "--top=1"]) == 0
+    assert "... --chunking.chunk_size=128 --chunking.k=1" in capsys.readouterr().out

@@ -58,6 +58,15 @@ def apply_fsdp(model: nn.Module, ctx: ParallelContext) -> nn.Module:
         raise ValueError(f"data_parallel='fsdp' runs chunkflow's reference model, got "
                          f"{type(model).__name__}; valid: data_parallel='ddp' for a transformers "
                          f"model, or --model.implementation=reference (Llama/Qwen2)")
+    dtype = next(model.parameters()).dtype
+    if (not hasattr(FSDPModule, "set_force_sum_reduction_for_comms")
+            and dist.get_backend(ctx.dp_group) == "gloo" and dtype != torch.float64):
+        # Without it FSDP2 reduce-scatters float32/bf16 gradients with ReduceOp.PREMUL_SUM,
+        # which gloo does not implement: every rank would fail in its first step.
+        raise ValueError(f"data_parallel='fsdp' on CPU (gloo) in {dtype} needs "
+                         f"FSDPModule.set_force_sum_reduction_for_comms, which torch "
+                         f"{torch.__version__} lacks; valid: a newer torch, "
+                         f"--model.dtype=float64, or --parallel.data_parallel=ddp")
     mesh = ctx.mesh["dp"]
     for layer in model.model.layers.values():
         fully_shard(layer, mesh=mesh, reshard_after_forward=False)
@@ -70,7 +79,7 @@ def apply_fsdp(model: nn.Module, ctx: ParallelContext) -> nn.Module:
             module.set_gradient_divide_factor(1.0)  # sum, like the single process's one backward
             # A plain SUM reduce-scatter: for float32/bf16 FSDP2 otherwise expresses the factor
             # as ReduceOp.PREMUL_SUM, which gloo (CPU) does not implement.
-            if hasattr(module, "set_force_sum_reduction_for_comms"):  # torch >= 2.8
+            if hasattr(module, "set_force_sum_reduction_for_comms"):  # newer torch releases
                 module.set_force_sum_reduction_for_comms(True)
     return model
 

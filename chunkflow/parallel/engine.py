@@ -120,22 +120,25 @@ class ParallelEngine:
                             pack_chain_tails=self.engine.pack_chain_tails)
         return plan, balance_chunks(plan, self.ctx.dp, k=self.k, shape=self.shape)
 
-    def _local(self, batch: list[dict]) -> tuple[ChunkPlan, Sharding, ChunkPlan, list[dict]]:
-        """The global plan, its sharding, and this replica's subplan and sequences."""
+    def _local(self, batch: list[dict]
+               ) -> tuple[ChunkPlan, Sharding, ChunkPlan, list[dict], list[int]]:
+        """The global plan, its sharding, this replica's subplan and sequences, and the global
+        ids of the subplan's chunks."""
         plan, sharding = self.shard([len(item["input_ids"]) for item in batch])
         mine = sharding.chunk_ids[self.ctx.dp_rank]
         if mine:
             sub, seq_ids = subplan(plan, mine)
-            return plan, sharding, sub, [batch[i] for i in seq_ids]
+            return plan, sharding, sub, [batch[i] for i in seq_ids], sorted(mine)
         # Fewer units than replicas: one token with no target keeps the collectives going.
         local_batch = [{"input_ids": torch.zeros(1, dtype=torch.long),
                         "labels": torch.full((1,), IGNORE_INDEX)}]
-        return plan, sharding, build_chunks([1], chunk_size=self.chunk_size), local_batch
+        return (plan, sharding, build_chunks([1], chunk_size=self.chunk_size), local_batch,
+                [plan.num_chunks])
 
     def evaluate(self, batch: list[dict]) -> EvalResult:
         """Forward-only loss of the global ``batch`` (the same list on every rank): each
         replica runs its units through the pipeline; the sums are those of the whole batch."""
-        plan, _, sub, local_batch = self._local(batch)
+        plan, _, sub, local_batch, _ = self._local(batch)
         try:
             local = self.engine.evaluate(local_batch, plan=sub, io=self.io)
             self.io.wait()
@@ -154,13 +157,13 @@ class ParallelEngine:
     def forward_backward(self, batch: list[dict]) -> ParallelStepResult:
         """Forward and backward of this rank's share of the global ``batch`` (a list of dicts
         with ``input_ids`` and optional ``labels``, the same list on every rank)."""
-        plan, sharding, sub, local_batch = self._local(batch)
+        plan, sharding, sub, local_batch, chunk_ids = self._local(batch)
         actions = (schedule(sub, k=self.k) if self.ctx.pp == 1
                    else state_aware_1f1b(sub, self.ctx.pp, k=self.k)[self.ctx.stage])
         self.sync.start()
         try:
             local = self.engine.forward_backward(local_batch, plan=sub, actions=actions,
-                                                 io=self.io, sync=self.sync)
+                                                 io=self.io, sync=self.sync, chunk_ids=chunk_ids)
             self.io.wait()
         except RuntimeError as e:  # say which rank; a peer's failure shows up here as a
             # closed connection, a silent peer as a timeout (parallel.timeout_s)

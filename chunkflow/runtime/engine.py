@@ -199,13 +199,16 @@ class ChunkFlowEngine:
 
     def forward_backward(self, batch, *, plan: ChunkPlan | None = None,
                          actions: Sequence[Action] | None = None, io: "StageIO | None" = None,
-                         sync: "GradSync | None" = None) -> StepResult:
+                         sync: "GradSync | None" = None,
+                         chunk_ids: Sequence[int] | None = None) -> StepResult:
         """One step's forward and backward over ``batch``; gradients accumulate into ``.grad``.
 
         The distributed runtime (``chunkflow.parallel``) passes the rest: ``plan``, this rank's
         share of the global batch's plan (default: built from ``batch``); ``actions``, this
         pipeline stage's action list (default: :func:`chunkflow.plan.schedule`); ``io``, where
-        a stage's inputs come from and its outputs go; ``sync``, the data-parallel hooks.
+        a stage's inputs come from and its outputs go; ``sync``, the data-parallel hooks;
+        ``chunk_ids``, the global batch's ids of ``plan``'s chunks (they seed dropout masks, so
+        each replica's chunks draw the masks one process would).
         """
         io, sync = io or StageIO(), sync or GradSync()
         ids_list, labels_list = self._prepare(batch)
@@ -224,7 +227,7 @@ class ChunkFlowEngine:
                                                  totals=sync.global_counts)
         actions = schedule(plan, k=self.k) if actions is None else list(actions)
         step = _Step(plan, ids_list, targets, weights, get_kernel(self.attention_backend, device),
-                     device, self._dropout_seed())
+                     device, self._dropout_seed(), chunk_ids)
         self.meter.reset(exclude=list(self.model.parameters()))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -262,7 +265,7 @@ class ChunkFlowEngine:
         weights = [(t != IGNORE_INDEX).to(acc) for t in targets]  # sum, not mean
         num_loss_tokens = int(sum(int(w.sum()) for w in weights))
         step = _Step(plan, ids_list, targets, weights, get_kernel(self.attention_backend, device),
-                     device, None)
+                     device, None, None)
         is_last_stage = self.model.lm_head is not None
         total = torch.zeros((), dtype=torch.float64, device=device)
         order = [c for chunk in plan.chunks for c in
@@ -376,7 +379,8 @@ class ChunkFlowEngine:
         device = step.kernel_device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
                                    device_type=device.type):
-            torch.manual_seed(step.dropout_seed + chunk.chunk_id)
+            key = chunk.chunk_id if step.chunk_ids is None else step.chunk_ids[chunk.chunk_id]
+            torch.manual_seed(step.dropout_seed + key)
             return self._run_chunk(step, chunk, state, x, grad=grad, write_state=write_state,
                                    with_loss=grad if with_loss is None else with_loss)
 
@@ -497,6 +501,8 @@ class _Step:
     kernel_device: torch.device
     dropout_seed: int | None
     """Seed of this step's dropout masks (one generator per chunk); None: no active dropout."""
+    chunk_ids: Sequence[int] | None
+    """Each chunk's id in the global batch (for its dropout seed); None: the plan's own."""
 
 
 def _describe(x: Any) -> str:

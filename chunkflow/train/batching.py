@@ -51,30 +51,43 @@ def global_batches(dataset, cfg: DataSection, start: DataPosition, stats: DataSt
         yield batch, last_position, dataclasses.replace(running)
 
 
-class _Lengths:
-    """A stand-in data set of known record lengths, replaying FileDataset's epoch shuffles
+class _Sized:
+    """A stand-in example: a length (what batching reads) and a number of targets."""
+
+    def __init__(self, num_tokens: int, num_targets: int):
+        self.num_tokens, self.num_targets = num_tokens, num_targets
+
+    def __len__(self) -> int:
+        return self.num_tokens
+
+
+class _RecordSizes:
+    """A stand-in data set of known record sizes, replaying FileDataset's epoch shuffles
     (which depend on the number of records and the seed alone) without reading the files."""
 
-    def __init__(self, lengths: list[int | None], *, seed: int, shuffle_buffer: int):
-        self.lengths, self.seed, self.shuffle_buffer = lengths, seed, shuffle_buffer
+    def __init__(self, sizes: list[tuple[int, int] | None], *, seed: int, shuffle_buffer: int):
+        self.sizes, self.seed, self.shuffle_buffer = sizes, seed, shuffle_buffer
 
     def examples(self, start: DataPosition, stats: DataStats, *, num_epochs: int):
         for epoch in range(start.epoch, num_epochs):
-            order = shuffled(iter(range(len(self.lengths))), self.shuffle_buffer,
-                              random.Random(f"{self.seed}:{epoch}"))
+            order = shuffled(iter(range(len(self.sizes))), self.shuffle_buffer,
+                             random.Random(f"{self.seed}:{epoch}"))
             for idx, raw in enumerate(order, 1):
                 if idx <= (start.index if epoch == start.epoch else 0):
                     continue
-                if self.lengths[raw] is not None:
-                    yield range(self.lengths[raw]), DataPosition(epoch, idx)
+                if self.sizes[raw] is not None:
+                    yield _Sized(*self.sizes[raw]), DataPosition(epoch, idx)
 
 
-def count_steps(dataset: FileDataset, cfg: DataSection, num_epochs: int) -> int:
-    """Global batches (optimizer steps) in ``num_epochs`` passes over the files, exactly as
-    :func:`global_batches` will form them; reads and tokenises the files once."""
-    lengths = _Lengths(dataset.record_lengths(), seed=dataset.seed,
-                       shuffle_buffer=dataset.shuffle_buffer)
-    if not any(n is not None for n in lengths.lengths):
+def count_steps(dataset: FileDataset, cfg: DataSection, num_epochs: int) -> tuple[int, int]:
+    """Optimizer steps in ``num_epochs`` passes over the files, exactly as :func:`global_batches`
+    will form the batches (a batch without a supervised token is skipped, not a step), and the
+    raw records of one pass; reads and tokenises the files once."""
+    sizes = _RecordSizes(dataset.record_sizes(), seed=dataset.seed,
+                         shuffle_buffer=dataset.shuffle_buffer)
+    if not any(n is not None for n in sizes.sizes):
         raise DataError(f"no usable records in {dataset.path!r}")
-    return sum(1 for _ in global_batches(lengths, cfg, DataPosition(), DataStats(),
-                                         num_epochs=num_epochs))
+    steps = sum(1 for batch, _, _ in global_batches(sizes, cfg, DataPosition(), DataStats(),
+                                                    num_epochs=num_epochs)
+                if any(ex.num_targets for ex in batch))
+    return steps, len(sizes.sizes)

@@ -106,27 +106,31 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
     return state
 
 
-def checkpoint_problem(path: Path) -> str | None:
+def checkpoint_problem(path: Path, *, hashes: bool = True,
+                       files: list[str] | None = None) -> str | None:
     """Why ``path`` cannot be resumed from (missing, truncated or corrupt files), or None.
 
-    Every file in ``manifest.json`` must have its recorded size and SHA-256. Checkpoints from
-    before manifests existed get the structural checks only."""
+    Every file in ``manifest.json`` (or only ``files`` of it) must have its recorded size and,
+    with ``hashes``, its SHA-256. Checkpoints from before manifests existed get the structural
+    checks only."""
     if not path.is_dir():
         return f"{path} is not a directory"
     manifest = path / MANIFEST
     if manifest.is_file():
         try:
-            files = json.loads(manifest.read_text())["files"]
+            recorded = json.loads(manifest.read_text())["files"]
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
             return f"{manifest}: unreadable ({type(e).__name__}: {e})"
-        for name, want in sorted(files.items()):
+        for name, want in sorted(recorded.items()):
+            if files is not None and name not in files:
+                continue
             file = path / name
             if not file.is_file():
                 return f"{file} is missing"
             size = file.stat().st_size
             if size != want["bytes"]:
                 return f"{file} has {size} bytes, the manifest says {want['bytes']} (truncated?)"
-            if _sha256(file) != want["sha256"]:
+            if hashes and _sha256(file) != want["sha256"]:
                 return f"{file} does not match its SHA-256 in {MANIFEST} (corrupted)"
     elif not any(path.glob("*.safetensors")):
         return f"{path} holds no weights (*.safetensors) and no {MANIFEST}"
@@ -137,9 +141,9 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
-def verify_checkpoint(path: Path) -> dict[str, Any]:
+def verify_checkpoint(path: Path, *, hashes: bool = True) -> dict[str, Any]:
     """Raise ValueError naming the problem unless ``path`` is complete; return its trainer state."""
-    problem = checkpoint_problem(path)
+    problem = checkpoint_problem(path, hashes=hashes)
     if problem is not None:
         raise ValueError(f"checkpoint {str(path)!r} cannot be used: {problem}; valid: a complete "
                          f"step-* directory of a chunkflow run")
@@ -220,34 +224,47 @@ def set_aside_newer(run_dir: Path, step: int) -> list[Path]:
     return moved
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    """Make the complete temporary directory ``tmp`` the checkpoint ``final``, durably."""
+def _publish(tmp: Path, final: Path) -> list[str]:
+    """Make the complete temporary directory ``tmp`` the checkpoint ``final``, durably; newer
+    checkpoints of a replaced history are set aside first (only once ``tmp`` is complete).
+    Returns a note per checkpoint set aside."""
     _finish_files(tmp)
+    moved = set_aside_newer(final.parent, int(final.name[len("step-"):]))
     if final.exists():  # never replace a saved checkpoint (set_aside_newer moved any away)
         raise ValueError(f"checkpoint {str(final)!r} already exists; it is left as it is")
     os.rename(tmp, final)
     _fsync_dir(final.parent)
+    return [f"moved {m.name} (a later step of the history this run replaces) to {m}; it is "
+            f"kept, not deleted" for m in moved]
 
 
-def _prune(run_dir: Path, final: Path, keep_last: int) -> None:
+def _prune(run_dir: Path, final: Path, keep_last: int) -> list[str]:
+    """Delete all but the newest ``keep_last`` checkpoints; a note for one that cannot be."""
+    notes = []
     for _, old in list_checkpoints(run_dir)[:-keep_last]:
-        if old != final:
-            # Renamed first, so a kill during the deletion leaves a temporary directory (removed
-            # at the next start), never an incomplete step-* directory.
-            doomed = run_dir / f"{_TMP_PREFIX}{old.name[len('step-'):]}.deleted"
+        if old == final:
+            continue
+        # Renamed first, so a kill during the deletion leaves a temporary directory (removed
+        # at the next start), never an incomplete step-* directory.
+        doomed = run_dir / f"{_TMP_PREFIX}{old.name[len('step-'):]}.deleted"
+        try:
             os.rename(old, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
+        except OSError as e:
+            notes.append(f"could not delete the old checkpoint {old} ({e}); it is left as it is")
+            continue
+        shutil.rmtree(doomed, ignore_errors=True)
+    return notes
 
 
 def is_disk_full(e: BaseException, run_dir: Path | None = None, needed_bytes: int = 0) -> bool:
-    """Whether a failed write ran out of space: an ENOSPC/EDQUOT anywhere in the exception's
-    chain, or (writers such as torch.save report a full disk as a bare RuntimeError) less free
-    space in ``run_dir`` than the checkpoint needs."""
+    """Whether a failed write ran out of space: an ENOSPC/EDQUOT in the exception's chain; or,
+    when the chain holds no OS error at all (torch.save and safetensors report a full disk as a
+    bare RuntimeError), less free space in ``run_dir`` than the checkpoint needs."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in _DISK_FULL:
-            return True
+        if isinstance(e, OSError):
+            return e.errno in _DISK_FULL  # any other OS error (permissions, ...) is itself
         e = e.__cause__ or e.__context__
     return (run_dir is not None and run_dir.is_dir()
             and shutil.disk_usage(run_dir).free < needed_bytes)
@@ -276,19 +293,19 @@ def _fmt_bytes(n: float) -> str:
 
 def save_checkpoint(run_dir: Path, *, step: int, write: Callable[[Path], None],
                     trainer_state: dict[str, Any], keep_last: int,
-                    needed_bytes: int) -> tuple[Path, list[Path]]:
+                    needed_bytes: int) -> tuple[Path, list[str]]:
     """Write checkpoint ``step`` atomically: ``write(tmp)`` puts the model and optimizer files
     into the temporary directory, this adds RNG and trainer state and the manifest, publishes
-    it, then deletes all but the newest ``keep_last``. Returns the checkpoint and the newer
-    checkpoints it set aside (see :func:`set_aside_newer`)."""
+    it, then deletes all but the newest ``keep_last``. Returns the checkpoint and notes for the
+    user (newer checkpoints set aside, see :func:`set_aside_newer`; an old one that could not be
+    deleted)."""
     final = run_dir / checkpoint_name(step)
     tmp = None
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step:08d}.tmp-", dir=run_dir))
         write(tmp)
         write_run_state(tmp, dict(trainer_state, step=step))
-        moved = set_aside_newer(run_dir, step)
-        _publish(tmp, final)
+        notes = _publish(tmp, final)
     except Exception as e:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -299,8 +316,7 @@ def save_checkpoint(run_dir: Path, *, step: int, write: Callable[[Path], None],
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _prune(run_dir, final, keep_last)
-    return final, moved
+    return final, notes + _prune(run_dir, final, keep_last)
 
 
 def load_optimizer_and_rng(path: Path, optimizer: torch.optim.Optimizer | None,
@@ -342,16 +358,12 @@ def stage_files(stage: int, num_stages: int) -> tuple[str, str]:
 def save_distributed_checkpoint(run_dir: Path, *, step: int, ctx,
                                 write_shard: Callable[[Path], list[str]] | None,
                                 write_main: Callable[[Path], None], trainer_state: dict[str, Any],
-                                keep_last: int, needed_bytes: int) -> tuple[Path, list[Path]]:
+                                keep_last: int, needed_bytes: int) -> tuple[Path, list[str]]:
     """Collective. ``write_shard(tmp)`` (None on ranks that write nothing) writes this rank's
     files and returns their names; rank 0 then runs ``write_main(tmp)`` and publishes. A failure
     on any rank (a full disk included) is raised on every rank, and the partial directory is
-    removed."""
+    removed. Returns the checkpoint and notes, as :func:`save_checkpoint` does."""
     final = run_dir / checkpoint_name(step)
-    tmp = None
-    if ctx.rank == 0:
-        tmp = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step:08d}.tmp-", dir=run_dir)
-    tmp = Path(ctx.broadcast_object(tmp))
 
     def attempt(fn) -> tuple[Any, str | None, bool]:
         try:
@@ -360,49 +372,64 @@ def save_distributed_checkpoint(run_dir: Path, *, step: int, ctx,
             return (None, f"rank {ctx.rank}: {type(e).__name__}: {e}",
                     is_disk_full(e, run_dir, needed_bytes))
 
+    def fail(errors: list[tuple[str, bool]], tmp: Path | None):
+        if ctx.rank == 0 and tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        ctx.barrier()
+        if any(full for _, full in errors):
+            raise space_error(run_dir, step, needed_bytes)
+        raise RuntimeError(f"checkpoint {checkpoint_name(step)} was not saved: "
+                           + "; ".join(e for e, _ in errors))
+
+    made = attempt(lambda: tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step:08d}.tmp-",
+                                            dir=run_dir)) if ctx.rank == 0 else None
+    tmp, error, full = ctx.broadcast_object(made)
+    if error:
+        fail([(error, full)], None)
+    tmp = Path(tmp)
     entries, error, full = attempt(lambda: file_entries(tmp, write_shard(tmp))
                                    if write_shard is not None else {})
     outcomes = ctx.all_gather_object((entries, error, full))
-    moved: list[Path] = []
+    notes: list[str] = []
     if ctx.rank == 0 and not any(e for _, e, _ in outcomes):
         merged = {k: v for entries, _, _ in outcomes for k, v in (entries or {}).items()}
 
         def main():
             write_main(tmp)
             write_run_state(tmp, dict(trainer_state, step=step), merged)
-            moved.extend(set_aside_newer(run_dir, step))
-            _publish(tmp, final)
-            _prune(run_dir, final, keep_last)
+            notes.extend(_publish(tmp, final))
 
         _, error, full = attempt(main)
         outcomes.append((None, error, full))
     outcomes = ctx.broadcast_object(outcomes if ctx.rank == 0 else None)
     errors = [(e, f) for _, e, f in outcomes if e]
     if errors:
-        if ctx.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        ctx.barrier()
-        if any(f for _, f in errors):
-            raise space_error(run_dir, step, needed_bytes)
-        raise RuntimeError(f"checkpoint {checkpoint_name(step)} was not saved: "
-                           + "; ".join(e for e, _ in errors))
-    return final, moved
+        fail(errors, tmp)
+    if ctx.rank == 0:
+        notes += _prune(run_dir, final, keep_last)
+    return final, notes
 
 
-def load_distributed_checkpoint(path: Path, *, ctx, layout: dict[str, Any], weights: bool = True
+def load_distributed_checkpoint(path: Path, *, ctx, layout: dict[str, Any], weights: bool = True,
+                                also_check: tuple[str, ...] = ()
                                 ) -> tuple[dict[str, torch.Tensor] | None, dict, dict[str, Any]]:
     """This rank's stage weights (``weights=False``: None, for LoRA runs, which load their
-    adapter themselves) and optimizer state, and the trainer state; restores RNGs. (Rank 0
-    verified the checkpoint when it chose it.)"""
+    adapter themselves: ``also_check`` names its files) and optimizer state, and the trainer
+    state; restores RNGs. Every rank checksums the files it reads (collective)."""
     from safetensors.torch import load_file
 
     state = read_trainer_state(path)
     saved = state.get("layout") or {"dp": 1, "pp": 1, "data_parallel": "none (one process)"}
+    weights_file, optim = stage_files(ctx.stage, ctx.pp)
+    # Rank 0 chose the checkpoint by sizes; each rank checksums the files it reads, in parallel.
+    mine = [weights_file] * weights + [optim, "rng.pt", TRAINER_STATE, *also_check]
+    problems = [p for p in ctx.all_gather_object(checkpoint_problem(path, files=mine)) if p]
+    if problems:
+        raise ValueError(f"checkpoint {str(path)!r} cannot be used: {'; '.join(problems)}")
     if saved != layout:
         raise ValueError(f"checkpoint {str(path)!r} was saved with {describe_layout(saved)}; "
                          f"this run is {describe_layout(layout)}; valid: resume on the layout "
                          f"that saved it")
-    weights_file, optim = stage_files(ctx.stage, ctx.pp)
     needed = [weights_file] * weights + [optim, "rng.pt"]
     missing = [f for f in needed if not (path / f).is_file()]
     if missing:

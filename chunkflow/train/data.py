@@ -250,11 +250,12 @@ class FileDataset:
             stats.epoch_records = idx
             epoch, resume_idx = epoch + 1, 0
 
-    def record_lengths(self) -> list[int | None]:
-        """The length of each raw record in file order as training will see it (after
-        max_length), None for one that is skipped or dropped; one pass over the files."""
+    def record_sizes(self) -> list[tuple[int, int] | None]:
+        """(tokens, supervised tokens) of each raw record in file order as training will see
+        it (after max_length), None for one that is skipped or dropped; one pass over the
+        files."""
         counts = DataStats()
-        return [None if parsed is None else len(parsed[0])
+        return [None if parsed is None else (len(parsed[0]), supervised_tokens([parsed[0]]))
                 for parsed in (self._parse(*item, counts) for item in self._raw_items())]
 
     def _parse(self, file_idx: int, num: int, raw: Any, counts: DataStats
@@ -494,6 +495,10 @@ def build_dataset(cfg: DataSection, *, vocab_size: int, seed: int, tokenizer=Non
 
 def build_eval_dataset(cfg: DataSection, path: str, *, vocab_size: int, tokenizer
                        ) -> FileDataset:
-    """Held-out files (``--eval.path``) read like the training data, in file order."""
+    """Held-out files (``--eval.path``) read like the training data, in file order, and never
+    truncated or dropped (``--data.max_length`` is for training memory; evaluation runs chunk
+    by chunk without it). Invalid records are skipped only with ``--data.skip_invalid``, and
+    counted."""
+    cfg = dataclasses.replace(cfg, max_length=None)
     return FileDataset(cfg, vocab_size=vocab_size, seed=0, tokenizer=tokenizer, path=path,
                        shuffle_buffer=0, option="--eval.path")

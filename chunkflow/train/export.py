@@ -73,7 +73,8 @@ class ModelFiles:
         if not self.lora:
             self.write_metadata(path)
             return
-        self._write_tokenizer(path)
+        self._write_tokenizer(path)  # and the generation config, as for a full model:
+        (path / GENERATION_CONFIG).write_text(self._generation_config())
         if merged:
             self.write_merged(path / MERGED_DIR)
 
@@ -133,11 +134,23 @@ class ModelFiles:
             raise ValueError(f"checkpoint {str(path)!r} does not match the model: missing "
                              f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
 
-    def num_bytes(self) -> int:
-        """Bytes of the saved weights (for the disk-space report)."""
-        params = [p for p in self.model.parameters() if p.requires_grad] if self.lora \
-            else list({id(p): p for p in self.model.parameters()}.values())
-        return sum(p.numel() * p.element_size() for p in params)
+    def weight_files(self) -> tuple[str, ...]:
+        """The files :meth:`load` reads."""
+        if self.lora:
+            from chunkflow.train.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+            return ADAPTER_WEIGHTS, ADAPTER_CONFIG
+        return ("model.safetensors",)
+
+    def num_bytes(self, *, merged: bool = False) -> int:
+        """Bytes of the saved weights (for the disk-space report): the adapter (and, with
+        ``merged``, the merged model) or the whole model."""
+        unique = list({id(p): p for p in self.model.parameters()}.values())
+        full = sum(p.numel() * p.element_size() for p in unique)
+        if not self.lora:
+            return full
+        adapter = sum(p.numel() * p.element_size() for p in unique if p.requires_grad)
+        return adapter + (full if merged else 0)
 
 
 def _first_lines(text: str, n: int = 3) -> str:

@@ -20,18 +20,25 @@ METRICS_FILE = "metrics.jsonl"
 class MetricsLog:
     """metrics.jsonl (one line per step) and, optionally, TensorBoard scalars."""
 
-    def __init__(self, run_dir: Path, *, resume_step: int, tensorboard: bool):
+    def __init__(self, run_dir: Path, *, resume_step: int, tensorboard: bool,
+                 set_aside: bool = False):
+        """``set_aside``: the run replaces a history with checkpoints past ``resume_step``
+        (a resume from an older step): its later lines go to ``superseded/``, not away."""
         self.path = run_dir / METRICS_FILE
         if self.path.exists():
             # A killed run may have logged steps after its last checkpoint; they will be redone.
             # A SIGKILL during a write can also leave a partial last line: drop it too.
-            kept = []
+            kept, later = [], []
             for line in self.path.read_text().splitlines():
                 try:
-                    if json.loads(line)["step"] <= resume_step:
-                        kept.append(line)
+                    (kept if json.loads(line)["step"] <= resume_step else later).append(line)
                 except (json.JSONDecodeError, KeyError, TypeError):
                     continue
+            if set_aside and later:
+                aside = run_dir / "superseded" / f"metrics-after-step-{resume_step}.jsonl"
+                aside.parent.mkdir(exist_ok=True)
+                with open(aside, "a") as f:
+                    f.write("".join(line + "\n" for line in later))
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.path)  # a kill now keeps either the old or the new history

@@ -35,6 +35,8 @@ class RunDir:
     created: bool
     """This start made the directory (so a failed start may remove it again)."""
     warnings: list[str] = field(default_factory=list)
+    newer: bool = False
+    """Checkpoints past the one resumed from exist: this run replaces their history."""
 
     def remove_if_unused(self) -> None:
         """After a failed start: remove the directory if this start created it and no step was
@@ -45,8 +47,11 @@ class RunDir:
             shutil.rmtree(self.path, ignore_errors=True)
 
 
-def prepare_run_dir(config: TrainConfig) -> RunDir:
-    """The run directory and the checkpoint to resume from, if any (see the module docstring)."""
+def prepare_run_dir(config: TrainConfig, *, hashes: bool = True) -> RunDir:
+    """The run directory and the checkpoint to resume from, if any (see the module docstring).
+
+    ``hashes=False`` checks checkpoint sizes only (a distributed run checksums each rank's files
+    on that rank, in parallel, when it loads them)."""
     output_dir = config.train.output_dir
     if output_dir is None:
         if config.checkpoint.resume:
@@ -57,13 +62,15 @@ def prepare_run_dir(config: TrainConfig) -> RunDir:
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"--train.output_dir={output_dir!r} is a file; valid: a directory")
     existing = list_checkpoints(run_dir)
-    resume_from, warnings = None, []
+    resume_from, warnings, newer = None, [], []
     if config.checkpoint.resume_from is not None:
         resume_from = Path(config.checkpoint.resume_from)
         if config.checkpoint.resume:
             raise ValueError(f"both --resume and --checkpoint.resume_from={str(resume_from)!r}; "
                              f"valid: one of them")
-        verify_checkpoint(resume_from)
+        verify_checkpoint(resume_from, hashes=hashes)
+        # (A checkpoint this run set aside in superseded/ is another history: it continues
+        # in a new output directory.)
         same_run = resume_from.resolve().parent == run_dir.resolve()
         if existing and not same_run:
             raise ValueError(f"--checkpoint.resume_from={str(resume_from)!r} into "
@@ -81,7 +88,7 @@ def prepare_run_dir(config: TrainConfig) -> RunDir:
             raise ValueError(f"--resume: no checkpoint (step-* directory) in {str(run_dir)!r}")
         skipped = []
         for _, path in reversed(existing):
-            problem = checkpoint_problem(path)
+            problem = checkpoint_problem(path, hashes=hashes)
             if problem is None:
                 resume_from = path
                 break
@@ -89,6 +96,7 @@ def prepare_run_dir(config: TrainConfig) -> RunDir:
         if resume_from is None:
             raise ValueError(f"--resume: no usable checkpoint in {str(run_dir)!r}: "
                              + "; ".join(f"{name}: {why}" for name, why in skipped))
+        newer = [name for name, _ in skipped]
         if skipped:
             warnings.append("skipping checkpoint(s) that do not verify: "
                             + "; ".join(f"{name} ({why})" for name, why in skipped)
@@ -102,7 +110,7 @@ def prepare_run_dir(config: TrainConfig) -> RunDir:
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_partial_checkpoints(run_dir)
-    return RunDir(run_dir, resume_from, created, warnings)
+    return RunDir(run_dir, resume_from, created, warnings, newer=bool(newer))
 
 
 # Settings a resumed run may change; any other change would make it a different run (model,

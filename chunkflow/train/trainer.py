@@ -42,8 +42,8 @@ from chunkflow.train.checkpoint import (
     restore_python_rng,
     save_checkpoint,
     save_distributed_checkpoint,
+    read_trainer_state,
     stage_files,
-    verify_checkpoint,
     write_stage_index,
 )
 from chunkflow.train.config import TrainConfig
@@ -56,7 +56,7 @@ from chunkflow.train.data import (
     supervised_tokens,
     to_inputs,
 )
-from chunkflow.train.evaluate import evaluate
+from chunkflow.train.evaluate import check_eval_data, evaluate
 from chunkflow.train.export import ModelFiles, state_bytes
 from chunkflow.train.metrics import MetricsLog, format_eval, format_step
 from chunkflow.train.process import (
@@ -111,7 +111,7 @@ class Trainer:
             self.run_info = prepare_run_dir(cfg)
         else:  # rank 0 decides (and names a default run directory) for everyone
             output_dir, self.run_info = ctx.run_on_rank0(
-                lambda: (cfg.train.output_dir, prepare_run_dir(cfg)))
+                lambda: (cfg.train.output_dir, prepare_run_dir(cfg, hashes=False)))
             cfg.train.output_dir = output_dir
         self.run_dir = self.run_info.path
         try:
@@ -130,8 +130,11 @@ class Trainer:
         vocab_size = self.model.config.vocab_size
         self.dataset = build_dataset(cfg.data, vocab_size=vocab_size, seed=cfg.train.seed,
                                      tokenizer=self.tokenizer, model_path=cfg.model.path)
-        self.eval_dataset = None if cfg.eval.path is None else build_eval_dataset(
-            cfg.data, cfg.eval.path, vocab_size=vocab_size, tokenizer=self.tokenizer)
+        self.eval_dataset = None
+        if cfg.eval.path is not None:
+            self.eval_dataset = build_eval_dataset(cfg.data, cfg.eval.path,
+                                                   vocab_size=vocab_size, tokenizer=self.tokenizer)
+            self._print(f"held-out data: {check_eval_data(self.eval_dataset, cfg)}")
         self.files = ModelFiles(self.model, self.tokenizer, model_path=cfg.model.path)
         options = dict(chunk_size=cfg.chunking.chunk_size, k=cfg.chunking.k,
                        loss_normalization=cfg.chunking.loss_normalization,
@@ -155,6 +158,7 @@ class Trainer:
         self.step, self.position, self.stats, self.tokens_seen = 0, DataPosition(), DataStats(), 0
         self.empty_batches = self.consecutive_empty = 0
         self.last_checkpoint: Path | None = None
+        self.saved_step: int | None = None  # the step of the newest checkpoint of this run
         resume_path = self.run_info.resume_from
         if resume_path is not None:
             state = self._load(resume_path)
@@ -167,7 +171,7 @@ class Trainer:
             self.stats = DataStats.from_dict(state["data_stats"])
             self.empty_batches = state.get("empty_batches", 0)
             self.consecutive_empty = state.get("consecutive_empty", 0)
-            self.last_checkpoint = resume_path
+            self.last_checkpoint, self.saved_step = resume_path, self.step
         self.total_steps = self._total_steps()
         if self.is_main:
             cfg.save(self.run_dir / "config.toml")
@@ -176,13 +180,14 @@ class Trainer:
     def _total_steps(self) -> int:
         """--train.steps, or the global batches of --train.epochs passes over the files."""
         cfg = self.cfg
+        self.epoch_records = None  # records in a pass, once known
         if cfg.train.epochs is None:
             return cfg.num_steps
         if not isinstance(self.dataset, FileDataset):
             raise ValueError(f"--train.epochs={cfg.train.epochs} needs data files "
                              f"(--data.path): the built-in synthetic data is endless; valid: "
                              f"--train.steps")
-        steps = count_steps(self.dataset, cfg.data, cfg.train.epochs)
+        steps, self.epoch_records = count_steps(self.dataset, cfg.data, cfg.train.epochs)
         self._print(f"train.epochs={cfg.train.epochs}: {steps} steps (global batches) in "
                     f"{cfg.train.epochs} pass(es) over {self.dataset.path!r}")
         return steps
@@ -214,7 +219,7 @@ class Trainer:
     def _load(self, path: Path) -> dict[str, Any]:
         """Restore model (or adapter), optimizer and RNG states from ``path``; its state."""
         if self.ctx is None:
-            state = verify_checkpoint(path)
+            state = read_trainer_state(path)  # prepare_run_dir verified it
             if state.get("layout") is not None:
                 raise ValueError(f"checkpoint {str(path)!r} was saved by a distributed run "
                                  f"({state['layout']}); valid: resume it on that layout")
@@ -225,7 +230,8 @@ class Trainer:
         from chunkflow.parallel.checkpoint import load_stage_state
 
         model_state, optim_state, state = load_distributed_checkpoint(
-            path, ctx=self.ctx, layout=self.layout, weights=not self.files.lora)
+            path, ctx=self.ctx, layout=self.layout, weights=not self.files.lora,
+            also_check=self.files.weight_files() if self.files.lora else ())
         if self.files.lora:
             self.files.load(path)
         load_stage_state(self.engine, self.optimizer, model_state, optim_state)
@@ -237,25 +243,24 @@ class Trainer:
                  "tokens_seen": self.tokens_seen, "empty_batches": self.empty_batches,
                  "consecutive_empty": self.consecutive_empty, "config": cfg.to_dict()}
         merged = self.files.lora and (cfg.lora.merge_on_save or final)
-        needed = self.files.num_bytes() + state_bytes(self.optimizer.state_dict())
+        needed = self.files.num_bytes(merged=merged) + state_bytes(self.optimizer.state_dict())
         if self.ctx is None:
             def write(tmp: Path) -> None:
                 self.files.write(tmp, merged=merged)
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
 
-            path, moved = save_checkpoint(self.run_dir, step=self.step, write=write,
+            path, notes = save_checkpoint(self.run_dir, step=self.step, write=write,
                                           trainer_state=state, keep_last=cfg.checkpoint.keep_last,
                                           needed_bytes=needed)
         else:
-            path, moved = self._save_distributed(state, merged=merged, needed=needed)
-        for m in moved:
-            self._print(f"note: moved {m.name} (a later step of the history this run replaces) "
-                        f"to {m}; it is kept, not deleted")
-        self.last_checkpoint = path
+            path, notes = self._save_distributed(state, merged=merged, needed=needed)
+        for note in notes:
+            self._print(f"note: {note}")
+        self.last_checkpoint, self.saved_step = path, self.step
         return path
 
     def _save_distributed(self, state: dict[str, Any], *, merged: bool,
-                          needed: int) -> tuple[Path, list[Path]]:
+                          needed: int) -> tuple[Path, list[str]]:
         from safetensors.torch import save_file
 
         from chunkflow.parallel.checkpoint import stage_state
@@ -296,15 +301,13 @@ class Trainer:
                         f"has {total} steps")
             return summary
         # Only rank 0 logs; every rank trains, saves its part and stops together.
-        metrics = (MetricsLog(self.run_dir, resume_step=self.step,
-                              tensorboard=cfg.log.tensorboard) if self.is_main else None)
+        metrics = (MetricsLog(self.run_dir, resume_step=self.step, tensorboard=cfg.log.tensorboard,
+                              set_aside=self.run_info.newer) if self.is_main else None)
         batches = global_batches(self.dataset, cfg.data, self.position, self.stats,
                                  num_epochs=cfg.train.epochs)
         bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=None if cfg.log.progress and self.is_main else True)
         warned_skips = self.stats.skipped > 0
-        saved_step = self.step if self.last_checkpoint is not None else None
-        logged_eval = None
         try:
             with StopRequest() as stop, deterministic(cfg.train.deterministic):
                 while self.step < total:
@@ -317,50 +320,40 @@ class Trainer:
                         self._skip_empty(bar, batch, position, stats)
                         continue
                     record = self.train_step(batch, position, stats)
+                    failed = None  # an evaluation that fails must not cost the step's progress
                     if self._eval_due(total):
-                        record.update(self.evaluate())
-                        logged_eval = self.step
+                        try:
+                            record.update(self.evaluate())
+                        except Exception as e:
+                            failed = e
                     if metrics is not None:
                         metrics.log(record)
-                    if summary.first_loss is None:
-                        summary.first_loss = record["loss"]
-                    summary.last_loss, summary.steps_done = record["loss"], self.step
-                    postfix = dict(loss=f"{record['loss']:.4f}",
-                                   tok_s=f"{record['tokens_per_s']:.0f}",
-                                   peak=f"{record['peak_memory_bytes'] / 2**20:.0f}MiB")
-                    if "eval_loss" in record:
-                        summary.eval_loss = record["eval_loss"]
-                    if summary.eval_loss is not None:
-                        postfix["eval"] = f"{summary.eval_loss:.4f}"
-                    bar.set_postfix(postfix, refresh=False)
-                    bar.update(1)
+                    self._show(bar, summary, record)
                     if record["skipped"] and not warned_skips and self.is_main:
                         warned_skips = True
                         bar.write(f"warning: skipping invalid records (--data.skip_invalid); "
                                   f"first: {self.stats.first_skip_reason}")
-                    if self.is_main and (self.step % cfg.log.interval == 0
-                                         or self.step == total or "eval_loss" in record):
-                        bar.write(format_step(record, total))
                     interval = cfg.checkpoint.interval
                     stopping = stop.requested
                     if self.ctx is not None:  # a signal may reach ranks a step apart: agree
                         stopping = self.ctx.all_sum([float(stopping)])[0] > 0
-                    if stopping or (interval and self.step % interval == 0
-                                    and self.step < total):
+                    if stopping or failed is not None or (
+                            interval and self.step % interval == 0 and self.step < total):
                         self.save()
-                        saved_step = self.step
+                    if failed is not None:
+                        raise failed
                     if stopping:
                         summary.interrupted = True
                         break
                 if not summary.interrupted and self.step > 0:
-                    if self.eval_dataset is not None and logged_eval != self.step:
+                    if self.saved_step != self.step:
+                        self.save(final=True)
+                    if self.eval_dataset is not None:  # after the save: it can fail alone
                         record = {"step": self.step, **self.evaluate()}
                         summary.eval_loss = record["eval_loss"]
                         if metrics is not None:
                             metrics.log(record)
                         self._print(f"step {self.step}: {format_eval(record)}")
-                    if saved_step != self.step:
-                        self.save(final=True)
         finally:
             bar.close()
             if metrics is not None:
@@ -369,6 +362,24 @@ class Trainer:
                 self.run_info.remove_if_unused()
         self._finish(summary, total)
         return summary
+
+    def _show(self, bar, summary: TrainSummary, record: dict[str, Any]) -> None:
+        """The step in the summary, the progress bar and, every log.interval steps, a line."""
+        if summary.first_loss is None:
+            summary.first_loss = record["loss"]
+        summary.last_loss, summary.steps_done = record["loss"], self.step
+        if "eval_loss" in record:
+            summary.eval_loss = record["eval_loss"]
+        postfix = dict(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                       peak=f"{record['peak_memory_bytes'] / 2**20:.0f}MiB")
+        if summary.eval_loss is not None:
+            postfix["eval"] = f"{summary.eval_loss:.4f}"
+        bar.set_postfix(postfix, refresh=False)
+        bar.update(1)
+        total = self.total_steps
+        if self.is_main and (self.step % self.cfg.log.interval == 0 or self.step == total
+                             or "eval_loss" in record):
+            bar.write(format_step(record, total))
 
     def _finish(self, summary: TrainSummary, total: int) -> None:
         cfg = self.cfg
@@ -394,7 +405,7 @@ class Trainer:
 
     def _passes(self) -> float | None:
         """How many passes over the data files the run has made (None: not known yet)."""
-        records = self.stats.epoch_records
+        records = self.stats.epoch_records or self.epoch_records
         if not isinstance(self.dataset, FileDataset) or not records:
             return None
         return self.position.epoch + self.position.index / records
@@ -415,19 +426,23 @@ class Trainer:
         where = f"{batch[0].origin} .. {batch[-1].origin}"
         limit = self.cfg.train.max_empty_batches
         if self.consecutive_empty >= limit:
+            saved = ""
+            if self.step > 0 and self.saved_step != self.step:  # keep the steps taken so far
+                saved = f"; the steps so far are saved in {self.save()}"
             raise TrainingError(
                 f"{self.consecutive_empty} global batches in a row have no supervised token "
                 f"(the last: {where}), --train.max_empty_batches={limit}; check the labels "
                 f"(-100 everywhere?), --data.train_on, and records of a single token (the "
-                f"first token of a sequence is never a target)")
+                f"first token of a sequence is never a target){saved}")
         if self.is_main:
             bar.write(f"warning: the global batch {where} has no supervised token: skipped, no "
                       f"step taken ({self.empty_batches} so far; {limit} in a row stop the run)")
 
     def _eval_due(self, total: int) -> bool:
+        """At eval.interval steps before the last; the run's end evaluates after its save."""
         interval = self.cfg.eval.interval
-        return self.eval_dataset is not None and (
-            self.step == total or (interval > 0 and self.step % interval == 0))
+        return (self.eval_dataset is not None and interval > 0 and self.step % interval == 0
+                and self.step < total)
 
     def evaluate(self) -> dict[str, Any]:
         """Held-out loss and perplexity over ``--eval.path`` (see :func:`evaluate`)."""

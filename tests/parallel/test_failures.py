@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from tests.parallel.workers import fail_one_rank, start
+from tests.parallel.workers import fail_a_checkpoint_write, fail_one_rank, spawn, start
 
 
 @pytest.mark.parametrize("dp,pp,how,timeout_s", [
@@ -33,3 +33,7 @@ def test_a_failing_rank_stops_every_rank(tmp_path, dp, pp, how, timeout_s):
             if p.is_alive():
                 p.kill()
             p.join()
+
+
+def test_a_failed_checkpoint_write_on_one_rank_is_raised_on_every_rank(tmp_path):
+    spawn(fail_a_checkpoint_write, 2, str(tmp_path))

@@ -39,8 +39,9 @@ def test_two_ranks_data_parallel_hugging_face_model():
 
 
 def test_lora_under_ddp_matches_one_process_and_resumes(tmp_path):
-    """LoRA through the trainer on 2 DDP ranks: the adapter of one process after 4 steps, and
-    the same after stopping at step 2 and resuming."""
+    """LoRA (with dropout) through the trainer on 2 DDP ranks: the adapter of one process after 4
+    steps, and the same after stopping at step 2 and resuming. Each chunk's dropout masks are
+    seeded by its id in the global batch, so the replicas draw the masks one process draws."""
     from safetensors.torch import load_file
 
     from chunkflow.cli import main
@@ -49,7 +50,7 @@ def test_lora_under_ddp_matches_one_process_and_resumes(tmp_path):
 
     model, data = model_dir(tmp_path, tied=True), str(chat_job(tmp_path))
     lora = {"model.dtype": "float64", "lora.rank": "4", "lora.modules_to_save": "embed_tokens",
-            "train.steps": "4"}
+            "lora.dropout": "0.1", "train.steps": "4"}
     assert main(["train", *hf_args(str(tmp_path / "one"), model, data, **lora)]) == 0
     run = str(tmp_path / "ddp")
     spawn(train_lora_ddp, 2, run, model, data, 2, False)

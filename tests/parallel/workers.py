@@ -160,5 +160,44 @@ def train_lora_ddp(rank, world_size, run_dir: str, model_path: str, data: str, s
 
     options = dict(a[2:].split("=", 1) for a in hf_args(run_dir, model_path, data, **{
         "model.dtype": "float64", "lora.rank": "4", "train.steps": str(steps),
-        "lora.modules_to_save": "embed_tokens", "checkpoint.resume": str(resume).lower()}))
+        "lora.modules_to_save": "embed_tokens", "lora.dropout": "0.1",
+        "checkpoint.resume": str(resume).lower()}))
     Trainer(load_config(None, options)).run()
+
+
+def fail_a_checkpoint_write(rank, world_size, run_dir: str):
+    """Rank 1 runs out of disk space writing its shard, then another rank hits a plain error:
+    every rank must raise the same error, and no partial checkpoint may be left."""
+    import errno
+
+    from chunkflow.train import CheckpointSpaceError
+    from chunkflow.train.checkpoint import list_checkpoints, save_distributed_checkpoint
+
+    ctx = init_distributed(dp=world_size, pp=1, device=torch.device("cpu"))
+    run = Path(run_dir)
+
+    def write_shard(error):
+        def write(tmp):
+            (tmp / f"part-{rank}").write_bytes(b"x" * 100)
+            if rank == 1:
+                raise error
+            return [f"part-{rank}"]
+        return write
+
+    common = dict(step=1, ctx=ctx, write_main=lambda tmp: None, trainer_state={"config": {}},
+                  keep_last=3, needed_bytes=1 << 40)
+    full = OSError(errno.ENOSPC, "No space left on device")
+    try:
+        save_distributed_checkpoint(run, write_shard=write_shard(full), **common)
+        raise AssertionError("the full disk was not reported")
+    except CheckpointSpaceError as e:
+        assert "no space left on the device for checkpoint step-00000001" in str(e), e
+    try:
+        save_distributed_checkpoint(run, write_shard=write_shard(PermissionError(13, "denied")),
+                                    **common)
+        raise AssertionError("the failure was not reported")
+    except RuntimeError as e:
+        assert "rank 1: PermissionError" in str(e) and "was not saved" in str(e), e
+    assert not list_checkpoints(run) and not list(run.glob(".step-*"))
+    final, _ = save_distributed_checkpoint(run, write_shard=lambda tmp: [], **common)
+    assert [p for _, p in list_checkpoints(run)] == [final]

@@ -12,7 +12,9 @@ from chunkflow import ChunkFlowEngine
 from chunkflow.cli import main
 from chunkflow.models import load_hf_checkpoint
 from tests.conftest import reference_loss, tiny_model
-from tests.train.test_trainer import args, metrics, write_jsonl
+from chunkflow.train.config import load_config
+from chunkflow.train.trainer import Trainer
+from tests.train.test_trainer import SMALL, args, metrics, write_jsonl
 
 
 def make_batch(lengths, *, vocab=53, seed=0):
@@ -87,6 +89,34 @@ def test_eval_in_a_run_matches_the_checkpoint_on_the_held_out_records(tmp_path, 
     assert [e.step for e in events.Scalars("eval_loss")] == [2, 4]
 
 
-def test_eval_errors_name_the_option(tmp_path, capsys):
+def test_eval_errors_come_before_training_and_never_cost_a_step(tmp_path, capsys, monkeypatch):
     assert main(["train", *args(tmp_path / "r", **{"eval.path": str(tmp_path / "nope.jsonl")})]) == 2
     assert "--eval.path: " in capsys.readouterr().err and not (tmp_path / "r").exists()
+    # a bad held-out record stops the run at its start, named, not at the first evaluation
+    bad = write_jsonl(tmp_path / "bad.jsonl", 5, bad_line=3)
+    assert main(["train", *args(tmp_path / "r", **{"eval.path": str(bad)})]) == 2
+    assert f"{bad}:4: malformed JSON" in capsys.readouterr().err
+    # an evaluation that fails mid-run: the step it followed is saved first
+    good = write_jsonl(tmp_path / "good.jsonl", 5)
+    trainer = Trainer(load_config(None, {**SMALL, "train.output_dir": str(tmp_path / "s"),
+                                         "eval.path": str(good), "eval.interval": "2",
+                                         "train.steps": "5", "checkpoint.interval": "0"}))
+
+    def broken(batch):
+        raise RuntimeError("out of memory (injected)")
+
+    trainer.engine.evaluate = broken
+    with pytest.raises(RuntimeError, match="injected"):
+        trainer.run()
+    assert (tmp_path / "s" / "step-00000002").is_dir()
+    assert [r["step"] for r in metrics(tmp_path / "s")] == [1, 2]
+
+
+def test_held_out_records_are_never_truncated(tmp_path):
+    held_out = write_jsonl(tmp_path / "eval.jsonl", 7)
+    run = tmp_path / "run"
+    assert main(["train", *args(run, **{"train.steps": "1", "eval.path": str(held_out),
+                                        "data.max_length": "20"})]) == 0
+    (last,) = [r for r in metrics(run) if "eval_loss" in r]
+    lengths = [len(json.loads(line)["text"]) for line in held_out.read_text().splitlines()]
+    assert max(lengths) > 20 and last["eval_tokens"] == sum(n - 1 for n in lengths)

@@ -155,6 +155,16 @@ def test_a_corrupt_newest_checkpoint_is_skipped_and_older_steps_resume(tmp_path,
     assert_bitwise_equal(weights(tmp_path / "full" / "step-00000006"),
                          weights(run / "step-00000006"))
 
+    # a flipped byte (same size) is caught by the checksum
+    weights_file = run / "step-00000006" / "model.safetensors"
+    data = bytearray(weights_file.read_bytes())
+    data[-1] ^= 0xFF
+    weights_file.write_bytes(bytes(data))
+    assert checkpoint_problem(run / "step-00000006").endswith(
+        "does not match its SHA-256 in manifest.json (corrupted)")
+    data[-1] ^= 0xFF
+    weights_file.write_bytes(bytes(data))
+
     # a corrupt trainer state is named, file and all
     (run / "step-00000006" / "trainer_state.json").write_text('{"step": 6, "data_')
     for bad in ("step-00000002", "step-00000004"):

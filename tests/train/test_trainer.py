@@ -91,7 +91,8 @@ def test_resume_equals_uninterrupted_run_bitwise(tmp_path):
     """File data with a shuffle buffer, a skipped bad record and a token budget per batch."""
     data = write_jsonl(tmp_path / "data.jsonl", 30, bad_line=7)  # 7 steps cross an epoch
     common = {"data.path": str(data), "data.shuffle_buffer": "16", "data.skip_invalid": "true",
-              "data.batch_tokens": "700", "train.steps": "7", "checkpoint.interval": "3"}
+              "data.batch_tokens": "700", "train.steps": "7", "checkpoint.interval": "3",
+              "eval.path": str(write_jsonl(tmp_path / "eval.jsonl", 6)), "eval.interval": "2"}
     Trainer(config(tmp_path / "a", **common)).run()
 
     # dies in step 5, after the step-3 checkpoint and a logged step 4
@@ -105,8 +106,10 @@ def test_resume_equals_uninterrupted_run_bitwise(tmp_path):
     assert_bitwise_equal(weights(tmp_path / "a" / "step-00000007"),
                          weights(tmp_path / "b" / "step-00000007"))
     a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
-    assert [r["step"] for r in b] == list(range(1, 8))  # step 4 logged once, not twice
-    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    # step 4 logged once, not twice (the run's last evaluation is a line of its own)
+    assert [r["step"] for r in b if "loss" in r] == list(range(1, 8))
+    assert [r.get("loss") for r in a] == [r.get("loss") for r in b]
+    assert [r.get("eval_loss") for r in a] == [r.get("eval_loss") for r in b]
     state = json.loads((tmp_path / "b" / "step-00000007" / "trainer_state.json").read_text())
     assert state["data_stats"]["skipped"] == 1 and state["data_position"]["epoch"] >= 1
 
@@ -341,6 +344,21 @@ def test_a_batch_without_targets_is_skipped_and_counted_and_resume_moves_past_it
     assert_bitwise_equal(weights(tmp_path / "a" / "step-00000003"),
                          weights(tmp_path / "b" / "step-00000003"))
 
+    # --train.epochs counts steps, not batches: the empty one is not a step
+    assert main(["train", *args(tmp_path / "e", **dict(common, **{"train.epochs": "1"}))]) == 0
+    assert "train.epochs=1: 4 steps" in (out := capsys.readouterr().out)
+    assert "done: step 4/4" in out and [r["step"] for r in metrics(tmp_path / "e")] == [1, 2, 3, 4]
+
+    # --train.max_empty_batches in a row stop the run, and the steps before are saved
+    empty = {"input_ids": [1, 2, 3], "labels": [-100] * 3}
+    more = [records[i] for i in (0, 1, 4, 5)] + [empty] * 6
+    data.write_text("".join(json.dumps(r) + "\n" for r in more))
+    assert main(["train", *args(tmp_path / "s", **{
+        "data.path": str(data), "data.shuffle_buffer": "0", "data.batch_size": "2",
+        "train.steps": "9", "checkpoint.interval": "0", "train.max_empty_batches": "2"})]) == 1
+    assert "the steps so far are saved in" in capsys.readouterr().err
+    assert (tmp_path / "s" / "step-00000002").is_dir()
+
     # only --train.max_empty_batches in a row stop the run
     data.write_text(json.dumps({"input_ids": [1, 2, 3], "labels": [-100, -100, -100]}) + "\n")
     assert main(["train", *args(tmp_path / "r", **{"data.path": str(data), "train.steps": "1",
@@ -381,7 +399,7 @@ def test_epochs_count_the_steps_and_read_every_record_exactly_that_often(tmp_pat
     assert f"train.epochs=2: {steps} steps (global batches) in 2 pass(es)" in out
     assert sum(r["tokens"] for r in records) == 2 * sum(lengths)  # every record twice
     assert sum(r["sequences"] for r in records) == 2 * 23
-    assert records[-1]["epoch"] == pytest.approx(2.0)
+    assert records[-1]["epoch"] == pytest.approx(2.0) and 0 < records[0]["epoch"] < 1
     assert "data: epoch 1 complete (23 records read); step " in out
     assert "wraps around" not in out and "2.00 passes over the data" in out.splitlines()[-1]
 

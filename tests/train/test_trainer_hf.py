@@ -120,3 +120,22 @@ def test_model_path_errors(tmp_path, capsys, monkeypatch):
     assert code == 2 and "the model's vocabulary has 100" in err
     assert "resize_token_embeddings" in err and "--model.vocab_size" not in err
     assert not calls
+
+
+def test_the_command_line_runs_hugging_face_libraries_offline(tmp_path):
+    """chunkflow never downloads: main() sets HF_HUB_OFFLINE before transformers is imported
+    (the in-process tests import it first, so this needs a fresh interpreter)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys\nfrom chunkflow.cli import main\n"
+            "main(['plan', '--lengths', '5', '--model.preset', 'tiny'])\n"
+            "import huggingface_hub.constants as c, transformers\n"
+            "print('offline', c.HF_HUB_OFFLINE)\n")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env["PYTHONPATH"] = str(Path(__file__).parents[2])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert "offline True" in out.stdout, out.stdout + out.stderr
