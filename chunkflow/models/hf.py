@@ -211,6 +211,11 @@ class HFChunkModel:
     def parameters(self):
         return self.module.parameters()
 
+    def recompute_scope(self):
+        """The context a chunk's backward runs in: activation checkpointing recomputes the
+        model's layers there, and they must call chunkflow's attention again, not SDPA."""
+        return self._chunkflow_attention()
+
     @contextlib.contextmanager
     def _chunkflow_attention(self):
         previous = self.config._attn_implementation
@@ -220,9 +225,20 @@ class HFChunkModel:
         finally:
             self.config._attn_implementation = previous
 
+    def enable_activation_checkpointing(self) -> None:
+        """Per-layer activation checkpointing, through transformers' own switch
+        (non-reentrant; chunkflow's attention stays exact under either kind)."""
+        causal_lm, kwargs = _causal_lm(self.module), {"use_reentrant": False}
+        if hasattr(causal_lm, "activation_checkpointing_enable"):  # transformers >= 5
+            causal_lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
     def hidden_states(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor,
-                      attention) -> torch.Tensor:
-        """(1, L) ids and positions -> (1, L, hidden) final hidden states (after the norm)."""
+                      attention, checkpoint_layers: bool = False) -> torch.Tensor:
+        """(1, L) ids and positions -> (1, L, hidden) final hidden states (after the norm).
+        ``checkpoint_layers`` is transformers' business here (see
+        :meth:`enable_activation_checkpointing`)."""
         with self._chunkflow_attention():
             out = self.decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                                chunkflow_attention=attention)

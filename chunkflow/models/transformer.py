@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from chunkflow.models.config import ModelConfig
 
@@ -183,12 +184,15 @@ class Transformer(nn.Module):
         *,
         position_ids: Optional[torch.Tensor] = None,
         attention: Optional[AttentionFn] = None,
+        checkpoint_layers: bool = False,
     ) -> torch.Tensor:
         """input_ids (B, S) -> final-norm hidden states (B, S, E), before the output head.
 
         A pipeline stage is this model with the modules of other stages removed (set to None, or
         deleted from ``model.layers``): without ``embed_tokens`` the input is the previous
         stage's hidden states (B, S, E); without ``norm`` the output is the last layer's.
+        ``checkpoint_layers``: activation checkpointing per decoder layer (non-reentrant): only
+        each layer's input is kept, the rest is recomputed in backward.
         """
         B, S = input_ids.shape[:2]
         if position_ids is None:
@@ -196,6 +200,10 @@ class Transformer(nn.Module):
         embed = self.model.embed_tokens
         x = embed(input_ids) if embed is not None else input_ids
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)
+        checkpoint_layers = checkpoint_layers and torch.is_grad_enabled()
         for layer in self.model.layers.values():
-            x = layer(x, cos, sin, attention)
+            if checkpoint_layers:
+                x = checkpoint(layer, x, cos, sin, attention, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, attention)
         return self.model.norm(x) if self.model.norm is not None else x

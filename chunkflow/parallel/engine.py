@@ -82,7 +82,8 @@ class ParallelEngine:
 
     def __init__(self, model: nn.Module, ctx: ParallelContext, *, chunk_size: int, k: int = 1,
                  data_parallel: str = "ddp", loss_normalization: str = "token",
-                 pack_chain_tails: bool = True, attention_backend: str = "auto"):
+                 pack_chain_tails: bool = True, attention_backend: str = "auto",
+                 activation_checkpointing: bool = False):
         if data_parallel not in DATA_PARALLEL:
             raise ValueError(f"data_parallel={data_parallel!r}; valid: {', '.join(DATA_PARALLEL)}")
         self.ctx, self.data_parallel = ctx, data_parallel
@@ -92,7 +93,8 @@ class ParallelEngine:
         self.engine = ChunkFlowEngine(model, chunk_size=chunk_size, k=k,
                                       loss_normalization=loss_normalization,
                                       pack_chain_tails=pack_chain_tails,
-                                      attention_backend=attention_backend)
+                                      attention_backend=attention_backend,
+                                      activation_checkpointing=activation_checkpointing)
         self.model = model
         wrapped = None
         if ctx.dp > 1:

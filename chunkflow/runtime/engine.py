@@ -29,6 +29,7 @@ data-parallel gradient synchronisation. A single device is a one-stage pipeline 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -39,17 +40,18 @@ from chunkflow.plan import Action, ActionKind, Chunk, ChunkPlan, build_chunks, s
 from chunkflow.plan.chunks import check_positive_int
 from chunkflow.runtime.attention import (
     ATTENTION_BACKENDS,
-    PrefixKV,
+    ChainSlot,
+    ChunkView,
+    chunk_attention,
     get_kernel,
-    prefix_causal_attention,
 )
+from chunkflow.runtime.head_loss import LOGITS_BUDGET, head_loss
 from chunkflow.runtime.kv_state import ChainState
 from chunkflow.runtime.loss import (
     IGNORE_INDEX,
     LOSS_NORMALIZATIONS,
     shift_labels,
     token_weights,
-    weighted_cross_entropy,
 )
 from chunkflow.runtime.memory import MemoryMeter
 
@@ -87,13 +89,14 @@ class _Segment:
 
 
 class _ChunkAttention:
-    """The ``attention`` callable a model sees while running one chunk."""
+    """The ``attention`` callable a model sees while running one chunk: every layer's call is
+    one kernel call over the whole chunk (:func:`chunkflow.runtime.attention.chunk_attention`)."""
 
-    def __init__(self, segments: list[_Segment], kernel, *, block_size: int, write_state: bool,
-                 keep_kv: bool):
+    def __init__(self, segments: list[_Segment], kernel, *, block_size: int,
+                 has_successor: bool):
         self.segments, self.kernel, self.block_size = segments, kernel, block_size
-        self.write_state, self.keep_kv = write_state, keep_kv
-        self.own_kv: list[tuple[int, _Segment, torch.Tensor, torch.Tensor]] = []
+        self.has_successor = has_successor
+        self.bounds = tuple((s.offset, s.length) for s in segments)
 
     def __call__(self, layer_idx: int, q, k, v) -> torch.Tensor:
         # Under autocast, RoPE leaves q/k in float32 while v is bf16; SDPA's autocast rule
@@ -103,20 +106,11 @@ class _ChunkAttention:
         if torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
             q, k, v = (t if t.dtype == torch.float64 else t.to(dtype) for t in (q, k, v))
-        outs = []
-        for seg in self.segments:
-            # (1, heads, L, D) -> the segment's (1, heads, n, D)
-            sl = slice(seg.offset, seg.offset + seg.length)
-            q_s, k_s, v_s = q[:, :, sl], k[:, :, sl], v[:, :, sl]
-            prefix = None
-            if seg.state is not None:
-                prefix = PrefixKV(seg.state, layer_idx, seg.start, self.block_size)
-                if self.write_state:
-                    seg.state.write(layer_idx, seg.start, k_s.detach(), v_s.detach())
-                if self.keep_kv:
-                    self.own_kv.append((layer_idx, seg, k_s, v_s))
-            outs.append(prefix_causal_attention(q_s, k_s, v_s, prefix, self.kernel))
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        first = self.segments[0]
+        chain = (None if first.state is None else
+                 ChainSlot(first.state, layer_idx, first.start, self.has_successor))
+        view = ChunkView(self.bounds, chain, 1.0 / math.sqrt(q.shape[-1]), self.block_size)
+        return chunk_attention(q, k, v, view, self.kernel)
 
 
 class ChunkFlowEngine:
@@ -125,12 +119,19 @@ class ChunkFlowEngine:
     ``chunk_size``: most tokens per chunk. ``k``: chunks of a chain that keep their activations
     (the rest are recomputed). ``loss_normalization``: "token" or "sequence".
     ``pack_chain_tails``: also pack short sequences into chains' last chunks.
-    ``attention_backend``: "auto" (CPU: "sdpa"), "sdpa" or "math".
+    ``attention_backend``: "auto", "cpu-flash", "varlen", "math" or a kernel object
+    (:mod:`chunkflow.runtime.attention.select`). ``activation_checkpointing``: keep only each
+    decoder layer's input inside a chunk and recompute the rest in its backward, a memory knob
+    below ``chunk_size`` and ``k`` (for a transformers model, its own gradient checkpointing,
+    switched on here; one switched on by the user works too). ``logits_budget``: bytes of
+    logits a chunk's loss may hold at once; larger ones go through a fused linear
+    cross-entropy (:mod:`chunkflow.runtime.head_loss`).
     """
 
     def __init__(self, model: nn.Module, *, chunk_size: int, k: int = 1,
                  loss_normalization: str = "token", pack_chain_tails: bool = True,
-                 attention_backend: str = "auto"):
+                 attention_backend: str = "auto", activation_checkpointing: bool = False,
+                 logits_budget: int = LOGITS_BUDGET):
         chunk_size = check_positive_int("chunk_size", chunk_size)
         k = check_positive_int("k", k)
         if loss_normalization not in LOSS_NORMALIZATIONS:
@@ -149,14 +150,26 @@ class ChunkFlowEngine:
         self.chunk_size, self.k = chunk_size, k
         self.loss_normalization = loss_normalization
         self.pack_chain_tails = pack_chain_tails
-        if attention_backend not in ATTENTION_BACKENDS:
+        if isinstance(attention_backend, str) and attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend={attention_backend!r}; valid: "
-                             f"{', '.join(ATTENTION_BACKENDS)}")
+                             f"{', '.join(ATTENTION_BACKENDS)}, or a kernel object")
         self.attention_backend = attention_backend
+        self.activation_checkpointing = activation_checkpointing
+        self.logits_budget = logits_budget
+        if activation_checkpointing and hasattr(model, "enable_activation_checkpointing"):
+            model.enable_activation_checkpointing()
         self.meter = MemoryMeter()
 
     def _param(self) -> torch.Tensor:
         return next(self.model.parameters())
+
+    def _kernel(self, device: torch.device):
+        """The attention kernel of this step: the dtype its q/k/v will have (the autocast dtype
+        under autocast) decides what ``auto`` picks."""
+        dtype = self._param().dtype
+        if torch.is_autocast_enabled(device.type) and dtype != torch.float64:
+            dtype = torch.get_autocast_dtype(device.type)
+        return get_kernel(self.attention_backend, device, dtype)
 
     # -- input ------------------------------------------------------------------------------
 
@@ -226,8 +239,8 @@ class ChunkFlowEngine:
         weights, num_loss_tokens = token_weights(targets, self.loss_normalization, acc,
                                                  totals=sync.global_counts)
         actions = schedule(plan, k=self.k) if actions is None else list(actions)
-        step = _Step(plan, ids_list, targets, weights, get_kernel(self.attention_backend, device),
-                     device, self._dropout_seed(), chunk_ids)
+        step = _Step(plan, ids_list, targets, weights, self._kernel(device), device,
+                     self._dropout_seed(), chunk_ids)
         self.meter.reset(exclude=list(self.model.parameters()))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -264,8 +277,7 @@ class ChunkFlowEngine:
                                 pack_chain_tails=self.pack_chain_tails)
         weights = [(t != IGNORE_INDEX).to(acc) for t in targets]  # sum, not mean
         num_loss_tokens = int(sum(int(w.sum()) for w in weights))
-        step = _Step(plan, ids_list, targets, weights, get_kernel(self.attention_backend, device),
-                     device, None, None)
+        step = _Step(plan, ids_list, targets, weights, self._kernel(device), device, None, None)
         is_last_stage = self.model.lm_head is not None
         total = torch.zeros((), dtype=torch.float64, device=device)
         order = [c for chunk in plan.chunks for c in
@@ -276,12 +288,9 @@ class ChunkFlowEngine:
             chunk = plan.chunks[chunk_id]
             chain = plan.chain_of(chunk)
             if chain is not None and chunk.chain_idx == 0:
-                state = ChainState(layer_ids=self.model.layer_ids,
-                                   seq_len=plan.chunks[chain.chunk_ids[-1]].segments[0].start,
-                                   meter=self.meter, with_grads=False)
+                state = self._new_state(step, chain, with_grads=False)
             graph = self._forward(step, chunk, state if chain is not None else None,
-                                  io.recv_forward(chunk), grad=False, write_state=True,
-                                  with_loss=is_last_stage)
+                                  io.recv_forward(chunk), grad=False, with_loss=is_last_stage)
             if is_last_stage:
                 total += graph.output.double()
             else:
@@ -304,7 +313,6 @@ class ChunkFlowEngine:
     def _execute(self, step: "_Step", actions: list[Action], io: "StageIO", sync: "GradSync",
                  total: torch.Tensor) -> torch.Tensor:
         plan = step.plan
-        layer_ids = self.model.layer_ids
         is_last_stage = self.model.lm_head is not None
         states: dict[int, ChainState] = {}
         graphs: dict[int, _Graph] = {}
@@ -319,10 +327,7 @@ class ChunkFlowEngine:
                     chunk = plan.chunks[action.chunk_id]
                     chain = plan.chain_of(chunk)
                     if chain is not None and chain.chain_id not in states:
-                        states[chain.chain_id] = ChainState(
-                            layer_ids=layer_ids,
-                            seq_len=plan.chunks[chain.chunk_ids[-1]].segments[0].start,
-                            meter=self.meter)
+                        states[chain.chain_id] = self._new_state(step, chain)
                     state = states.get(chunk.chain_id)
                     if action.kind is ActionKind.BACKWARD:
                         graph = graphs.pop(chunk.chunk_id)
@@ -345,8 +350,7 @@ class ChunkFlowEngine:
                         if kind is ActionKind.STATE_FORWARD and x is not None:
                             stage_inputs[chunk.chunk_id] = x
                         graph = self._forward(step, chunk, state, x,
-                                              grad=kind is not ActionKind.STATE_FORWARD,
-                                              write_state=kind is not ActionKind.RECOMPUTE)
+                                              grad=kind is not ActionKind.STATE_FORWARD)
                         if kind is not ActionKind.RECOMPUTE and not is_last_stage:
                             io.send_forward(chunk, graph.output.detach())
                         if kind is not ActionKind.STATE_FORWARD:
@@ -362,8 +366,15 @@ class ChunkFlowEngine:
                 state.free()
         return total
 
+    def _new_state(self, step: "_Step", chain, *, with_grads: bool = True) -> ChainState:
+        """An empty state for ``chain`` in the layout this step's kernel reads."""
+        seq_len = step.plan.chunks[chain.chunk_ids[-1]].segments[0].start  # before the last
+        return ChainState(layer_ids=self.model.layer_ids, seq_len=seq_len, meter=self.meter,
+                          with_grads=with_grads, layout=step.kernel.state_layout,
+                          capacity=step.kernel.state_capacity(seq_len, self.chunk_size))
+
     def _forward(self, step: "_Step", chunk: Chunk, state: ChainState | None,
-                 x: torch.Tensor | None, *, grad: bool, write_state: bool,
+                 x: torch.Tensor | None, *, grad: bool,
                  with_loss: bool | None = None) -> "_Graph":
         """Run one chunk on this model (or pipeline stage). ``x``: the hidden states the previous
         stage sent, None on the first stage (which embeds the chunk's tokens). ``with_loss``
@@ -373,7 +384,7 @@ class ChunkFlowEngine:
         and the key/value outputs that will receive gradients from later chunks of its chain.
         """
         if step.dropout_seed is None:
-            return self._run_chunk(step, chunk, state, x, grad=grad, write_state=write_state,
+            return self._run_chunk(step, chunk, state, x, grad=grad,
                                    with_loss=grad if with_loss is None else with_loss)
         # The same dropout masks in every forward of this chunk (S, F and R).
         device = step.kernel_device
@@ -381,12 +392,11 @@ class ChunkFlowEngine:
                                    device_type=device.type):
             key = chunk.chunk_id if step.chunk_ids is None else step.chunk_ids[chunk.chunk_id]
             torch.manual_seed(step.dropout_seed + key)
-            return self._run_chunk(step, chunk, state, x, grad=grad, write_state=write_state,
+            return self._run_chunk(step, chunk, state, x, grad=grad,
                                    with_loss=grad if with_loss is None else with_loss)
 
     def _run_chunk(self, step: "_Step", chunk: Chunk, state: ChainState | None,
-                   x: torch.Tensor | None, *, grad: bool, write_state: bool,
-                   with_loss: bool) -> "_Graph":
+                   x: torch.Tensor | None, *, grad: bool, with_loss: bool) -> "_Graph":
         segments, offset = [], 0
         for i, seg in enumerate(chunk.segments):
             is_chain = i == 0 and chunk.chain_id is not None
@@ -406,37 +416,31 @@ class ChunkFlowEngine:
         has_successor = (chunk.chain_id is not None
                          and chunk.chain_idx < step.plan.chains[chunk.chain_id].num_chunks - 1)
         attention = _ChunkAttention(segments, step.kernel, block_size=self.chunk_size,
-                                    write_state=write_state, keep_kv=grad and has_successor)
+                                    has_successor=has_successor)
         with torch.set_grad_enabled(grad):
-            hidden = self.model.hidden_states(x, position_ids=position_ids, attention=attention)
+            hidden = self.model.hidden_states(x, position_ids=position_ids, attention=attention,
+                                              checkpoint_layers=self.activation_checkpointing)
             if self.model.lm_head is None or not with_loss:
                 # Not the last stage (hidden states go on), or a state-only forward on the last.
-                return _Graph(hidden, attention.own_kv, inputs)
-            logits = self.model.lm_head(hidden)[0]  # (L, V)
+                return _Graph(hidden, inputs)
             targets = torch.cat([step.targets[s.seq_id][s.start:s.end] for s in chunk.segments])
             weights = torch.cat([step.weights[s.seq_id][s.start:s.end] for s in chunk.segments])
-            loss = weighted_cross_entropy(logits, targets, weights)
-        return _Graph(loss, attention.own_kv, inputs)
+            loss = head_loss(hidden[0], self.model.lm_head, targets, weights,
+                             logits_budget=self.logits_budget)
+        return _Graph(loss, inputs)
 
-    @staticmethod
-    def _backward(graph: "_Graph", grad_output: torch.Tensor | None) -> None:
+    def _backward(self, graph: "_Graph", grad_output: torch.Tensor | None) -> None:
         """Backward of one chunk: its loss (or, on an earlier pipeline stage, its output with the
-        gradient the next stage sent), plus the key/value gradients later chunks sent back.
+        gradient the next stage sent). What later chunks of its chain sent back for its own
+        keys/values enters in the attention's backward (:mod:`chunkflow.runtime.attention`).
 
-        Tensors that do not require grad (everything before them frozen) need nothing.
-        """
-        tensors, grads = [], []
+        An output that does not require grad (everything before it frozen) needs nothing.
+        Layers that activation checkpointing recomputes here see the chunk's attention again
+        (``recompute_scope``)."""
         if graph.output.requires_grad:
-            tensors, grads = [graph.output], [grad_output]
-        for layer_idx, seg, k_s, v_s in graph.own_kv:
-            grad_k, grad_v = seg.state.grads(layer_idx)
-            sl = slice(seg.start, seg.start + seg.length)
-            for t, g in ((k_s, grad_k), (v_s, grad_v)):
-                if t.requires_grad:
-                    tensors.append(t)
-                    grads.append(g[:, :, sl].to(t.dtype))
-        if tensors:
-            torch.autograd.backward(tensors, grads)
+            scope = getattr(self.model, "recompute_scope", contextlib.nullcontext)
+            with scope():
+                torch.autograd.backward([graph.output], [grad_output])
 
 
 class StageIO:
@@ -481,11 +485,10 @@ class GradSync:
 
 @dataclass
 class _Graph:
-    """What a chunk's backward needs: its loss (0-dim) or output hidden states, its own keys and
-    values that later chunks send gradients to, and the input received from the previous stage."""
+    """What a chunk's backward needs: its loss (0-dim) or output hidden states, and the input
+    received from the previous stage."""
 
     output: torch.Tensor
-    own_kv: list
     input: torch.Tensor | None
 
 

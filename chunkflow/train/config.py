@@ -140,7 +140,13 @@ class ChunkingSection:
     loss_normalization: Literal["token", "sequence"] = _f(
         "token", "token: mean over supervised tokens of the global batch; sequence: mean of "
                  "per-sequence means.")
-    attention_backend: Literal["auto", "sdpa", "math"] = _f("auto", "Attention kernel.")
+    attention_backend: Literal["auto", "cpu-flash", "varlen", "math", "sdpa"] = _f(
+        "auto", "Attention kernel: auto (CPU: cpu-flash; CUDA: varlen for bf16/fp16 after a "
+                "self-check, else math), cpu-flash, varlen, math (tiled, any device); sdpa is "
+                "cpu-flash's old name.")
+    activation_checkpointing: bool = _f(
+        False, "Per-layer activation checkpointing inside a chunk: keeps each layer's input "
+               "only, recomputes the rest in backward (memory below chunk_size and k).")
 
 
 @dataclass

@@ -39,10 +39,10 @@ from chunkflow.train.build import build_model, build_tokenizer, model_label
 from chunkflow.train.checkpoint import (
     load_distributed_checkpoint,
     load_optimizer_and_rng,
+    read_trainer_state,
     restore_python_rng,
     save_checkpoint,
     save_distributed_checkpoint,
-    read_trainer_state,
     stage_files,
     write_stage_index,
 )
@@ -139,7 +139,8 @@ class Trainer:
         options = dict(chunk_size=cfg.chunking.chunk_size, k=cfg.chunking.k,
                        loss_normalization=cfg.chunking.loss_normalization,
                        pack_chain_tails=cfg.chunking.pack_chain_tails,
-                       attention_backend=cfg.chunking.attention_backend)
+                       attention_backend=cfg.chunking.attention_backend,
+                       activation_checkpointing=cfg.chunking.activation_checkpointing)
         if ctx is None:
             self.engine = ChunkFlowEngine(self.model, **options)
             self.params = [p for p in self.model.parameters() if p.requires_grad]

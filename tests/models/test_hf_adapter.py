@@ -159,12 +159,43 @@ def test_a_user_subclass_of_a_transformers_model_is_accepted():
     assert all(p.grad is not None for p in model.parameters())
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "math"])
-def test_every_cpu_attention_backend_gives_the_plain_gradients(backend):
-    model = build("qwen3")
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("backend", ["math", "varlen"])
+def test_every_cpu_attention_backend_gives_the_plain_gradients(family, backend):
+    """cpu-flash (the default) is the grid above; the tiled math kernel and varlen's adapter
+    (over the CPU reference of its contract) on every family too."""
+    from chunkflow.runtime.attention.tiled import TiledMathKernel
+    from chunkflow.runtime.attention.varlen import VarlenKernel
+    from tests.runtime.varlen_reference import reference_ops
+
+    kernel = TiledMathKernel(tile_size=5) if backend == "math" else VarlenKernel(reference_ops())
+    model = build(family)
     batch = make_batch(model.config.vocab_size)
     plain_step(model, batch)
     want = grads(model)
     model.zero_grad(set_to_none=True)
-    ChunkFlowEngine(model, chunk_size=16, k=2, attention_backend=backend).forward_backward(batch)
+    ChunkFlowEngine(model, chunk_size=16, k=1, attention_backend=kernel).forward_backward(batch)
     assert_grads_close(grads(model), want)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_gradient_checkpointing_on_stays_exact(family, reentrant):
+    """transformers' gradient checkpointing (TRL turns it on by default) used to end in
+    torch.utils.checkpoint.CheckpointError (non-reentrant) or wrong gradients (reentrant)."""
+    model = build(family)
+    batch = make_batch(model.config.vocab_size)
+    want_loss = plain_step(model, batch)
+    want = grads(model)
+    model.zero_grad(set_to_none=True)
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5: the new name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.train()
+    for k in (1, 2):
+        result = ChunkFlowEngine(model, chunk_size=16, k=k).forward_backward(batch)
+        torch.testing.assert_close(result.loss, want_loss, rtol=1e-12, atol=0)
+        assert_grads_close(grads(model), want)
+        model.zero_grad(set_to_none=True)

@@ -9,7 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chunkflow import ChunkFlowEngine
+from chunkflow.runtime.attention.tiled import TiledMathKernel
+from chunkflow.runtime.attention.varlen import VarlenKernel
 from tests.conftest import grads, reference_loss, tiny_model
+from tests.runtime.varlen_reference import reference_ops
 
 MODEL = tiny_model()
 
@@ -25,7 +28,7 @@ def _batch(lengths, *, mask_prob: float, seed: int):
     return batch
 
 
-def _check(batch, *, chunk_size, k, normalization, pack_chain_tails=True):
+def _check(batch, *, chunk_size, k, normalization, pack_chain_tails=True, backend="auto"):
     MODEL.zero_grad(set_to_none=True)
     ref = reference_loss(MODEL, batch, normalization)
     if ref.requires_grad:
@@ -33,7 +36,8 @@ def _check(batch, *, chunk_size, k, normalization, pack_chain_tails=True):
     expected = grads(MODEL)
     MODEL.zero_grad(set_to_none=True)
     engine = ChunkFlowEngine(MODEL, chunk_size=chunk_size, k=k,
-                             loss_normalization=normalization, pack_chain_tails=pack_chain_tails)
+                             loss_normalization=normalization, pack_chain_tails=pack_chain_tails,
+                             attention_backend=backend)
     result = engine.forward_backward(batch)
     got = grads(MODEL)
     scale = max(g.abs().max() for g in expected.values())
@@ -49,16 +53,28 @@ def _check(batch, *, chunk_size, k, normalization, pack_chain_tails=True):
 LENGTHS = [3, 1, 9, 2, 47, 5, 12, 2, 30]
 
 
-@pytest.mark.parametrize("normalization", ["token", "sequence"])
-@pytest.mark.parametrize("chunk_size", [1, 7, 64])
-@pytest.mark.parametrize("k", [1, 2, 100])
-@pytest.mark.parametrize("mask_prob", [0.0, 0.4])
-def test_gradients_equal_unchunked(normalization, chunk_size, k, mask_prob):
-    batch = _batch(LENGTHS, mask_prob=mask_prob, seed=chunk_size * 7 + k)
-    result = _check(batch, chunk_size=chunk_size, k=k, normalization=normalization)
+# Every attention kernel that runs on CPU; varlen's adapter through the CPU reference of
+# varlen_attn's contract (tests/runtime/varlen_reference.py). Tiles of 3 make every chunk many.
+BACKENDS = {"cpu-flash": "cpu-flash", "math": TiledMathKernel(tile_size=3),
+            "varlen": VarlenKernel(reference_ops(gqa=True)),
+            "varlen-no-gqa": VarlenKernel(reference_ops(gqa=False))}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("chunk_size", [1, 7, 64, 1000])  # 1000: no chain at all
+@pytest.mark.parametrize("k", [1, 2, 100])                # 100: nothing recomputed
+def test_gradients_equal_unchunked(backend, chunk_size, k):
+    for normalization, mask_prob in (("token", 0.4), ("sequence", 0.0), ("sequence", 0.4)):
+        if backend == "varlen-no-gqa" and (normalization, mask_prob) != ("token", 0.4):
+            continue  # only the key/value layout differs from "varlen"
+        batch = _batch(LENGTHS, mask_prob=mask_prob, seed=chunk_size * 7 + k)
+        result = _check(batch, chunk_size=chunk_size, k=k, normalization=normalization,
+                        backend=BACKENDS[backend])
     if chunk_size == 7:  # really mixes chains (47, 9, 12, 30) with packed chunks
         assert len(result.plan.chains) == 4
         assert any(len(c.segments) > 1 for c in result.plan.chunks)  # packed sequences
+        assert any(c.chain_id is not None and len(c.segments) > 1
+                   for c in result.plan.chunks)  # a chain's last chunk with packed tails
 
 
 @pytest.mark.parametrize("pack_chain_tails", [True, False])
@@ -100,17 +116,6 @@ def test_other_model_shapes(overrides):
                normalization="token")
     finally:
         MODEL = saved
-
-
-def test_math_kernel_matches_unchunked():
-    batch = _batch([23, 3, 11], mask_prob=0.1, seed=9)
-    MODEL.zero_grad(set_to_none=True)
-    reference_loss(MODEL, batch).backward()
-    expected = grads(MODEL)
-    MODEL.zero_grad(set_to_none=True)
-    ChunkFlowEngine(MODEL, chunk_size=4, k=1, attention_backend="math").forward_backward(batch)
-    for name, g in grads(MODEL).items():
-        torch.testing.assert_close(g, expected[name], rtol=0, atol=1e-12)
 
 
 def test_no_supervised_token_gives_zero_loss_and_gradients():
@@ -164,3 +169,20 @@ def test_frozen_parameters(trainable):
             torch.testing.assert_close(p.grad, expected[name], rtol=0, atol=1e-12)
         else:
             assert p.grad is None
+
+
+@pytest.mark.parametrize("backend", ["cpu-flash", "math", "varlen"])
+def test_activation_checkpointing_inside_chunks_is_exact(backend):
+    """--chunking.activation_checkpointing: each decoder layer recomputed in its chunk's
+    backward (non-reentrant); the same gradients, for every kernel."""
+    batch = _batch(LENGTHS, mask_prob=0.3, seed=11)
+    MODEL.zero_grad(set_to_none=True)
+    reference_loss(MODEL, batch).backward()
+    expected = grads(MODEL)
+    scale = max(g.abs().max() for g in expected.values())
+    for k in (1, 2):
+        MODEL.zero_grad(set_to_none=True)
+        ChunkFlowEngine(MODEL, chunk_size=7, k=k, attention_backend=BACKENDS[backend],
+                        activation_checkpointing=True).forward_backward(batch)
+        for name, g in grads(MODEL).items():
+            assert (g - expected[name]).abs().max() / scale <= 1e-10, (k, name)

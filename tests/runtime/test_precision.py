@@ -4,13 +4,12 @@ import pytest
 import torch
 
 from chunkflow import ChunkFlowEngine
-from chunkflow.runtime.attention import MathKernel, PrefixKV, SDPACPUKernel, prefix_causal_attention
 from tests.conftest import grads, reference_loss, tiny_model
-from tests.runtime.test_attention import _State
+from tests.runtime.test_attention import KERNELS, run
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast"])
-@pytest.mark.parametrize("kernel", [SDPACPUKernel(), MathKernel()], ids=lambda k: k.name)
+@pytest.mark.parametrize("kernel", ["cpu-flash", "math", "varlen-reference"])
 def test_bf16_prefix_attention_is_as_accurate_as_dense_bf16(kernel, autocast):
     """Against a float64 truth, chunked bf16 attention over 32 prefix blocks must not be
     noticeably worse than one dense bf16 SDPA call (fp32 accumulation across blocks, which
@@ -33,21 +32,18 @@ def test_bf16_prefix_attention_is_as_accurate_as_dense_bf16(kernel, autocast):
 
     truth_out, truth_dq, truth_dkp = dense(torch.float64)
     ref_out, ref_dq, ref_dkp = dense(torch.bfloat16)
-    q = q64.bfloat16().requires_grad_()
-    state = _State(kp64.bfloat16(), vp64.bfloat16())
-    state.gk, state.gv = state.gk.float(), state.gv.float()  # fp32, as the engine's state
+    bf16 = [t.bfloat16() for t in (q64, k64, v64, kp64, vp64, dout64)]
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out = prefix_causal_attention(q, k64.bfloat16(), v64.bfloat16(),
-                                      PrefixKV(state, 0, P, 16), kernel)
-        (dq,) = torch.autograd.grad(out, q, dout64.bfloat16())
+        out, (dq, _, _), (dkp, _) = run(KERNELS[kernel](), *bf16, [(0, L)], chain=True)
 
     def err(a, b):
         return ((a - b).norm() / b.norm()).item()
 
     assert err(out.double(), truth_out) <= 1.25 * err(ref_out, truth_out)
     assert err(dq.double(), truth_dq) <= 1.25 * err(ref_dq, truth_dq)
-    # the prefix keys' gradient, accumulated block by block into the state
-    assert err(state.gk.double(), truth_dkp) <= 1.25 * err(ref_dkp, truth_dkp)
+    # the prefix keys' gradient, accumulated block by block into the (fp32) state
+    assert dkp.dtype == torch.float32
+    assert err(dkp.double(), truth_dkp) <= 1.25 * err(ref_dkp, truth_dkp)
 
 
 def test_bf16_autocast_over_float32_weights():

@@ -1,0 +1,154 @@
+"""``varlen`` (CUDA): one ``torch.nn.attention.varlen.varlen_attn`` call covers a whole chunk.
+
+Queries in token-major layout (L, H, D), one sequence per segment (``cu_seq_q``); the chain
+segment's keys are its prefix and its own keys, read as one contiguous view of the chain state
+(token-major too, with room for the chain's last chunk, whose own keys and packed tail segments
+are written there before attention), so no prefix is ever copied and no log-sum-exp merge is
+needed: with ``seqlen_k > seqlen_q`` the causal mask is aligned bottom-right, i.e. the chain
+segment's queries see the whole prefix. Packed segments are further sequences of the same call
+(``cu_seq_k``). Grouped-query attention goes to the kernel where it supports it (``enable_gqa``,
+torch >= 2.12), else keys/values are expanded to the query heads for the call.
+
+:class:`VarlenOps` is the contract this adapter relies on (forward with LSE, and its backward):
+:func:`torch_varlen_ops` binds it to torch's implementation, feature-detected across releases
+(``window_size=(-1, 0)`` or ``is_causal=True``; ``enable_gqa`` only from 2.12). The backward is
+a private op of ``torch.nn.attention.varlen``; :func:`_backward_op` is the only place that names
+it (a test fails if a release renames it). The tests run this adapter on CPU through a reference
+of the same contract.
+
+Shape legend: T tokens, H query heads, G key/value heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from chunkflow.runtime.attention import ChunkView
+
+
+@dataclass(frozen=True)
+class VarlenOps:
+    """``forward(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, gqa)`` -> (out (Tq, H, D),
+    lse): causal attention aligned bottom-right per sequence; ``backward(dout, q, k, v, out,
+    lse, cu_q, cu_k, max_q, max_k, *, scale)`` -> (dq, dk, dv). ``gqa``: keys/values may have
+    fewer heads than queries."""
+
+    forward: Callable
+    backward: Callable
+    gqa: bool
+    name: str = "torch"
+
+
+def _backward_op():
+    """torch's varlen backward (private: ``torch.ops.torch_attn._varlen_attn_backward``) and
+    the names of its arguments (from the op's schema)."""
+    import torch.nn.attention.varlen  # noqa: F401  (registers the op)
+
+    op = torch.ops.torch_attn._varlen_attn_backward
+    return op, [a.name for a in op.default._schema.arguments]
+
+
+def torch_varlen_ops() -> VarlenOps | str:
+    """torch's ``varlen_attn`` as :class:`VarlenOps`, or why this build cannot provide it."""
+    try:
+        from torch.nn.attention import varlen
+    except ImportError as e:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen ({e})"
+    params = inspect.signature(varlen.varlen_attn).parameters
+    if "window_size" in params:
+        causal = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        causal = {"is_causal": True}
+    else:
+        return f"torch {torch.__version__}'s varlen_attn takes neither window_size nor is_causal"
+    if "return_aux" not in params:
+        return f"torch {torch.__version__}'s varlen_attn cannot return the log-sum-exp"
+    gqa = "enable_gqa" in params
+    try:
+        backward_op, backward_params = _backward_op()
+    except (AttributeError, RuntimeError) as e:
+        return f"torch {torch.__version__} has no varlen backward op ({e})"
+    aux = varlen.AuxRequest(lse=True)
+
+    def forward(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, gqa):
+        extra = {"enable_gqa": True} if gqa else {}
+        return varlen.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, return_aux=aux,
+                                  scale=scale, **causal, **extra)
+
+    def backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, *, scale):
+        rng_state = torch.zeros((2,), dtype=torch.uint64, device=q.device)  # no dropout
+        extra = {"window_size": [-1, 0]} if "window_size" in backward_params else {}
+        return backward_op(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, True, rng_state,
+                           scale, **extra)
+
+    return VarlenOps(forward, backward, gqa)
+
+
+class VarlenKernel:
+    """A whole chunk in one varlen call (see the module docstring)."""
+
+    name = "varlen"
+    state_layout = "thd"
+
+    def __init__(self, ops: VarlenOps):
+        self.ops = ops
+
+    def state_capacity(self, seq_len: int, chunk_size: int) -> int:
+        return seq_len + chunk_size  # the last chunk's own keys follow its prefix
+
+    def _layout(self, q, k, v, view: ChunkView):
+        """Token-major queries and keys/values, and the sequence boundaries of both."""
+        h, g = q.shape[1], k.shape[1]
+        q_t = q[0].transpose(0, 1).contiguous()                       # (L, H, D)
+        q_lens = [n for _, n in view.segments]
+        if view.chain is not None:
+            # The Function wrote every own key (tail segments included) after the prefix.
+            c = view.chain
+            length = q.shape[2]
+            k_t, v_t = c.state.keys(c.layer_idx, 0, c.start + length)   # (P + L, G, D)
+            k_lens = [c.start + q_lens[0], *q_lens[1:]]
+        else:
+            k_t = k[0].transpose(0, 1).contiguous()
+            v_t = v[0].transpose(0, 1).contiguous()
+            k_lens = q_lens
+        if g != h and not self.ops.gqa:  # (T, G, D) -> (T, H, D), as expand_kv
+            k_t, v_t = (x[:, :, None].expand(x.shape[0], g, h // g, x.shape[2])
+                        .reshape(x.shape[0], h, x.shape[2]) for x in (k_t, v_t))
+        cu_q = torch.tensor([0, *_cumsum(q_lens)], dtype=torch.int32, device=q.device)
+        cu_k = torch.tensor([0, *_cumsum(k_lens)], dtype=torch.int32, device=q.device)
+        return q_t, k_t, v_t, cu_q, cu_k, max(q_lens), max(k_lens)
+
+    def forward(self, q, k, v, view: ChunkView):
+        q_t, k_t, v_t, cu_q, cu_k, max_q, max_k = self._layout(q, k, v, view)
+        out, lse = self.ops.forward(q_t, k_t, v_t, cu_q, cu_k, max_q, max_k, scale=view.scale,
+                                    gqa=k_t.shape[1] != q_t.shape[1])
+        return out.transpose(0, 1)[None], lse                           # (1, H, L, D) view
+
+    def backward(self, dout, q, k, v, out, lse, view: ChunkView):
+        h, g = q.shape[1], k.shape[1]
+        q_t, k_t, v_t, cu_q, cu_k, max_q, max_k = self._layout(q, k, v, view)
+        dout_t = dout[0].transpose(0, 1).contiguous()
+        out_t = out[0].transpose(0, 1).contiguous()
+        dq, dk, dv = self.ops.backward(dout_t, q_t, k_t, v_t, out_t, lse, cu_q, cu_k,
+                                       max_q, max_k, scale=view.scale)
+        if dk.shape[1] != g:  # expanded for the call: sum each group back
+            dk, dv = (x.view(x.shape[0], g, h // g, x.shape[2]).sum(2) for x in (dk, dv))
+        if view.chain is not None:
+            c = view.chain
+            if c.start:
+                c.state.add_grad(c.layer_idx, 0, dk[:c.start], dv[:c.start])
+            dk, dv = dk[c.start:], dv[c.start:]
+        return (dq.transpose(0, 1)[None], dk.transpose(0, 1)[None].to(k.dtype),
+                dv.transpose(0, 1)[None].to(v.dtype))
+
+
+def _cumsum(values):
+    total, out = 0, []
+    for x in values:
+        total += x
+        out.append(total)
+    return out

@@ -1,0 +1,146 @@
+"""A chunk's loss from its final hidden states and the output head, without full-vocabulary
+logits when they would be large.
+
+``head_loss(hidden, head, targets, weights)`` = sum over tokens of weight * cross-entropy of
+``head(hidden)``. When the chunk's logits would exceed ``logits_budget`` bytes (an 8K chunk at
+Qwen2.5's 152064-token vocabulary: 8192 x 152064 x 4 bytes = 4.6 GiB, and as much again for
+their gradient), the head's weight (and bias) are fed to a fused linear cross-entropy in row
+blocks of at most that many logits: ``torch.nn.functional.linear_cross_entropy`` (torch >=
+2.13, chunked through ``LinearCrossEntropyOptions``), or on older torch
+:class:`_BlockedLinearCrossEntropy`, the same computation written out. Smaller logits take the
+plain path (a matmul and ``cross_entropy``), which is cheaper when memory does not matter.
+
+The head may be an ``nn.Linear`` (tied to the embedding or not, trainable or frozen), a PEFT
+``ModulesToSaveWrapper`` around one, or a PEFT LoRA layer on one (its weight is then the base
+weight plus the adapters' deltas, built differentiably); anything else takes the plain path.
+Exact: the loss and every gradient equal the plain path's (float64 tests).
+
+Shape legend: L tokens of the chunk, E hidden size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chunkflow.runtime.loss import IGNORE_INDEX, weighted_cross_entropy
+
+LOGITS_BUDGET = 256 * 2**20
+"""Default: bytes of logits (and as much for their gradient) a chunk may hold at once."""
+
+
+def head_parameters(head: nn.Module):
+    """(weight (V, E), bias (V,) or None) of an output head, or None when it is not a linear
+    map that can be read off (see the module docstring)."""
+    if isinstance(head, nn.Linear):
+        return head.weight, head.bias
+    to_save = getattr(head, "modules_to_save", None)  # peft ModulesToSaveWrapper
+    if isinstance(to_save, nn.ModuleDict) and getattr(head, "active_adapters", None):
+        if getattr(head, "disable_adapters", False):
+            return head_parameters(head.original_module)
+        return head_parameters(to_save[head.active_adapters[0]])
+    if hasattr(head, "get_base_layer") and hasattr(head, "get_delta_weight"):  # peft LoRA
+        base = head.get_base_layer()
+        if not isinstance(base, nn.Linear):
+            return None
+        weight = base.weight
+        if getattr(head, "disable_adapters", False) or getattr(head, "merged", False):
+            return weight, base.bias
+        for adapter in head.active_adapters:
+            if adapter not in getattr(head, "lora_A", {}):
+                continue
+            dropout = head.lora_dropout[adapter]
+            if getattr(head, "use_dora", {}).get(adapter) or (
+                    isinstance(dropout, nn.Dropout) and dropout.p > 0 and dropout.training):
+                return None  # not a fixed weight: the plain path runs the module itself
+            weight = weight + head.get_delta_weight(adapter)
+        return weight, base.bias
+    return None
+
+
+def head_loss(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
+              weights: torch.Tensor, *, logits_budget: int = LOGITS_BUDGET) -> torch.Tensor:
+    """hidden (L, E), targets (L,) with -100 ignored, weights (L,) -> sum_t weight_t * CE_t."""
+    params = head_parameters(head)
+    vocab = params[0].shape[0] if params is not None else 0
+    acc_bytes = torch.promote_types(hidden.dtype, torch.float32).itemsize
+    if params is None or hidden.shape[0] * vocab * acc_bytes <= logits_budget:
+        return weighted_cross_entropy(head(hidden), targets, weights)
+    weight, bias = params
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device) and hidden.dtype != torch.float64:
+        dtype = torch.get_autocast_dtype(device)  # what autocast makes of a linear layer
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    rows = max(1, logits_budget // (vocab * acc_bytes))
+    with torch.autocast(device, enabled=False):
+        ce = linear_cross_entropy(hidden, weight, bias, targets, rows=rows)
+    acc = torch.promote_types(ce.dtype, torch.float32)
+    return (ce.to(acc) * weights.to(acc)).sum()
+
+
+def linear_cross_entropy(hidden, weight, bias, targets, *, rows: int) -> torch.Tensor:
+    """Per-token cross-entropy (0 at ignored targets) of ``hidden @ weight.T + bias``, computed
+    ``rows`` tokens at a time; torch's fused op where it exists."""
+    if hasattr(F, "linear_cross_entropy"):
+        from torch.nn import LinearCrossEntropyOptions
+
+        # Explicit row blocks: the default heuristic picks blocks of a few dozen rows for LLM
+        # heads, which is 3x slower on CPU (measured at 1024 x 896 x 32768).
+        options = LinearCrossEntropyOptions(
+            batch_chunk_size=rows, chunking_method=None,
+            acc_policy="accurate" if hidden.device.type == "cpu" else "auto")
+        return F.linear_cross_entropy(hidden, weight, targets, linear_bias=bias,
+                                      reduction="none", ignore_index=IGNORE_INDEX,
+                                      options=options)
+    return _BlockedLinearCrossEntropy.apply(hidden, weight, bias, targets, rows)
+
+
+class _BlockedLinearCrossEntropy(torch.autograd.Function):
+    """Per-token CE of a linear head, ``rows`` tokens at a time in forward and backward (the
+    backward recomputes each block's logits); for torch releases without the fused op."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, rows):
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        ce = torch.zeros(hidden.shape[0], dtype=acc, device=hidden.device)
+        kept = targets != IGNORE_INDEX
+        for a in range(0, hidden.shape[0], rows):
+            logits = _logits(hidden[a:a + rows], weight, bias, acc)
+            t = targets[a:a + rows].clamp_min(0)
+            ce[a:a + rows] = torch.logsumexp(logits, -1) - logits.gather(1, t[:, None])[:, 0]
+        ce = ce * kept
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.rows = rows
+        return ce
+
+    @staticmethod
+    def backward(ctx, grad_ce):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        rows = ctx.rows
+        g_out = grad_ce.to(acc) * (targets != IGNORE_INDEX)
+        dh = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) \
+            if bias is not None and ctx.needs_input_grad[2] else None
+        for a in range(0, hidden.shape[0], rows):
+            h = hidden[a:a + rows]
+            g = torch.softmax(_logits(h, weight, bias, acc), -1) * g_out[a:a + rows, None]
+            t = targets[a:a + rows].clamp_min(0)
+            g.scatter_add_(1, t[:, None], -g_out[a:a + rows, None])
+            if dh is not None:
+                dh[a:a + rows] = (g @ weight.to(acc)).to(hidden.dtype)
+            if dw is not None:
+                dw += g.transpose(0, 1) @ h.to(acc)
+            if db is not None:
+                db += g.sum(0)
+        return (dh, None if dw is None else dw.to(weight.dtype),
+                None if db is None else db.to(bias.dtype), None, None)
+
+
+def _logits(h, weight, bias, acc):
+    logits = h.to(acc) @ weight.to(acc).transpose(0, 1)
+    return logits if bias is None else logits + bias.to(acc)
