@@ -1,6 +1,17 @@
+import pytest
 import torch
 
 from chunkflow.models import ModelConfig, Transformer
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: skipped, with the reason, where there is none."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (make gpu-check runs these)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 def tiny_model(*, seed: int = 0, dtype=torch.float64, **overrides) -> Transformer:

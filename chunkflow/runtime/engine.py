@@ -6,9 +6,10 @@
 * ``F``/``R``: forward of the chunk with autograd on; the loss of its tokens is computed at once
   (their weights are known in advance) and the graph is kept until the chunk's ``B``;
 * ``S``: forward under ``no_grad`` that only fills the chain's key/value state;
-* ``B``: backward of the chunk's loss, with the accumulated gradient of its own keys/values (sent
-  back by later chunks of the chain) injected into its key/value outputs. Its attention over the
-  prefix adds the prefix's gradients to the chain state in turn.
+* ``B``: backward of the chunk's loss. Each layer's attention (one call over the whole chunk,
+  :mod:`chunkflow.runtime.attention`) adds the accumulated gradient of the chunk's own
+  keys/values (sent back by later chunks of the chain) to theirs, and the prefix's gradients to
+  the chain state in turn.
 
 Gradients accumulate into ``.grad`` exactly as ``loss.backward()`` of unchunked training would.
 

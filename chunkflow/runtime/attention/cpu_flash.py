@@ -91,8 +91,12 @@ class CPUFlashKernel:
     name = "cpu-flash"
     state_layout = "bhsd"
 
-    def __init__(self, *, forward=flash_forward, backward=flash_backward):
-        self._forward, self._backward = forward, backward  # the math kernel reuses the loop
+    def __init__(self, *, prefix_block: int | None = None):
+        """``prefix_block``: keys per prefix block (default: the chunk size)."""
+        self.prefix_block = prefix_block
+
+    def _blocks(self, view: ChunkView):
+        return prefix_blocks(view.chain.start, self.prefix_block or view.block_size)
 
     def state_capacity(self, seq_len: int, chunk_size: int) -> int:
         return seq_len
@@ -102,14 +106,14 @@ class CPUFlashKernel:
         outs, lses = [], []
         for i, (o, n) in enumerate(view.segments):
             q_s, k_s, v_s = q[:, :, o:o + n], k[:, :, o:o + n], v[:, :, o:o + n]
-            out, lse = self._forward(q_s, expand_kv(k_s, h), expand_kv(v_s, h), causal=True,
+            out, lse = flash_forward(q_s, expand_kv(k_s, h), expand_kv(v_s, h), causal=True,
                                      scale=view.scale)
             if i == 0 and view.prefix_len:
                 c = view.chain
                 out = out.to(lse.dtype)  # accumulate in fp32 (or wider)
                 q_folded = fold(q_s, g)
-                for start, end in prefix_blocks(c.start, view.block_size):
-                    out_b, lse_b = self._forward(q_folded, *c.state.keys(c.layer_idx, start, end),
+                for start, end in self._blocks(view):
+                    out_b, lse_b = flash_forward(q_folded, *c.state.keys(c.layer_idx, start, end),
                                                  causal=False, scale=view.scale)
                     lse = merge_into(out, lse, unfold(out_b, h), unfold(lse_b, h))
             outs.append(out.to(q.dtype))
@@ -124,15 +128,15 @@ class CPUFlashKernel:
         for i, (o, n) in enumerate(view.segments):
             sl = slice(o, o + n)
             d_s, q_s, o_s, l_s = dout[:, :, sl], q[:, :, sl], out[:, :, sl], lse[:, :, sl]
-            dq, dk, dv = self._backward(d_s, q_s, expand_kv(k[:, :, sl], h),
+            dq, dk, dv = flash_backward(d_s, q_s, expand_kv(k[:, :, sl], h),
                                         expand_kv(v[:, :, sl], h), o_s, l_s, causal=True,
                                         scale=view.scale)
             if i == 0 and view.prefix_len:
                 c = view.chain
                 dq = dq.to(lse.dtype)  # sum the blocks' shares of dq in fp32, cast once
                 folded = [fold(t, g) for t in (d_s, q_s, o_s, l_s)]
-                for start, end in prefix_blocks(c.start, view.block_size):
-                    dq_b, dk_b, dv_b = self._backward(
+                for start, end in self._blocks(view):
+                    dq_b, dk_b, dv_b = flash_backward(
                         folded[0], folded[1], *c.state.keys(c.layer_idx, start, end),
                         folded[2], folded[3], causal=False, scale=view.scale)
                     dq += unfold(dq_b, h)
