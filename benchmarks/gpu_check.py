@@ -99,9 +99,9 @@ def run_gpu_tests(smoke: bool) -> str:
         return "skipped (--smoke)"
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/gpu",
                           "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True)
-    tail = (out.stdout.strip().splitlines() or ["(no output)"])[-1]
+    tail = (out.stdout.strip().splitlines() or ["(no output: failed)"])[-1]
     print(out.stdout[-3000:], out.stderr[-2000:], sep="\n")
-    return tail
+    return tail if out.returncode == 0 else f"FAILED: {tail}"
 
 
 def step(engine, batch, device):
@@ -115,16 +115,25 @@ def step(engine, batch, device):
     return float(result.loss), time.perf_counter() - t0, peak(device, result)
 
 
-def plain_step(model, batch, device):
-    """Unchunked training, each sequence whole (the reference model's own SDPA)."""
-    from tests.conftest import reference_loss
+def plain_loss(model, batch) -> torch.Tensor:
+    """Unchunked training's token-mean loss: each sequence whole through the model (its own
+    causal SDPA), labels shifted, -100 ignored."""
+    total, count = 0.0, 0
+    for item in batch:
+        logits = model(item["input_ids"][None])[0]
+        targets = item["labels"][1:]
+        total = total + torch.nn.functional.cross_entropy(
+            logits[:-1].float(), targets, ignore_index=-100, reduction="sum")
+        count += int((targets != -100).sum())
+    return total / count
 
+
+def plain_step(model, batch, device):
     peak_reset(device)
     sync(device)
     t0 = time.perf_counter()
     with torch.autocast(device.type, dtype=torch.bfloat16):
-        loss = reference_loss(model, [{"input_ids": b["input_ids"], "labels": b["labels"]}
-                                      for b in batch])
+        loss = plain_loss(model, batch)
         loss.backward()
     sync(device)
     return float(loss), time.perf_counter() - t0, peak(device)
@@ -181,14 +190,55 @@ def main(argv=None) -> int:
         chunk, lengths_long = 64, (256, 1024)
     shape = ModelShape.from_config(config)
     rows, notes = [], []
-    print(f"device check on {gpu}, torch {torch.__version__}")
+    print(f"device check on {gpu}, torch {torch.__version__}", flush=True)
+    date = datetime.date.today().isoformat()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"gpu_check-{'smoke' if smoke else gpu.replace(' ', '_')}-{date}"
+
+    def save() -> str:
+        """The table so far (rewritten after every row: a run cut short keeps what it had)."""
+        header = (f"# Device check: {gpu}, torch {torch.__version__}, {date}\n\n"
+                  f"Qwen2.5-0.5B shape ({config.num_hidden_layers} layers, hidden "
+                  f"{config.hidden_size}, vocab {config.vocab_size}), bf16 autocast, chunk "
+                  f"{chunk}, 15 long-tailed short sequences beside the longest.\n\n")
+        table = "| check | result | | | |\n|---|---|---|---|---|\n" + "\n".join(
+            "| " + " | ".join(r) + " |" for r in rows)
+        text = header + table + ("\n\n" + "\n".join(f"* {n}" for n in notes)
+                                 if notes else "") + "\n"
+        (out / f"{stem}.md").write_text(text)
+        (out / f"{stem}.json").write_text(json.dumps(
+            {"device": gpu, "torch": torch.__version__, "date": date, "rows": rows}, indent=1))
+        return text
+
+    def finish(code: int) -> int:
+        print(save())
+        print(f"saved {out / stem}.md")
+        return code
 
     tests = run_gpu_tests(smoke)
     rows.append(("gpu tests", tests, "", "", ""))
+    save()
 
     torch.manual_seed(0)
     model = Transformer(config).to(device)
     kernel = "auto"
+    if device.type == "cuda":
+        # varlen by name: if it cannot run, say so and stop, rather than time the slow math
+        # fallback at 128K for an hour
+        from chunkflow.runtime.attention import get_kernel
+        from chunkflow.runtime.attention.select import self_check
+
+        try:
+            kernel = get_kernel("varlen", device, torch.bfloat16)
+            failure = self_check(kernel, device, torch.bfloat16)
+        except ValueError as e:
+            failure = str(e)
+        rows.append(("varlen self-check", "ok" if failure is None else f"FAILED: {failure}",
+                     "", "", ""))
+        save()
+        if failure is not None:
+            return finish(1)
     # 2. one bf16 step against plain training
     batch = make_batch(lengths_for(lengths_long[0] // 2, 15, seed=1), config.vocab_size, device)
     engine = ChunkFlowEngine(model, chunk_size=chunk, k=1, attention_backend=kernel)
@@ -202,6 +252,7 @@ def main(argv=None) -> int:
     rows.append(("bf16 step vs plain", "ok" if ok else "MISMATCH",
                  f"loss {loss_c:.4f} vs {loss_p:.4f}", f"grad norm {norm_c:.3f} vs {norm_p:.3f}",
                  ""))
+    save()
 
     # 3. peak memory vs longest sequence, 4. throughput against the ideal and HF
     peaks = {}
@@ -231,10 +282,11 @@ def main(argv=None) -> int:
                 if any(g in gpu for g in PEAK_BF16) else float("nan")
             rows.append((label, f"{sum(lens) / seconds:,.0f} tok/s", memory(gib),
                          f"MFU {mfu:.1%}" if mfu == mfu else "MFU n/a", f"{seconds:.2f} s"))
+            save()
         if max_len == lengths_long[0]:
             try:
                 seconds, gib = hf_step(model, batch, device, micro_batch=4)
-                rows.append((f"HF flattened (mbs 4, SDPA) {tokens(max_len)}",
+                rows.append((f"HF flattened (mbs 4, SDPA, no flash-attn) {tokens(max_len)}",
                              f"{sum(lens) / seconds:,.0f} tok/s", memory(gib), "",
                              f"{seconds:.2f} s"))
             except torch.cuda.OutOfMemoryError:
@@ -248,25 +300,8 @@ def main(argv=None) -> int:
                      verdict, f"{ratio:.2f}x (bound 1.15x)", "", ""))
         notes.append("peak: torch.cuda.max_memory_allocated (CPU smoke: the step meter)")
 
-    date = datetime.date.today().isoformat()
-    header = (f"# Device check: {gpu}, torch {torch.__version__}, {date}\n\n"
-              f"Qwen2.5-0.5B shape ({config.num_hidden_layers} layers, hidden "
-              f"{config.hidden_size}, vocab {config.vocab_size}), bf16 autocast, chunk "
-              f"{chunk}, 15 long-tailed short sequences beside the longest.\n\n")
-    table = "| check | result | | | |\n|---|---|---|---|---|\n" + "\n".join(
-        "| " + " | ".join(r) + " |" for r in rows)
-    text = header + table + ("\n\n" + "\n".join(f"* {n}" for n in notes) if notes else "") + "\n"
-    print(text)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"gpu_check-{'smoke' if smoke else gpu.replace(' ', '_')}-{date}"
-    (out / f"{stem}.md").write_text(text)
-    (out / f"{stem}.json").write_text(json.dumps({"device": gpu, "torch": torch.__version__,
-                                                  "date": date, "rows": rows}, indent=1))
-    print(f"saved {out / stem}.md")
-    failed = any(r[1] in ("MISMATCH", "NOT FLAT") for r in rows) or \
-        ("failed" in tests or "error" in tests)
-    return 1 if failed else 0
+    failed = any(r[1] in ("MISMATCH", "NOT FLAT") or r[1].startswith("FAILED") for r in rows)
+    return finish(1 if failed else 0)
 
 
 if __name__ == "__main__":

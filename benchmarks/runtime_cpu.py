@@ -50,6 +50,8 @@ def step(args) -> tuple[str, dict]:
         "chunkflow (2048, K=1)": {"method": "chunkflow", "chunk_size": 2048, "k": 1},
         "ideal": {"method": "packed", "recompute": False},
     }
+    if args.only:
+        specs = {name: spec for name, spec in specs.items() if name.startswith(args.only)}
     trees = {"this tree": ROOT}
     if args.baseline_tree:
         trees["baseline"] = Path(args.baseline_tree).resolve()
@@ -57,21 +59,28 @@ def step(args) -> tuple[str, dict]:
     for r in range(args.repeats):
         for tree_name, tree in trees.items():
             for name, method in specs.items():
-                spec = {"method": method, "model": "cpu", "max_len": 32768,
+                spec = {"method": method, "model": "cpu", "max_len": args.max_len,
                         "num_sequences": 16, "steps": 1, "seed": 0}
                 result = _run(["-m", "chunkflow.bench.worker", json.dumps(spec)], tree)
                 seconds = result["steps"][0]["seconds"]
                 times.setdefault((tree_name, name), []).append(seconds)
                 print(f"round {r + 1}: {tree_name}, {name}: {seconds:.2f} s", flush=True)
-    rows = ["| tree | method | mean step (s) | runs (s) | chunkflow / ideal speed |",
-            "|---|---|---|---|---|"]
+    rows = [f"| tree | method at {args.max_len // 1024}K | mean step (s) | runs (s) | "
+            f"speed vs the ideal | this tree / baseline, per round |",
+            "|---|---|---|---|---|---|"]
     for tree_name in trees:
-        ideal = statistics.mean(times[(tree_name, "ideal")])
+        ideal = times.get((tree_name, "ideal"))
         for name in specs:
             t = times[(tree_name, name)]
             runs = ", ".join(f"{x:.1f}" for x in t)
+            vs_ideal = f"{statistics.mean(ideal) / statistics.mean(t):.3f}x" if ideal else ""
+            pairs = ""
+            if tree_name == "this tree" and "baseline" in trees:
+                ratios = [a / b for a, b in zip(t, times[("baseline", name)])]
+                pairs = (f"{statistics.mean(ratios):.3f} (min {min(ratios):.3f}, max "
+                         f"{max(ratios):.3f})")
             rows.append(f"| {tree_name} | {name} | {statistics.mean(t):.2f} | {runs} | "
-                        f"{ideal / statistics.mean(t):.3f}x |")
+                        f"{vs_ideal} | {pairs} |")
     return "\n".join(rows), {f"{a} / {b}": v for (a, b), v in times.items()}
 
 
@@ -175,6 +184,8 @@ def main(argv=None) -> int:
     parser.add_argument("what", choices=("step", "loss", "checkpointing", "blocks"))
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--baseline-tree", help="another checkout to measure beside this one")
+    parser.add_argument("--max-len", type=int, default=32768, help="step: longest sequence")
+    parser.add_argument("--only", help="step: only the methods whose name starts so")
     parser.add_argument("--output-dir", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     table, raw = {"step": step, "loss": loss, "checkpointing": checkpointing,
@@ -188,7 +199,7 @@ def main(argv=None) -> int:
     print(text)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"runtime_cpu-{args.what}-{date}"
+    stem = f"runtime_cpu-{args.what}{'-' + str(args.max_len) if args.what == 'step' else ''}-{date}"
     (out / f"{stem}.md").write_text(text)
     (out / f"{stem}.json").write_text(json.dumps({"machine": machine, "date": date,
                                                   "results": raw}, indent=1, default=str))

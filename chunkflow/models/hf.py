@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +208,7 @@ class HFChunkModel:
         self.decoder = causal_lm.get_decoder()
         self.lm_head = causal_lm.get_output_embeddings()
         self.layer_ids = tuple(range(config.num_hidden_layers))
+        self._warned_eval = False
 
     def parameters(self):
         return self.module.parameters()
@@ -238,7 +240,14 @@ class HFChunkModel:
                       attention, checkpoint_layers: bool = False) -> torch.Tensor:
         """(1, L) ids and positions -> (1, L, hidden) final hidden states (after the norm).
         ``checkpoint_layers`` is transformers' business here (see
-        :meth:`enable_activation_checkpointing`)."""
+        :meth:`enable_activation_checkpointing`); transformers checkpoints only in training
+        mode, so it warns once when asked to in eval mode."""
+        if checkpoint_layers and torch.is_grad_enabled() and not self.module.training \
+                and not self._warned_eval:
+            self._warned_eval = True
+            warnings.warn("activation checkpointing is on but the transformers model is in "
+                          "eval mode, where transformers does not checkpoint; call "
+                          "model.train()", stacklevel=3)
         with self._chunkflow_attention():
             out = self.decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                                chunkflow_attention=attention)

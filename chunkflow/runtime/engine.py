@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -427,7 +427,7 @@ class ChunkFlowEngine:
             targets = torch.cat([step.targets[s.seq_id][s.start:s.end] for s in chunk.segments])
             weights = torch.cat([step.weights[s.seq_id][s.start:s.end] for s in chunk.segments])
             loss = head_loss(hidden[0], self.model.lm_head, targets, weights,
-                             logits_budget=self.logits_budget)
+                             logits_budget=self.logits_budget, cast_cache=step.cast_cache)
         return _Graph(loss, inputs)
 
     def _backward(self, graph: "_Graph", grad_output: torch.Tensor | None) -> None:
@@ -507,6 +507,8 @@ class _Step:
     """Seed of this step's dropout masks (one generator per chunk); None: no active dropout."""
     chunk_ids: Sequence[int] | None
     """Each chunk's id in the global batch (for its dropout seed); None: the plan's own."""
+    cast_cache: dict = field(default_factory=dict)
+    """The head weight's autocast copy, shared by the step's chunks (see head_loss)."""
 
 
 def _describe(x: Any) -> str:

@@ -60,8 +60,13 @@ def head_parameters(head: nn.Module):
 
 
 def head_loss(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
-              weights: torch.Tensor, *, logits_budget: int = LOGITS_BUDGET) -> torch.Tensor:
-    """hidden (L, E), targets (L,) with -100 ignored, weights (L,) -> sum_t weight_t * CE_t."""
+              weights: torch.Tensor, *, logits_budget: int = LOGITS_BUDGET,
+              cast_cache: dict | None = None) -> torch.Tensor:
+    """hidden (L, E), targets (L,) with -100 ignored, weights (L,) -> sum_t weight_t * CE_t.
+
+    ``cast_cache``: a dict that lives for one step, so that under autocast the chunks of a step
+    share one low-precision copy of the head's weight (as autocast's own cache does for a
+    linear layer) instead of each kept chunk holding its own."""
     params = head_parameters(head)
     vocab = params[0].shape[0] if params is not None else 0
     acc_bytes = torch.promote_types(hidden.dtype, torch.float32).itemsize
@@ -71,13 +76,24 @@ def head_loss(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
     device = hidden.device.type
     if torch.is_autocast_enabled(device) and hidden.dtype != torch.float64:
         dtype = torch.get_autocast_dtype(device)  # what autocast makes of a linear layer
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
+        hidden = hidden.to(dtype)
+        weight, bias = (None if t is None else _cast(t, dtype, cast_cache) for t in (weight, bias))
     rows = max(1, logits_budget // (vocab * acc_bytes))
     with torch.autocast(device, enabled=False):
         ce = linear_cross_entropy(hidden, weight, bias, targets, rows=rows)
     acc = torch.promote_types(ce.dtype, torch.float32)
     return (ce.to(acc) * weights.to(acc)).sum()
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype, cache: dict | None) -> torch.Tensor:
+    """``t.to(dtype)``, once per tensor and step when ``cache`` is given (the cast is
+    differentiable; each chunk's backward passes its gradient back through it)."""
+    if cache is None or t.dtype == dtype:
+        return t.to(dtype)
+    key = (id(t), t._version, dtype)
+    if key not in cache:
+        cache[key] = t.to(dtype)
+    return cache[key]
 
 
 def linear_cross_entropy(hidden, weight, bias, targets, *, rows: int) -> torch.Tensor:
@@ -90,7 +106,8 @@ def linear_cross_entropy(hidden, weight, bias, targets, *, rows: int) -> torch.T
         # heads, which is 3x slower on CPU (measured at 1024 x 896 x 32768).
         options = LinearCrossEntropyOptions(
             batch_chunk_size=rows, chunking_method=None,
-            acc_policy="accurate" if hidden.device.type == "cpu" else "auto")
+            acc_policy="accurate" if hidden.device.type == "cpu" else "auto",
+            acc_dtype=torch.promote_types(hidden.dtype, torch.float32))
         return F.linear_cross_entropy(hidden, weight, targets, linear_bias=bias,
                                       reduction="none", ignore_index=IGNORE_INDEX,
                                       options=options)
@@ -131,10 +148,11 @@ class _BlockedLinearCrossEntropy(torch.autograd.Function):
             g = torch.softmax(_logits(h, weight, bias, acc), -1) * g_out[a:a + rows, None]
             t = targets[a:a + rows].clamp_min(0)
             g.scatter_add_(1, t[:, None], -g_out[a:a + rows, None])
+            g_in = g.to(hidden.dtype)  # the block's logit gradient, in the matmuls' dtype
             if dh is not None:
-                dh[a:a + rows] = (g @ weight.to(acc)).to(hidden.dtype)
+                dh[a:a + rows] = g_in @ weight
             if dw is not None:
-                dw += g.transpose(0, 1) @ h.to(acc)
+                dw += (g_in.transpose(0, 1) @ h).to(acc)
             if db is not None:
                 db += g.sum(0)
         return (dh, None if dw is None else dw.to(weight.dtype),
@@ -142,5 +160,7 @@ class _BlockedLinearCrossEntropy(torch.autograd.Function):
 
 
 def _logits(h, weight, bias, acc):
-    logits = h.to(acc) @ weight.to(acc).transpose(0, 1)
+    """One block's logits in ``acc``, multiplied in the inputs' dtype (bf16 under autocast:
+    tensor cores, fp32 accumulation; rounded as the plain path's bf16 logits are)."""
+    logits = (h @ weight.transpose(0, 1)).to(acc)
     return logits if bias is None else logits + bias.to(acc)

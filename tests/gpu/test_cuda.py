@@ -29,6 +29,7 @@ def attend(kernel, q, k, v, kp, vp, dout, segments, later):
                        layout=kernel.state_layout,
                        capacity=kernel.state_capacity(prefix + n0, q.shape[2]))
     state.write(0, 0, kp, vp)
+    state.write(0, prefix, k, v)  # allocates the buffers even without a prefix (as forward does)
     state.add_grad(0, prefix, state.as_layout(later[0]), state.as_layout(later[1]))
     view = ChunkView(tuple(segments), ChainSlot(state, 0, prefix, True),
                      1 / math.sqrt(q.shape[-1]), 512)

@@ -159,9 +159,10 @@ def test_a_user_subclass_of_a_transformers_model_is_accepted():
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("backend", ["math", "varlen"])
-def test_every_cpu_attention_backend_gives_the_plain_gradients(family, backend):
+def test_every_cpu_attention_backend_gives_the_plain_gradients(family, backend, k):
     """cpu-flash (the default) is the grid above; the tiled math kernel and varlen's adapter
     (over the CPU reference of its contract) on every family too."""
     from chunkflow.runtime.attention.tiled import TiledMathKernel
@@ -174,13 +175,14 @@ def test_every_cpu_attention_backend_gives_the_plain_gradients(family, backend):
     plain_step(model, batch)
     want = grads(model)
     model.zero_grad(set_to_none=True)
-    ChunkFlowEngine(model, chunk_size=16, k=1, attention_backend=kernel).forward_backward(batch)
+    ChunkFlowEngine(model, chunk_size=16, k=k, attention_backend=kernel).forward_backward(batch)
     assert_grads_close(grads(model), want)
 
 
+@pytest.mark.parametrize("backend", ["cpu-flash", "varlen"])
 @pytest.mark.parametrize("reentrant", [False, True])
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
-def test_gradient_checkpointing_on_stays_exact(family, reentrant):
+def test_gradient_checkpointing_on_stays_exact(family, reentrant, backend):
     """transformers' gradient checkpointing (TRL turns it on by default) used to end in
     torch.utils.checkpoint.CheckpointError (non-reentrant) or wrong gradients (reentrant)."""
     model = build(family)
@@ -194,8 +196,31 @@ def test_gradient_checkpointing_on_stays_exact(family, reentrant):
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.train()
+    if backend == "varlen":
+        from chunkflow.runtime.attention.varlen import VarlenKernel
+        from tests.runtime.varlen_reference import reference_ops
+
+        backend = VarlenKernel(reference_ops())
     for k in (1, 2):
-        result = ChunkFlowEngine(model, chunk_size=16, k=k).forward_backward(batch)
+        result = ChunkFlowEngine(model, chunk_size=16, k=k,
+                                 attention_backend=backend).forward_backward(batch)
         torch.testing.assert_close(result.loss, want_loss, rtol=1e-12, atol=0)
         assert_grads_close(grads(model), want)
         model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("lora_head", [False, True])
+def test_the_fused_loss_through_a_transformers_model(lora_head):
+    """A head too large for the logits budget takes the fused loss; tied embeddings (Qwen2) and
+    a LoRA adapter on the head itself, with the gradients of plain training."""
+    model = build("qwen2", tie_word_embeddings=True)
+    if lora_head:
+        peft = pytest.importorskip("peft")
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            r=4, target_modules=["lm_head", "q_proj"], init_lora_weights=False)).double()
+    batch = make_batch(61)
+    plain_step(model, batch)
+    want = grads(model)
+    model.zero_grad(set_to_none=True)
+    ChunkFlowEngine(model, chunk_size=16, k=2, logits_budget=8 * 61 * 3).forward_backward(batch)
+    assert_grads_close(grads(model), want)

@@ -199,5 +199,6 @@ def fail_a_checkpoint_write(rank, world_size, run_dir: str):
     except RuntimeError as e:
         assert "rank 1: PermissionError" in str(e) and "was not saved" in str(e), e
     assert not list_checkpoints(run) and not list(run.glob(".step-*"))
+    ctx.barrier()  # every rank has looked before rank 0 makes the next temporary directory
     final, _ = save_distributed_checkpoint(run, write_shard=lambda tmp: [], **common)
     assert [p for _, p in list_checkpoints(run)] == [final]

@@ -1,6 +1,5 @@
 """Algorithm 1: coverage, order, chains, determinism, and packing quality against bounds."""
 
-import itertools
 import math
 import random
 

@@ -180,3 +180,69 @@ def test_the_private_torch_ops_chunkflow_calls_still_exist():
     ops = torch_varlen_ops()
     assert not isinstance(ops, str), ops
     assert ops.gqa == ("enable_gqa" in inspect.signature(varlen.varlen_attn).parameters)
+
+
+def test_self_check_works_under_no_grad_and_inference_mode():
+    """An evaluation (no_grad) may be the first to ask auto for a CUDA kernel: the check must
+    still run autograd, or it would turn varlen off for the whole process."""
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        assert self_check(VarlenKernel(reference_ops()), cpu, torch.bfloat16) is None
+    with torch.inference_mode():
+        assert self_check(VarlenKernel(reference_ops()), cpu, torch.float32) is None
+
+
+def test_the_torch_binding_runs_on_fake_cuda_tensors():
+    """torch's own varlen_attn and backward op, called as the adapter calls them, on fake CUDA
+    tensors (shapes and dtypes only): argument names, order and layouts are right without a
+    GPU. FakeTensorMode is a private torch API, used here in a test only."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from chunkflow.runtime.attention.varlen import torch_varlen_ops
+
+    ops = torch_varlen_ops()
+    assert not isinstance(ops, str), ops
+    with FakeTensorMode():
+        def empty(*shape, dtype=torch.bfloat16):
+            return torch.empty(*shape, dtype=dtype, device="cuda")
+
+        q, k, v = empty(40, 4, 64), empty(88, 2, 64), empty(88, 2, 64)
+        cu_q = torch.tensor([0, 24, 29, 40], dtype=torch.int32, device="cuda")
+        cu_k = torch.tensor([0, 72, 77, 88], dtype=torch.int32, device="cuda")
+        out, lse = ops.forward(q, k, v, cu_q, cu_k, 24, 72, scale=0.125, gqa=ops.gqa)
+        assert out.shape == (40, 4, 64) and lse.dtype == torch.float32
+        dq, dk, dv = ops.backward(out, q, k, v, out, lse, cu_q, cu_k, 24, 72, scale=0.125)
+        assert (dq.shape, dk.shape, dv.shape) == ((40, 4, 64), (88, 2, 64), (88, 2, 64))
+
+
+def test_older_varlen_signatures_are_detected(monkeypatch):
+    """torch releases whose varlen_attn takes is_causal (and no scale, no enable_gqa), and a
+    backward op without scale/window_size: the binding must adapt, not pass what is absent."""
+    from torch.nn.attention import varlen
+
+    from chunkflow.runtime.attention import varlen as cf_varlen
+
+    calls = {}
+
+    def old_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *,
+                        is_causal=False, return_aux=None):
+        calls["forward"] = dict(is_causal=is_causal, return_aux=return_aux)
+        return query, torch.zeros(query.shape[1], query.shape[0])
+
+    def old_backward(*args):
+        calls["backward"] = args
+        return args[1], args[2], args[3]
+
+    names = ["grad_out", "query", "key", "value", "out", "lse", "cu_seq_q", "cu_seq_k", "max_q",
+             "max_k", "is_causal", "rng_state"]
+    monkeypatch.setattr(varlen, "varlen_attn", old_varlen_attn)
+    monkeypatch.setattr(cf_varlen, "_backward_op", lambda: (old_backward, names))
+    ops = cf_varlen.torch_varlen_ops()
+    assert not isinstance(ops, str) and ops.gqa is False
+    q = torch.zeros(6, 2, 16)
+    ops.forward(q, q, q, None, None, 6, 6, scale=0.25, gqa=False)  # 1/sqrt(16): the default
+    assert calls["forward"]["is_causal"] is True
+    with pytest.raises(ValueError, match="has no scale argument"):
+        ops.forward(q, q, q, None, None, 6, 6, scale=0.5, gqa=False)
+    ops.backward(q, q, q, q, q, None, None, None, 6, 6, scale=0.25)
+    assert len(calls["backward"]) == 12 and calls["backward"][10] is True  # is_causal

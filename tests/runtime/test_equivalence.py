@@ -64,7 +64,8 @@ BACKENDS = {"cpu-flash": "cpu-flash", "math": TiledMathKernel(tile_size=3),
 @pytest.mark.parametrize("chunk_size", [1, 7, 64, 1000])  # 1000: no chain at all
 @pytest.mark.parametrize("k", [1, 2, 100])                # 100: nothing recomputed
 def test_gradients_equal_unchunked(backend, chunk_size, k):
-    for normalization, mask_prob in (("token", 0.4), ("sequence", 0.0), ("sequence", 0.4)):
+    for normalization, mask_prob in (("token", 0.4), ("token", 0.0), ("sequence", 0.0),
+                                     ("sequence", 0.4)):
         if backend == "varlen-no-gqa" and (normalization, mask_prob) != ("token", 0.4):
             continue  # only the key/value layout differs from "varlen"
         batch = _batch(LENGTHS, mask_prob=mask_prob, seed=chunk_size * 7 + k)

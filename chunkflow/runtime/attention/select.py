@@ -87,40 +87,28 @@ def _cuda_varlen(device: torch.device, dtype: torch.dtype):
 def self_check(kernel, device: torch.device, dtype: torch.dtype, *, seed: int = 0) -> str | None:
     """Compare ``kernel`` with ``math`` on a small random chunk (a chain segment with a prefix,
     then two packed segments; GQA), forward and backward, prefix gradients included. Returns
-    what differs beyond ``dtype``'s tolerance, or None."""
-    from chunkflow.runtime.attention import ChainSlot, ChunkView, chunk_attention
+    what differs beyond ``dtype``'s tolerance, or None. Runs with autograd on whatever the
+    caller's mode (an evaluation runs under ``no_grad``)."""
     from chunkflow.runtime.attention.tiled import TiledMathKernel
-    from chunkflow.runtime.kv_state import ChainState
-    from chunkflow.runtime.memory import MemoryMeter
 
     g = torch.Generator(device="cpu").manual_seed(seed)
-    h, kv, d, prefix, segments = 4, 2, 64, 48, ((0, 24), (24, 5), (29, 11))
+    heads, kv_heads, d, prefix, segments = 4, 2, 64, 48, ((0, 24), (24, 5), (29, 11))
     length = sum(n for _, n in segments)
 
     def rand(*shape):
         return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
 
-    q, k, v, dout = rand(1, h, length, d), rand(1, kv, length, d), rand(1, kv, length, d), \
-        rand(1, h, length, d)
-    prefix_k, prefix_v = rand(1, kv, prefix, d), rand(1, kv, prefix, d)
-    later_k, later_v = rand(1, kv, segments[0][1], d), rand(1, kv, segments[0][1], d)
+    chunk = (rand(1, heads, length, d), rand(1, kv_heads, length, d),
+             rand(1, kv_heads, length, d), rand(1, heads, length, d))        # q, k, v, dout
+    state = (rand(1, kv_heads, prefix, d), rand(1, kv_heads, prefix, d),
+             rand(1, kv_heads, segments[0][1], d), rand(1, kv_heads, segments[0][1], d))
     results = {}
-    for name, candidate in (("kernel", kernel), ("math", TiledMathKernel(tile_size=16))):
-        state = ChainState(layer_ids=[0], seq_len=prefix + segments[0][1], meter=MemoryMeter(),
-                           layout=candidate.state_layout,
-                           capacity=candidate.state_capacity(prefix + segments[0][1], length))
-        state.write(0, 0, prefix_k, prefix_v)
-        # what a later chunk sent back for this chunk's own keys
-        state.add_grad(0, prefix, state.as_layout(later_k), state.as_layout(later_v))
-        view = ChunkView(segments, ChainSlot(state, 0, prefix, True), 1 / math.sqrt(d), 16)
-        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
-        try:
-            out = chunk_attention(*inputs, view, candidate)
-            grads = torch.autograd.grad(out, inputs, dout)
-        except Exception as e:  # the kernel cannot run here: report, fall back
-            return f"{type(e).__name__}: {e}"
-        pk, pv = state.own_grads(0, 0, prefix)
-        results[name] = [out, *grads, pk, pv]
+    with torch.inference_mode(False), torch.enable_grad():
+        for name, candidate in (("kernel", kernel), ("math", TiledMathKernel(tile_size=16))):
+            try:
+                results[name] = _attend(candidate, chunk, state, segments)
+            except Exception as e:  # the kernel cannot run here: report, fall back
+                return f"{type(e).__name__}: {e}"
     tol = 3e-2 if dtype in _FLASH_DTYPES else 1e-4
     names = ("output", "dq", "dk", "dv", "prefix dK", "prefix dV")
     for what, a, b in zip(names, results["kernel"], results["math"]):
@@ -129,3 +117,24 @@ def self_check(kernel, device: torch.device, dtype: torch.dtype, *, seed: int = 
         if not err <= tol:
             return f"{what} differs from math by {err:.3g} (relative, tolerance {tol})"
     return None
+
+
+def _attend(kernel, chunk, state_tensors, segments) -> list[torch.Tensor]:
+    """Output, input gradients and prefix gradients of one chunk through ``kernel``, with a
+    prefix in the state and gradients already sent back for the chain segment's own keys."""
+    from chunkflow.runtime.attention import ChainSlot, ChunkView, chunk_attention
+    from chunkflow.runtime.kv_state import ChainState
+    from chunkflow.runtime.memory import MemoryMeter
+
+    q, k, v, dout = chunk
+    prefix_k, prefix_v, later_k, later_v = state_tensors
+    prefix, n0 = prefix_k.shape[2], segments[0][1]
+    state = ChainState(layer_ids=[0], seq_len=prefix + n0, meter=MemoryMeter(),
+                       layout=kernel.state_layout,
+                       capacity=kernel.state_capacity(prefix + n0, q.shape[2]))
+    state.write(0, 0, prefix_k, prefix_v)
+    state.add_grad(0, prefix, state.as_layout(later_k), state.as_layout(later_v))
+    view = ChunkView(segments, ChainSlot(state, 0, prefix, True), 1 / math.sqrt(q.shape[-1]), 16)
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = chunk_attention(*inputs, view, kernel)
+    return [out, *torch.autograd.grad(out, inputs, dout), *state.own_grads(0, 0, prefix)]

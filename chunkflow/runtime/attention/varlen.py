@@ -53,7 +53,12 @@ def _backward_op():
 
 
 def torch_varlen_ops() -> VarlenOps | str:
-    """torch's ``varlen_attn`` as :class:`VarlenOps`, or why this build cannot provide it."""
+    """torch's ``varlen_attn`` as :class:`VarlenOps`, or why this build cannot provide it.
+
+    Feature-detected: causal by ``window_size=(-1, 0)`` (newer releases) or ``is_causal=True``
+    (older); ``scale`` passed where the function takes it (else it must be FlashAttention's
+    default 1/sqrt(head dim), which is chunkflow's); ``enable_gqa`` where it exists. The
+    backward op is called with its schema's arguments by name."""
     try:
         from torch.nn.attention import varlen
     except ImportError as e:
@@ -65,25 +70,37 @@ def torch_varlen_ops() -> VarlenOps | str:
         causal = {"is_causal": True}
     else:
         return f"torch {torch.__version__}'s varlen_attn takes neither window_size nor is_causal"
-    if "return_aux" not in params:
+    if "return_aux" not in params or not hasattr(varlen, "AuxRequest"):
         return f"torch {torch.__version__}'s varlen_attn cannot return the log-sum-exp"
-    gqa = "enable_gqa" in params
+    takes_scale, gqa = "scale" in params, "enable_gqa" in params
     try:
-        backward_op, backward_params = _backward_op()
+        backward_op, backward_names = _backward_op()
     except (AttributeError, RuntimeError) as e:
         return f"torch {torch.__version__} has no varlen backward op ({e})"
+    known = {"grad_out", "query", "key", "value", "out", "lse", "cu_seq_q", "cu_seq_k", "max_q",
+             "max_k", "is_causal", "rng_state", "scale", "window_size"}
+    if not set(backward_names) <= known:
+        return (f"torch {torch.__version__}'s varlen backward takes unknown arguments "
+                f"{sorted(set(backward_names) - known)}")
     aux = varlen.AuxRequest(lse=True)
 
     def forward(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, gqa):
         extra = {"enable_gqa": True} if gqa else {}
+        if takes_scale:
+            extra["scale"] = scale
+        elif abs(scale * q.shape[-1] ** 0.5 - 1) > 1e-6:
+            raise ValueError(f"torch {torch.__version__}'s varlen_attn has no scale argument "
+                             f"and the scale {scale} is not 1/sqrt(head dim)")
         return varlen.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, return_aux=aux,
-                                  scale=scale, **causal, **extra)
+                                  **causal, **extra)
 
     def backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, *, scale):
-        rng_state = torch.zeros((2,), dtype=torch.uint64, device=q.device)  # no dropout
-        extra = {"window_size": [-1, 0]} if "window_size" in backward_params else {}
-        return backward_op(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, True, rng_state,
-                           scale, **extra)
+        values = {"grad_out": dout, "query": q, "key": k, "value": v, "out": out, "lse": lse,
+                  "cu_seq_q": cu_q, "cu_seq_k": cu_k, "max_q": max_q, "max_k": max_k,
+                  "is_causal": True, "window_size": [-1, 0], "scale": scale,
+                  # no dropout: the state the forward returns is zeros
+                  "rng_state": torch.zeros((2,), dtype=torch.uint64, device=q.device)}
+        return backward_op(*(values[name] for name in backward_names))
 
     return VarlenOps(forward, backward, gqa)
 
@@ -96,6 +113,7 @@ class VarlenKernel:
 
     def __init__(self, ops: VarlenOps):
         self.ops = ops
+        self._bounds: dict = {}  # (segments, prefix length, device) -> cu_seq_q, cu_seq_k
 
     def state_capacity(self, seq_len: int, chunk_size: int) -> int:
         return seq_len + chunk_size  # the last chunk's own keys follow its prefix
@@ -118,8 +136,14 @@ class VarlenKernel:
         if g != h and not self.ops.gqa:  # (T, G, D) -> (T, H, D), as expand_kv
             k_t, v_t = (x[:, :, None].expand(x.shape[0], g, h // g, x.shape[2])
                         .reshape(x.shape[0], h, x.shape[2]) for x in (k_t, v_t))
-        cu_q = torch.tensor([0, *_cumsum(q_lens)], dtype=torch.int32, device=q.device)
-        cu_k = torch.tensor([0, *_cumsum(k_lens)], dtype=torch.int32, device=q.device)
+        # Every layer of a chunk has the same boundaries: one host-to-device copy per chunk.
+        key = (view.segments, view.prefix_len, q.device)
+        if key not in self._bounds:
+            if len(self._bounds) > 256:  # a kernel object reused across many steps
+                self._bounds.clear()
+            self._bounds[key] = tuple(torch.tensor([0, *_cumsum(lens)], dtype=torch.int32,
+                                                   device=q.device) for lens in (q_lens, k_lens))
+        cu_q, cu_k = self._bounds[key]
         return q_t, k_t, v_t, cu_q, cu_k, max(q_lens), max(k_lens)
 
     def forward(self, q, k, v, view: ChunkView):
