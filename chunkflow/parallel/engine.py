@@ -83,7 +83,7 @@ class ParallelEngine:
     def __init__(self, model: nn.Module, ctx: ParallelContext, *, chunk_size: int, k: int = 1,
                  data_parallel: str = "ddp", loss_normalization: str = "token",
                  pack_chain_tails: bool = True, attention_backend: str = "auto",
-                 activation_checkpointing: bool = False):
+                 activation_checkpointing: bool = False, recompute: str = "full"):
         if data_parallel not in DATA_PARALLEL:
             raise ValueError(f"data_parallel={data_parallel!r}; valid: {', '.join(DATA_PARALLEL)}")
         self.ctx, self.data_parallel = ctx, data_parallel
@@ -94,7 +94,8 @@ class ParallelEngine:
                                       loss_normalization=loss_normalization,
                                       pack_chain_tails=pack_chain_tails,
                                       attention_backend=attention_backend,
-                                      activation_checkpointing=activation_checkpointing)
+                                      activation_checkpointing=activation_checkpointing,
+                                      recompute=recompute)
         self.model = model
         wrapped = None
         if ctx.dp > 1:
@@ -160,8 +161,10 @@ class ParallelEngine:
         """Forward and backward of this rank's share of the global ``batch`` (a list of dicts
         with ``input_ids`` and optional ``labels``, the same list on every rank)."""
         plan, sharding, sub, local_batch, chunk_ids = self._local(batch)
-        actions = (schedule(sub, k=self.k) if self.ctx.pp == 1
-                   else state_aware_1f1b(sub, self.ctx.pp, k=self.k)[self.ctx.stage])
+        recompute = self.engine.recompute
+        actions = (schedule(sub, k=self.k, recompute=recompute) if self.ctx.pp == 1
+                   else state_aware_1f1b(sub, self.ctx.pp, k=self.k,
+                                         recompute=recompute)[self.ctx.stage])
         self.sync.start()
         try:
             local = self.engine.forward_backward(local_batch, plan=sub, actions=actions,

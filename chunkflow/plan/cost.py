@@ -19,8 +19,9 @@ split over ``tp`` GPUs), plus the tensor-parallel collectives and a fixed per-la
   sequences into chunks wins back;
 * sequence + tensor parallelism: per layer and pass two all-gathers and two reduce-scatters of the
   chunk's n x E hidden states over NVLink, not overlapped with compute (Megatron's default);
-* recompute: a chunkflow ``R`` or ``S`` costs one forward. Megatron's layer recompute adds to the
-  backward: ``selective`` (core attention, with flash attention the only thing it recomputes)
+* recompute: a chunkflow ``R`` or ``S`` costs one forward; a selective ``r`` (chunkflow's
+  ``recompute="selective"``) one forward without the attention kernel, whose output its ``s``
+  kept. Megatron's layer recompute adds to the backward: ``selective`` (core attention, with flash attention the only thing it recomputes)
   one attention forward, ``full`` the forward of every decoder layer (not the head).
 
 Memory per GPU, reusing :mod:`chunkflow.plan.memory`'s per-token activation and KV-state
@@ -309,9 +310,11 @@ class CostModel:
         return sum(self._parts(segment_lens, prefix_len, stage_idx))
 
     def recompute_seconds(self, segment_lens: Sequence[int], *, prefix_len: int = 0,
-                          stage_idx: int = 0) -> float:
-        """A chunkflow ``R`` (or ``S``): the chunk's forward once more."""
-        return self.forward_seconds(segment_lens, prefix_len=prefix_len, stage_idx=stage_idx)
+                          stage_idx: int = 0, selective: bool = False) -> float:
+        """A chunkflow ``R`` (or ``S``): the chunk's forward once more; ``selective``: without
+        the attention kernel (an ``r`` reuses the output its ``s`` kept)."""
+        mm, head, attn, fixed = self._parts(segment_lens, prefix_len, stage_idx)
+        return mm + head + fixed + (0.0 if selective else attn)
 
     def backward_seconds(self, segment_lens: Sequence[int], *, prefix_len: int = 0,
                          stage_idx: int = 0) -> float:
@@ -367,6 +370,15 @@ class CostModel:
         """Extra bytes while a micro-batch runs backward: one recomputed layer under ``full``."""
         self._is_last(stage_idx)  # validates stage_idx
         return num_tokens * self._token_bytes()[0] / self.sp if self.recompute == "full" else 0.0
+
+    def kept_attention_bytes(self, num_tokens: int, stage_idx: int = 0) -> float:
+        """What a selective ``s`` keeps of ``num_tokens`` tokens on the stage's layers until its
+        ``r``: the attention output (its heads on this GPU, ``activation_bytes``) and the
+        float32 log-sum-exp per head."""
+        s = self.shape
+        heads = s.num_attention_heads // self.tp
+        per_token = heads * (s.head_dim * self.activation_bytes + max(self.activation_bytes, 4))
+        return float(self.stage_layers[stage_idx] * num_tokens * per_token)
 
     def kv_state_bytes(self, num_positions: int, stage_idx: int = 0) -> int:
         """Keys/values (and their float32 gradients) of ``num_positions`` positions on the

@@ -44,6 +44,18 @@ Key/value state of a chain whose last chunk starts at position ``T``::
 
     2 * L * G * D * T * (b + a)     keys and values in the key dtype, their gradients in float32+
 
+Selective recompute (``recompute="selective"``): each ``s`` chunk keeps, per layer and token,
+its attention output and LSE, ``L * (b * H * D + a * H)``, from its ``s`` until its ``r``
+(where they become the graph's saved output and LSE, already counted above). So after a chain's
+last ``F`` all its ``N-K`` recomputed chunks' outputs are alive, and at the ``r`` of chunk j
+those of chunks 0..j-1.
+
+Offload (``offload="state"``): the chain's state lives in host memory and two layers of it on
+the device, the one in use and the one prefetched behind it; at the step's peak (a backward
+starting on a full graph) that is two layers' keys/values and one layer's gradients,
+``2 * G * D * T * (2b + a)``; the rest is ``host``. ``offload="all"`` moves the kept attention
+outputs there too.
+
 Assumptions and known errors (all small against the totals):
 
 * every activation is in ``activation_bytes`` (a model run in its own dtype, no autocast);
@@ -84,16 +96,23 @@ class MemoryEstimate:
     """Key/value state (and its gradients) of the chain alive at the peak; 0 without a chain."""
     peak_tokens: int
     """Tokens of the chunk graphs alive at the peak (for reading the estimate, not for sums)."""
+    kept_attention: int = 0
+    """Attention outputs kept on the device for selective recomputes, at the peak."""
+    host: int = 0
+    """What offload keeps in host memory at that moment (not part of ``total``)."""
 
     @property
     def total(self) -> int:
-        return self.weights + self.grads + self.optimizer_state + self.activations + self.kv_state
+        return (self.weights + self.grads + self.optimizer_state + self.activations
+                + self.kv_state + self.kept_attention)
 
     def summary(self) -> str:
+        kept = (f" + kept attention {_fmt(self.kept_attention)}" if self.kept_attention else "")
+        host = f"; in host memory {_fmt(self.host)}" if self.host else ""
         return (f"peak {_fmt(self.total)} = weights {_fmt(self.weights)} + grads "
                 f"{_fmt(self.grads)} + optimizer {_fmt(self.optimizer_state)} + activations "
                 f"{_fmt(self.activations)} ({self.peak_tokens} tokens) + KV state "
-                f"{_fmt(self.kv_state)}")
+                f"{_fmt(self.kv_state)}{kept}{host}")
 
 
 def activation_bytes_per_token(model, *, activation_bytes: int) -> int:
@@ -106,6 +125,14 @@ def activation_bytes_per_token(model, *, activation_bytes: int) -> int:
     return model.num_hidden_layers * per_layer + head
 
 
+def kept_attention_bytes_per_token(model, *, activation_bytes: int) -> int:
+    """What a selective ``s`` keeps per token until its ``r``: every layer's attention output
+    and float32+ LSE."""
+    b, a = activation_bytes, max(activation_bytes, 4)
+    h = model.num_attention_heads
+    return model.num_hidden_layers * h * (b * model.head_dim + a)
+
+
 def kv_state_bytes(model, num_positions: int, *, activation_bytes: int) -> int:
     """Key/value state of ``num_positions`` positions (all layers) plus its float32+ gradients."""
     b, a = activation_bytes, max(activation_bytes, 4)
@@ -113,15 +140,25 @@ def kv_state_bytes(model, num_positions: int, *, activation_bytes: int) -> int:
             * num_positions * (b + a))
 
 
+RECOMPUTE_MODES = ("full", "selective")
+OFFLOAD_MODES = ("none", "state", "all")
+
+
 def estimate_peak_memory(model, plan: ChunkPlan, *, k: int, param_bytes: int = 4,
                          activation_bytes: int | None = None,
-                         optimizer: str = "adamw") -> MemoryEstimate:
+                         optimizer: str = "adamw", recompute: str = "full",
+                         offload: str = "none") -> MemoryEstimate:
     """Peak memory of one step of ``plan`` with ``k`` retained chunk graphs (see module docstring).
 
     ``param_bytes``: bytes per parameter (and gradient) element; ``activation_bytes``: bytes per
-    activation element, default ``param_bytes``; ``optimizer``: a key of ``OPTIMIZER_STATES``.
+    activation element, default ``param_bytes``; ``optimizer``: a key of ``OPTIMIZER_STATES``;
+    ``recompute``/``offload``: the engine's modes of the same names.
     """
     k = check_positive_int("k", k)
+    if recompute not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute={recompute!r}; valid: {', '.join(RECOMPUTE_MODES)}")
+    if offload not in OFFLOAD_MODES:
+        raise ValueError(f"offload={offload!r}; valid: {', '.join(OFFLOAD_MODES)}")
     param_bytes = check_positive_int("param_bytes", param_bytes)
     activation_bytes = check_positive_int(
         "activation_bytes", param_bytes if activation_bytes is None else activation_bytes)
@@ -134,27 +171,50 @@ def estimate_peak_memory(model, plan: ChunkPlan, *, k: int, param_bytes: int = 4
     if not isinstance(plan, ChunkPlan):
         raise ValueError(f"plan must be a ChunkPlan from build_chunks, got {type(plan).__name__}")
 
-    # Candidate moments of the step: (tokens of live graphs, positions of live KV state).
-    moments = [(c.num_tokens, 0) for c in plan.chunks if c.chain_id is None]
+    # Candidate moments of the step: (tokens of live graphs, positions of live KV state,
+    # tokens whose attention outputs are kept for a selective recompute).
+    selective = recompute == "selective"
+    moments = [(c.num_tokens, 0, 0) for c in plan.chunks if c.chain_id is None]
     for chain in plan.chains:
         tokens = [plan.chunks[i].num_tokens for i in chain.chunk_ids]
         state = plan.chunks[chain.chunk_ids[-1]].segments[0].start  # before the last chunk
         num_kept = min(k, len(tokens))
-        moments.append((sum(tokens[-num_kept:]), state))  # after the last F: k graphs alive
-        moments += [(n, state) for n in tokens[:-num_kept]]  # each R j: one graph alive
+        recomputed = tokens[:-num_kept]
+        kept = sum(recomputed) if selective else 0
+        moments.append((sum(tokens[-num_kept:]), state, kept))  # after the last F
+        for j, n in enumerate(recomputed):  # each R j: one graph, the outputs of 0..j-1
+            moments.append((n, state, sum(recomputed[:j]) if selective else 0))
 
     per_token = activation_bytes_per_token(model, activation_bytes=activation_bytes)
-    tokens, positions = max(
-        moments, key=lambda m: m[0] * per_token
-        + kv_state_bytes(model, m[1], activation_bytes=activation_bytes))
+    kept_per_token = kept_attention_bytes_per_token(model, activation_bytes=activation_bytes)
+    layers = model.num_hidden_layers
+    b, a = activation_bytes, max(activation_bytes, 4)
+    # offloaded: 2 layers of keys/values and 1 of gradients on the device (module docstring)
+    state_share = ((min(2, layers) * b + a) / (layers * (b + a)) if offload != "none"
+                   else 1.0)
+
+    def parts(m) -> tuple[int, int, int, int]:
+        """(activations, device state, device kept outputs, host) of a moment."""
+        state = kv_state_bytes(model, m[1], activation_bytes=activation_bytes)
+        kept = m[2] * kept_per_token
+        on_device = round(state * state_share)
+        host = state - on_device if offload != "none" else 0
+        if offload == "all":
+            host, kept = host + kept, 0
+        return m[0] * per_token, on_device, kept, host
+
+    peak = max(moments, key=lambda m: sum(parts(m)[:3]))
+    activations, kv_state, kept, host = parts(peak)
     num_params = model.num_params
     return MemoryEstimate(
         weights=num_params * param_bytes,
         grads=num_params * param_bytes,
         optimizer_state=num_params * OPTIMIZER_STATES[optimizer] * param_bytes,
-        activations=tokens * per_token,
-        kv_state=kv_state_bytes(model, positions, activation_bytes=activation_bytes),
-        peak_tokens=tokens,
+        activations=activations,
+        kv_state=kv_state,
+        peak_tokens=peak[0],
+        kept_attention=kept,
+        host=host,
     )
 
 

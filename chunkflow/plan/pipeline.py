@@ -26,7 +26,13 @@ from collections import deque
 from typing import Callable, Sequence
 
 from chunkflow.plan.chunks import ChunkPlan, check_positive_int
-from chunkflow.plan.scheduling import Action, ActionKind, ScheduleError, check_actions
+from chunkflow.plan.scheduling import (
+    Action,
+    ActionKind,
+    ScheduleError,
+    check_actions,
+    check_recompute,
+)
 
 F, S, R, B = (ActionKind.FORWARD, ActionKind.STATE_FORWARD, ActionKind.RECOMPUTE,
               ActionKind.BACKWARD)
@@ -67,8 +73,10 @@ def one_f_one_b(num_microbatches: int, num_stages: int) -> Stages:
 
 
 def state_aware_1f1b(plan: ChunkPlan, num_stages: int, *, k: int,
-                     order: Sequence[int] | None = None) -> Stages:
+                     order: Sequence[int] | None = None, recompute: str = "full") -> Stages:
     """State-aware 1F1B for ``plan`` on ``num_stages`` stages, ``k`` graphs per chain and stage.
+    ``recompute="selective"``: the chains' ``S``/``R`` pairs are selective (``s``/``r``, see
+    :mod:`chunkflow.plan.scheduling`).
 
     ``order``: the forward order of the chunks; a chain's chunks must appear in ascending order.
     Default: plan order, chains first (the paper's figure puts the standalone chunks first;
@@ -78,6 +86,7 @@ def state_aware_1f1b(plan: ChunkPlan, num_stages: int, *, k: int,
     """
     p = check_positive_int("num_stages", num_stages)
     k = check_positive_int("k", k)
+    sel = check_recompute(recompute)
     order = list(range(plan.num_chunks)) if order is None else list(order)
     if sorted(order) != list(range(plan.num_chunks)):
         raise ValueError(f"order must be a permutation of the plan's chunk ids "
@@ -87,11 +96,12 @@ def state_aware_1f1b(plan: ChunkPlan, num_stages: int, *, k: int,
         if positions != sorted(positions):
             raise ValueError(f"order {order} runs chain {chain.chain_id}'s chunks "
                              f"{list(chain.chunk_ids)} out of ascending order")
-    return [_stage_actions(plan, order, warmup=min(p - 1 - s, len(order)), k=k)
+    return [_stage_actions(plan, order, warmup=min(p - 1 - s, len(order)), k=k, sel=sel)
             for s in range(p)]
 
 
-def _stage_actions(plan: ChunkPlan, order: list[int], *, warmup: int, k: int) -> list[Action]:
+def _stage_actions(plan: ChunkPlan, order: list[int], *, warmup: int, k: int,
+                   sel: bool) -> list[Action]:
     acts: list[Action] = []
     forwards = deque(order)
     done: set[int] = set()
@@ -108,7 +118,8 @@ def _stage_actions(plan: ChunkPlan, order: list[int], *, warmup: int, k: int) ->
             return
         if chunk.chain_idx == 0:
             due.append(list(reversed(chain.chunk_ids)))
-        acts.append(Action(S if chunk.chain_idx < chain.num_chunks - k else F, c))
+        recomputed = chunk.chain_idx < chain.num_chunks - k
+        acts.append(Action(S, c, sel) if recomputed else Action(F, c))
         done.add(c)
 
     def ready() -> bool:
@@ -123,7 +134,7 @@ def _stage_actions(plan: ChunkPlan, order: list[int], *, warmup: int, k: int) ->
         chunk = plan.chunks[c]
         chain = plan.chain_of(chunk)
         if chain is not None and chunk.chain_idx < chain.num_chunks - k:
-            acts.append(Action(R, c))
+            acts.append(Action(R, c, sel))
         acts.append(Action(B, c))
 
     # 1F1B: keep `warmup` chunks in flight and run a backward whenever there is one more. A

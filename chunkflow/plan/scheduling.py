@@ -7,6 +7,12 @@ A schedule is a list of :class:`Action` that prints as ``"F3 B3 S0 R0 B0"`` and 
 * ``R`` recompute: forward again, keeping the graph, for a chunk that ran ``S`` before;
 * ``B`` backward: consumes the graph, adds the chunk's key/value gradients to the chain state.
 
+Selective recompute (``recompute="selective"``) marks a chain's ``S``/``R`` pairs, printed in
+lower case: ``s`` also keeps, per layer, the attention output and its log-sum-exp; ``r`` re-runs
+the projections, norms, RoPE and MLP but takes the attention output it kept instead of running
+the attention kernel (its backward uses the kept output and LSE as a flash backward always does).
+The kept outputs live from the ``s`` until the ``r``'s ``B``.
+
 For a chain of N chunks and ``k`` retained graphs the schedule is: forward in ascending order, the
 first N-k as ``S`` and the last k as ``F``; backward of the kept ones in descending order; then the
 first N-k, in DESCENDING order, each recomputed right before its backward. Descending matters: the
@@ -30,23 +36,38 @@ class ActionKind(enum.Enum):
     BACKWARD = "B"
 
 
+RECOMPUTE_MODES = ("full", "selective")
+"""How a chain's ``R`` recomputes: every operator, or everything but the attention kernel."""
+
+
 @dataclass(frozen=True)
 class Action:
     kind: ActionKind
     chunk_id: int
+    selective: bool = False
+    """``S``: also keep the attention outputs; ``R``: reuse them (printed ``s``/``r``)."""
+
+    def __post_init__(self):
+        if self.selective and self.kind not in (ActionKind.STATE_FORWARD, ActionKind.RECOMPUTE):
+            raise ValueError(f"{self.kind.value}{self.chunk_id}: only S and R actions can be "
+                             f"selective")
 
     def __str__(self) -> str:
-        return f"{self.kind.value}{self.chunk_id}"
+        kind = self.kind.value.lower() if self.selective else self.kind.value
+        return f"{kind}{self.chunk_id}"
 
     @staticmethod
     def parse(text: str) -> "Action":
         kinds = {k.value: k for k in ActionKind}
-        if len(text) < 2 or text[0] not in kinds or not text[1:].isdigit():
+        head = text[:1]
+        selective = head in ("s", "r")
+        if len(text) < 2 or head.upper() not in kinds or (head.islower() and not selective) \
+                or not text[1:].isdigit():
             raise ValueError(
-                f"cannot parse action {text!r}: expected one of F/S/R/B followed by a chunk id, "
-                f"like 'F3'"
+                f"cannot parse action {text!r}: expected one of F/S/R/B (or s/r, selective "
+                f"recompute) followed by a chunk id, like 'F3'"
             )
-        return Action(kinds[text[0]], int(text[1:]))
+        return Action(kinds[head.upper()], int(text[1:]), selective)
 
 
 def format_schedule(actions: Iterable[Action]) -> str:
@@ -57,9 +78,18 @@ def parse_schedule(text: str) -> list[Action]:
     return [Action.parse(tok) for tok in text.split()]
 
 
-def schedule(plan: ChunkPlan, *, k: int) -> list[Action]:
-    """Algorithm 2 for ``plan``: chunks in plan order, each chain scheduled as a unit."""
+def check_recompute(recompute: str) -> bool:
+    """Validate a recompute mode; True for ``selective``."""
+    if recompute not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute={recompute!r}; valid: {', '.join(RECOMPUTE_MODES)}")
+    return recompute == "selective"
+
+
+def schedule(plan: ChunkPlan, *, k: int, recompute: str = "full") -> list[Action]:
+    """Algorithm 2 for ``plan``: chunks in plan order, each chain scheduled as a unit.
+    ``recompute``: "full", or "selective" (``s``/``r`` actions, see the module docstring)."""
     k = check_positive_int("k", k)
+    sel = check_recompute(recompute)
     F, S, R, B = (ActionKind.FORWARD, ActionKind.STATE_FORWARD, ActionKind.RECOMPUTE,
                   ActionKind.BACKWARD)
     actions: list[Action] = []
@@ -69,11 +99,11 @@ def schedule(plan: ChunkPlan, *, k: int) -> list[Action]:
         elif chunk.chain_idx == 0:
             ids = plan.chains[chunk.chain_id].chunk_ids
             num_recomputed = max(len(ids) - k, 0)
-            actions += [Action(S, c) for c in ids[:num_recomputed]]
+            actions += [Action(S, c, sel) for c in ids[:num_recomputed]]
             actions += [Action(F, c) for c in ids[num_recomputed:]]
             actions += [Action(B, c) for c in reversed(ids[num_recomputed:])]
             for c in reversed(ids[:num_recomputed]):
-                actions += [Action(R, c), Action(B, c)]
+                actions += [Action(R, c, sel), Action(B, c)]
     return actions
 
 
@@ -87,7 +117,8 @@ def validate_schedule(actions: Sequence[Action], plan: ChunkPlan, *, k: int) -> 
     Checks: every chunk is forwarded once and backwarded once; a chain's forwards run in ascending
     order; the kept (``F``) chunks of a chain are exactly its last min(k, N) chunks, the others run
     ``S`` and later ``R`` immediately before their ``B``; backwards run in descending order along a
-    chain; a ``B`` needs a live graph; never more than ``k`` graphs alive at once.
+    chain; a ``B`` needs a live graph; never more than ``k`` graphs alive at once; a selective
+    ``r`` reuses what its chunk's ``s`` kept, so the two come in pairs.
     """
     check_actions(actions, plan, k=k, per_chain=False)
 
@@ -103,6 +134,7 @@ def check_actions(actions: Sequence[Action], plan: ChunkPlan | None, *, k: int,
     forwarded: set[int] = set()
     backwarded: set[int] = set()
     live: set[int] = set()
+    kept_outputs: set[int] = set()  # chunks whose s kept attention outputs for their r
 
     def fail(i: int, why: str) -> None:
         grid = " ".join(f">>{a}<<" if j == i else str(a) for j, a in enumerate(actions))
@@ -138,9 +170,17 @@ def check_actions(actions: Sequence[Action], plan: ChunkPlan | None, *, k: int,
             forwarded.add(a.chunk_id)
             if a.kind is F:
                 live.add(a.chunk_id)
+            if a.selective:
+                kept_outputs.add(a.chunk_id)
         elif a.kind is R:
             if chain is None or a.chunk_id not in forwarded or a.chunk_id in live:
                 fail(i, f"R{a.chunk_id} needs a chain chunk that ran S (state-only forward) before")
+            if a.selective != (a.chunk_id in kept_outputs):
+                fail(i, f"r{a.chunk_id} needs s{a.chunk_id} before it: only a selective "
+                        f"state forward keeps the attention outputs it reuses" if a.selective
+                     else f"s{a.chunk_id} kept attention outputs for a selective recompute: "
+                          f"use r{a.chunk_id}, not R{a.chunk_id}")
+            kept_outputs.discard(a.chunk_id)
             nxt = chunk.chain_idx + 1
             if nxt < chain.num_chunks and chain.chunk_ids[nxt] not in backwarded:
                 fail(i, f"chain {chain.chain_id}: recompute of chunk {a.chunk_id} before backward "

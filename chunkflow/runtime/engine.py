@@ -5,7 +5,9 @@
 
 * ``F``/``R``: forward of the chunk with autograd on; the loss of its tokens is computed at once
   (their weights are known in advance) and the graph is kept until the chunk's ``B``;
-* ``S``: forward under ``no_grad`` that only fills the chain's key/value state;
+* ``S``: forward under ``no_grad`` that only fills the chain's key/value state; a selective one
+  (``s``, ``recompute="selective"``) also keeps every layer's attention output and LSE, which
+  its ``r`` returns instead of running the attention kernel again;
 * ``B``: backward of the chunk's loss. Each layer's attention (one call over the whole chunk,
   :mod:`chunkflow.runtime.attention`) adds the accumulated gradient of the chunk's own
   keys/values (sent back by later chunks of the chain) to theirs, and the prefix's gradients to
@@ -39,15 +41,21 @@ from torch import nn
 
 from chunkflow.plan import Action, ActionKind, Chunk, ChunkPlan, build_chunks, schedule
 from chunkflow.plan.chunks import check_positive_int
+from chunkflow.plan.scheduling import check_recompute
 from chunkflow.runtime.attention import (
     ATTENTION_BACKENDS,
     ChainSlot,
     ChunkView,
+    KeptAttention,
     chunk_attention,
     get_kernel,
 )
 from chunkflow.runtime.head_loss import LOGITS_BUDGET, head_loss
-from chunkflow.runtime.kv_state import ChainState
+from chunkflow.runtime.kv_state import ChainState, Copier, OffloadedChainState
+
+OFFLOAD_MODES = ("none", "state", "all")
+"""``--chunking.offload``: nothing, the chains' key/value state, or that and the attention
+outputs a selective recompute keeps; offloaded tensors live in (pinned) host memory."""
 from chunkflow.runtime.loss import (
     IGNORE_INDEX,
     LOSS_NORMALIZATIONS,
@@ -94,9 +102,9 @@ class _ChunkAttention:
     one kernel call over the whole chunk (:func:`chunkflow.runtime.attention.chunk_attention`)."""
 
     def __init__(self, segments: list[_Segment], kernel, *, block_size: int,
-                 has_successor: bool):
+                 has_successor: bool, kept: KeptAttention | None = None):
         self.segments, self.kernel, self.block_size = segments, kernel, block_size
-        self.has_successor = has_successor
+        self.has_successor, self.kept = has_successor, kept
         self.bounds = tuple((s.offset, s.length) for s in segments)
 
     def __call__(self, layer_idx: int, q, k, v) -> torch.Tensor:
@@ -111,7 +119,7 @@ class _ChunkAttention:
         chain = (None if first.state is None else
                  ChainSlot(first.state, layer_idx, first.start, self.has_successor))
         view = ChunkView(self.bounds, chain, 1.0 / math.sqrt(q.shape[-1]), self.block_size)
-        return chunk_attention(q, k, v, view, self.kernel)
+        return chunk_attention(q, k, v, view, self.kernel, layer_idx=layer_idx, kept=self.kept)
 
 
 class ChunkFlowEngine:
@@ -126,14 +134,29 @@ class ChunkFlowEngine:
     below ``chunk_size`` and ``k`` (for a transformers model, its own gradient checkpointing,
     switched on here; one switched on by the user works too). ``logits_budget``: bytes of
     logits a chunk's loss may hold at once; larger ones go through a fused linear
-    cross-entropy (:mod:`chunkflow.runtime.head_loss`).
+    cross-entropy (:mod:`chunkflow.runtime.head_loss`). ``recompute``: "full" (a chain's
+    ``R`` runs the chunk's whole forward again) or "selective" (its ``S`` keeps each layer's
+    attention output and LSE, and the ``R`` runs everything but the attention kernel).
+    ``offload``: "none", "state" (the chains' key/value state lives in host memory, a layer at a
+    time on the device, :class:`~chunkflow.runtime.kv_state.OffloadedChainState`) or "all"
+    (also the attention outputs selective recompute keeps).
+
+    :meth:`register_action_hook` calls a function around every action (for timing).
     """
 
     def __init__(self, model: nn.Module, *, chunk_size: int, k: int = 1,
                  loss_normalization: str = "token", pack_chain_tails: bool = True,
                  attention_backend: str = "auto", activation_checkpointing: bool = False,
-                 logits_budget: int = LOGITS_BUDGET):
+                 logits_budget: int = LOGITS_BUDGET, recompute: str = "full",
+                 offload: str = "none"):
         chunk_size = check_positive_int("chunk_size", chunk_size)
+        check_recompute(recompute)
+        if offload not in OFFLOAD_MODES:
+            raise ValueError(f"offload={offload!r}; valid: {', '.join(OFFLOAD_MODES)}")
+        if offload == "all" and recompute != "selective":
+            raise ValueError("offload='all' also moves the attention outputs that selective "
+                             "recompute keeps, and recompute='full' keeps none; valid: "
+                             "offload='state', or recompute='selective'")
         k = check_positive_int("k", k)
         if loss_normalization not in LOSS_NORMALIZATIONS:
             raise ValueError(f"loss_normalization={loss_normalization!r}; valid: "
@@ -157,9 +180,31 @@ class ChunkFlowEngine:
         self.attention_backend = attention_backend
         self.activation_checkpointing = activation_checkpointing
         self.logits_budget = logits_budget
+        self.recompute, self.offload = recompute, offload
+        self._copier: Copier | None = None
+        self._action_hooks: dict[int, Any] = {}
         if activation_checkpointing and hasattr(model, "enable_activation_checkpointing"):
             model.enable_activation_checkpointing()
         self.meter = MemoryMeter()
+
+    def register_action_hook(self, hook) -> "_HookHandle":
+        """Call ``hook(action, phase)`` with phase "start" before and "end" after every action
+        of a step (``Action`` of :mod:`chunkflow.plan`: ``F``/``S``/``R``/``B``, selective
+        ``s``/``r``); returns a handle whose ``remove()`` unregisters it. On CUDA the work is
+        asynchronous: a timing hook synchronises the device itself."""
+        handle = _HookHandle(self._action_hooks)
+        self._action_hooks[handle.id] = hook
+        return handle
+
+    def _notify(self, action: Action, phase: str) -> None:
+        for hook in list(self._action_hooks.values()):
+            hook(action, phase)
+
+    def copier(self, device: torch.device) -> Copier:
+        """The host<->device copier offloading uses (its counters tell what moved)."""
+        if self._copier is None or self._copier.device != device:
+            self._copier = Copier(device)
+        return self._copier
 
     def _param(self) -> torch.Tensor:
         return next(self.model.parameters())
@@ -239,7 +284,8 @@ class ChunkFlowEngine:
                              f"{self.chunk_size} and the batch's lengths {seq_lens}")
         weights, num_loss_tokens = token_weights(targets, self.loss_normalization, acc,
                                                  totals=sync.global_counts)
-        actions = schedule(plan, k=self.k) if actions is None else list(actions)
+        actions = (schedule(plan, k=self.k, recompute=self.recompute) if actions is None
+                   else list(actions))
         step = _Step(plan, ids_list, targets, weights, self._kernel(device), device,
                      self._dropout_seed(), chunk_ids)
         self.meter.reset(exclude=list(self.model.parameters()))
@@ -318,6 +364,7 @@ class ChunkFlowEngine:
         states: dict[int, ChainState] = {}
         graphs: dict[int, _Graph] = {}
         stage_inputs: dict[int, torch.Tensor] = {}  # inputs of S chunks, for their R
+        kept: dict[int, KeptAttention] = {}  # attention outputs of s chunks, for their r
         last_backward = max(i for i, a in enumerate(actions) if a.kind is ActionKind.BACKWARD)
         # On CUDA the peak comes from the allocator; the saved-tensor hooks would be pure overhead.
         hooks = (contextlib.nullcontext() if step.kernel_device.type == "cuda"
@@ -325,6 +372,8 @@ class ChunkFlowEngine:
         try:
             with hooks:
                 for i, action in enumerate(actions):
+                    if self._action_hooks:
+                        self._notify(action, "start")
                     chunk = plan.chunks[action.chunk_id]
                     chain = plan.chain_of(chunk)
                     if chain is not None and chain.chain_id not in states:
@@ -350,19 +399,31 @@ class ChunkFlowEngine:
                              else io.recv_forward(chunk))
                         if kind is ActionKind.STATE_FORWARD and x is not None:
                             stage_inputs[chunk.chunk_id] = x
+                        keep = None
+                        if action.selective and kind is ActionKind.STATE_FORWARD:
+                            copier = (self.copier(step.kernel_device) if self.offload == "all"
+                                      else None)
+                            keep = kept[chunk.chunk_id] = KeptAttention(self.meter, copier)
+                        elif action.selective:
+                            keep = kept.pop(chunk.chunk_id)
+                            keep.start_reuse()
                         graph = self._forward(step, chunk, state, x,
-                                              grad=kind is not ActionKind.STATE_FORWARD)
+                                              grad=kind is not ActionKind.STATE_FORWARD,
+                                              kept=keep)
                         if kind is not ActionKind.RECOMPUTE and not is_last_stage:
                             io.send_forward(chunk, graph.output.detach())
                         if kind is not ActionKind.STATE_FORWARD:
                             graphs[chunk.chunk_id] = graph
-                        del graph, x
-            assert not graphs and not states and not stage_inputs, \
-                "schedule left graphs, state or stage inputs behind"
+                        del graph, x, keep
+                    if self._action_hooks:
+                        self._notify(action, "end")
+            assert not graphs and not states and not stage_inputs and not kept, \
+                "schedule left graphs, state, stage inputs or kept attention outputs behind"
             sync.finish()
         finally:  # only has work left when a step failed: drop its graphs and state
             graphs.clear()
             stage_inputs.clear()
+            kept.clear()
             for state in states.values():
                 state.free()
         return total
@@ -370,34 +431,43 @@ class ChunkFlowEngine:
     def _new_state(self, step: "_Step", chain, *, with_grads: bool = True) -> ChainState:
         """An empty state for ``chain`` in the layout this step's kernel reads."""
         seq_len = step.plan.chunks[chain.chunk_ids[-1]].segments[0].start  # before the last
+        if self.offload != "none":
+            return OffloadedChainState(
+                layer_ids=self.model.layer_ids, seq_len=seq_len, meter=self.meter,
+                copier=self.copier(step.kernel_device), with_grads=with_grads,
+                layout=step.kernel.state_layout,
+                capacity=step.kernel.state_capacity(seq_len, self.chunk_size))
         return ChainState(layer_ids=self.model.layer_ids, seq_len=seq_len, meter=self.meter,
                           with_grads=with_grads, layout=step.kernel.state_layout,
                           capacity=step.kernel.state_capacity(seq_len, self.chunk_size))
 
     def _forward(self, step: "_Step", chunk: Chunk, state: ChainState | None,
                  x: torch.Tensor | None, *, grad: bool,
-                 with_loss: bool | None = None) -> "_Graph":
+                 with_loss: bool | None = None, kept: KeptAttention | None = None) -> "_Graph":
         """Run one chunk on this model (or pipeline stage). ``x``: the hidden states the previous
         stage sent, None on the first stage (which embeds the chunk's tokens). ``with_loss``
-        (default: ``grad``): compute the chunk's loss on the last stage.
+        (default: ``grad``): compute the chunk's loss on the last stage. ``kept``: the
+        attention outputs a selective ``S`` keeps, or its ``R`` reuses.
 
         Returns the chunk's graph: its weighted loss (last stage) or output hidden states,
         and the key/value outputs that will receive gradients from later chunks of its chain.
         """
+        with_loss = grad if with_loss is None else with_loss
         if step.dropout_seed is None:
-            return self._run_chunk(step, chunk, state, x, grad=grad,
-                                   with_loss=grad if with_loss is None else with_loss)
+            return self._run_chunk(step, chunk, state, x, grad=grad, with_loss=with_loss,
+                                   kept=kept)
         # The same dropout masks in every forward of this chunk (S, F and R).
         device = step.kernel_device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
                                    device_type=device.type):
             key = chunk.chunk_id if step.chunk_ids is None else step.chunk_ids[chunk.chunk_id]
             torch.manual_seed(step.dropout_seed + key)
-            return self._run_chunk(step, chunk, state, x, grad=grad,
-                                   with_loss=grad if with_loss is None else with_loss)
+            return self._run_chunk(step, chunk, state, x, grad=grad, with_loss=with_loss,
+                                   kept=kept)
 
     def _run_chunk(self, step: "_Step", chunk: Chunk, state: ChainState | None,
-                   x: torch.Tensor | None, *, grad: bool, with_loss: bool) -> "_Graph":
+                   x: torch.Tensor | None, *, grad: bool, with_loss: bool,
+                   kept: KeptAttention | None = None) -> "_Graph":
         segments, offset = [], 0
         for i, seg in enumerate(chunk.segments):
             is_chain = i == 0 and chunk.chain_id is not None
@@ -417,7 +487,7 @@ class ChunkFlowEngine:
         has_successor = (chunk.chain_id is not None
                          and chunk.chain_idx < step.plan.chains[chunk.chain_id].num_chunks - 1)
         attention = _ChunkAttention(segments, step.kernel, block_size=self.chunk_size,
-                                    has_successor=has_successor)
+                                    has_successor=has_successor, kept=kept)
         with torch.set_grad_enabled(grad):
             hidden = self.model.hidden_states(x, position_ids=position_ids, attention=attention,
                                               checkpoint_layers=self.activation_checkpointing)
@@ -482,6 +552,17 @@ class GradSync:
 
     def finish(self) -> None:
         pass
+
+
+class _HookHandle:
+    _next_id = 0
+
+    def __init__(self, hooks: dict):
+        self.hooks, self.id = hooks, _HookHandle._next_id
+        _HookHandle._next_id += 1
+
+    def remove(self) -> None:
+        self.hooks.pop(self.id, None)
 
 
 @dataclass

@@ -120,3 +120,252 @@ class ChainState:
         self.k, self.v, self.grad_k, self.grad_v = {}, {}, {}, {}
         self._meter.add(-self._nbytes)
         self._nbytes = 0
+
+
+class Copier:
+    """Copies between the compute device and host memory. On CUDA: on a side stream, so a
+    copy overlaps the compute it does not feed (``to_device`` returns at once; ``wait`` makes
+    the compute stream wait for it); elsewhere plain synchronous copies. Counts what it moved
+    (``bytes_to_device``, ``bytes_to_host``, ``log``: (direction, what, layer, nbytes))."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.bytes_to_device = self.bytes_to_host = 0
+        self.log: list[tuple[str, str, int, int]] = []
+
+    def host_empty(self, shape, dtype) -> torch.Tensor:
+        """A host buffer (pinned on CUDA, so copies to and from it can be asynchronous)."""
+        return torch.zeros(shape, dtype=dtype, pin_memory=self.cuda)
+
+    def to_device(self, host: torch.Tensor, what: str, layer: int):
+        """Start copying ``host`` to the device; returns (tensor, ready event or None)."""
+        self.bytes_to_device += host.nbytes
+        self.log.append(("to_device", what, layer, host.nbytes))
+        if not self.cuda:
+            return host.clone(), None
+        with torch.cuda.stream(self.stream):
+            out = host.to(self.device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return out, event
+
+    def wait(self, tensor: torch.Tensor, event) -> None:
+        """Before the compute stream reads ``tensor`` (from :meth:`to_device`)."""
+        if event is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(event)
+            tensor.record_stream(current)  # allocated on the side stream, used on this one
+
+    def to_host(self, host: torch.Tensor, device_tensor: torch.Tensor, what: str,
+                layer: int) -> None:
+        """Copy ``device_tensor`` into ``host`` once the compute stream has produced it."""
+        self.bytes_to_host += device_tensor.nbytes
+        self.log.append(("to_host", what, layer, device_tensor.nbytes))
+        if not self.cuda:
+            host.copy_(device_tensor)
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            host.copy_(device_tensor, non_blocking=True)
+        device_tensor.record_stream(self.stream)
+
+    def synchronize(self) -> None:
+        if self.cuda:
+            self.stream.synchronize()
+
+
+class OffloadedChainState:
+    """A :class:`ChainState` whose buffers live in host memory (``--chunking.offload``).
+
+    The same interface and layouts. Per layer, the keys/values (and, in backward, the gradient
+    buffers) are brought to the device when a kernel first touches that layer, and the next
+    layer in the direction of travel (ascending in forward, descending in backward) is
+    prefetched behind it; at most ``resident`` layers stay on the device, the least recently
+    used one going back to the host (its new rows of keys/values and its gradients, if
+    touched). So the device holds ``resident`` layers' state instead of every layer's.
+    The meter counts the device-resident bytes only; ``host_bytes`` is what lives on the host.
+    """
+
+    def __init__(self, *, layer_ids: Sequence[int], seq_len: int, meter: MemoryMeter,
+                 copier: Copier, with_grads: bool = True, layout: str = "bhsd",
+                 capacity: int | None = None, resident: int = 2):
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout={layout!r}; valid: {', '.join(LAYOUTS)}")
+        if resident < 2:
+            raise ValueError(f"resident={resident}: at least 2 layers (the one in use and the "
+                             f"one being prefetched)")
+        self.seq_len, self.with_grads, self.layout = seq_len, with_grads, layout
+        self.capacity = seq_len if capacity is None else max(capacity, seq_len)
+        self.layer_ids = sorted(layer_ids)
+        self.copier, self.resident = copier, resident
+        self._meter = meter
+        self._host: dict[int, dict[str, torch.Tensor]] = {}  # layer -> k, v, gk, gv
+        self._grads_on_host: set[int] = set()  # layers whose host gradients are not all zero
+        self._kv_on_host: set[int] = set()  # layers whose host keys/values are not all zero
+        self._dev: dict[int, dict] = {}  # resident layers, least recently used first
+        self._like: tuple | None = None  # (G, D, dtype) of the keys
+        self._last: int | None = None
+        self._direction = 1
+        self.host_bytes = 0
+        self._nbytes = 0  # on the device
+
+    as_layout = ChainState.as_layout
+
+    def _shape(self, rows: int):
+        g, d, _ = self._like
+        return (rows, g, d) if self.layout == "thd" else (1, g, rows, d)
+
+    def _rows(self, x: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        return x[a:b] if self.layout == "thd" else x[:, :, a:b]
+
+    def _allocate_host(self, like: torch.Tensor) -> None:
+        self._like = (like.shape[1], like.shape[3], like.dtype)
+        grad_dtype = torch.promote_types(like.dtype, torch.float32)
+        for layer in self.layer_ids:
+            bufs = {"k": self.copier.host_empty(self._shape(self.capacity), like.dtype),
+                    "v": self.copier.host_empty(self._shape(self.capacity), like.dtype)}
+            if self.with_grads:
+                bufs["gk"] = self.copier.host_empty(self._shape(self.seq_len), grad_dtype)
+                bufs["gv"] = self.copier.host_empty(self._shape(self.seq_len), grad_dtype)
+            self._host[layer] = bufs
+            self.host_bytes += sum(t.nbytes for t in bufs.values())
+
+    # -- residency ----------------------------------------------------------------------------
+
+    def _fetch(self, layer: int) -> dict:
+        """Start bringing ``layer``'s keys/values to the device (no wait)."""
+        entry = self._dev.get(layer)
+        if entry is None:
+            host = self._host[layer]
+            if layer in self._kv_on_host:
+                k, ek = self.copier.to_device(host["k"], "k", layer)
+                v, ev = self.copier.to_device(host["v"], "v", layer)
+            else:  # nothing written back yet: no need to move zeros
+                k = torch.zeros_like(host["k"], device=self.copier.device)
+                v, ek, ev = torch.zeros_like(k), None, None
+            entry = {"k": k, "v": v, "events": [(k, ek), (v, ev)], "dirty": None,
+                     "gk": None, "gv": None}
+            self._dev[layer] = entry
+            self._count(k.nbytes + v.nbytes)
+        return entry
+
+    def _use(self, layer: int, *, grads: bool = False) -> dict:
+        """``layer`` on the device, ready to read (and its gradient buffers with ``grads``);
+        prefetch the next layer, and send the least recently used ones back."""
+        if self._like is None:
+            raise RuntimeError("the chain state is read before anything was written to it")
+        if layer not in self._dev:
+            self._make_room(keep=set())
+        entry = self._fetch(layer)
+        self._dev[layer] = self._dev.pop(layer)  # most recently used
+        if grads and entry["gk"] is None:
+            if layer in self._grads_on_host:
+                host = self._host[layer]
+                gk, e1 = self.copier.to_device(host["gk"], "grad_k", layer)
+                gv, e2 = self.copier.to_device(host["gv"], "grad_v", layer)
+                entry["events"] += [(gk, e1), (gv, e2)]
+            else:  # nothing accumulated yet: no need to move zeros
+                dtype = torch.promote_types(self._like[2], torch.float32)
+                gk = torch.zeros(self._shape(self.seq_len), dtype=dtype,
+                                 device=self.copier.device)
+                gv = torch.zeros_like(gk)
+            entry["gk"], entry["gv"] = gk, gv
+            self._count(gk.nbytes + gv.nbytes)
+        for tensor, event in entry["events"]:
+            self.copier.wait(tensor, event)
+        entry["events"] = []
+        if self._last is not None and self._last != layer:
+            self._direction = 1 if layer > self._last else -1
+        self._last = layer
+        nxt = self._neighbour(layer)
+        if nxt is not None and nxt not in self._dev:
+            self._make_room(keep={layer})
+            self._fetch(nxt)
+        return entry
+
+    def _neighbour(self, layer: int) -> int | None:
+        """The layer a kernel will most likely touch next: one further in the direction of
+        travel (ascending in a forward, descending in a backward)."""
+        j = self.layer_ids.index(layer) + self._direction
+        return self.layer_ids[j] if 0 <= j < len(self.layer_ids) else None
+
+    def _make_room(self, keep: set) -> None:
+        """Send least recently used layers back until one more fits."""
+        for layer in list(self._dev):
+            if len(self._dev) < self.resident:
+                break
+            if layer not in keep:
+                self._write_back(layer)
+
+    def _write_back(self, layer: int) -> None:
+        entry, host = self._dev.pop(layer), self._host[layer]
+        for tensor, event in entry["events"]:  # a prefetch never used: let it land first
+            self.copier.wait(tensor, event)
+        if entry["dirty"] is not None:
+            a, b = entry["dirty"]
+            for name in ("k", "v"):
+                self.copier.to_host(self._rows(host[name], a, b), self._rows(entry[name], a, b),
+                                    name, layer)
+            self._kv_on_host.add(layer)
+        nbytes = entry["k"].nbytes + entry["v"].nbytes
+        if entry["gk"] is not None:
+            self.copier.to_host(host["gk"], entry["gk"], "grad_k", layer)
+            self.copier.to_host(host["gv"], entry["gv"], "grad_v", layer)
+            self._grads_on_host.add(layer)
+            nbytes += entry["gk"].nbytes + entry["gv"].nbytes
+        self._count(-nbytes)
+
+    def _count(self, nbytes: int) -> None:
+        self._nbytes += nbytes
+        self._meter.add(nbytes)
+
+    @property
+    def device_bytes(self) -> int:
+        return self._nbytes
+
+    # -- the ChainState interface ---------------------------------------------------------------
+
+    def write(self, layer_idx: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        end = min(start + k.shape[2], self.capacity)
+        if start >= end:
+            return
+        if self._like is None:
+            self._allocate_host(k)
+        entry = self._use(layer_idx)
+        n = end - start
+        if self.layout == "thd":
+            entry["k"][start:end] = self.as_layout(k)[:n]
+            entry["v"][start:end] = self.as_layout(v)[:n]
+        else:
+            entry["k"][:, :, start:end] = k[:, :, :n]
+            entry["v"][:, :, start:end] = v[:, :, :n]
+        a, b = entry["dirty"] or (start, end)
+        entry["dirty"] = (min(a, start), max(b, end))
+
+    def keys(self, layer_idx: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        entry = self._use(layer_idx)
+        return self._rows(entry["k"], start, end), self._rows(entry["v"], start, end)
+
+    def add_grad(self, layer_idx: int, start: int, dk: torch.Tensor, dv: torch.Tensor) -> None:
+        entry = self._use(layer_idx, grads=True)
+        n = dk.shape[0] if self.layout == "thd" else dk.shape[2]
+        gk, gv = self._rows(entry["gk"], start, start + n), self._rows(entry["gv"], start,
+                                                                          start + n)
+        gk += dk.to(gk.dtype)
+        gv += dv.to(gv.dtype)
+
+    def own_grads(self, layer_idx: int, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        entry = self._use(layer_idx, grads=True)
+        gk, gv = entry["gk"], entry["gv"]
+        if self.layout == "thd":
+            return (gk[start:start + n].transpose(0, 1)[None],
+                    gv[start:start + n].transpose(0, 1)[None])
+        return gk[:, :, start:start + n], gv[:, :, start:start + n]
+
+    def free(self) -> None:
+        self.copier.synchronize()  # no copy may still be writing into a freed host buffer
+        self._count(-self._nbytes)
+        self._dev, self._host, self._grads_on_host, self._kv_on_host = {}, {}, set(), set()
+        self.host_bytes = 0

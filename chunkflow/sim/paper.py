@@ -97,6 +97,8 @@ class Assumptions:
     k: int | None = None
     tp: int | None = None
     pp: int | None = None
+    recompute: str = "full"
+    """chunkflow's recompute of the chunks beyond K: "full" or "selective" (no attention)."""
     ideal_pipeline: bool = False
     """chunkflow's pipeline at 1F1B's ideal instead of simulated: closed-form bubbles
     (p-1)/(m+p-1) and memory of :func:`ideal_stage_peaks`."""
@@ -149,7 +151,7 @@ def _chunkflow(cfg: PaperConfig, a: Assumptions) -> Prediction:
     chunk_size, k = a.chunk_size or cfg.chunk_size, a.k or cfg.k
 
     def predict(lens: list[int]) -> Prediction:
-        pred = predict_chunkflow(cost, lens, chunk_size=chunk_size, k=k)
+        pred = predict_chunkflow(cost, lens, chunk_size=chunk_size, k=k, recompute=a.recompute)
         if a.ideal_pipeline:
             m, p = pred.num_microbatches / a.dp, len(pred.stage_busy_seconds)
             peaks = ideal_stage_peaks(cost, build_chunks(lens, chunk_size=chunk_size), k=k)
@@ -254,6 +256,32 @@ def speedup_rows(base: Assumptions, *, explain: bool = True) -> list[PaperRow]:
     return rows
 
 
+def selective_rows(base: Assumptions) -> list[PaperRow]:
+    """The speedups again with chunkflow's selective recompute (``r`` skips the attention
+    forward, whose output ``s`` kept), next to full recompute: what changed and why."""
+    rows = []
+    for cfg in PAPER_CONFIGS:
+        meg = _megatron(cfg, base)
+        full = _chunkflow(cfg, replace(base, recompute="full"))
+        sel = _chunkflow(cfg, replace(base, recompute="selective"))
+        saved = full.iteration_seconds - sel.iteration_seconds
+        extra = sel.peak_memory_bytes - full.peak_memory_bytes
+        rows.append(PaperRow(
+            "selective", f"{cfg.label} {cfg.layout}",
+            meg.iteration_seconds / sel.iteration_seconds, cfg.paper_speedup, "x",
+            details=(f"full recompute {meg.iteration_seconds / full.iteration_seconds:.2f}x "
+                     f"({full.iteration_seconds:.1f}s) -> selective {sel.iteration_seconds:.1f}s: "
+                     f"{saved:.1f}s ({saved / full.iteration_seconds:.0%}) of attention forward "
+                     f"the K={cfg.k} recomputes no longer run; peak "
+                     f"{format_size(full.peak_memory_bytes)} -> "
+                     f"{format_size(sel.peak_memory_bytes)} "
+                     f"({'+' if extra >= 0 else '-'}{format_size(abs(extra))} of kept attention "
+                     f"outputs)"
+                     + (f" | does not fit: peak > {format_size(base.gpu.memory_bytes)}"
+                        if sel.peak_memory_bytes > base.gpu.memory_bytes else ""))))
+    return rows
+
+
 def memory_rows(base: Assumptions, *, explain: bool = True) -> list[PaperRow]:
     rows = []
     for max_len, by_chunk in PAPER_MEMORY_GIB.items():
@@ -296,12 +324,13 @@ def paper_comparison(*, gpu: str | GPUProfile = "h100-80gb", seed: int = 0, num_
     Deterministic in ``seed``; ``num_batches`` global batches per prediction."""
     base = Assumptions(gpu=get_gpu(gpu) if isinstance(gpu, str) else gpu, seed=seed,
                        num_batches=check_positive_int("num_batches", num_batches))
-    return (speedup_rows(base, explain=explain) + memory_rows(base, explain=explain)
-            + ablation_rows(base, explain=explain))
+    return (speedup_rows(base, explain=explain) + selective_rows(base)
+            + memory_rows(base, explain=explain) + ablation_rows(base, explain=explain))
 
 
 _TITLES = {
     "speedup": "Iteration time, Megatron-LM vs chunkflow (global batch 256, one replica)",
+    "selective": "The same with chunkflow's selective recompute (--chunking.recompute selective)",
     "memory": f"Peak memory per GPU, chunkflow on Qwen2.5-7B (K={MEMORY_K})",
     "ablation": "7B/256K ablation, chunkflow <4,4,4> by (chunk size, K)",
 }

@@ -7,7 +7,9 @@ lasts ``duration(stage, action)`` seconds (from a cost model, or tokens for the 
 
 Memory per stage, when ``graph_bytes``/``state_bytes`` are given: a chunk's graph is held from its
 ``F``/``R`` until its ``B`` ends; its key/value state from its ``F``/``S`` until its ``B`` ends
-(later chunks of the chain read it until then). The peak is taken over action boundaries.
+(later chunks of the chain read it until then); with ``kept_bytes``, what a selective ``s``
+keeps (attention outputs) from the ``s`` until its ``r``, where it becomes part of the graph.
+The peak is taken over action boundaries.
 
 bubble ratio = 1 - (sum of busy time over stages) / (stages x makespan).
 """
@@ -46,7 +48,8 @@ class SimResult:
 
 def simulate(stages: Stages, *, duration: Callable[[int, Action], float], p2p: float = 0,
              graph_bytes: Callable[[int, int], float] | None = None,
-             state_bytes: Callable[[int, int], float] | None = None) -> SimResult:
+             state_bytes: Callable[[int, int], float] | None = None,
+             kept_bytes: Callable[[int, int], float] | None = None) -> SimResult:
     """Simulate ``stages``; raises ``ScheduleError`` (with the grid) if the lists deadlock."""
     times = run_pipeline(stages, duration=duration, p2p=p2p)
     events = [Event(s, a, start, end) for s, acts in enumerate(stages)
@@ -54,16 +57,21 @@ def simulate(stages: Stages, *, duration: Callable[[int, Action], float], p2p: f
     makespan = max((e.end for e in events), default=0)
     busy = [sum(end - start for start, end in t) for t in times]
     bubble = 1 - sum(busy) / (len(stages) * makespan) if makespan > 0 else 0.0
-    peaks = [_peak_memory(s, acts, graph_bytes, state_bytes) for s, acts in enumerate(stages)]
+    peaks = [_peak_memory(s, acts, graph_bytes, state_bytes, kept_bytes)
+             for s, acts in enumerate(stages)]
     return SimResult(makespan=makespan, busy=busy, bubble_ratio=bubble, peak_memory=peaks,
                      events=events)
 
 
-def _peak_memory(stage: int, acts: list[Action], graph_bytes, state_bytes) -> float:
+def _peak_memory(stage: int, acts: list[Action], graph_bytes, state_bytes,
+                 kept_bytes=None) -> float:
     graph = (lambda c: graph_bytes(stage, c)) if graph_bytes else (lambda c: 0.0)
     state = (lambda c: state_bytes(stage, c)) if state_bytes else (lambda c: 0.0)
+    kept = (lambda c: kept_bytes(stage, c)) if kept_bytes else (lambda c: 0.0)
     current = peak = 0.0
     for a in acts:
+        if a.selective:  # kept by s, handed to the graph by r
+            current += kept(a.chunk_id) * (1 if a.kind is ActionKind.STATE_FORWARD else -1)
         if a.kind in (ActionKind.FORWARD, ActionKind.STATE_FORWARD):
             current += state(a.chunk_id)
         if a.kind in (ActionKind.FORWARD, ActionKind.RECOMPUTE):

@@ -55,22 +55,31 @@ def _simulate(cost: CostModel, stages, items: dict[int, tuple[list[int], int]],
               state_tokens: dict[int, int] | None = None):
     """Simulate ``stages`` whose chunk ids map to (segment lengths, prefix) in ``items``."""
 
-    fwd, bwd = {}, {}
+    fwd, bwd, sel = {}, {}, {}
     for s in range(cost.pp):
         for cid, (lens, prefix) in items.items():
             fwd[s, cid] = cost.forward_seconds(lens, prefix_len=prefix, stage_idx=s)
             bwd[s, cid] = cost.backward_seconds(lens, prefix_len=prefix, stage_idx=s)
+            sel[s, cid] = cost.recompute_seconds(lens, prefix_len=prefix, stage_idx=s,
+                                                 selective=True)
+
+    def duration(s: int, a) -> float:
+        if a.kind is ActionKind.BACKWARD:
+            return bwd[s, a.chunk_id]
+        if a.kind is ActionKind.RECOMPUTE and a.selective:
+            return sel[s, a.chunk_id]
+        return fwd[s, a.chunk_id]
+
     per_token = [cost.activation_bytes_per_token(s) for s in range(cost.pp)]
     tokens = {cid: sum(lens) for cid, (lens, _) in items.items()}
     state_tokens = state_tokens or {}
     result = simulate(
-        stages,
-        duration=lambda s, a: bwd[s, a.chunk_id] if a.kind is ActionKind.BACKWARD
-        else fwd[s, a.chunk_id],
+        stages, duration=duration,
         p2p=cost.p2p_seconds(sum(tokens.values()) / len(tokens)),
         graph_bytes=lambda s, c: tokens[c] * per_token[s],
         state_bytes=lambda s, c: (cost.kv_state_bytes(state_tokens[c], s)
-                                  if c in state_tokens else 0.0))
+                                  if c in state_tokens else 0.0),
+        kept_bytes=lambda s, c: cost.kept_attention_bytes(tokens[c], s))
     transient = [cost.backward_transient_bytes(max(tokens.values()), s) for s in range(cost.pp)]
     peaks = [cost.static_bytes(s) + result.peak_memory[s] + transient[s] for s in range(cost.pp)]
     return result, peaks
@@ -121,8 +130,9 @@ def plan_items(plan: ChunkPlan) -> tuple[dict[int, tuple[list[int], int]], dict[
 
 
 def predict_chunkflow(cost: CostModel, seq_lens: Sequence[int], *, chunk_size: int, k: int,
-                      ) -> Prediction:
-    """chunkflow: chunks of ``chunk_size``, state-aware 1F1B keeping ``k`` graphs per chain."""
+                      recompute: str = "full") -> Prediction:
+    """chunkflow: chunks of ``chunk_size``, state-aware 1F1B keeping ``k`` graphs per chain;
+    ``recompute``: how the other chunks are recomputed ("full" or "selective")."""
     if cost.recompute != "none":
         raise ValueError(f"recompute={cost.recompute!r}: chunkflow recomputes through its "
                          f"S/R actions (k), run its cost model with recompute='none'")
@@ -132,7 +142,8 @@ def predict_chunkflow(cost: CostModel, seq_lens: Sequence[int], *, chunk_size: i
             continue
         plan = build_chunks(share, chunk_size=chunk_size)
         items, state = plan_items(plan)
-        runs.append(_simulate(cost, state_aware_1f1b(plan, cost.pp, k=k), items, state))
+        runs.append(_simulate(cost, state_aware_1f1b(plan, cost.pp, k=k, recompute=recompute),
+                              items, state))
         num_chunks += plan.num_chunks
     return _combine(cost, runs, num_chunks)
 

@@ -147,6 +147,10 @@ class ChunkingSection:
     activation_checkpointing: bool = _f(
         False, "Per-layer activation checkpointing inside a chunk: keeps each layer's input "
                "only, recomputes the rest in backward (memory below chunk_size and k).")
+    recompute: Literal["full", "selective"] = _f(
+        "full", "How chunks beyond k are recomputed: full (their whole forward again) or "
+                "selective (their state forward keeps each layer's attention output and LSE, "
+                "so the recompute skips attention; costs chunk x hidden per layer and chunk).")
 
 
 @dataclass

@@ -140,7 +140,8 @@ class Trainer:
                        loss_normalization=cfg.chunking.loss_normalization,
                        pack_chain_tails=cfg.chunking.pack_chain_tails,
                        attention_backend=cfg.chunking.attention_backend,
-                       activation_checkpointing=cfg.chunking.activation_checkpointing)
+                       activation_checkpointing=cfg.chunking.activation_checkpointing,
+                       recompute=cfg.chunking.recompute)
         if ctx is None:
             self.engine = ChunkFlowEngine(self.model, **options)
             self.params = [p for p in self.model.parameters() if p.requires_grad]

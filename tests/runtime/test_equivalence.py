@@ -28,7 +28,8 @@ def _batch(lengths, *, mask_prob: float, seed: int):
     return batch
 
 
-def _check(batch, *, chunk_size, k, normalization, pack_chain_tails=True, backend="auto"):
+def _check(batch, *, chunk_size, k, normalization, pack_chain_tails=True, backend="auto",
+           recompute="full"):
     MODEL.zero_grad(set_to_none=True)
     ref = reference_loss(MODEL, batch, normalization)
     if ref.requires_grad:
@@ -37,7 +38,7 @@ def _check(batch, *, chunk_size, k, normalization, pack_chain_tails=True, backen
     MODEL.zero_grad(set_to_none=True)
     engine = ChunkFlowEngine(MODEL, chunk_size=chunk_size, k=k,
                              loss_normalization=normalization, pack_chain_tails=pack_chain_tails,
-                             attention_backend=backend)
+                             attention_backend=backend, recompute=recompute)
     result = engine.forward_backward(batch)
     got = grads(MODEL)
     scale = max(g.abs().max() for g in expected.values())
@@ -78,6 +79,19 @@ def test_gradients_equal_unchunked(backend, chunk_size, k):
                    for c in result.plan.chunks)  # a chain's last chunk with packed tails
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("chunk_size", [1, 7, 16])
+@pytest.mark.parametrize("k", [1, 2])
+def test_selective_recompute_equals_unchunked(backend, chunk_size, k):
+    """recompute="selective": every recomputed chunk reuses the attention outputs its state
+    forward kept (chunk sizes and K that recompute something; the rest schedule no R)."""
+    for normalization, mask_prob in (("token", 0.4), ("sequence", 0.0)):
+        batch = _batch(LENGTHS, mask_prob=mask_prob, seed=chunk_size * 5 + k)
+        result = _check(batch, chunk_size=chunk_size, k=k, normalization=normalization,
+                        backend=BACKENDS[backend], recompute="selective")
+    assert any(len(c.chunk_ids) > k for c in result.plan.chains)  # something was recomputed
+
+
 @pytest.mark.parametrize("pack_chain_tails", [True, False])
 def test_tail_packing_is_exact(pack_chain_tails):
     batch = _batch([20, 3, 2, 1, 13], mask_prob=0.2, seed=3)
@@ -95,13 +109,14 @@ def test_tail_packing_is_exact(pack_chain_tails):
     normalization=st.sampled_from(["token", "sequence"]),
     mask_prob=st.sampled_from([0.0, 0.3, 0.9]),
     seed=st.integers(0, 2**16),
+    recompute=st.sampled_from(["full", "selective"]),
 )
 def test_property_gradients_equal_unchunked(lengths, chunk_size, k, normalization, mask_prob,
-                                            seed):
+                                            seed, recompute):
     batch = _batch(lengths, mask_prob=mask_prob, seed=seed)
     if not any((b["labels"][1:] != -100).any() for b in batch):
         return  # covered by test_no_supervised_token_gives_zero_loss_and_gradients
-    _check(batch, chunk_size=chunk_size, k=k, normalization=normalization)
+    _check(batch, chunk_size=chunk_size, k=k, normalization=normalization, recompute=recompute)
 
 
 @pytest.mark.parametrize("overrides", [
@@ -181,9 +196,9 @@ def test_activation_checkpointing_inside_chunks_is_exact(backend):
     reference_loss(MODEL, batch).backward()
     expected = grads(MODEL)
     scale = max(g.abs().max() for g in expected.values())
-    for k in (1, 2):
+    for k, recompute in ((1, "full"), (2, "full"), (1, "selective")):
         MODEL.zero_grad(set_to_none=True)
         ChunkFlowEngine(MODEL, chunk_size=7, k=k, attention_backend=BACKENDS[backend],
-                        activation_checkpointing=True).forward_backward(batch)
+                        activation_checkpointing=True, recompute=recompute).forward_backward(batch)
         for name, g in grads(MODEL).items():
-            assert (g - expected[name]).abs().max() / scale <= 1e-10, (k, name)
+            assert (g - expected[name]).abs().max() / scale <= 1e-10, (k, recompute, name)

@@ -19,6 +19,11 @@ state is never an autograd input (later writes to it cannot trip autograd's vers
   ``gradient_checkpointing_enable``, reentrant or not) stays exact: a recomputed forward writes
   the same keys again and the backward runs once.
 
+Selective recompute (:class:`KeptAttention`): a chunk's state-only forward keeps each layer's
+attention output and log-sum-exp; its recompute then returns the kept output instead of running
+the kernel, and the backward is the kernel's usual one (which reads q, k, v, out and the LSE),
+so the recompute skips the attention forward and the gradients do not change.
+
 Backends (:mod:`.cpu_flash`, :mod:`.tiled`, :mod:`.varlen`) implement :class:`ChunkKernel`;
 :func:`get_kernel` picks one by name, or by ``"auto"`` for the device and dtype (see
 :mod:`.select`).
@@ -82,20 +87,100 @@ class ChunkKernel(Protocol):
         """(dq, dk, dv) of q and the own k/v; adds the prefix's dK/dV into the state."""
 
 
+class KeptAttention:
+    """One chunk's attention outputs and log-sum-exps by layer, kept by a selective state-only
+    forward (``keep``) for the chunk's recompute, which reads them back (``get``, after
+    ``start_reuse``) instead of running the kernel. While kept on the device they are counted
+    on ``meter``; once reused they are the recompute's saved tensors (counted as those).
+
+    With a ``copier`` (:class:`chunkflow.runtime.kv_state.Copier`, ``--chunking.offload=all``)
+    they are kept in host memory instead: copied out as each layer produces them, and copied
+    back a layer ahead of the recompute that reads them."""
+
+    def __init__(self, meter=None, copier=None):
+        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.reusing = False
+        self.nbytes = 0
+        self._meter, self._copier = meter, copier
+        self._fetched: dict[int, tuple] = {}  # offloaded layers on their way back
+
+    def keep(self, layer_idx: int, out: torch.Tensor, lse: torch.Tensor) -> None:
+        if layer_idx in self.outputs:  # a chunk's layer runs once per forward
+            raise RuntimeError(f"layer {layer_idx}: attention outputs kept twice for one chunk")
+        out, lse = out.detach(), lse.detach()
+        if self._copier is not None:
+            host = (self._copier.host_empty(out.shape, out.dtype),
+                    self._copier.host_empty(lse.shape, lse.dtype))
+            self._copier.to_host(host[0], out, "attention_out", layer_idx)
+            self._copier.to_host(host[1], lse, "attention_lse", layer_idx)
+            self.outputs[layer_idx] = host
+            return
+        self.outputs[layer_idx] = (out, lse)
+        nbytes = out.nbytes + lse.nbytes
+        self.nbytes += nbytes
+        if self._meter is not None:
+            self._meter.add(nbytes)
+
+    def start_reuse(self) -> None:
+        """The recompute begins: from here on the outputs are read, not kept."""
+        self.reusing = True
+        if self._meter is not None:
+            self._meter.add(-self.nbytes)
+        if self._copier is not None and self.outputs:
+            self._prefetch(min(self.outputs))
+
+    def _prefetch(self, layer_idx: int) -> None:
+        if layer_idx in self.outputs and layer_idx not in self._fetched:
+            out, lse = self.outputs[layer_idx]
+            self._fetched[layer_idx] = (
+                self._copier.to_device(out, "attention_out", layer_idx),
+                self._copier.to_device(lse, "attention_lse", layer_idx))
+
+    def get(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_idx not in self.outputs:
+            raise RuntimeError(f"layer {layer_idx}: no attention output was kept for this "
+                               f"chunk's recompute (kept: {sorted(self.outputs)})")
+        if self._copier is None:
+            return self.outputs[layer_idx]
+        self._prefetch(layer_idx)
+        later = [i for i in self.outputs if i > layer_idx]
+        if later:
+            self._prefetch(min(later))  # the next layer's, behind this layer's compute
+        # Kept until the chunk is done: activation checkpointing may read a layer again.
+        (out, e1), (lse, e2) = self._fetched[layer_idx]
+        self._copier.wait(out, e1)
+        self._copier.wait(lse, e2)
+        self._fetched[layer_idx] = ((out, None), (lse, None))
+        return out, lse
+
+
 class _ChunkAttention(torch.autograd.Function):
     """Autocast is off inside: the caller already cast q/k/v, and the kernels' fp32
     accumulation (scores, LSE, merges) must not be cast back down to bf16."""
 
     @staticmethod
-    def forward(ctx, q, k, v, view: ChunkView, kernel: ChunkKernel):
+    def forward(ctx, q, k, v, view: ChunkView, kernel: ChunkKernel, layer_idx: int,
+                kept: KeptAttention | None):
         with torch.autocast(q.device.type, enabled=False):
             if view.chain is not None:
                 c = view.chain
                 c.state.write(c.layer_idx, c.start, k.detach(), v.detach())
-            out, lse = kernel.forward(q, k, v, view)
+            if kept is not None and kept.reusing:
+                out, lse = kept.get(layer_idx)
+                if out.shape != q.shape:
+                    raise RuntimeError(f"layer {layer_idx}: kept attention output "
+                                       f"{tuple(out.shape)} does not fit queries {tuple(q.shape)}")
+                # The backward reads the kept tensor; the output is a fresh one (autograd gives
+                # an output its grad_fn, which a tensor kept outside must not get).
+                result = out.clone()
+            else:
+                out, lse = kernel.forward(q, k, v, view)
+                if kept is not None:
+                    kept.keep(layer_idx, out, lse)
+                result = out
         ctx.save_for_backward(q, k, v, out, lse)  # saved tensors: the CPU meter counts them
         ctx.view, ctx.kernel = view, kernel
-        return out
+        return result
 
     @staticmethod
     def backward(ctx, dout):
@@ -110,16 +195,20 @@ class _ChunkAttention(torch.autograd.Function):
                 # (the kernels return fresh dk/dv: adding in place is safe)
                 dk[:, :, :n] = (dk[:, :, :n].to(gk.dtype) + gk).to(dk.dtype)
                 dv[:, :, :n] = (dv[:, :, :n].to(gv.dtype) + gv).to(dv.dtype)
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, view: ChunkView,
-                    kernel: ChunkKernel) -> torch.Tensor:
-    """Attention of a whole chunk: q (1, H, L, D), own k/v (1, G, L, D) -> (1, H, L, D)."""
-    return _ChunkAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), view, kernel)
+                    kernel: ChunkKernel, *, layer_idx: int = 0,
+                    kept: KeptAttention | None = None) -> torch.Tensor:
+    """Attention of a whole chunk: q (1, H, L, D), own k/v (1, G, L, D) -> (1, H, L, D).
+    ``kept``: keep this layer's output and LSE in it, or, once reusing, return the kept ones
+    without running the kernel."""
+    return _ChunkAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), view, kernel,
+                                 layer_idx, kept)
 
 
 from chunkflow.runtime.attention.select import ATTENTION_BACKENDS, get_kernel  # noqa: E402
 
-__all__ = ["ATTENTION_BACKENDS", "ChainSlot", "ChunkKernel", "ChunkView", "chunk_attention",
-           "get_kernel"]
+__all__ = ["ATTENTION_BACKENDS", "ChainSlot", "ChunkKernel", "ChunkView", "KeptAttention",
+           "chunk_attention", "get_kernel"]
