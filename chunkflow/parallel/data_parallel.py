@@ -33,7 +33,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forwar
 from torch.nn.parallel import DistributedDataParallel
 
 from chunkflow.parallel.mesh import ParallelContext
-from chunkflow.runtime.engine import GradSync
+from chunkflow.runtime.peers import GradSync
 
 DATA_PARALLEL = ("ddp", "fsdp")
 

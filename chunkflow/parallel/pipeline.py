@@ -23,7 +23,7 @@ import torch.distributed as dist
 from chunkflow.models.transformer import Transformer
 from chunkflow.parallel.mesh import ParallelContext
 from chunkflow.plan import Chunk
-from chunkflow.runtime.engine import StageIO
+from chunkflow.runtime.peers import StageIO
 
 
 def stage_layer_ranges(num_layers: int, num_stages: int) -> list[range]:

@@ -51,6 +51,7 @@ from chunkflow.runtime.attention import (
     get_kernel,
 )
 from chunkflow.runtime.head_loss import LOGITS_BUDGET, head_loss
+from chunkflow.runtime.inputs import prepare_batch
 from chunkflow.runtime.kv_state import ChainState, Copier, OffloadedChainState
 
 OFFLOAD_MODES = ("none", "state", "all")
@@ -63,6 +64,7 @@ from chunkflow.runtime.loss import (
     token_weights,
 )
 from chunkflow.runtime.memory import MemoryMeter
+from chunkflow.runtime.peers import GradSync, StageIO
 
 
 @dataclass
@@ -182,7 +184,7 @@ class ChunkFlowEngine:
         self.logits_budget = logits_budget
         self.recompute, self.offload = recompute, offload
         self._copier: Copier | None = None
-        self._action_hooks: dict[int, Any] = {}
+        self._action_hooks: dict[object, Any] = {}
         if activation_checkpointing and hasattr(model, "enable_activation_checkpointing"):
             model.enable_activation_checkpointing()
         self.meter = MemoryMeter()
@@ -192,9 +194,9 @@ class ChunkFlowEngine:
         of a step (``Action`` of :mod:`chunkflow.plan`: ``F``/``S``/``R``/``B``, selective
         ``s``/``r``); returns a handle whose ``remove()`` unregisters it. On CUDA the work is
         asynchronous: a timing hook synchronises the device itself."""
-        handle = _HookHandle(self._action_hooks)
-        self._action_hooks[handle.id] = hook
-        return handle
+        key = object()
+        self._action_hooks[key] = hook
+        return _HookHandle(lambda: self._action_hooks.pop(key, None))
 
     def _notify(self, action: Action, phase: str) -> None:
         for hook in list(self._action_hooks.values()):
@@ -221,44 +223,14 @@ class ChunkFlowEngine:
 
     def _prepare(self, batch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Validate the batch; return input_ids and labels per sequence, on the model's device."""
-        if isinstance(batch, torch.Tensor) and batch.dim() == 2:
-            batch = list(batch)
-        if not isinstance(batch, Sequence) or isinstance(batch, (str, bytes)) or len(batch) == 0:
-            raise ValueError(f"batch must be a non-empty list of 1-D token tensors or of dicts "
-                             f"with 'input_ids' (and optional 'labels'); got {_describe(batch)}")
-        device, vocab = self._param().device, self.config.vocab_size
-        ids_list, labels_list = [], []
-        for i, item in enumerate(batch):
-            labels = None
-            if isinstance(item, dict):
-                if "input_ids" not in item:
-                    raise ValueError(f"batch[{i}] has keys {sorted(item)}; 'input_ids' is required")
-                ids, labels = item["input_ids"], item.get("labels")
-            else:
-                ids = item
-            ids = _as_token_tensor(ids, f"batch[{i}] input_ids")
-            if ids.numel() == 0:
-                raise ValueError(f"batch[{i}] is an empty sequence; every sequence needs at "
-                                 f"least one token")
-            _check_range(ids, vocab, f"batch[{i}] input_ids", allow_ignore=False)
-            if labels is None:
-                labels = ids
-            else:
-                labels = _as_token_tensor(labels, f"batch[{i}] labels")
-                if labels.shape != ids.shape:
-                    raise ValueError(f"batch[{i}]: labels shape {tuple(labels.shape)} differs from "
-                                     f"input_ids shape {tuple(ids.shape)}; labels are unshifted "
-                                     f"and as long as input_ids")
-                _check_range(labels, vocab, f"batch[{i}] labels", allow_ignore=True)
-            ids_list.append(ids.to(device))
-            labels_list.append(labels.to(device))
-        return ids_list, labels_list
+        return prepare_batch(batch, vocab_size=self.config.vocab_size,
+                             device=self._param().device)
 
     # -- execution ----------------------------------------------------------------------------
 
     def forward_backward(self, batch, *, plan: ChunkPlan | None = None,
-                         actions: Sequence[Action] | None = None, io: "StageIO | None" = None,
-                         sync: "GradSync | None" = None,
+                         actions: Sequence[Action] | None = None, io: StageIO | None = None,
+                         sync: GradSync | None = None,
                          chunk_ids: Sequence[int] | None = None) -> StepResult:
         """One step's forward and backward over ``batch``; gradients accumulate into ``.grad``.
 
@@ -289,6 +261,8 @@ class ChunkFlowEngine:
         step = _Step(plan, ids_list, targets, weights, self._kernel(device), device,
                      self._dropout_seed(), chunk_ids)
         self.meter.reset(exclude=list(self.model.parameters()))
+        if self._copier is not None:
+            self._copier.reset()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
@@ -310,7 +284,7 @@ class ChunkFlowEngine:
 
     @torch.no_grad()
     def evaluate(self, batch, *, plan: ChunkPlan | None = None,
-                 io: "StageIO | None" = None) -> EvalResult:
+                 io: StageIO | None = None) -> EvalResult:
         """Forward-only loss of ``batch``: the sum of its supervised tokens' cross-entropy and
         their number, chunk by chunk (chains in order, keeping only their KV state). With
         ``io`` and ``plan``, this pipeline stage's part (the last stage holds the loss)."""
@@ -357,7 +331,7 @@ class ChunkFlowEngine:
             return None
         return int(torch.randint(0, 2**62, (1,)))
 
-    def _execute(self, step: "_Step", actions: list[Action], io: "StageIO", sync: "GradSync",
+    def _execute(self, step: "_Step", actions: list[Action], io: StageIO, sync: GradSync,
                  total: torch.Tensor) -> torch.Tensor:
         plan = step.plan
         is_last_stage = self.model.lm_head is not None
@@ -514,57 +488,6 @@ class ChunkFlowEngine:
                 torch.autograd.backward([graph.output], [grad_output])
 
 
-class StageIO:
-    """Where a pipeline stage's chunk inputs come from and its outputs go. This base class is a
-    single device, first and last stage at once: nothing to receive or send.
-    ``chunkflow.parallel`` implements it with point-to-point communication."""
-
-    def recv_forward(self, chunk: Chunk) -> torch.Tensor | None:
-        """The previous stage's output for ``chunk`` (1, L, E); None on the first stage."""
-        return None
-
-    def send_forward(self, chunk: Chunk, hidden: torch.Tensor) -> None:
-        """Hand ``chunk``'s output (1, L, E) to the next stage (called on all but the last)."""
-
-    def recv_backward(self, chunk: Chunk) -> torch.Tensor | None:
-        """The gradient of this stage's output for ``chunk``; None on the last stage."""
-        return None
-
-    def send_backward(self, chunk: Chunk, grad: torch.Tensor) -> None:
-        """Hand the gradient of ``chunk``'s input to the previous stage (all but the first)."""
-
-
-class GradSync:
-    """Data-parallel hooks around a step. This base class is a single process: nothing to do.
-
-    * ``global_counts(num_tokens, num_sequences)``: the supervised tokens and supervised
-      sequences of the whole global batch, from this rank's counts (a sum over ranks), so the
-      loss normaliser is known before the first backward;
-    * ``before_backward(last=...)``: called before every backward; ``last`` on the step's last;
-    * ``finish()``: after the last backward, once the gradients are complete on this rank.
-    """
-
-    def global_counts(self, num_tokens: int, num_sequences: int) -> tuple[int, int]:
-        return num_tokens, num_sequences
-
-    def before_backward(self, *, last: bool) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
-
-
-class _HookHandle:
-    _next_id = 0
-
-    def __init__(self, hooks: dict):
-        self.hooks, self.id = hooks, _HookHandle._next_id
-        _HookHandle._next_id += 1
-
-    def remove(self) -> None:
-        self.hooks.pop(self.id, None)
-
-
 @dataclass
 class _Graph:
     """What a chunk's backward needs: its loss (0-dim) or output hidden states, and the input
@@ -592,29 +515,8 @@ class _Step:
     """The head weight's autocast copy, shared by the step's chunks (see head_loss)."""
 
 
-def _describe(x: Any) -> str:
-    return f"{type(x).__name__} of length {len(x)}" if hasattr(x, "__len__") else repr(x)
+class _HookHandle:
+    """What :meth:`ChunkFlowEngine.register_action_hook` returns: ``remove()`` unregisters."""
 
-
-def _as_token_tensor(x, what: str) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        try:
-            x = torch.as_tensor(x)
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise ValueError(f"{what} is not a sequence of token ids: {e}") from None
-    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
-        raise ValueError(f"{what} has dtype {x.dtype}; token ids must be integers (torch.long)")
-    if x.dim() != 1:
-        raise ValueError(f"{what} has shape {tuple(x.shape)}; each sequence must be 1-D")
-    return x.long()
-
-
-def _check_range(x: torch.Tensor, vocab_size: int, what: str, *, allow_ignore: bool) -> None:
-    bad = (x < 0) | (x >= vocab_size)
-    if allow_ignore:
-        bad &= x != IGNORE_INDEX
-    if bool(bad.any()):
-        pos = int(bad.nonzero()[0, 0])
-        valid = f"0..{vocab_size - 1}" + (f" or {IGNORE_INDEX}" if allow_ignore else "")
-        raise ValueError(f"{what}: token id {int(x[pos])} at position {pos} is out of range; "
-                         f"valid ids are {valid} (vocab_size={vocab_size})")
+    def __init__(self, remove):
+        self.remove = remove

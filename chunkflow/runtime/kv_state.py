@@ -30,6 +30,20 @@ from chunkflow.runtime.memory import MemoryMeter
 LAYOUTS = ("bhsd", "thd")
 
 
+def _rows(layout: str, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Positions [start, end) of a state buffer in ``layout`` (a view)."""
+    return x[start:end] if layout == "thd" else x[:, :, start:end]
+
+
+def _as_bhsd(layout: str, x: torch.Tensor) -> torch.Tensor:
+    """A state buffer's rows as (1, G, n, D) (a view)."""
+    return x.transpose(0, 1)[None] if layout == "thd" else x
+
+
+def _num_rows(layout: str, x: torch.Tensor) -> int:
+    return x.shape[0] if layout == "thd" else x.shape[2]
+
+
 class ChainState:
     def __init__(self, *, layer_ids: Sequence[int], seq_len: int, meter: MemoryMeter,
                  with_grads: bool = True, layout: str = "bhsd", capacity: int | None = None):
@@ -49,7 +63,7 @@ class ChainState:
 
     def as_layout(self, x: torch.Tensor) -> torch.Tensor:
         """A (1, G, n, D) tensor in this state's layout (a view)."""
-        return x[0].transpose(0, 1) if self.layout == "thd" else x
+        return _as_layout(self.layout, x)
 
     def write(self, layer_idx: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store a chunk's keys/values (1, G, n, D) at sequence positions [start, start + n).
@@ -60,40 +74,21 @@ class ChainState:
             return
         if self.k[layer_idx] is None:
             self._allocate(k)
-        n = end - start
-        if self.layout == "thd":
-            self.k[layer_idx][start:end] = self.as_layout(k)[:n]
-            self.v[layer_idx][start:end] = self.as_layout(v)[:n]
-        else:
-            self.k[layer_idx][:, :, start:end] = k[:, :, :n]
-            self.v[layer_idx][:, :, start:end] = v[:, :, :n]
+        _write_rows(self.layout, self.k[layer_idx], self.v[layer_idx], start, end, k, v)
 
     def keys(self, layer_idx: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of positions [start, end): views in this layout, no copy."""
-        k, v = self.k[layer_idx], self.v[layer_idx]
-        if self.layout == "thd":
-            return k[start:end], v[start:end]
-        return k[:, :, start:end], v[:, :, start:end]
+        return (_rows(self.layout, self.k[layer_idx], start, end),
+                _rows(self.layout, self.v[layer_idx], start, end))
 
     def add_grad(self, layer_idx: int, start: int, dk: torch.Tensor, dv: torch.Tensor) -> None:
         """Add gradients of positions [start, start + n) (given in this layout)."""
-        grad_k, grad_v = self.grad_k[layer_idx], self.grad_v[layer_idx]
-        if self.layout == "thd":
-            end = start + dk.shape[0]
-            grad_k[start:end] += dk.to(grad_k.dtype)
-            grad_v[start:end] += dv.to(grad_v.dtype)
-        else:
-            end = start + dk.shape[2]
-            grad_k[:, :, start:end] += dk.to(grad_k.dtype)
-            grad_v[:, :, start:end] += dv.to(grad_v.dtype)
+        _add_rows(self.layout, self.grad_k[layer_idx], self.grad_v[layer_idx], start, dk, dv)
 
     def own_grads(self, layer_idx: int, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """What later chunks sent back for positions [start, start + n), as (1, G, n, D)."""
-        grad_k, grad_v = self.grad_k[layer_idx], self.grad_v[layer_idx]
-        if self.layout == "thd":
-            return (grad_k[start:start + n].transpose(0, 1)[None],
-                    grad_v[start:start + n].transpose(0, 1)[None])
-        return grad_k[:, :, start:start + n], grad_v[:, :, start:start + n]
+        return (_as_bhsd(self.layout, _rows(self.layout, self.grad_k[layer_idx], start, start + n)),
+                _as_bhsd(self.layout, _rows(self.layout, self.grad_v[layer_idx], start, start + n)))
 
     def grads(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradient buffers (grad_k, grad_v) of one layer."""
@@ -122,16 +117,41 @@ class ChainState:
         self._nbytes = 0
 
 
+def _write_rows(layout, kbuf, vbuf, start: int, end: int, k, v) -> None:
+    """Store (1, G, >= end - start, D) keys/values at positions [start, end)."""
+    n = end - start
+    _rows(layout, kbuf, start, end).copy_(_as_layout(layout, k)[:n] if layout == "thd"
+                                          else k[:, :, :n])
+    _rows(layout, vbuf, start, end).copy_(_as_layout(layout, v)[:n] if layout == "thd"
+                                          else v[:, :, :n])
+
+
+def _as_layout(layout: str, x: torch.Tensor) -> torch.Tensor:
+    """A (1, G, n, D) tensor in ``layout`` (a view)."""
+    return x[0].transpose(0, 1) if layout == "thd" else x
+
+
+def _add_rows(layout, gk, gv, start: int, dk, dv) -> None:
+    """Add gradients (in ``layout``) of positions [start, start + n)."""
+    end = start + _num_rows(layout, dk)
+    _rows(layout, gk, start, end).add_(dk.to(gk.dtype))
+    _rows(layout, gv, start, end).add_(dv.to(gv.dtype))
+
+
 class Copier:
     """Copies between the compute device and host memory. On CUDA: on a side stream, so a
     copy overlaps the compute it does not feed (``to_device`` returns at once; ``wait`` makes
     the compute stream wait for it); elsewhere plain synchronous copies. Counts what it moved
-    (``bytes_to_device``, ``bytes_to_host``, ``log``: (direction, what, layer, nbytes))."""
+    (``bytes_to_device``, ``bytes_to_host``, ``log``: (direction, what, layer, nbytes)) since
+    the last :meth:`reset`, which the engine calls at the start of every step."""
 
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.reset()
+
+    def reset(self) -> None:
         self.bytes_to_device = self.bytes_to_host = 0
         self.log: list[tuple[str, str, int, int]] = []
 
@@ -218,7 +238,7 @@ class OffloadedChainState:
         return (rows, g, d) if self.layout == "thd" else (1, g, rows, d)
 
     def _rows(self, x: torch.Tensor, a: int, b: int) -> torch.Tensor:
-        return x[a:b] if self.layout == "thd" else x[:, :, a:b]
+        return _rows(self.layout, x, a, b)
 
     def _allocate_host(self, like: torch.Tensor) -> None:
         self._like = (like.shape[1], like.shape[3], like.dtype)
@@ -334,13 +354,7 @@ class OffloadedChainState:
         if self._like is None:
             self._allocate_host(k)
         entry = self._use(layer_idx)
-        n = end - start
-        if self.layout == "thd":
-            entry["k"][start:end] = self.as_layout(k)[:n]
-            entry["v"][start:end] = self.as_layout(v)[:n]
-        else:
-            entry["k"][:, :, start:end] = k[:, :, :n]
-            entry["v"][:, :, start:end] = v[:, :, :n]
+        _write_rows(self.layout, entry["k"], entry["v"], start, end, k, v)
         a, b = entry["dirty"] or (start, end)
         entry["dirty"] = (min(a, start), max(b, end))
 
@@ -350,19 +364,12 @@ class OffloadedChainState:
 
     def add_grad(self, layer_idx: int, start: int, dk: torch.Tensor, dv: torch.Tensor) -> None:
         entry = self._use(layer_idx, grads=True)
-        n = dk.shape[0] if self.layout == "thd" else dk.shape[2]
-        gk, gv = self._rows(entry["gk"], start, start + n), self._rows(entry["gv"], start,
-                                                                          start + n)
-        gk += dk.to(gk.dtype)
-        gv += dv.to(gv.dtype)
+        _add_rows(self.layout, entry["gk"], entry["gv"], start, dk, dv)
 
     def own_grads(self, layer_idx: int, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         entry = self._use(layer_idx, grads=True)
-        gk, gv = entry["gk"], entry["gv"]
-        if self.layout == "thd":
-            return (gk[start:start + n].transpose(0, 1)[None],
-                    gv[start:start + n].transpose(0, 1)[None])
-        return gk[:, :, start:start + n], gv[:, :, start:start + n]
+        return (_as_bhsd(self.layout, self._rows(entry["gk"], start, start + n)),
+                _as_bhsd(self.layout, self._rows(entry["gv"], start, start + n)))
 
     def free(self) -> None:
         self.copier.synchronize()  # no copy may still be writing into a freed host buffer
