@@ -24,6 +24,8 @@ one global step.
 
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -35,7 +37,7 @@ from chunkflow.bench.options import MethodConfig
 from chunkflow.bench.workload import count_tokens, forward
 from chunkflow.models.hf_checkpoint import config_to_hf
 from chunkflow.plan import build_chunks
-from chunkflow.plan.cost import ModelShape
+from chunkflow.plan.cost import ModelShape, forward_flops
 from chunkflow.runtime.engine import ChunkFlowEngine
 from chunkflow.runtime.loss import IGNORE_INDEX, shift_labels, token_weights, weighted_cross_entropy
 
@@ -50,19 +52,43 @@ class StepStats:
     """FLOPs the method computes for the whole step: padding, recompute and masked pairs too."""
 
 
-def build_runner(config: MethodConfig, model: torch.nn.Module, shape: ModelShape):
-    """The runner of ``config`` on the reference ``model`` (hf: on a transformers copy of it)."""
+def build_runner(config: MethodConfig, model: torch.nn.Module, shape: ModelShape, *,
+                 time_actions: bool = False):
+    """The runner of ``config`` on the reference ``model`` (hf: on a transformers copy of it);
+    ``time_actions``: chunkflow's per-action timing."""
     if config.method == "chunkflow":
-        return ChunkFlowRunner(config, model, shape)
+        return ChunkFlowRunner(config, model, shape, time_actions=time_actions)
     if config.method == "hf":
         return HFRunner(config, model, shape)
     return DenseRunner(config, model, shape)
 
 
 class ChunkFlowRunner:
-    def __init__(self, config: MethodConfig, model, shape: ModelShape):
-        self.model, self.shape, self.k = model, shape, config.k
-        self.engine = ChunkFlowEngine(model, chunk_size=config.chunk_size, k=config.k)
+    """chunkflow's engine. With ``time_actions``, ``action_seconds`` sums each action kind's time
+    over the steps run (through the engine's action hook, which then synchronises a GPU after
+    every action; ``s``/``r`` are the selective ``S``/``R``)."""
+
+    def __init__(self, config: MethodConfig, model, shape: ModelShape, *,
+                 time_actions: bool = False):
+        self.model, self.shape, self.config = model, shape, config
+        self.k, self.selective = config.k, config.selective
+        self.engine = ChunkFlowEngine(model, chunk_size=config.chunk_size, k=config.k,
+                                      recompute="selective" if config.selective else "full",
+                                      activation_checkpointing=config.recompute)
+        self.action_seconds: dict[str, float] = {}
+        self._started = 0.0
+        if time_actions:
+            self.engine.register_action_hook(self._time_action)
+
+    def _time_action(self, action, phase: str) -> None:
+        if next(self.model.parameters()).device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if phase == "start":
+            self._started = now
+            return
+        kind = str(action).rstrip("0123456789")
+        self.action_seconds[kind] = self.action_seconds.get(kind, 0.0) + now - self._started
 
     def parameters(self):
         return self.model.parameters()
@@ -76,6 +102,10 @@ class ChunkFlowRunner:
             prefix = chunk.segments[0].start if chunk.is_dependent else 0
             flops += 3 * forward(self.shape, lens, prefix_len=prefix)
             if chunk.chunk_id in recomputed:  # its S forward fills the state, R redoes it
+                flops += forward(self.shape, lens, prefix_len=prefix, head=False)
+                if self.selective:  # ... but for the attention kernel
+                    flops -= forward_flops(self.shape, lens, prefix_len=prefix).attention
+            if self.config.recompute:  # checkpointed layers run their forward once more
                 flops += forward(self.shape, lens, prefix_len=prefix, head=False)
         return StepStats(float(result.loss), plan.num_chunks, plan.num_chunks, flops)
 

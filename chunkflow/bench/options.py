@@ -22,20 +22,27 @@ class MethodConfig:
     micro_batch: int = 1
     """pad and hf: sequences per micro-batch (packed micro-batches hold up to the max length)."""
     recompute: bool = False
-    """pad and packed: full activation recompute; hf: gradient checkpointing."""
+    """pad and packed: full activation recompute; hf: gradient checkpointing; chunkflow:
+    per-layer activation checkpointing inside its chunks."""
+    selective: bool = False
+    """chunkflow: selective recompute (its ``R`` actions skip attention)."""
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}; valid: {', '.join(METHODS)}")
         if (self.method == "chunkflow") != (self.chunk_size is not None and self.k is not None):
             raise ValueError(f"{self}: chunk_size and k are chunkflow's, and it needs both")
+        if self.selective and self.method != "chunkflow":
+            raise ValueError(f"{self}: selective recompute is chunkflow's")
         if self.micro_batch < 1:
             raise ValueError(f"micro_batch={self.micro_batch} must be at least 1")
 
     @property
     def label(self) -> str:
         if self.method == "chunkflow":
-            return f"chunkflow (chunk {self.chunk_size}, K={self.k})"
+            return (f"chunkflow (chunk {self.chunk_size}, K={self.k}"
+                    f"{', selective' if self.selective else ''}"
+                    f"{', act. checkpointing' if self.recompute else ''})")
         if self.method == "packed":
             return ("Megatron packed, full recompute" if self.recompute
                     else "ideal: packed, no recompute")

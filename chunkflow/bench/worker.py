@@ -73,7 +73,8 @@ def measure(spec: dict) -> dict:
     device = torch.device(spec.get("device", "cpu"))
     bf16 = spec.get("dtype", "float32") == "bfloat16"
     torch.manual_seed(0)
-    runner = build_runner(config, Transformer(model_config).to(device), shape)
+    runner = build_runner(config, Transformer(model_config).to(device), shape,
+                          time_actions=spec.get("time_actions", False))
     optimizer = torch.optim.AdamW(runner.parameters(), lr=1e-5)
     max_micro = spec.get("max_micro_batches") if config.method == "pad" else None
     meter = PeakMemory(device)
@@ -99,6 +100,8 @@ def measure(spec: dict) -> dict:
     train_step(global_batch(min(_WARMUP_MAX_LEN, spec["max_len"]), spec["num_sequences"],
                             seed=_WARMUP_SEED, vocab_size=model_config.vocab_size))
     meter.reset()
+    if hasattr(runner, "action_seconds"):
+        runner.action_seconds.clear()  # the warm-up's do not count
     steps = []
     for i in range(spec["steps"]):
         batch = global_batch(spec["max_len"], spec["num_sequences"], seed=spec["seed"] + i,
@@ -113,8 +116,11 @@ def measure(spec: dict) -> dict:
             "tokens": tokens, "supervised_tokens": supervised,
             "model_flops": model_flops(shape, [len(ex["input_ids"]) for ex in batch]),
             "executed_flops": stats.executed_flops})
-    return {"spec": spec, "label": config.label, "peak_bytes": meter.peak(),
-            "base_bytes": meter.base, "steps": steps}
+    out = {"spec": spec, "label": config.label, "peak_bytes": meter.peak(),
+           "base_bytes": meter.base, "steps": steps}
+    if getattr(runner, "action_seconds", None):  # per action kind, measured steps only
+        out["action_seconds"] = runner.action_seconds
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -83,7 +83,8 @@ class ParallelEngine:
     def __init__(self, model: nn.Module, ctx: ParallelContext, *, chunk_size: int, k: int = 1,
                  data_parallel: str = "ddp", loss_normalization: str = "token",
                  pack_chain_tails: bool = True, attention_backend: str = "auto",
-                 activation_checkpointing: bool = False, recompute: str = "full"):
+                 activation_checkpointing: bool = False, recompute: str = "full",
+                 offload: str = "none"):
         if data_parallel not in DATA_PARALLEL:
             raise ValueError(f"data_parallel={data_parallel!r}; valid: {', '.join(DATA_PARALLEL)}")
         self.ctx, self.data_parallel = ctx, data_parallel
@@ -95,7 +96,7 @@ class ParallelEngine:
                                       pack_chain_tails=pack_chain_tails,
                                       attention_backend=attention_backend,
                                       activation_checkpointing=activation_checkpointing,
-                                      recompute=recompute)
+                                      recompute=recompute, offload=offload)
         self.model = model
         wrapped = None
         if ctx.dp > 1:

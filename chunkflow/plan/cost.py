@@ -152,7 +152,9 @@ class GPUProfile:
       forward (~20 kernels and 4 collectives): 0.1 ms; a backward costs twice that;
     * ``nvlink_bytes_per_s``: achieved all-gather/reduce-scatter bus bandwidth, ~80% of NVLink's
       300 (A100) / 450 (H100) GB/s per direction; ``network_bytes_per_s``: one 200 (A100) /
-      400 (H100) Gb/s InfiniBand NIC per GPU at ~80%.
+      400 (H100) Gb/s InfiniBand NIC per GPU at ~80%;
+    * ``host_bytes_per_s``: pinned host <-> device copies (offload), ~80% of PCIe 4.0 x16's
+      32 GB/s (A100) / PCIe 5.0's 64 GB/s (H100).
     """
 
     name: str
@@ -165,6 +167,7 @@ class GPUProfile:
     layer_overhead_s: float
     nvlink_bytes_per_s: float
     network_bytes_per_s: float
+    host_bytes_per_s: float = 25e9
 
 
 GPU_PROFILES: dict[str, GPUProfile] = {
@@ -175,8 +178,17 @@ GPU_PROFILES: dict[str, GPUProfile] = {
     "h100-80gb": GPUProfile("H100-80GB", peak_flops=989e12, memory_bytes=80 * 2**30,
                             matmul_efficiency=0.55, attention_efficiency=0.45,
                             tokens_half_efficiency=512, layer_overhead_s=1e-4,
-                            nvlink_bytes_per_s=360e9, network_bytes_per_s=40e9),
+                            nvlink_bytes_per_s=360e9, network_bytes_per_s=40e9,
+                            host_bytes_per_s=50e9),
 }
+
+CPU_PROFILE = GPUProfile("CPU", peak_flops=2e11, memory_bytes=0, matmul_efficiency=0.5,
+                         attention_efficiency=0.5, tokens_half_efficiency=32,
+                         layer_overhead_s=5e-4, nvlink_bytes_per_s=10e9,
+                         network_bytes_per_s=10e9, host_bytes_per_s=10e9)
+"""A few-core AVX2/AVX-512 host in float32, for ranking settings on CPU (``chunkflow.plan.auto``),
+not for predicting its seconds: matmuls at half of ~150 GFLOP/s and saturating from a few dozen
+rows; attention (the CPU flash kernel) at a quarter; 0.5 ms of Python and dispatch per layer."""
 
 
 def get_gpu(name: str) -> GPUProfile:
@@ -315,6 +327,13 @@ class CostModel:
         the attention kernel (an ``r`` reuses the output its ``s`` kept)."""
         mm, head, attn, fixed = self._parts(segment_lens, prefix_len, stage_idx)
         return mm + head + fixed + (0.0 if selective else attn)
+
+    def checkpoint_seconds(self, segment_lens: Sequence[int], *, prefix_len: int = 0,
+                           stage_idx: int = 0) -> float:
+        """What per-layer activation checkpointing adds to a backward: the decoder layers'
+        forward once more (not the head)."""
+        mm, _, attn, fixed = self._parts(segment_lens, prefix_len, stage_idx)
+        return mm + attn + fixed
 
     def backward_seconds(self, segment_lens: Sequence[int], *, prefix_len: int = 0,
                          stage_idx: int = 0) -> float:

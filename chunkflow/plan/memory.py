@@ -56,6 +56,12 @@ starting on a full graph) that is two layers' keys/values and one layer's gradie
 ``2 * G * D * T * (2b + a)``; the rest is ``host``. ``offload="all"`` moves the kept attention
 outputs there too.
 
+Activation checkpointing (``activation_checkpointing=True``): a chunk graph keeps, per layer and
+token, the layer's input only, ``b * E``, plus the head as above. While a chunk runs backward one
+of its layers is recomputed in full: that ``transient`` (one layer's activations of the largest
+chunk) is part of ``total``. The CPU meter does not see it (backward builds it under
+checkpointing's own hooks); CUDA's allocator does.
+
 Assumptions and known errors (all small against the totals):
 
 * every activation is in ``activation_bytes`` (a model run in its own dtype, no autocast);
@@ -85,7 +91,7 @@ _MODEL_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_a
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes at the step's peak, by part. ``activations + kv_state`` is the runtime meter's peak."""
+    """Bytes at the step's peak, by part. ``step`` is the runtime meter's peak."""
 
     weights: int
     grads: int
@@ -100,14 +106,22 @@ class MemoryEstimate:
     """Attention outputs kept on the device for selective recomputes, at the peak."""
     host: int = 0
     """What offload keeps in host memory at that moment (not part of ``total``)."""
+    transient: int = 0
+    """Activation checkpointing: one layer recomputed in a chunk's backward."""
+
+    @property
+    def step(self) -> int:
+        """What the runtime's CPU meter counts: saved activations, device KV state, kept
+        attention outputs (not the checkpointing transient)."""
+        return self.activations + self.kv_state + self.kept_attention
 
     @property
     def total(self) -> int:
-        return (self.weights + self.grads + self.optimizer_state + self.activations
-                + self.kv_state + self.kept_attention)
+        return self.weights + self.grads + self.optimizer_state + self.step + self.transient
 
     def summary(self) -> str:
         kept = (f" + kept attention {_fmt(self.kept_attention)}" if self.kept_attention else "")
+        kept += (f" + recomputed layer {_fmt(self.transient)}" if self.transient else "")
         host = f"; in host memory {_fmt(self.host)}" if self.host else ""
         return (f"peak {_fmt(self.total)} = weights {_fmt(self.weights)} + grads "
                 f"{_fmt(self.grads)} + optimizer {_fmt(self.optimizer_state)} + activations "
@@ -115,13 +129,23 @@ class MemoryEstimate:
                 f"{_fmt(self.kv_state)}{kept}{host}")
 
 
-def activation_bytes_per_token(model, *, activation_bytes: int) -> int:
-    """Saved-for-backward bytes of one token of a chunk graph: all layers plus the head."""
+def _token_parts(model, activation_bytes: int) -> tuple[int, int]:
+    """Saved-for-backward bytes of one token: (one decoder layer, head and inputs)."""
     b, a = activation_bytes, max(activation_bytes, 4)
     e, i, d = model.hidden_size, model.intermediate_size, model.head_dim
     h, g = model.num_attention_heads, model.num_key_value_heads
     per_layer = b * (6 * e + 3 * h * d + 2 * g * d + 4 * i) + a * (h + 2)
     head = b * (3 * e + 2 * d) + a * (model.vocab_size + 2) + 16
+    return per_layer, head
+
+
+def activation_bytes_per_token(model, *, activation_bytes: int,
+                               activation_checkpointing: bool = False) -> int:
+    """Saved-for-backward bytes of one token of a chunk graph: all layers plus the head;
+    with ``activation_checkpointing`` each layer keeps its input only."""
+    per_layer, head = _token_parts(model, activation_bytes)
+    if activation_checkpointing:
+        per_layer = activation_bytes * model.hidden_size
     return model.num_hidden_layers * per_layer + head
 
 
@@ -147,12 +171,14 @@ OFFLOAD_MODES = ("none", "state", "all")
 def estimate_peak_memory(model, plan: ChunkPlan, *, k: int, param_bytes: int = 4,
                          activation_bytes: int | None = None,
                          optimizer: str = "adamw", recompute: str = "full",
-                         offload: str = "none") -> MemoryEstimate:
+                         offload: str = "none",
+                         activation_checkpointing: bool = False) -> MemoryEstimate:
     """Peak memory of one step of ``plan`` with ``k`` retained chunk graphs (see module docstring).
 
     ``param_bytes``: bytes per parameter (and gradient) element; ``activation_bytes``: bytes per
     activation element, default ``param_bytes``; ``optimizer``: a key of ``OPTIMIZER_STATES``;
-    ``recompute``/``offload``: the engine's modes of the same names.
+    ``recompute``/``offload``/``activation_checkpointing``: the engine's options of the same
+    names.
     """
     k = check_positive_int("k", k)
     if recompute not in RECOMPUTE_MODES:
@@ -185,7 +211,10 @@ def estimate_peak_memory(model, plan: ChunkPlan, *, k: int, param_bytes: int = 4
         for j, n in enumerate(recomputed):  # each R j: one graph, the outputs of 0..j-1
             moments.append((n, state, sum(recomputed[:j]) if selective else 0))
 
-    per_token = activation_bytes_per_token(model, activation_bytes=activation_bytes)
+    per_token = activation_bytes_per_token(model, activation_bytes=activation_bytes,
+                                           activation_checkpointing=activation_checkpointing)
+    transient = (_token_parts(model, activation_bytes)[0] * max(c.num_tokens for c in plan.chunks)
+                 if activation_checkpointing else 0)
     kept_per_token = kept_attention_bytes_per_token(model, activation_bytes=activation_bytes)
     layers = model.num_hidden_layers
     b, a = activation_bytes, max(activation_bytes, 4)
@@ -215,6 +244,7 @@ def estimate_peak_memory(model, plan: ChunkPlan, *, k: int, param_bytes: int = 4
         peak_tokens=peak[0],
         kept_attention=kept,
         host=host,
+        transient=transient,
     )
 
 

@@ -151,6 +151,18 @@ class ChunkingSection:
         "full", "How chunks beyond k are recomputed: full (their whole forward again) or "
                 "selective (their state forward keeps each layer's attention output and LSE, "
                 "so the recompute skips attention; costs chunk x hidden per layer and chunk).")
+    offload: Literal["none", "state", "all"] = _f(
+        "none", "CUDA: keep the chains' key/value state (state), and with selective recompute "
+                "also the kept attention outputs (all), in pinned host memory, a layer at a "
+                "time on the GPU. On CPU it saves nothing.")
+    auto: bool = _f(False, "Choose chunk_size, k, recompute, activation_checkpointing and "
+                           "offload from the memory and cost models for this model and the "
+                           "data's first global batches, within memory_budget; the choice is "
+                           "printed and saved in the run's config.toml.")
+    memory_budget: str | None = _f(
+        None, "Device memory --chunking.auto may plan for, like 20GiB or 24000MB. Default on "
+              "CUDA: the device's free memory less a tenth of its total (allocator fragmentation, "
+              "CUDA context, NCCL buffers, kernel workspaces); required on CPU.")
 
 
 @dataclass

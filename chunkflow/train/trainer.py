@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from chunkflow.runtime.engine import ChunkFlowEngine
 from chunkflow.train import TrainingError
+from chunkflow.train.auto import choose_chunking
 from chunkflow.train.batching import count_steps, global_batches
 from chunkflow.train.build import build_model, build_tokenizer, model_label
 from chunkflow.train.checkpoint import (
@@ -136,12 +137,18 @@ class Trainer:
                                                    vocab_size=vocab_size, tokenizer=self.tokenizer)
             self._print(f"held-out data: {check_eval_data(self.eval_dataset, cfg)}")
         self.files = ModelFiles(self.model, self.tokenizer, model_path=cfg.model.path)
+        if cfg.chunking.auto:
+            self._choose_chunking()
+        if cfg.chunking.offload != "none" and self.device.type != "cuda":
+            self._print(f"warning: --chunking.offload={cfg.chunking.offload} on "
+                        f"{self.device.type}: the host memory is the same memory, so it saves "
+                        f"nothing here (it is for CUDA)")
         options = dict(chunk_size=cfg.chunking.chunk_size, k=cfg.chunking.k,
                        loss_normalization=cfg.chunking.loss_normalization,
                        pack_chain_tails=cfg.chunking.pack_chain_tails,
                        attention_backend=cfg.chunking.attention_backend,
                        activation_checkpointing=cfg.chunking.activation_checkpointing,
-                       recompute=cfg.chunking.recompute)
+                       recompute=cfg.chunking.recompute, offload=cfg.chunking.offload)
         if ctx is None:
             self.engine = ChunkFlowEngine(self.model, **options)
             self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -178,6 +185,23 @@ class Trainer:
         if self.is_main:
             cfg.save(self.run_dir / "config.toml")
         self._print(self._describe(resume_path))
+
+    def _choose_chunking(self) -> None:
+        """--chunking.auto: rank 0 picks the settings (its device's free memory), all use them."""
+        cfg = self.cfg
+        activation_bytes = (2 if self.autocast and cfg.model.dtype != "float64" else
+                            {"float32": 4, "bfloat16": 2, "float64": 8}[cfg.model.dtype])
+
+        def choose():
+            text = choose_chunking(cfg, self.dataset, self.device,
+                                   activation_bytes=activation_bytes, log=self._print)
+            return text, asdict(cfg.chunking)
+
+        text, chunking = choose() if self.ctx is None else self.ctx.run_on_rank0(choose)
+        cfg.chunking = replace(cfg.chunking, **chunking)
+        self._print(text)
+        if self.is_main:
+            (self.run_dir / "chunking_auto.txt").write_text(text + "\n")
 
     def _total_steps(self) -> int:
         """--train.steps, or the global batches of --train.epochs passes over the files."""

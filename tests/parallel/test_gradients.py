@@ -21,8 +21,9 @@ def test_two_ranks_data_parallel_and_pipeline():
         dict(dp=2, pp=1, k=2, data_parallel="fsdp", lengths=(50,)),
         dict(dp=1, pp=2, k=1),
         dict(dp=1, pp=2, k=2, steps=2),
-        dict(dp=1, pp=2, k=1, recompute="selective"),
+        dict(dp=1, pp=2, k=1, recompute="selective", offload="all"),
         dict(dp=2, pp=1, k=1, data_parallel="ddp", recompute="selective"),
+        dict(dp=2, pp=1, k=1, data_parallel="fsdp", offload="state"),
     ])
 
 

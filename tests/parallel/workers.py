@@ -85,7 +85,8 @@ def check_gradients(rank, world_size, cases):
         model = tiny_model(num_hidden_layers=4, dtype=dtype)
         engine = ParallelEngine(model, ctx, chunk_size=16, k=k, data_parallel=mode,
                                 loss_normalization=norm,
-                                recompute=case.get("recompute", "full"))
+                                recompute=case.get("recompute", "full"),
+                                offload=case.get("offload", "none"))
         for step in range(case.get("steps", 1)):
             batch = make_batch(lengths, seed=step + 1)
             ref = tiny_model(num_hidden_layers=4, dtype=dtype).double()  # the same weights

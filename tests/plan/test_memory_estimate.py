@@ -178,12 +178,13 @@ print(estimate_peak_memory(model, build_chunks([9, 3], chunk_size=4), k=1).summa
     assert out.startswith("peak ")
 
 
-@pytest.mark.parametrize("recompute, offload", [("selective", "none"), ("full", "state"),
-                                                ("selective", "state"), ("selective", "all")])
+@pytest.mark.parametrize("recompute, offload, checkpointing", [
+    ("selective", "none", False), ("full", "state", False), ("selective", "state", False),
+    ("selective", "all", False), ("full", "none", True), ("selective", "state", True)])
 @pytest.mark.parametrize("k", [1, 2])
-def test_recompute_and_offload_estimates_match_cpu_meter(recompute, offload, k):
-    """The kept attention outputs and the offloaded state priced as the meter counts them
-    (four layers, so an offloaded state keeps half of them on the device)."""
+def test_recompute_and_offload_estimates_match_cpu_meter(recompute, offload, checkpointing, k):
+    """The kept attention outputs, the offloaded state and checkpointed layers priced as the
+    meter counts them (four layers, so an offloaded state keeps half of them on the device)."""
     config = ModelConfig(vocab_size=256, hidden_size=128, intermediate_size=352,
                          num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2)
     torch.manual_seed(0)
@@ -192,10 +193,13 @@ def test_recompute_and_offload_estimates_match_cpu_meter(recompute, offload, k):
     torch.manual_seed(1)
     batch = [torch.randint(0, 256, (n,)) for n in seq_lens]
     plan = build_chunks(seq_lens, chunk_size=64)
-    measured = ChunkFlowEngine(model, chunk_size=64, k=k, recompute=recompute,
-                               offload=offload).forward_backward(batch).peak_memory_bytes
-    est = estimate_peak_memory(config, plan, k=k, recompute=recompute, offload=offload)
-    ratio = (est.activations + est.kv_state + est.kept_attention) / measured
+    measured = ChunkFlowEngine(model, chunk_size=64, k=k, recompute=recompute, offload=offload,
+                               activation_checkpointing=checkpointing,
+                               ).forward_backward(batch).peak_memory_bytes
+    est = estimate_peak_memory(config, plan, k=k, recompute=recompute, offload=offload,
+                               activation_checkpointing=checkpointing)
+    ratio = est.step / measured
+    assert est.step == est.activations + est.kv_state + est.kept_attention
     assert abs(ratio - 1) <= TOLERANCE, f"estimate/meter = {ratio:.3f}: {est.summary()}"
     full = estimate_peak_memory(config, plan, k=k)
     assert (est.kept_attention > 0) == (recompute == "selective" and offload != "all")
@@ -203,4 +207,9 @@ def test_recompute_and_offload_estimates_match_cpu_meter(recompute, offload, k):
     if offload != "none":
         # two of four layers' keys/values and one layer's gradients (all float32 here)
         assert est.kv_state * 8 == full.kv_state * 3
-        assert est.total < full.total + est.kept_attention
+        assert est.total < full.total + est.kept_attention + est.transient
+    # the layer a checkpointed backward recomputes: one layer of the largest (64-token) chunk
+    per_layer = (activation_bytes_per_token(config, activation_bytes=4)
+                 - activation_bytes_per_token(config, activation_bytes=4,
+                                              activation_checkpointing=True)) // 4 + 4 * 128
+    assert est.transient == (64 * per_layer if checkpointing else 0)

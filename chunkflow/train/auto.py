@@ -1,0 +1,98 @@
+"""``--chunking.auto``: chunk settings for this model, this data and this device.
+
+The choice (:func:`chunkflow.plan.auto.choose_settings`) uses the memory and cost models on the
+data's first ``SAMPLE_BATCHES`` global batches and on one sequence of the longest length the
+data allows (``--data.max_length``, or the built-in data's ``synthetic_max_len``; without either,
+the longest sampled, with a warning). It is written into ``cfg.chunking`` with ``auto`` switched
+off, so the run's saved ``config.toml`` holds the settings it trained with and a resume keeps
+them.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from chunkflow.train.config import TrainConfig
+
+SAMPLE_BATCHES = 8
+CUDA_MARGIN = 0.10
+"""Of the device's total memory, left out of the default budget (``--chunking.memory_budget``)."""
+
+
+def memory_budget(cfg: TrainConfig, device: torch.device) -> tuple[int, str]:
+    """(bytes, how they were found) for ``--chunking.auto``."""
+    from chunkflow.sim.tune import format_size, parse_size
+
+    given = cfg.chunking.memory_budget
+    if given is not None:
+        try:
+            budget = parse_size(given)
+        except ValueError as e:
+            raise ValueError(f"--chunking.memory_budget={given!r}: {e}") from None
+        return budget, f"--chunking.memory_budget={given}"
+    if device.type != "cuda":
+        raise ValueError(f"--chunking.auto=true on {device.type}: give the memory to plan for, "
+                         f"like --chunking.memory_budget=16GiB (only a CUDA device reports its "
+                         f"free memory)")
+    free, total = torch.cuda.mem_get_info(device)
+    budget = int(free - CUDA_MARGIN * total)
+    if budget <= 0:
+        raise ValueError(f"--chunking.auto=true: {device} has {format_size(free)} free of "
+                         f"{format_size(total)}, less than the {CUDA_MARGIN:.0%} margin; give "
+                         f"--chunking.memory_budget")
+    return budget, (f"{device}'s free memory {format_size(free)} less {CUDA_MARGIN:.0%} of its "
+                    f"{format_size(total)}")
+
+
+def device_profile(device: torch.device):
+    """The cost model's profile of ``device``: a known GPU by name, else the H100's factors (the
+    choice depends on ratios of costs, not on absolute seconds); the CPU's own."""
+    from chunkflow.plan.cost import CPU_PROFILE, GPU_PROFILES
+
+    if device.type != "cuda":
+        return CPU_PROFILE
+    name = torch.cuda.get_device_name(device).lower()
+    return GPU_PROFILES["a100-80gb"] if "a100" in name else GPU_PROFILES["h100-80gb"]
+
+
+def choose_chunking(cfg: TrainConfig, dataset, device: torch.device, *, activation_bytes: int,
+                    log=print) -> str:
+    """Pick the chunk settings, write them into ``cfg.chunking``; return the printed table."""
+    from chunkflow.plan.auto import choose_settings, format_choices
+    from chunkflow.train.batching import global_batches
+    from chunkflow.train.build import model_shape
+    from chunkflow.train.data import DataPosition, DataStats, FileDataset
+
+    budget, source = memory_budget(cfg, device)
+    batches = [[len(ex) for ex in batch] for batch, _, _ in itertools.islice(
+        global_batches(dataset, cfg.data, DataPosition(), DataStats()), SAMPLE_BATCHES)]
+    max_length = cfg.data.max_length
+    if max_length is None and not isinstance(dataset, FileDataset):
+        max_length = cfg.data.synthetic_max_len
+    if max_length is None:
+        log(f"warning: --chunking.auto planned memory for the longest of the first "
+            f"{len(batches)} global batches' sequences ({max(max(b) for b in batches)} tokens); "
+            f"a longer one later may not fit: set --data.max_length to bound it")
+    param_bytes = {"float32": 4, "bfloat16": 2, "float64": 8}[cfg.model.dtype]
+    choices = choose_settings(model_shape(cfg), batches, memory_budget=budget,
+                              profile=device_profile(device), param_bytes=param_bytes,
+                              activation_bytes=activation_bytes, max_length=max_length,
+                              offload=device.type == "cuda",
+                              pack_chain_tails=cfg.chunking.pack_chain_tails)
+    best = choices[0].settings
+    c = cfg.chunking
+    c.chunk_size, c.k, c.recompute = best.chunk_size, best.k, best.recompute
+    c.activation_checkpointing, c.offload = best.activation_checkpointing, best.offload
+    c.auto = False  # the saved config is the run as it trains; a resume keeps these settings
+    return (f"chunking.auto: {best} (memory budget {_fmt(budget)}: {source}; "
+            f"{len(batches)} sample global batches, longest sequence planned for "
+            f"{max_length or max(max(b) for b in batches)} tokens)\n"
+            f"{format_choices(choices)}")
+
+
+def _fmt(num_bytes: int) -> str:
+    from chunkflow.sim.tune import format_size
+
+    return format_size(num_bytes)
