@@ -55,16 +55,26 @@ def _plan(args: argparse.Namespace, unknown: list[str]) -> int:
                                                 and cfg.train.device == "cuda")
     activation_bytes = 2 if autocast and cfg.model.dtype != "float64" else param_bytes
 
+    configured = dict(recompute=chunking.recompute, offload=chunking.offload,
+                      activation_checkpointing=chunking.activation_checkpointing)
+
     def describe(lengths: list[int]) -> str:
         plan = build_chunks(lengths, chunk_size=chunking.chunk_size,
                             pack_chain_tails=chunking.pack_chain_tails)
-        estimate = estimate_peak_memory(shape, plan, k=chunking.k,
-                                        param_bytes=param_bytes,
-                                        activation_bytes=activation_bytes)
+
+        def estimate(**options):
+            return estimate_peak_memory(shape, plan, k=chunking.k, param_bytes=param_bytes,
+                                        activation_bytes=activation_bytes,
+                                        **{**configured, **options})
+
+        mine = estimate()
+        settings = ", ".join(f"{name}={value}" for name, value in configured.items()
+                             if value not in ("full", "none", False))
         return (f"{plan.summary()}; longest sequence {max(lengths)} tokens\n"
                 f"  estimated peak memory ({model_label(cfg)}, {cfg.model.dtype}"
                 f"{', bf16 autocast' if activation_bytes == 2 != param_bytes else ''}, "
-                f"k={chunking.k}): {estimate.summary()}"), plan
+                f"k={chunking.k}{', ' + settings if settings else ''}): {mine.summary()}\n"
+                f"  {_alternatives(estimate, mine, configured)}"), plan
 
     if args.lengths:
         lengths = _parse_lengths(args.lengths)
@@ -75,7 +85,8 @@ def _plan(args: argparse.Namespace, unknown: list[str]) -> int:
                     else "standalone")
             segs = " ".join(f"s{s.seq_id}[{s.start}:{s.end}]" for s in chunk.segments)
             print(f"  chunk {chunk.chunk_id:3d} {chunk.num_tokens:6d} tokens  {kind:20s} {segs}")
-        print(f"schedule (k={chunking.k}): {format_schedule(schedule(plan, k=chunking.k))}")
+        actions = schedule(plan, k=chunking.k, recompute=chunking.recompute)
+        print(f"schedule (k={chunking.k}): {format_schedule(actions)}")
         return 0
 
     dataset, first = _data_batches(cfg, args.batches)
@@ -85,6 +96,33 @@ def _plan(args: argparse.Namespace, unknown: list[str]) -> int:
         print(f"global batch {i + 1}: {text}")
     print(f"data so far: {first[-1][1].summary(max_length=cfg.data.max_length)}")
     return 0
+
+
+def _alternatives(estimate, mine, configured: dict) -> str:
+    """The peak under each other recompute/offload/checkpointing setting (``chunkflow plan``):
+    what selective recompute costs, what offload (CUDA) and checkpointing save."""
+    from chunkflow.sim.tune import format_size
+
+    changes = [dict(recompute="selective" if configured["recompute"] == "full" else "full"),
+               dict(offload="state"), dict(recompute="selective", offload="all"),
+               dict(offload="none"),
+               dict(activation_checkpointing=not configured["activation_checkpointing"])]
+    parts = []
+    for change in changes:  # one setting changed (offload="all" needs selective recompute)
+        option = {**configured, **change}
+        if option == configured or (option["offload"] == "all"
+                                    and option["recompute"] != "selective"):
+            continue
+        other = estimate(**option)
+        if other.total == mine.total and not other.host:
+            continue
+        delta = other.total - mine.total
+        name = ", ".join(f"{k}={str(v).lower()}" for k, v in option.items()
+                         if v != configured[k])
+        host = f", {format_size(other.host)} in host memory" if other.host else ""
+        parts.append(f"{name}: {format_size(other.total)} "
+                     f"({'+' if delta >= 0 else '-'}{format_size(abs(delta))}{host})")
+    return "other settings: " + ("; ".join(parts) if parts else "the same peak")
 
 
 def _parse_lengths(text: str) -> list[int]:

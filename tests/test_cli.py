@@ -15,6 +15,20 @@ def test_plan_of_lengths_prints_chunks_and_schedule(capsys):
     assert "estimated peak memory (tiny, float32, k=1)" in out
 
 
+def test_plan_shows_what_recompute_offload_and_checkpointing_change(capsys):
+    assert main(["plan", "--lengths", "9000,300,120", "--chunking.chunk_size=2048",
+                 "--chunking.recompute=selective", "--chunking.offload=state"]) == 0
+    out = capsys.readouterr().out
+    assert "k=1, recompute=selective, offload=state): peak " in out
+    assert "in host memory" in out.splitlines()[1]
+    other = out.splitlines()[2]
+    assert other.startswith("  other settings: recompute=full: ")
+    assert "recompute=selective, offload=all" not in other  # only what changes one setting
+    assert "offload=all: " in other and "offload=none: " in other
+    assert "activation_checkpointing=true: " in other
+    assert "schedule (k=1): s0 s1 s2 s3 F4 B4 r3 B3 r2 B2 r1 B1 r0 B0" in out
+
+
 def test_plan_of_configured_data(tmp_path, capsys):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"input_ids": list(range(n))}) + "\n"

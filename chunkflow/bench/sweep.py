@@ -6,7 +6,8 @@ For each maximum length the sweep measures (one fresh process each, :mod:`chunkf
   length (mbs 1); Megatron-style packing with full recompute; HF flattened batches with and
   without gradient checkpointing; the ideal (packed, no recompute);
 * with ``--memory-budget``, each method's other configurations, to pick its fastest that fits
-  (the paper took Megatron-LM's best non-out-of-memory configuration the same way). A
+  (the paper took Megatron-LM's best non-out-of-memory configuration the same way); chunkflow's
+  are the auto-tuner's best three within the budget (what ``--chunking.auto`` would pick). A
   configuration that only adds recompute to one that fits is skipped: it cannot be faster.
 
 Then it writes ``bench-<hardware>-<date>.json`` (every raw measurement), ``.md`` and ``.png``.
@@ -36,16 +37,41 @@ def table_rows(o: BenchOptions) -> list[tuple[str, MethodConfig]]:
             ("ideal", MethodConfig("packed"))]
 
 
+AUTO_CANDIDATES = 3
+"""chunkflow's configurations measured for the budget table: the auto-tuner's best ones."""
+
+
+def auto_candidates(o: BenchOptions, max_len: int) -> list[MethodConfig]:
+    """chunkflow's fastest ``AUTO_CANDIDATES`` settings within the budget, as
+    ``--chunking.auto`` (:func:`chunkflow.plan.auto.choose_settings`) ranks them for this model,
+    dtype and the sweep's batches at ``max_len``. The bench measures step memory above the
+    static part, so the tuner gets the budget plus weights, gradients and AdamW state (float32).
+    Offload is not benchmarked. None fits: an empty list."""
+    from chunkflow.bench.workload import batch_lengths, get_model_config
+    from chunkflow.plan.auto import choose_settings
+    from chunkflow.plan.cost import CPU_PROFILE, GPU_PROFILES, ModelShape
+
+    shape = ModelShape.from_config(get_model_config(o.model))
+    batches = [batch_lengths(max_len, o.num_sequences, seed=o.seed + i)
+               for i in range(o.steps_at(max_len))]
+    try:
+        choices = choose_settings(
+            shape, batches, memory_budget=o.memory_budget + 16 * shape.num_params,
+            profile=CPU_PROFILE if o.device == "cpu" else GPU_PROFILES["h100-80gb"],
+            param_bytes=4, activation_bytes=2 if o.dtype == "bfloat16" else 4,
+            max_length=max_len)
+    except ValueError:
+        return []
+    return [MethodConfig("chunkflow", chunk_size=c.settings.chunk_size, k=c.settings.k,
+                         selective=c.settings.recompute == "selective",
+                         recompute=c.settings.activation_checkpointing)
+            for c in choices[:AUTO_CANDIDATES]]
+
+
 def budget_candidates(o: BenchOptions, max_len: int) -> dict[str, list[MethodConfig]]:
-    """Each family's configurations for the budget table, faster-first within a family."""
-    chunkflow = []
-    for cs, k in ((o.chunk_size, o.k), (2 * o.chunk_size, 1), (2 * o.chunk_size, 2)):
-        if cs >= max_len:  # one chunk holds the longest sequence: no chains, K is moot
-            k = 1
-        config = MethodConfig("chunkflow", chunk_size=cs, k=k)
-        if config not in chunkflow:
-            chunkflow.append(config)
-    return {"chunkflow": chunkflow,
+    """Each family's configurations for the budget table, faster-first within a family
+    (chunkflow's from the auto-tuner)."""
+    return {"chunkflow": auto_candidates(o, max_len),
             "Megatron padded": [MethodConfig("pad"), MethodConfig("pad", recompute=True)],
             "Megatron packed": [MethodConfig("packed"), MethodConfig("packed", recompute=True)],
             "HF flattened": [MethodConfig("hf", micro_batch=o.hf_micro_batch, recompute=r)

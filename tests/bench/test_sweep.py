@@ -33,8 +33,8 @@ def fake_worker(figures):
 
 def test_budget_picks_each_methods_fastest_configuration_that_fits(tmp_path):
     def figures(max_len, label):
-        if label.startswith("chunkflow"):  # bigger chunks: faster and larger
-            return (1.0, 100) if "2048" in label else (0.8, 300)
+        if label.startswith("chunkflow"):  # one chunk per sequence: faster and larger
+            return (0.8, 300) if f"chunk {max_len}, K=1)" in label else (1.0, 100)
         if "full recompute" in label or "checkpointing" in label:
             return 1.3, 400
         return 1.0, 450 if max_len == 1024 else 2000
@@ -47,8 +47,8 @@ def test_budget_picks_each_methods_fastest_configuration_that_fits(tmp_path):
     assert (1024, "Megatron padded (mbs 1, full recompute)") not in worker.calls
     assert (8192, "Megatron padded (mbs 1, full recompute)") in worker.calls
     short, long = md.split("within a memory budget of 500 MiB")[1].split("maximum length 8192")
-    for budget in short, long:  # chunk 4096: 0.8 s and 300 MiB, the fastest that fits
-        assert "| chunkflow | chunkflow (chunk 4096, K=1) | 1250 | 300 | 1.00x |" in budget
+    for budget, n in ((short, 1024), (long, 8192)):  # the tuner's first, 0.8 s and 300 MiB
+        assert f"| chunkflow | chunkflow (chunk {n}, K=1) | 1250 | 300 | 1.00x |" in budget
     # 1024: everything fits without recompute; 8192: only with it (1.3 s vs chunkflow's 0.8 s)
     assert "| Megatron packed | ideal: packed, no recompute | 1000 | 450 | 1.25x |" in short
     assert "| ideal | ideal: packed, no recompute | 1000 | 450 | 1.25x |" in short
@@ -93,12 +93,25 @@ def test_hardware_slug():
         "nvidia-h100-80gb-hbm3"
 
 
-def test_chunkflow_candidates_collapse_when_one_chunk_holds_the_longest_sequence():
-    o = BenchOptions(chunk_size=2048, k=1)
-    assert budget_candidates(o, 4096)["chunkflow"] == [
-        MethodConfig("chunkflow", chunk_size=2048, k=1),
-        MethodConfig("chunkflow", chunk_size=4096, k=1)]
-    assert len(budget_candidates(o, 32768)["chunkflow"]) == 3
+def test_chunkflow_budget_candidates_are_the_auto_tuners():
+    """The bench's chunkflow candidates are --chunking.auto's best three, budget and static
+    memory as the tuner sees them; a generous budget needs no chain at all."""
+    from chunkflow.bench.workload import batch_lengths, get_model_config
+    from chunkflow.plan.auto import choose_settings
+    from chunkflow.plan.cost import CPU_PROFILE, ModelShape
+
+    o = BenchOptions(memory_budget=48 << 20)
+    shape = ModelShape.from_config(get_model_config("cpu"))
+    batches = [batch_lengths(16384, 16, seed=i) for i in range(o.steps_at(16384))]
+    best = choose_settings(shape, batches, profile=CPU_PROFILE, max_length=16384,
+                           memory_budget=(48 << 20) + 16 * shape.num_params)[:3]
+    got = budget_candidates(o, 16384)["chunkflow"]
+    assert [(c.chunk_size, c.k, c.selective, c.recompute) for c in got] == [
+        (b.settings.chunk_size, b.settings.k, b.settings.recompute == "selective",
+         b.settings.activation_checkpointing) for b in best]
+    assert budget_candidates(BenchOptions(memory_budget=8 << 30), 4096)["chunkflow"][0] == \
+        MethodConfig("chunkflow", chunk_size=4096, k=1)
+    assert budget_candidates(BenchOptions(memory_budget=1 << 20), 32768)["chunkflow"] == []
 
 
 def test_worker_process_measures_and_reports_failures():
@@ -150,3 +163,17 @@ def test_command_line_reproduces_the_options():
     assert command_line(BenchOptions()) == "chunkflow bench"
     o = BenchOptions(lengths=(4096,), k=2, memory_budget=512 * MiB)
     assert command_line(o) == "chunkflow bench --lengths 4096 --k 2 --memory-budget 512MiB"
+
+
+def test_worker_times_chunkflow_actions_through_the_engines_hook():
+    method = {"method": "chunkflow", "chunk_size": 64, "k": 1, "selective": True,
+              "recompute": True}
+    spec = {"method": method, "model": "cpu", "max_len": 300, "num_sequences": 3, "steps": 1,
+            "seed": 0, "device": "cpu", "dtype": "float32", "time_actions": True}
+    result = _run_worker(spec)
+    assert result["label"] == "chunkflow (chunk 64, K=1, selective, act. checkpointing)"
+    assert set(result["action_seconds"]) == {"s", "F", "B", "r"}
+    assert sum(result["action_seconds"].values()) < result["steps"][0]["seconds"]
+    assert "action_seconds" not in _run_worker({**spec, "time_actions": False})
+    with pytest.raises(ValueError, match="selective recompute is chunkflow's"):
+        MethodConfig("packed", selective=True)
