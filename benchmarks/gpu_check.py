@@ -300,6 +300,47 @@ def main(argv=None) -> int:
                      verdict, f"{ratio:.2f}x (bound 1.15x)", "", ""))
         notes.append("peak: torch.cuda.max_memory_allocated (CPU smoke: the step meter)")
 
+    # 5. recompute modes and offload at the longest length (issue 15): step time, peak, the
+    # recompute actions' time (through the engine's action hook), bytes copied to the host
+    lens = lengths_for(lengths_long[1], 15, seed=2)
+    batch = make_batch(lens, config.vocab_size, device, seed=3)
+    for recompute, offload in (("full", "none"), ("selective", "none"), ("full", "state"),
+                               ("selective", "all")):
+        engine = ChunkFlowEngine(model, chunk_size=chunk, k=1, attention_backend=kernel,
+                                 recompute=recompute, offload=offload)
+        recomputing = {"seconds": 0.0, "start": 0.0}
+
+        def time_recompute(action, phase, acc=recomputing):
+            if action.kind.value != "R":
+                return
+            sync(device)
+            if phase == "start":
+                acc["start"] = time.perf_counter()
+            else:
+                acc["seconds"] += time.perf_counter() - acc["start"]
+
+        handle = engine.register_action_hook(time_recompute)
+        try:
+            step(engine, batch, device)  # warm-up
+            model.zero_grad(set_to_none=True)
+            recomputing["seconds"] = 0.0
+            _, seconds, gib = step(engine, batch, device)
+        except torch.cuda.OutOfMemoryError:
+            rows.append((f"K=1 {recompute}, offload {offload} {tokens(lengths_long[1])}",
+                         "out of memory", "", "", ""))
+            continue
+        finally:
+            handle.remove()
+            model.zero_grad(set_to_none=True)
+        moved = (f"{engine.copier(device).bytes_to_host / 2**30:.2f} GiB to host"
+                 if offload != "none" else "")
+        rows.append((f"K=1 {recompute} recompute, offload {offload} {tokens(lengths_long[1])}",
+                     f"{sum(lens) / seconds:,.0f} tok/s", memory(gib),
+                     f"R actions {recomputing['seconds']:.2f} s of {seconds:.2f} s", moved))
+        save()
+    notes.append("R actions: the recomputes' time with a device sync around each; selective "
+                 "ones skip the attention kernel")
+
     failed = any(r[1] in ("MISMATCH", "NOT FLAT") or r[1].startswith("FAILED") for r in rows)
     return finish(1 if failed else 0)
 

@@ -60,31 +60,17 @@ def rank_main(rank: int, world: int, port: int, args, out) -> None:
     ctx = init_distributed(pp=world, device=torch.device("cpu"))
     torch.manual_seed(0)
     engine = ParallelEngine(Transformer(CONFIG), ctx, chunk_size=args.chunk_size, k=args.k)
-    events: list[tuple[str, int, float, float]] = []
-    inner = engine.engine
-    forward, backward = inner._forward, inner._backward
+    events: list[tuple[tuple[str, int], float, float]] = []
+    started = {}
 
-    def timed(fn, label):
-        def run(*a, **kw):
-            t0 = time.perf_counter()
-            result = fn(*a, **kw)
-            events.append((label(*a, **kw), t0, time.perf_counter()))
-            return result
-        return run
+    def record(action, phase):  # the engine's action hook: start once the input is here
+        if phase == "start":
+            started["t"] = time.perf_counter()
+        else:
+            events.append(((action.kind.value, action.chunk_id), started["t"],
+                           time.perf_counter()))
 
-    # _forward(step, chunk, state, x, grad=, write_state=) / _backward(graph, grad_output)
-    inner._forward = timed(forward, lambda step, chunk, *a, grad, write_state:
-                           ("F" if write_state and grad else "S" if write_state else "R",
-                            chunk.chunk_id))
-    pending = []
-    inner._backward = timed(backward, lambda graph, g: ("B", pending.pop(0)))
-    original_execute = inner._execute
-
-    def execute(step, actions, io, sync, total):
-        pending[:] = [a.chunk_id for a in actions if a.kind is ActionKind.BACKWARD]
-        return original_execute(step, actions, io, sync, total)
-
-    inner._execute = execute
+    engine.engine.register_action_hook(record)
     steps = []
     for step in range(args.steps + 1):  # step 0 warms up
         batch = batch_of(step, args)

@@ -4,6 +4,7 @@
     python benchmarks/runtime_cpu.py loss
     python benchmarks/runtime_cpu.py checkpointing
     python benchmarks/runtime_cpu.py blocks
+    python benchmarks/runtime_cpu.py recompute --repeats 4 [--max-len 32768]
 
 * ``step``: chunkflow (chunk 2048, K=1) against the ideal (packed, nothing recomputed) at 32K on
   ``chunkflow bench``'s model and batches, through its worker; configurations alternate A B A B
@@ -15,6 +16,11 @@
 * ``checkpointing``: peak RSS rise of a chunkflow step at chunk 8192 with and without
   ``activation_checkpointing`` (8-layer Qwen2.5-0.5B-shaped layers, vocabulary 32768).
 * ``blocks``: step time of the CPU flash kernel with prefix blocks of 1, 2 and 4 chunks.
+* ``recompute`` (issue 15): chunkflow (chunk 2048, K=1) with full and with selective recompute,
+  the ideal and Megatron-style packing with full recompute, on ``chunkflow bench``'s model and
+  32K batch, alternating A B C D over the repeats: step times, and the time of chunkflow's
+  recompute (``R``/``r``) and state-forward (``S``/``s``) actions through the engine's action
+  hook; next to the cost model's prediction (``chunkflow.plan.auto``, CPU profile).
 
 Results are printed and saved as ``benchmarks/results/runtime_cpu-<what>-<date>.{md,json}``.
 Every process runs with glibc's mmap threshold fixed at 1 MiB, as the bench worker does.
@@ -179,17 +185,83 @@ def blocks(args) -> tuple[str, dict]:
     return "\n".join(rows), results
 
 
+def recompute(args) -> tuple[str, dict]:
+    from chunkflow.bench.workload import batch_lengths, get_model_config
+    from chunkflow.plan import build_chunks
+    from chunkflow.plan.auto import Settings, step_seconds
+    from chunkflow.plan.cost import CPU_PROFILE, CostModel, ModelShape
+
+    n = args.max_len
+    specs = {
+        "chunkflow (2048, K=1), full recompute": {"method": "chunkflow", "chunk_size": 2048,
+                                                  "k": 1},
+        "chunkflow (2048, K=1), selective": {"method": "chunkflow", "chunk_size": 2048, "k": 1,
+                                             "selective": True},
+        "ideal: packed, no recompute": {"method": "packed", "recompute": False},
+        "Megatron packed, full recompute": {"method": "packed", "recompute": True},
+    }
+    results: dict[str, list[dict]] = {}
+    for r in range(args.repeats):
+        for name, method in specs.items():
+            spec = {"method": method, "model": "cpu", "max_len": n, "num_sequences": 16,
+                    "steps": 1, "seed": 0, "time_actions": True}
+            out = _run(["-m", "chunkflow.bench.worker", json.dumps(spec)])
+            results.setdefault(name, []).append(out)
+            print(f"round {r + 1}: {name}: {out['steps'][0]['seconds']:.2f} s "
+                  f"{out.get('action_seconds', '')}", flush=True)
+
+    def mean(name, key=None):
+        runs = results[name]
+        if key is None:
+            return statistics.mean(x["steps"][0]["seconds"] for x in runs)
+        return statistics.mean(sum(v for k, v in x["action_seconds"].items() if k in key)
+                               for x in runs)
+
+    lengths = batch_lengths(n, 16, seed=0)
+    cost = CostModel(ModelShape.from_config(get_model_config("cpu")), CPU_PROFILE,
+                     activation_bytes=4)
+    predicted = {
+        "chunkflow (2048, K=1), full recompute": step_seconds(
+            cost, build_chunks(lengths, chunk_size=2048), Settings(2048, 1)),
+        "chunkflow (2048, K=1), selective": step_seconds(
+            cost, build_chunks(lengths, chunk_size=2048), Settings(2048, 1, "selective")),
+        "ideal: packed, no recompute": step_seconds(cost, build_chunks(lengths, chunk_size=n),
+                                                    Settings(n, 1)),
+    }
+    ideal, packed = mean("ideal: packed, no recompute"), mean("Megatron packed, full recompute")
+    rows = [f"| {n // 1024}K, bench model, {args.repeats} alternating runs | mean step (s) | "
+            f"runs (s) | vs ideal | vs packed + full recompute | model: vs ideal |",
+            "|---|---|---|---|---|---|"]
+    for name in specs:
+        t = mean(name)
+        runs = ", ".join(f"{x['steps'][0]['seconds']:.1f}" for x in results[name])
+        model = (f"{predicted['ideal: packed, no recompute'] / predicted[name]:.3f}x"
+                 if name in predicted else "")
+        rows.append(f"| {name} | {t:.2f} | {runs} | {ideal / t:.3f}x | {packed / t:.3f}x | "
+                    f"{model} |")
+    full, sel = "chunkflow (2048, K=1), full recompute", "chunkflow (2048, K=1), selective"
+    rows += ["", "| chunkflow's actions, mean per step (s) | full | selective | selective / "
+             "full |", "|---|---|---|---|"]
+    for label, key_full, key_sel in (("recompute (R vs r)", "R", "r"),
+                                     ("state forward (S vs s)", "S", "s"),
+                                     ("forward F", "F", "F"), ("backward B", "B", "B")):
+        a, b = mean(full, key_full), mean(sel, key_sel)
+        rows.append(f"| {label} | {a:.2f} | {b:.2f} | {b / a:.3f} |")
+    return "\n".join(rows), results
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("step", "loss", "checkpointing", "blocks"))
+    parser.add_argument("what", choices=("step", "loss", "checkpointing", "blocks", "recompute"))
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--baseline-tree", help="another checkout to measure beside this one")
-    parser.add_argument("--max-len", type=int, default=32768, help="step: longest sequence")
+    parser.add_argument("--max-len", type=int, default=32768,
+                        help="step, recompute: longest sequence")
     parser.add_argument("--only", help="step: only the methods whose name starts so")
     parser.add_argument("--output-dir", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     table, raw = {"step": step, "loss": loss, "checkpointing": checkpointing,
-                  "blocks": blocks}[args.what](args)
+                  "blocks": blocks, "recompute": recompute}[args.what](args)
     date = datetime.date.today().isoformat()
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}"
     import torch
@@ -199,7 +271,8 @@ def main(argv=None) -> int:
     print(text)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"runtime_cpu-{args.what}{'-' + str(args.max_len) if args.what == 'step' else ''}-{date}"
+    sized = args.what in ("step", "recompute")
+    stem = f"runtime_cpu-{args.what}{'-' + str(args.max_len) if sized else ''}-{date}"
     (out / f"{stem}.md").write_text(text)
     (out / f"{stem}.json").write_text(json.dumps({"machine": machine, "date": date,
                                                   "results": raw}, indent=1, default=str))

@@ -192,8 +192,10 @@ class ChunkFlowEngine:
     def register_action_hook(self, hook) -> "_HookHandle":
         """Call ``hook(action, phase)`` with phase "start" before and "end" after every action
         of a step (``Action`` of :mod:`chunkflow.plan`: ``F``/``S``/``R``/``B``, selective
-        ``s``/``r``); returns a handle whose ``remove()`` unregisters it. On CUDA the work is
-        asynchronous: a timing hook synchronises the device itself."""
+        ``s``/``r``); returns a handle whose ``remove()`` unregisters it. "start" comes once the
+        action's input has arrived (on a pipeline stage, after the receive from the neighbour
+        stage), so start to end is the action's own work, its sends included. On CUDA the work
+        is asynchronous: a timing hook synchronises the device itself."""
         key = object()
         self._action_hooks[key] = hook
         return _HookHandle(lambda: self._action_hooks.pop(key, None))
@@ -346,8 +348,6 @@ class ChunkFlowEngine:
         try:
             with hooks:
                 for i, action in enumerate(actions):
-                    if self._action_hooks:
-                        self._notify(action, "start")
                     chunk = plan.chunks[action.chunk_id]
                     chain = plan.chain_of(chunk)
                     if chain is not None and chain.chain_id not in states:
@@ -356,6 +356,8 @@ class ChunkFlowEngine:
                     if action.kind is ActionKind.BACKWARD:
                         graph = graphs.pop(chunk.chunk_id)
                         grad_output = io.recv_backward(chunk)
+                        if self._action_hooks:  # timing starts once the input is here
+                            self._notify(action, "start")
                         sync.before_backward(last=i == last_backward)
                         self._backward(graph, grad_output)
                         if graph.input is not None:
@@ -371,6 +373,8 @@ class ChunkFlowEngine:
                         kind = action.kind
                         x = (stage_inputs.pop(chunk.chunk_id, None) if kind is ActionKind.RECOMPUTE
                              else io.recv_forward(chunk))
+                        if self._action_hooks:
+                            self._notify(action, "start")
                         if kind is ActionKind.STATE_FORWARD and x is not None:
                             stage_inputs[chunk.chunk_id] = x
                         keep = None

@@ -122,3 +122,33 @@ def test_fused_loss_on_cuda_bf16():
     assert abs(float(got) - float(want)) < 1e-2 * float(want)
     for a, b in ((fw, gw), (fh, gh)):
         assert float((a.float() - b.float()).norm() / b.float().norm()) < 3e-2
+
+
+@pytest.mark.parametrize("backend", ["varlen", "math"])
+@pytest.mark.parametrize("recompute, offload", [("selective", "none"), ("full", "state"),
+                                                ("selective", "all")])
+def test_selective_recompute_and_offload_on_cuda_match_the_plain_engine(backend, recompute,
+                                                                        offload):
+    """The same gradients as full recompute without offload (bf16 for varlen, fp32 for math);
+    offload's host store is pinned and its copies move the state both ways."""
+    dtype = torch.bfloat16 if backend == "varlen" else torch.float32
+    model = tiny_model(dtype=dtype, hidden_size=128, num_attention_heads=4, head_dim=64,
+                       intermediate_size=256, num_hidden_layers=4).to(CUDA)
+    g = torch.Generator().manual_seed(0)
+    batch = [torch.randint(0, 53, (n,), generator=g).to(CUDA) for n in (3000, 40, 700)]
+    want_loss = ChunkFlowEngine(model, chunk_size=512, k=1,
+                                attention_backend=backend).forward_backward(batch).loss
+    want = grads(model)
+    model.zero_grad(set_to_none=True)
+    engine = ChunkFlowEngine(model, chunk_size=512, k=1, attention_backend=backend,
+                             recompute=recompute, offload=offload)
+    got_loss = engine.forward_backward(batch).loss
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    assert abs(float(got_loss) - float(want_loss)) <= tol * abs(float(want_loss))
+    for name, w in want.items():
+        got = model.get_parameter(name).grad
+        assert float((got.float() - w.float()).norm()) <= tol * float(w.float().norm()) + 1e-6
+    if offload != "none":
+        copier = engine.copier(CUDA)
+        assert copier.bytes_to_device > 0 and copier.bytes_to_host > 0
+        assert copier.host_empty((4,), torch.float32).is_pinned()
