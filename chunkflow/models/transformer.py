@@ -88,10 +88,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, attention: Optional[AttentionFn]) -> torch.Tensor:
         B, S, _ = x.shape
-        # (B, S, E) -> (B, heads, S, D)
-        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # (B, S, E) -> (B, heads, S, D); under tensor parallelism, this rank's heads
+        q = self.q_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if attention is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)

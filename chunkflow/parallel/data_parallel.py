@@ -96,8 +96,11 @@ class DataParallelSync(GradSync):
     """The engine's hooks for one replica of a stage: global loss normaliser, then one gradient
     synchronisation per step (see the module docstring)."""
 
-    def __init__(self, wrapped: nn.Module | None, ctx: ParallelContext):
-        self.wrapped, self.ctx = wrapped, ctx
+    def __init__(self, wrapped: nn.Module | None, ctx: ParallelContext,
+                 all_reduce: list[torch.Tensor] | None = None):
+        """``all_reduce``: parameters whose gradients ``finish`` sums over the data-parallel
+        group itself (DDP cannot bucket tensor-parallel DTensor gradients)."""
+        self.wrapped, self.ctx, self.all_reduce = wrapped, ctx, all_reduce
 
     def global_counts(self, num_tokens: int, num_sequences: int) -> tuple[int, int]:
         t = torch.tensor([num_tokens, num_sequences], dtype=torch.int64,
@@ -117,6 +120,18 @@ class DataParallelSync(GradSync):
             self.wrapped.reducer.prepare_for_backward([])
 
     def finish(self) -> None:
+        if self.all_reduce:
+            for p in self.all_reduce:  # every rank must send the same tensors
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            grads = [p.grad for p in self.all_reduce]
+            local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+            for dtype in {g.dtype for g in local}:  # one all-reduce per dtype
+                group = [g for g in local if g.dtype == dtype]
+                flat = torch.cat([g.reshape(-1) for g in group])
+                dist.all_reduce(flat, group=self.ctx.dp_group)
+                for g, part in zip(group, flat.split([g.numel() for g in group])):
+                    g.copy_(part.view_as(g))
         if isinstance(self.wrapped, FSDPModule):
             fsdp = self.wrapped
             fsdp.set_requires_gradient_sync(True)
@@ -129,6 +144,14 @@ class DataParallelSync(GradSync):
             state._root_post_backward_final_callback()
 
 
+def _tp_sharded(grad: torch.Tensor) -> bool:
+    """Whether ``grad`` is a DTensor sharded over the "tp" mesh dimension."""
+    mesh = getattr(grad, "device_mesh", None)
+    if mesh is None or "tp" not in (mesh.mesh_dim_names or ()):
+        return False
+    return grad.placements[mesh.mesh_dim_names.index("tp")].is_shard()
+
+
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float, ctx: ParallelContext, *,
                    sharded: bool) -> float:
     """Clip the gradients of the whole model, spread over stages (and, ``sharded``, over FSDP
@@ -137,10 +160,17 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float, ctx: ParallelCon
     grads = [p.grad for p in params if p.grad is not None]
     local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
     acc = torch.promote_types(local[0].dtype, torch.float32) if local else torch.float64
-    sq = torch.zeros((), dtype=torch.float64, device=ctx.device)
-    for g in local:
-        sq += g.detach().to(acc).pow(2).sum().to(torch.float64)
+    # squares of tensor-parallel shards (summed over the tp group) and of the rest (replicated
+    # over it: counted once)
+    sq = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+    for g, part in zip(grads, local):
+        sq[int(_tp_sharded(g))] += part.detach().to(acc).pow(2).sum().to(torch.float64)
     sq = sq.to(ctx.comm_device)
+    if ctx.tp > 1:
+        shards = sq[1:].clone()
+        dist.all_reduce(shards, group=ctx.tp_group)
+        sq[1] = shards[0]
+    sq = sq.sum()
     if sharded and ctx.dp > 1:
         dist.all_reduce(sq, group=ctx.dp_group)
     if ctx.pp > 1:

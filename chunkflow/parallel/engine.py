@@ -31,6 +31,7 @@ from chunkflow.parallel.data_parallel import (
     reshard,
 )
 from chunkflow.parallel.mesh import ParallelContext
+from chunkflow.parallel.tensor import apply_tp
 from chunkflow.parallel.pipeline import P2PStageIO, split_stage
 from chunkflow.plan import (
     ChunkPlan,
@@ -91,6 +92,8 @@ class ParallelEngine:
         self.shape = model_shape(model.config)
         if ctx.pp > 1:
             model = split_stage(model, ctx.stage, ctx.pp)
+        if ctx.tp > 1:
+            model = apply_tp(model, ctx)
         self.engine = ChunkFlowEngine(model, chunk_size=chunk_size, k=k,
                                       loss_normalization=loss_normalization,
                                       pack_chain_tails=pack_chain_tails,
@@ -98,11 +101,15 @@ class ParallelEngine:
                                       activation_checkpointing=activation_checkpointing,
                                       recompute=recompute, offload=offload)
         self.model = model
-        wrapped = None
-        if ctx.dp > 1:
-            wrapped = apply_ddp(model, ctx) if data_parallel == "ddp" else apply_fsdp(model, ctx)
+        wrapped, all_reduce = None, None
+        if ctx.dp > 1 and data_parallel == "fsdp":
+            wrapped = apply_fsdp(model, ctx)
+        elif ctx.dp > 1 and ctx.tp == 1:
+            wrapped = apply_ddp(model, ctx)
+        elif ctx.dp > 1:  # DDP's buckets cannot hold DTensor gradients: one all-reduce at the end
+            all_reduce = [p for p in model.parameters() if p.requires_grad]
         self.wrapped = wrapped
-        self.sync = DataParallelSync(wrapped, ctx)
+        self.sync = DataParallelSync(wrapped, ctx, all_reduce)
         param = next(iter(model.parameters()))
         self.io = P2PStageIO(ctx, hidden_size=model.config.hidden_size, dtype=param.dtype)
 
@@ -151,8 +158,9 @@ class ParallelEngine:
                                f"{self.ctx.stage}) failed in an evaluation: {e}") from e
         if self.data_parallel == "fsdp" and self.ctx.dp > 1:
             reshard(self.model)
-        # Only last stages hold a loss; each supervised token is counted on one rank.
-        last = self.ctx.is_last_stage
+        # Only last stages hold a loss; each supervised token is counted on one rank (the
+        # tensor-parallel ranks of a stage hold the same, replicated loss: the first counts).
+        last = self.ctx.is_last_stage and self.ctx.tp_rank == 0
         loss_sum, num_loss_tokens = self.ctx.all_sum(
             [local.loss_sum if last else 0.0, float(local.num_loss_tokens) if last else 0.0])
         return EvalResult(loss_sum=loss_sum, num_loss_tokens=int(num_loss_tokens),
@@ -175,7 +183,8 @@ class ParallelEngine:
             # closed connection, a silent peer as a timeout (parallel.timeout_s)
             raise RuntimeError(f"rank {self.ctx.rank} (replica {self.ctx.dp_rank}, stage "
                                f"{self.ctx.stage}) failed in a training step: {e}") from e
-        loss = torch.tensor([float(local.loss)], dtype=torch.float64, device=self.ctx.comm_device)
+        mine = float(local.loss) if self.ctx.tp_rank == 0 else 0.0  # replicated over tp
+        loss = torch.tensor([mine], dtype=torch.float64, device=self.ctx.comm_device)
         dist.all_reduce(loss)  # only last stages hold a loss; every replica's share adds up
         peak = torch.tensor([local.peak_memory_bytes], dtype=torch.int64,
                             device=self.ctx.comm_device)

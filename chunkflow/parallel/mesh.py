@@ -1,9 +1,11 @@
-"""The process layout of a distributed run: data-parallel replicas x pipeline stages.
+"""The process layout of a distributed run: data-parallel replicas x pipeline stages x tensor
+parallel ranks.
 
-Ranks are laid out pipeline-major: ``rank = dp_rank * pp + stage``, so the stages of one replica
-are consecutive ranks (one node's GPUs, where point-to-point traffic is cheapest) and the
-data-parallel group of stage s is ``{s, pp + s, 2 pp + s, ...}``. A :class:`DeviceMesh` of shape
-(dp, pp) names both groups; FSDP2 shards over its "dp" dimension.
+Ranks are laid out tensor-major, then pipeline: ``rank = (dp_rank * pp + stage) * tp + tp_rank``,
+so a stage's tensor-parallel group is consecutive ranks (the GPUs of one NVLink domain), then the
+stages of one replica, and the data-parallel group of a (stage, tp_rank) is every ``pp * tp``-th
+rank. A :class:`DeviceMesh` of shape (dp, pp, tp) names the three groups; FSDP2 shards over its
+"dp" dimension, tensor parallelism (:mod:`chunkflow.parallel.tensor`) over "tp".
 
 Every collective runs under the process group's timeout, so a rank that dies or stops answering
 turns into an error on the others instead of a hang (gloo notices a closed peer at once; a silent
@@ -25,25 +27,30 @@ from chunkflow.plan.chunks import check_positive_int
 
 @dataclass(frozen=True)
 class Layout:
-    """``dp`` data-parallel replicas of a ``pp``-stage pipeline."""
+    """``dp`` data-parallel replicas of a ``pp``-stage pipeline, each stage over ``tp`` ranks."""
 
     dp: int
     pp: int
+    tp: int = 1
 
     def __post_init__(self):
         check_positive_int("dp", self.dp)
         check_positive_int("pp", self.pp)
+        check_positive_int("tp", self.tp)
 
     @property
     def world_size(self) -> int:
-        return self.dp * self.pp
+        return self.dp * self.pp * self.tp
 
     def coords(self, rank: int) -> tuple[int, int]:
         """(dp_rank, stage) of a global rank."""
-        return divmod(rank, self.pp)
+        return divmod(rank // self.tp, self.pp)
 
-    def rank(self, dp_rank: int, stage: int) -> int:
-        return dp_rank * self.pp + stage
+    def tp_rank(self, rank: int) -> int:
+        return rank % self.tp
+
+    def rank(self, dp_rank: int, stage: int, tp_rank: int = 0) -> int:
+        return (dp_rank * self.pp + stage) * self.tp + tp_rank
 
 
 class ParallelContext:
@@ -53,8 +60,10 @@ class ParallelContext:
         self.layout, self.mesh, self.device = layout, mesh, device
         self.rank = dist.get_rank()
         self.dp_rank, self.stage = layout.coords(self.rank)
+        self.tp_rank = layout.tp_rank(self.rank)
         self.dp_group = mesh.get_group("dp")
         self.pp_group = mesh.get_group("pp")
+        self.tp_group = mesh.get_group("tp")
 
     @property
     def dp(self) -> int:
@@ -63,6 +72,10 @@ class ParallelContext:
     @property
     def pp(self) -> int:
         return self.layout.pp
+
+    @property
+    def tp(self) -> int:
+        return self.layout.tp
 
     @property
     def is_first_stage(self) -> bool:
@@ -74,11 +87,11 @@ class ParallelContext:
 
     @property
     def prev_rank(self) -> int:
-        return self.layout.rank(self.dp_rank, self.stage - 1)
+        return self.layout.rank(self.dp_rank, self.stage - 1, self.tp_rank)
 
     @property
     def next_rank(self) -> int:
-        return self.layout.rank(self.dp_rank, self.stage + 1)
+        return self.layout.rank(self.dp_rank, self.stage + 1, self.tp_rank)
 
     def barrier(self) -> None:
         dist.barrier()
@@ -129,11 +142,11 @@ def is_distributed_launch() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init_distributed(*, pp: int = 1, dp: int | None = None, device: torch.device,
+def init_distributed(*, pp: int = 1, tp: int = 1, dp: int | None = None, device: torch.device,
                      timeout_s: float = 600.0) -> ParallelContext:
     """Join the process group torchrun set up (RANK, WORLD_SIZE, MASTER_ADDR/PORT) and build
-    the (dp, pp) mesh. ``dp=None``: the world size divided by ``pp``."""
-    pp = check_positive_int("pp", pp)
+    the (dp, pp, tp) mesh. ``dp=None``: the world size divided by ``pp * tp``."""
+    pp, tp = check_positive_int("pp", pp), check_positive_int("tp", tp)
     if not timeout_s > 0:
         raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
     if not dist.is_initialized():
@@ -143,15 +156,16 @@ def init_distributed(*, pp: int = 1, dp: int | None = None, device: torch.device
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     world = dist.get_world_size()
     if dp is None:
-        if world % pp:
-            raise ValueError(f"pp={pp} does not divide the world size {world}; valid: a divisor "
-                             f"of {world}")
-        dp = world // pp
-    layout = Layout(dp=check_positive_int("dp", dp), pp=pp)
+        if world % (pp * tp):
+            raise ValueError(f"pp={pp} x tp={tp} does not divide the world size {world}; valid: "
+                             f"pp x tp a divisor of {world}")
+        dp = world // (pp * tp)
+    layout = Layout(dp=check_positive_int("dp", dp), pp=pp, tp=tp)
     if layout.world_size != world:
-        raise ValueError(f"dp={dp} x pp={pp} = {layout.world_size} processes, but the launch has "
-                         f"{world}; valid: dp x pp == WORLD_SIZE")
+        raise ValueError(f"dp={dp} x pp={pp} x tp={tp} = {layout.world_size} processes, but the "
+                         f"launch has {world}; valid: dp x pp x tp == WORLD_SIZE")
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
-    mesh = init_device_mesh(device.type, (layout.dp, layout.pp), mesh_dim_names=("dp", "pp"))
+    mesh = init_device_mesh(device.type, (layout.dp, layout.pp, layout.tp),
+                            mesh_dim_names=("dp", "pp", "tp"))
     return ParallelContext(layout, mesh, device)

@@ -54,7 +54,9 @@ class MemoryMeter:
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def _pack(self, tensor: torch.Tensor):
-        storage = tensor.untyped_storage()
+        # A tensor-parallel DTensor is counted by its local shard, what this rank holds.
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        storage = local.untyped_storage()
         key, nbytes = storage.data_ptr(), storage.nbytes()
         if nbytes == 0 or key in self._excluded:
             return tensor

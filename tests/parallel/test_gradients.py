@@ -1,4 +1,5 @@
-"""Distributed steps equal one process on the whole global batch (float64, CPU, gloo ranks).
+"""Distributed steps equal one process on the whole global batch (float64, CPU, gloo ranks):
+data parallel (DDP, FSDP2), pipeline stages and tensor parallelism, and their compositions.
 
 Batches mix chains and packed chunks, with masked prompts; each rank checks the gradients of the
 parameters it holds against plain unchunked training of the whole batch, and the forward-only
@@ -24,6 +25,8 @@ def test_two_ranks_data_parallel_and_pipeline():
         dict(dp=1, pp=2, k=1, recompute="selective", offload="all"),
         dict(dp=2, pp=1, k=1, data_parallel="ddp", recompute="selective"),
         dict(dp=2, pp=1, k=1, data_parallel="fsdp", offload="state"),
+        dict(dp=1, pp=1, tp=2, k=1),
+        dict(dp=1, pp=1, tp=2, k=2, recompute="selective"),
     ])
 
 
@@ -34,6 +37,18 @@ def test_four_ranks_pipeline_and_data_x_pipeline():
         dict(dp=2, pp=2, k=1, data_parallel="ddp", steps=2),
         dict(dp=2, pp=2, k=2, data_parallel="fsdp", steps=2),
         dict(dp=2, pp=2, k=1, data_parallel="ddp", lengths=(50,)),
+    ])
+
+
+def test_four_ranks_tensor_parallel_with_pipeline_and_data_parallel():
+    """TP=2 x PP=2 and DP=2 x TP=2 (DDP-style all-reduce and FSDP2 on the 2-D mesh), K=1 and
+    K=2: loss, every gradient and the clipped norm equal one unchunked process (float64)."""
+    spawn(check_gradients, 4, [
+        dict(dp=1, pp=2, tp=2, k=1),
+        dict(dp=1, pp=2, tp=2, k=2, steps=2),
+        dict(dp=2, pp=1, tp=2, k=1, data_parallel="ddp"),
+        dict(dp=2, pp=1, tp=2, k=2, data_parallel="fsdp"),
+        dict(dp=2, pp=1, tp=2, k=1, data_parallel="ddp", lengths=(50,)),
     ])
 
 

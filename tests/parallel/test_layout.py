@@ -18,6 +18,27 @@ def test_ranks_are_pipeline_major():
         Layout(dp=1, pp=0)
 
 
+def test_tensor_parallel_ranks_are_consecutive():
+    """(dp, pp, tp) = (2, 2, 2): a stage's TP group is two consecutive ranks, then the stages."""
+    layout = Layout(dp=2, pp=2, tp=2)
+    assert layout.world_size == 8
+    assert [(*layout.coords(r), layout.tp_rank(r)) for r in range(8)] == [
+        (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (1, 0, 0), (1, 0, 1), (1, 1, 0), (1, 1, 1)]
+    assert all(layout.rank(*layout.coords(r), layout.tp_rank(r)) == r for r in range(8))
+
+
+def test_tensor_parallel_degree_must_split_heads_and_mlp():
+    from chunkflow.parallel.tensor import check_tp
+
+    config = tiny_model().config  # 4 query heads, 2 key/value heads, MLP width 40
+    check_tp(config, 2)
+    with pytest.raises(ValueError, match=r"--parallel.tp=4 does not divide the model's "
+                                         r"num_key_value_heads=2 \(each rank keeps the KV state"):
+        check_tp(config, 4)
+    with pytest.raises(ValueError, match="num_attention_heads=4"):
+        check_tp(config, 3)
+
+
 @pytest.mark.parametrize("layers,stages", [(4, 1), (4, 2), (7, 3), (28, 4), (5, 5)])
 def test_stage_layers_match_the_cost_model(layers, stages):
     ranges = stage_layer_ranges(layers, stages)

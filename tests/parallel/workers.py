@@ -81,7 +81,7 @@ def check_gradients(rank, world_size, cases):
         lengths = case.get("lengths", LENGTHS)
         dtype = case.get("dtype", torch.float64)
         tol = 1e-10 if dtype == torch.float64 else 1e-5
-        ctx = init_distributed(dp=dp, pp=pp, device=torch.device("cpu"))
+        ctx = init_distributed(dp=dp, pp=pp, tp=case.get("tp", 1), device=torch.device("cpu"))
         model = tiny_model(num_hidden_layers=4, dtype=dtype)
         engine = ParallelEngine(model, ctx, chunk_size=16, k=k, data_parallel=mode,
                                 loss_normalization=norm,
@@ -109,6 +109,9 @@ def check_gradients(rank, world_size, cases):
             dist.all_gather_object(every, names)
             assert set().union(*every) == set(want), (where, set(want) - set().union(*every))
             assert result.sharding.num_ranks == dp, where
+            want_norm = sum(float(g.pow(2).sum()) for g in want.values()) ** 0.5
+            grad_norm = engine.clip_grad_norm(float("inf"))  # the whole model's, every rank's
+            assert abs(grad_norm - want_norm) <= tol * want_norm, (where, grad_norm, want_norm)
             if step == 0:  # forward-only evaluation over the same layout: the token mean
                 ev = engine.evaluate(batch)
                 token_mean = reference_loss(ref, batch, "token").item()
