@@ -37,6 +37,8 @@ def memory_budget(cfg: TrainConfig, device: torch.device) -> tuple[int, str]:
                          f"like --chunking.memory_budget=16GiB (only a CUDA device reports its "
                          f"free memory)")
     free, total = torch.cuda.mem_get_info(device)
+    # the model is already on the device, and the estimate counts its weights itself
+    free += torch.cuda.memory_allocated(device)
     budget = int(free - CUDA_MARGIN * total)
     if budget <= 0:
         raise ValueError(f"--chunking.auto=true: {device} has {format_size(free)} free of "
@@ -65,6 +67,11 @@ def choose_chunking(cfg: TrainConfig, dataset, device: torch.device, *, activati
     from chunkflow.train.build import model_shape
     from chunkflow.train.data import DataPosition, DataStats, FileDataset
 
+    if cfg.lora.rank:
+        raise ValueError("--chunking.auto=true with --lora.rank: the memory model prices full "
+                         "fine-tuning (gradients and AdamW state for every parameter) and "
+                         "would refuse or under-use the device; valid: set --chunking.* "
+                         "yourself (chunkflow plan shows their peak)")
     budget, source = memory_budget(cfg, device)
     batches = [[len(ex) for ex in batch] for batch, _, _ in itertools.islice(
         global_batches(dataset, cfg.data, DataPosition(), DataStats()), SAMPLE_BATCHES)]
@@ -76,11 +83,14 @@ def choose_chunking(cfg: TrainConfig, dataset, device: torch.device, *, activati
             f"{len(batches)} global batches' sequences ({max(max(b) for b in batches)} tokens); "
             f"a longer one later may not fit: set --data.max_length to bound it")
     param_bytes = {"float32": 4, "bfloat16": 2, "float64": 8}[cfg.model.dtype]
-    choices = choose_settings(model_shape(cfg), batches, memory_budget=budget,
-                              profile=device_profile(device), param_bytes=param_bytes,
-                              activation_bytes=activation_bytes, max_length=max_length,
-                              offload=device.type == "cuda",
-                              pack_chain_tails=cfg.chunking.pack_chain_tails)
+    try:
+        choices = choose_settings(model_shape(cfg), batches, memory_budget=budget,
+                                  profile=device_profile(device), param_bytes=param_bytes,
+                                  activation_bytes=activation_bytes, max_length=max_length,
+                                  offload=device.type == "cuda",
+                                  pack_chain_tails=cfg.chunking.pack_chain_tails)
+    except ValueError as e:
+        raise ValueError(f"--chunking.auto=true (budget from {source}): {e}") from None
     best = choices[0].settings
     c = cfg.chunking
     c.chunk_size, c.k, c.recompute = best.chunk_size, best.k, best.recompute

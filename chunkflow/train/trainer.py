@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -187,18 +187,18 @@ class Trainer:
         self._print(self._describe(resume_path))
 
     def _choose_chunking(self) -> None:
-        """--chunking.auto: rank 0 picks the settings (its device's free memory), all use them."""
+        """--chunking.auto: the settings for this one device."""
         cfg = self.cfg
+        if self.ctx is not None:
+            raise ValueError("--chunking.auto=true runs in one process: the memory model does "
+                             "not price pipeline stages' chunks in flight, DDP's gradient "
+                             "buckets or FSDP's shards; valid: choose --chunking.* with "
+                             "chunkflow plan --auto, or run one process")
         activation_bytes = (2 if self.autocast and cfg.model.dtype != "float64" else
                             {"float32": 4, "bfloat16": 2, "float64": 8}[cfg.model.dtype])
 
-        def choose():
-            text = choose_chunking(cfg, self.dataset, self.device,
-                                   activation_bytes=activation_bytes, log=self._print)
-            return text, asdict(cfg.chunking)
-
-        text, chunking = choose() if self.ctx is None else self.ctx.run_on_rank0(choose)
-        cfg.chunking = replace(cfg.chunking, **chunking)
+        text = choose_chunking(cfg, self.dataset, self.device,
+                               activation_bytes=activation_bytes, log=self._print)
         self._print(text)
         if self.is_main:
             (self.run_dir / "chunking_auto.txt").write_text(text + "\n")

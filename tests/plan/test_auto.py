@@ -38,6 +38,19 @@ def test_without_a_limit_it_recomputes_nothing():
     assert best.settings == Settings(4096, 1)  # one chunk holds every sequence
 
 
+def test_offload_only_when_it_is_needed_to_fit():
+    """Offload's copies are priced as hidden, so they never make a step faster: a budget that
+    fits without offload gets none; a tighter one offloads."""
+    shape, h100 = get_model_shape("qwen2.5-7b"), GPU_PROFILES["h100-80gb"]
+    lengths = [[32768, 2000, 500]]
+    roomy = choose_settings(shape, lengths, memory_budget=140 << 30, profile=h100,
+                            param_bytes=2, offload=True)[0]
+    assert roomy.settings.offload == "none" and roomy.host_bytes == 0
+    tight = choose_settings(shape, [[131072, 2000, 500]], memory_budget=80 << 30, profile=h100,
+                            param_bytes=2, offload=True)[0]
+    assert tight.settings.offload != "none"
+
+
 def test_nothing_fits_names_the_smallest_peak():
     with pytest.raises(ValueError, match=r"no chunk settings fit a memory budget of 8\.0 MiB: "
                                          r"the smallest estimated peak is .*chunk_size=256"):

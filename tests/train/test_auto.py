@@ -2,6 +2,9 @@
 
 import tomllib
 
+import pytest
+import torch
+
 from chunkflow.cli import main
 from tests.train.test_trainer import args
 
@@ -30,11 +33,19 @@ def test_auto_on_cpu_needs_a_budget_and_one_that_fits(tmp_path, capsys):
     assert main(["train", *args(tmp_path / "b", **{"chunking.auto": "true",
                                                    "chunking.memory_budget": "1MiB"})]) == 2
     err = capsys.readouterr().err
-    assert "no chunk settings fit a memory budget of 1.0 MiB" in err
+    assert ("--chunking.auto=true (budget from --chunking.memory_budget=1MiB): no chunk "
+            "settings fit a memory budget of 1.0 MiB") in err
     assert not (tmp_path / "b").exists()  # a failed start leaves no run directory
     assert main(["train", *args(tmp_path / "c", **{"chunking.auto": "true",
                                                    "chunking.memory_budget": "lots"})]) == 2
     assert "--chunking.memory_budget='lots': cannot read size" in capsys.readouterr().err
+    from chunkflow.train.auto import choose_chunking
+    from tests.train.test_trainer import config
+
+    lora = config(tmp_path / "e", **{"chunking.auto": "true", "lora.rank": "4",
+                                     "chunking.memory_budget": "1GiB"})
+    with pytest.raises(ValueError, match="the memory model prices full fine-tuning"):
+        choose_chunking(lora, None, torch.device("cpu"), activation_bytes=4)
 
 
 def test_offload_on_cpu_warns_that_it_saves_nothing(tmp_path, capsys):
