@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: train test bench gpu-check clean
+.PHONY: test-slow train test bench gpu-check clean
 
 $(BIN)/chunkflow: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ train: $(BIN)/chunkflow
 
 test: $(BIN)/chunkflow
 	$(BIN)/python -m pytest -q
+
+# The tests marked slow (each has a faster test of the same property in `make test`).
+test-slow: $(BIN)/chunkflow
+	$(BIN)/python -m pytest -q -m slow
 
 bench: $(BIN)/chunkflow
 	$(BIN)/chunkflow bench

@@ -2,9 +2,15 @@
 pipeline parallel. The only package that imports torch.distributed."""
 
 from chunkflow.parallel.engine import ParallelEngine, ParallelStepResult, model_shape
-from chunkflow.parallel.mesh import Layout, ParallelContext, init_distributed, is_distributed_launch
+from chunkflow.parallel.mesh import (
+    Layout,
+    LocalContext,
+    ParallelContext,
+    init_distributed,
+    is_distributed_launch,
+)
 from chunkflow.parallel.pipeline import split_stage, stage_layer_ranges
 
-__all__ = ["Layout", "ParallelContext", "ParallelEngine", "ParallelStepResult",
+__all__ = ["Layout", "LocalContext", "ParallelContext", "ParallelEngine", "ParallelStepResult",
            "init_distributed", "is_distributed_launch", "model_shape", "split_stage",
            "stage_layer_ranges"]

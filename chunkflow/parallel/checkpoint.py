@@ -1,16 +1,32 @@
-"""Checkpoint state of one pipeline stage under data parallelism, and the collectives around it.
+"""What one rank saves and restores of its model and optimizer, on any layout (one process is the
+1x1x1 layout).
 
-Whatever wraps the stage (nothing, DDP, FSDP2), the state goes through
-``torch.distributed.checkpoint.state_dict`` as *full* tensors keyed by the whole model's
-parameter names: the same names a single process uses, so each stage's weights are a shard of
-one Hugging Face checkpoint, and the optimizer state is keyed by name, not by position.
-Gathering the full state is collective over the data-parallel group; the replica with
-``dp_rank == 0`` writes it (see :mod:`chunkflow.train.checkpoint`).
+Both go through ``torch.distributed.checkpoint.state_dict``, keyed by the whole model's parameter
+names (the names a single process uses), whatever wraps the stage (nothing, DDP, FSDP2, tensor
+parallel DTensors), so a checkpoint does not depend on the layout that wrote it:
+
+* the weights as *full* tensors (collective over the tensor-parallel and FSDP groups): each
+  stage's weights are a shard of one Hugging Face checkpoint, read back by name into whatever
+  stage, shard or replica holds the parameter on the resuming layout;
+* the optimizer state *sharded*, with ``torch.distributed.checkpoint`` (``dcp.save``): every rank
+  writes only its own shards (FSDP2's and tensor parallelism's DTensor shards, one copy of what is
+  replicated), and ``dcp.load`` reshards them for the resuming layout. The state is flattened per
+  parameter name (``flatten_optimizer_state_dict``, as torchtitan does), so pipeline stages, whose
+  parameter groups hold different parameters, never collide.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import pickle
+import warnings
+from pathlib import Path
+
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -19,47 +35,191 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from chunkflow.parallel.engine import ParallelEngine
+OPTIMIZER_DIR = "optimizer"
+"""The optimizer's ``torch.distributed.checkpoint`` directory inside a checkpoint."""
+WEIGHTS_INDEX = "model.safetensors.index.json"
 
+_TIED = ("model.embed_tokens.weight", "lm_head.weight")
 _FULL = StateDictOptions(full_state_dict=True)
+_OPTIM = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
-def _module(engine: ParallelEngine) -> torch.nn.Module:
-    return engine.wrapped if engine.wrapped is not None else engine.model
+def full_weights(module: torch.nn.Module, *, tied: bool) -> dict[str, torch.Tensor]:
+    """This rank's stage's weights as full CPU tensors by parameter name (collective over the
+    stage's tensor-parallel and FSDP groups). ``tied``: the output head is the embedding, stored
+    once, as Hugging Face does."""
+    state = {k: v.detach().cpu().contiguous()
+             for k, v in get_model_state_dict(module, options=_FULL).items()}
+    if tied:
+        state.pop("lm_head.weight", None)
+    return state
 
 
-def stage_state(engine: ParallelEngine, optimizer: torch.optim.Optimizer, *, weights: bool = True
-                ) -> tuple[dict[str, torch.Tensor] | None, dict]:
-    """Full model and optimizer state of this rank's stage (collective over its replicas).
-    ``weights=False``: the optimizer state only (LoRA runs save their adapter themselves)."""
-    module = _module(engine)
-    model_state = None
-    if weights:
-        model_state = {k: v.detach().cpu().contiguous()
-                       for k, v in get_model_state_dict(module, options=_FULL).items()}
-        if engine.model.config.tie_word_embeddings:
-            model_state.pop("lm_head.weight", None)  # stored once, as Hugging Face does
-    optim_state = get_optimizer_state_dict(module, optimizer, options=_FULL)
-    return model_state, optim_state
+def weight_names(module: torch.nn.Module) -> list[str]:
+    """The parameter names this rank's stage holds (what :func:`load_weights` needs)."""
+    return sorted(get_model_state_dict(module, options=_FULL))
 
 
-def load_stage_state(engine: ParallelEngine, optimizer: torch.optim.Optimizer,
-                     model_state: dict[str, torch.Tensor] | None, optim_state: dict | None
-                     ) -> None:
-    """Inverse of :func:`stage_state` (every rank passes the full state it read)."""
-    module = _module(engine)
-    if model_state is None:
-        if optim_state is not None:
-            set_optimizer_state_dict(module, optimizer, optim_state, options=_FULL)
-        return
-    expected = set(get_model_state_dict(module, options=_FULL))
-    if engine.model.config.tie_word_embeddings and "lm_head.weight" in expected:
-        model_state = dict(model_state, **{"lm_head.weight": model_state.get(
-            "model.embed_tokens.weight")})
-    missing, unexpected = expected - set(model_state), set(model_state) - expected
+def read_weights(path: Path, names: list[str], *, tied: bool) -> dict[str, torch.Tensor]:
+    """``names`` from checkpoint ``path``'s ``model.safetensors`` or its sharded index, whatever
+    layout wrote them. A name the checkpoint lacks is an error that names it."""
+    from safetensors import safe_open
+
+    index = path / WEIGHTS_INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+    else:
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            weight_map = dict.fromkeys(f.keys(), "model.safetensors")
+    wanted = dict(zip(names, names))
+    if tied:  # one tensor under either name (safetensors' save_model keeps the first in order)
+        present = [n for n in _TIED if n in weight_map]
+        wanted.update({n: present[0] for n in _TIED if n in wanted and present})
+    missing = sorted(n for n, source in wanted.items() if source not in weight_map)
+    if missing:
+        raise ValueError(f"checkpoint {str(path)!r} does not match the model: it lacks "
+                         f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    out: dict[str, torch.Tensor] = {}
+    by_file: dict[str, list[str]] = {}
+    for name, source in wanted.items():
+        by_file.setdefault(weight_map[source], []).append(name)
+    for file, file_names in sorted(by_file.items()):
+        with safe_open(str(path / file), framework="pt") as f:
+            for name in file_names:
+                out[name] = f.get_tensor(wanted[name])
+    return out
+
+
+def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Full tensors by name into this rank's stage (each parameter takes its shard)."""
+    expected = set(weight_names(module))
+    missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
         raise ValueError(f"the checkpoint does not match this stage's model: missing "
-                         f"{sorted(missing)}, unexpected {sorted(unexpected)}")
-    set_model_state_dict(module, model_state, options=_FULL)
-    if optim_state is not None:
-        set_optimizer_state_dict(module, optimizer, optim_state, options=_FULL)
+                         f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    shapes = get_model_state_dict(module, options=_FULL)
+    wrong = [f"{n}: {tuple(state[n].shape)} in the checkpoint, {tuple(t.shape)} in the model"
+             for n, t in shapes.items() if tuple(state[n].shape) != tuple(t.shape)]
+    if wrong:
+        raise ValueError(f"the checkpoint does not match the model: {'; '.join(wrong[:3])}")
+    set_model_state_dict(module, state, options=_FULL)
+
+
+def _no_dist() -> bool:
+    return not (dist.is_available() and dist.is_initialized())
+
+
+@contextlib.contextmanager
+def _one_process_quietly():
+    """dcp warns on every call without a process group, which is how one process runs."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def save_optimizer(module: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path,
+                   *, rank: int) -> list[str]:
+    """Collective over every rank: the optimizer state into ``directory`` with
+    ``torch.distributed.checkpoint``. Returns the files this rank wrote, relative to the
+    directory's parent (the checkpoint), for its manifest."""
+    state = get_optimizer_state_dict(module, optimizer, options=_OPTIM)
+    try:
+        with _one_process_quietly():
+            dcp.save(state, checkpoint_id=str(directory), no_dist=_no_dist())
+    except CheckpointException as e:  # a BaseException: the caller's handlers would miss it
+        raise _first_failure(e) from None
+    mine = sorted(directory.glob(f"__{rank}_*"))
+    if rank == 0:
+        mine.append(directory / ".metadata")
+    return [p.relative_to(directory.parent).as_posix() for p in mine]
+
+
+def load_optimizer(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   directory: Path) -> None:
+    """Collective: the state :func:`save_optimizer` wrote, on any layout, into ``optimizer``
+    (built over this rank's parameters, still without state)."""
+    # The template holds this layout's shards; get_optimizer_state_dict gives a stateless
+    # optimizer its (zero) state first, so every entry exists for dcp.load to fill. It skips
+    # that when any parameter holds a gradient, leaving nothing to load: set them aside.
+    check_metadata(directory)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grads = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        state = get_optimizer_state_dict(module, optimizer, options=_OPTIM)
+    finally:
+        for p, g in zip(params, grads):
+            p.grad = g
+    assert len(optimizer.state) == len(params), "the optimizer state was not initialised"
+    try:
+        with _one_process_quietly():
+            dcp.load(state, checkpoint_id=str(directory), no_dist=_no_dist())
+    except (Exception, CheckpointException) as e:
+        e = _first_failure(e) if isinstance(e, CheckpointException) else e
+        raise ValueError(f"{directory}: the optimizer state does not match this model and "
+                         f"optimizer ({type(e).__name__}: {_first_line(e)})") from None
+    set_optimizer_state_dict(module, optimizer, state, options=_OPTIM)
+
+
+# What torch.distributed.checkpoint's ``.metadata`` pickle may build: its plain records, dtypes,
+# sizes and paths. dcp reads the file with pickle.load, which can run any code a file names, so a
+# checkpoint is checked against this list first (the weights and tensors load weights_only).
+_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
+        "BytesStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        allowed = name in _METADATA_CLASSES.get(module, ()) or module == "torch" and (
+            name == "Size" or isinstance(getattr(torch, name, None), torch.dtype))
+        if not allowed:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a checkpoint's "
+                                         f"metadata never holds")
+        return super().find_class(module, name)
+
+
+def check_metadata(directory: Path) -> None:
+    """Refuse a ``torch.distributed.checkpoint`` directory whose ``.metadata`` would build
+    anything but checkpoint records (pickle runs what a file names)."""
+    file = directory / ".metadata"
+    try:
+        with open(file, "rb") as f:
+            _MetadataUnpickler(f).load()
+    except FileNotFoundError:
+        raise ValueError(f"{directory} is not a torch.distributed.checkpoint directory (no "
+                         f".metadata)") from None
+    except Exception as e:
+        raise ValueError(f"{file}: refused ({type(e).__name__}: {e}); valid: the metadata "
+                         f"torch.distributed.checkpoint writes") from None
+
+
+def load_full_optimizer(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        state: dict) -> None:
+    """A stage's optimizer state as full tensors by name (checkpoints from before
+    ``optimizer/``), on the layout that saved it."""
+    set_optimizer_state_dict(module, optimizer, state, options=_FULL)
+
+
+def _first_failure(e: CheckpointException) -> Exception:
+    """The lowest rank's exception of a CheckpointException (which holds every failed rank's
+    exception and traceback), so OSErrors such as a full disk keep their errno."""
+    failures = getattr(e, "failures", None) or {}
+    for rank in sorted(failures):
+        failure = failures[rank]
+        exc = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(exc, Exception):
+            return exc
+    return RuntimeError(str(e))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else ""

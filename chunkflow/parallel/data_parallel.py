@@ -16,6 +16,8 @@ per chunk: every collective must be issued the same number of times on every ran
   resharded. At rest (optimizer step, checkpoints) parameters, gradients and AdamW state are
   sharded over the replicas; during a step a replica holds its full stage, like ZeRO-2.
 
+The two private torch hooks this needs live in :mod:`chunkflow.parallel.internals`.
+
 Both sum, and the loss normaliser is already global (``global_counts``, a sum over the replicas
 before the first backward), so gradients equal one process running the whole global batch. A
 replica with no chunk runs a one-token chunk with no target (zero gradient) so that it takes part
@@ -32,6 +34,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 from torch.nn.parallel import DistributedDataParallel
 
+from chunkflow.parallel.internals import arm_ddp_for_backward, finish_fsdp_backward
 from chunkflow.parallel.mesh import ParallelContext
 from chunkflow.runtime.peers import GradSync
 
@@ -117,7 +120,7 @@ class DataParallelSync(GradSync):
     def before_backward(self, *, last: bool) -> None:
         if last and isinstance(self.wrapped, DistributedDataParallel):
             # Arms DDP's hooks for this backward only: it all-reduces what .grad accumulated.
-            self.wrapped.reducer.prepare_for_backward([])
+            arm_ddp_for_backward(self.wrapped)
 
     def finish(self) -> None:
         if self.all_reduce:
@@ -137,11 +140,7 @@ class DataParallelSync(GradSync):
             fsdp.set_requires_gradient_sync(True)
             fsdp.set_reshard_after_backward(True)
             fsdp.set_is_last_backward(True)
-            state = fully_shard.state(fsdp)
-            for module_state in state._state_ctx.all_states:
-                for group in module_state._fsdp_param_groups:
-                    group.post_backward()  # reduce-scatter the accumulated gradient, reshard
-            state._root_post_backward_final_callback()
+            finish_fsdp_backward(fsdp)  # reduce-scatter the accumulated gradients, reshard
 
 
 def _tp_sharded(grad: torch.Tensor) -> bool:

@@ -121,6 +121,12 @@ class ParallelEngine:
     def k(self) -> int:
         return self.engine.k
 
+    @property
+    def state_module(self) -> nn.Module:
+        """What a checkpoint's state dicts are taken from: the DDP/FSDP wrapper, else the stage
+        (parameter names are the whole model's either way)."""
+        return self.wrapped if self.wrapped is not None else self.model
+
     def parameters(self) -> list[torch.Tensor]:
         """This rank's trainable parameters (FSDP: its shards)."""
         return [p for p in self.model.parameters() if p.requires_grad]

@@ -66,6 +66,10 @@ class ParallelContext:
         self.tp_group = mesh.get_group("tp")
 
     @property
+    def world_size(self) -> int:
+        return self.layout.world_size
+
+    @property
     def dp(self) -> int:
         return self.layout.dp
 
@@ -129,12 +133,48 @@ class ParallelContext:
         return result
 
     def close(self) -> None:
+        # Every rank done with its collectives before any tears its connections down (gloo
+        # aborts a process whose peer closed the pair under a pending operation).
+        dist.barrier()
         dist.destroy_process_group()
 
     @property
     def comm_device(self) -> torch.device:
         """Where small control tensors live: NCCL needs them on the GPU, gloo on the CPU."""
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+class LocalContext:
+    """The 1x1x1 layout of one process, with :class:`ParallelContext`'s interface and no process
+    group: the collectives are what they are over one rank, so code that saves, loads and agrees
+    over a layout runs unchanged in a single process."""
+
+    layout = Layout(dp=1, pp=1, tp=1)
+    rank = dp_rank = stage = tp_rank = 0
+    is_first_stage = is_last_stage = True
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    world_size = dp = pp = tp = 1
+
+    def barrier(self) -> None:
+        pass
+
+    def broadcast_object(self, obj=None):
+        return obj
+
+    def all_gather_object(self, obj) -> list:
+        return [obj]
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        return [float(v) for v in values]
+
+    def run_on_rank0(self, fn):
+        return fn()
+
+    def close(self) -> None:
+        pass
 
 
 def is_distributed_launch() -> bool:

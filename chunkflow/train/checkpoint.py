@@ -5,8 +5,10 @@ Layout of ``<run_dir>/step-00000100/`` (what the model files are is :mod:`chunkf
 business: ``model.safetensors`` + ``config.json``, or a LoRA adapter, plus the tokenizer and
 ``generation_config.json``, so the directory is a Hugging Face model directory too):
 
-* ``optimizer.pt``       the optimizer's state dict: tensors and numbers only, so it loads with
-                          ``torch.load(weights_only=True)``;
+* ``optimizer/``        the optimizer state, a ``torch.distributed.checkpoint`` directory with
+                          one file per rank, keyed by parameter name, resharded for whatever
+                          layout resumes it (tensors load ``weights_only``; the ``.metadata``
+                          pickle is checked to hold only checkpoint records first);
 * ``rng.pt``             torch CPU (and CUDA) generator states, also tensors only;
 * ``trainer_state.json`` step, data position, data counters, Python RNG state, run counters;
 * ``manifest.json``      every other file's size and SHA-256, written last.
@@ -335,24 +337,26 @@ def restore_python_rng(state: dict[str, Any]) -> None:
     random.setstate(_decode_py_rng(state["python_rng"]))
 
 
-# -- distributed runs ---------------------------------------------------------------------------
-# One directory, as above, written by several ranks: the first replica of each pipeline stage
-# writes its stage's weights (a shard of a Hugging Face checkpoint: model-0000s-of-0000p.safetensors
-# plus model.safetensors.index.json when pp > 1) and its optimizer state, and checksums them;
-# rank 0 writes the rest and publishes the directory. ``ctx`` is a chunkflow.parallel.ParallelContext.
+# -- every layout ------------------------------------------------------------------------------
+# One directory, as above, written by every rank of a layout (one process is the 1x1x1 layout):
+# each rank writes its shards of the optimizer state into ``optimizer/`` (torch.distributed.
+# checkpoint, see chunkflow.parallel.checkpoint); the first replica's first tensor-parallel rank of
+# each pipeline stage writes the stage's full weights (a shard of a Hugging Face checkpoint:
+# model-0000s-of-0000p.safetensors plus model.safetensors.index.json when pp > 1); every rank
+# checksums what it wrote; rank 0 writes the rest and publishes the directory. ``ctx`` is a
+# chunkflow.parallel.ParallelContext (or its one-process stand-in, LocalContext).
 
 
 def describe_layout(layout: dict[str, Any]) -> str:
-    return (f"dp={layout['dp']} x pp={layout['pp']}, data_parallel="
-            f"{layout['data_parallel']}")
+    text = f"dp={layout['dp']} x pp={layout['pp']} x tp={layout.get('tp', 1)}"
+    return text + (f", data_parallel={layout['data_parallel']}" if layout["dp"] > 1 else "")
 
 
-def stage_files(stage: int, num_stages: int) -> tuple[str, str]:
-    """(weights, optimizer) file names of one pipeline stage."""
+def stage_weights_file(stage: int, num_stages: int) -> str:
+    """The weights file of one pipeline stage."""
     if num_stages == 1:
-        return "model.safetensors", "optimizer.pt"
-    part = f"{stage + 1:05d}-of-{num_stages:05d}"
-    return f"model-{part}.safetensors", f"optimizer-{part}.pt"
+        return "model.safetensors"
+    return f"model-{stage + 1:05d}-of-{num_stages:05d}.safetensors"
 
 
 def save_distributed_checkpoint(run_dir: Path, *, step: int, ctx,
@@ -410,35 +414,22 @@ def save_distributed_checkpoint(run_dir: Path, *, step: int, ctx,
     return final, notes
 
 
-def load_distributed_checkpoint(path: Path, *, ctx, layout: dict[str, Any], weights: bool = True,
-                                also_check: tuple[str, ...] = ()
-                                ) -> tuple[dict[str, torch.Tensor] | None, dict, dict[str, Any]]:
-    """This rank's stage weights (``weights=False``: None, for LoRA runs, which load their
-    adapter themselves: ``also_check`` names its files) and optimizer state, and the trainer
-    state; restores RNGs. Every rank checksums the files it reads (collective)."""
-    from safetensors.torch import load_file
-
+def verify_distributed_checkpoint(path: Path, *, ctx, hashes: bool = True) -> dict[str, Any]:
+    """Collective: every rank checks its share of the manifest's files (sizes, and with
+    ``hashes`` checksums, in parallel; rank 0 chose the checkpoint by sizes); the trainer state.
+    Restores the RNGs."""
     state = read_trainer_state(path)
-    saved = state.get("layout") or {"dp": 1, "pp": 1, "data_parallel": "none (one process)"}
-    weights_file, optim = stage_files(ctx.stage, ctx.pp)
-    # Rank 0 chose the checkpoint by sizes; each rank checksums the files it reads, in parallel.
-    mine = [weights_file] * weights + [optim, "rng.pt", TRAINER_STATE, *also_check]
-    problems = [p for p in ctx.all_gather_object(checkpoint_problem(path, files=mine)) if p]
+    manifest = path / MANIFEST
+    names = sorted(json.loads(manifest.read_text())["files"]) if manifest.is_file() else []
+    mine = names[ctx.rank::ctx.world_size]
+    problem = (checkpoint_problem(path, files=mine, hashes=hashes)
+               if mine or ctx.rank == 0 else None)
+    problems = [p for p in ctx.all_gather_object(problem) if p]
     if problems:
         raise ValueError(f"checkpoint {str(path)!r} cannot be used: {'; '.join(problems)}")
-    if saved != layout:
-        raise ValueError(f"checkpoint {str(path)!r} was saved with {describe_layout(saved)}; "
-                         f"this run is {describe_layout(layout)}; valid: resume on the layout "
-                         f"that saved it")
-    needed = [weights_file] * weights + [optim, "rng.pt"]
-    missing = [f for f in needed if not (path / f).is_file()]
-    if missing:
-        raise ValueError(f"checkpoint {str(path)!r} is incomplete: missing {', '.join(missing)}")
-    model_state = load_file(str(path / weights_file)) if weights else None
-    optim_state = torch.load(path / optim, weights_only=True)
     load_optimizer_and_rng(path, None, torch.device("cpu"))
     restore_python_rng(state)
-    return model_state, optim_state, state
+    return state
 
 
 def write_stage_index(tmp: Path, num_stages: int) -> None:
@@ -447,7 +438,7 @@ def write_stage_index(tmp: Path, num_stages: int) -> None:
 
     weight_map = {}
     for stage in range(num_stages):
-        name = stage_files(stage, num_stages)[0]
+        name = stage_weights_file(stage, num_stages)
         with safe_open(str(tmp / name), framework="pt") as f:
             weight_map.update(dict.fromkeys(f.keys(), name))
     index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}

@@ -215,7 +215,12 @@ class CheckpointSection:
 @dataclass
 class ParallelSection:
     pp: int = _f(1, "Pipeline stages (state-aware 1F1B); data-parallel replicas = number of "
-                    "processes / pp. Launch with torchrun --nproc-per-node N -m chunkflow train.")
+                    "processes / (pp x tp). Launch with torchrun --nproc-per-node N -m "
+                    "chunkflow train.")
+    tp: int = _f(1, "Tensor-parallel ranks per pipeline stage (attention heads and MLP split "
+                    "across them, Megatron-style); must divide the model's attention heads, "
+                    "key/value heads and MLP width. Data-parallel replicas = processes / (pp x "
+                    "tp).")
     data_parallel: Literal["ddp", "fsdp"] = _f(
         "ddp", "ddp: replicated weights, gradients all-reduced once per step; fsdp: FSDP2 "
                "(fully_shard), weights, gradients and AdamW state sharded over the replicas.")
@@ -269,7 +274,7 @@ class TrainConfig:
                     "data.synthetic_max_len", "data.synthetic_min_len", "chunking.chunk_size",
                     "chunking.k", "train.steps", "train.epochs", "train.max_empty_batches",
                     "log.interval", "checkpoint.keep_last", "model.vocab_size", "parallel.pp",
-                    "parallel.timeout_s", "lora.alpha", "eval.max_batches"]
+                    "parallel.tp", "parallel.timeout_s", "lora.alpha", "eval.max_batches"]
         non_negative = ["data.shuffle_buffer", "optim.warmup_steps", "checkpoint.interval",
                         "optim.weight_decay", "optim.grad_clip", "optim.min_lr_ratio",
                         "lora.rank", "eval.interval"]

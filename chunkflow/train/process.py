@@ -24,16 +24,21 @@ def resolve_device(name: str) -> torch.device:
 
 
 def init_parallel(cfg: TrainConfig):
-    """The distributed context under torchrun (WORLD_SIZE > 1), else None (one process)."""
-    from chunkflow.parallel import init_distributed, is_distributed_launch
+    """This rank's distributed context under torchrun (WORLD_SIZE > 1); for one process, the
+    1x1x1 layout's stand-in without a process group."""
+    from chunkflow.parallel import LocalContext, init_distributed, is_distributed_launch
 
     if not is_distributed_launch():
-        if cfg.parallel.pp > 1:
-            raise ValueError(f"--parallel.pp={cfg.parallel.pp} needs at least {cfg.parallel.pp} "
-                             f"processes, one per stage; valid: launch with torchrun "
-                             f"--nproc-per-node {cfg.parallel.pp} -m chunkflow train ..., or pp=1")
-        return None
-    return init_distributed(pp=cfg.parallel.pp, device=resolve_device(cfg.train.device),
+        par = cfg.parallel
+        if par.pp * par.tp > 1:
+            need = par.pp * par.tp
+            raise ValueError(f"--parallel.pp={par.pp} x --parallel.tp={par.tp} needs at least "
+                             f"{need} processes, one per stage and tensor-parallel rank; valid: "
+                             f"launch with torchrun --nproc-per-node {need} -m chunkflow train "
+                             f"..., or pp=1 and tp=1")
+        return LocalContext(resolve_device(cfg.train.device))
+    return init_distributed(pp=cfg.parallel.pp, tp=cfg.parallel.tp,
+                            device=resolve_device(cfg.train.device),
                             timeout_s=cfg.parallel.timeout_s)
 
 

@@ -115,11 +115,12 @@ def prepare_run_dir(config: TrainConfig, *, hashes: bool = True) -> RunDir:
 
 # Settings a resumed run may change; any other change would make it a different run (model,
 # adapters, data stream, seed) and is refused. skip_invalid may change: the stream position
-# counts skipped records either way, so a run stopped by a bad record can go on past it.
+# counts skipped records either way, so a run stopped by a bad record can go on past it. The
+# layout (parallel.*) may change: checkpoints are resharded on load (chunkflow.train.checkpoint_io).
 RESUMABLE_CHANGES = ("chunking.", "optim.", "train.steps", "train.epochs", "train.output_dir",
                      "train.device", "train.deterministic", "train.autocast",
                      "train.max_empty_batches", "log.", "checkpoint.", "eval.",
-                     "lora.merge_on_save", "data.skip_invalid", "parallel.timeout_s")
+                     "lora.merge_on_save", "data.skip_invalid", "parallel.")
 
 
 def check_resumed_config(saved: dict, cfg: TrainConfig, path: Path, *,

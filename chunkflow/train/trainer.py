@@ -37,16 +37,7 @@ from chunkflow.train import TrainingError
 from chunkflow.train.auto import choose_chunking
 from chunkflow.train.batching import count_steps, global_batches
 from chunkflow.train.build import build_model, build_tokenizer, model_label
-from chunkflow.train.checkpoint import (
-    load_distributed_checkpoint,
-    load_optimizer_and_rng,
-    read_trainer_state,
-    restore_python_rng,
-    save_checkpoint,
-    save_distributed_checkpoint,
-    stage_files,
-    write_stage_index,
-)
+from chunkflow.train.checkpoint_io import CheckpointIO, layout_of
 from chunkflow.train.config import TrainConfig
 from chunkflow.train.data import (
     DataPosition,
@@ -65,7 +56,6 @@ from chunkflow.train.process import (
     deterministic,
     init_parallel,
     max_rss_bytes,
-    resolve_device,
 )
 from chunkflow.train.resume import check_resumed_config, prepare_run_dir
 
@@ -102,18 +92,18 @@ class Trainer:
 
     def __init__(self, config: TrainConfig):
         self.cfg = cfg = config.validate()
-        # Under torchrun: this rank's place in the (dp x pp) layout; None for one process.
+        # This rank's place in the (dp x pp x tp) layout; one process is the 1x1x1 layout.
         self.ctx = ctx = init_parallel(cfg)
-        self.is_main = ctx is None or ctx.rank == 0
-        self.device = ctx.device if ctx is not None else resolve_device(cfg.train.device)
+        self.distributed = ctx.world_size > 1
+        self.is_main = ctx.rank == 0
+        self.device = ctx.device
         self.autocast = cfg.train.autocast == "bf16" or (cfg.train.autocast == "auto"
                                                          and self.device.type == "cuda")
-        if ctx is None:
-            self.run_info = prepare_run_dir(cfg)
-        else:  # rank 0 decides (and names a default run directory) for everyone
-            output_dir, self.run_info = ctx.run_on_rank0(
-                lambda: (cfg.train.output_dir, prepare_run_dir(cfg, hashes=False)))
-            cfg.train.output_dir = output_dir
+        # Rank 0 decides (and names a default run directory) for everyone; with several ranks,
+        # each checksums its share of the checkpoint when it loads it.
+        output_dir, self.run_info = ctx.run_on_rank0(
+            lambda: (cfg.train.output_dir, prepare_run_dir(cfg, hashes=not self.distributed)))
+        cfg.train.output_dir = output_dir
         self.run_dir = self.run_info.path
         try:
             self._build()
@@ -149,20 +139,23 @@ class Trainer:
                        attention_backend=cfg.chunking.attention_backend,
                        activation_checkpointing=cfg.chunking.activation_checkpointing,
                        recompute=cfg.chunking.recompute, offload=cfg.chunking.offload)
-        if ctx is None:
+        if not self.distributed:
             self.engine = ChunkFlowEngine(self.model, **options)
             self.params = [p for p in self.model.parameters() if p.requires_grad]
+            module = self.model
         else:
             from chunkflow.parallel import ParallelEngine
 
             self.engine = ParallelEngine(self.model, ctx,
                                          data_parallel=cfg.parallel.data_parallel, **options)
             self.params = self.engine.parameters()
-            self.layout = {"dp": ctx.dp, "pp": ctx.pp,
-                           "data_parallel": cfg.parallel.data_parallel if ctx.dp > 1 else "none"}
+            module = self.engine.state_module
+        self.layout = layout_of(ctx, cfg.parallel.data_parallel)
         self.optimizer = torch.optim.AdamW(
             self.params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
             eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+        self.checkpoints = CheckpointIO(ctx, module, self.optimizer, self.files,
+                                        layout=self.layout)
         # What a checkpoint must hold beyond weights and optimizer: where the data stream is.
         self.step, self.position, self.stats, self.tokens_seen = 0, DataPosition(), DataStats(), 0
         self.empty_batches = self.consecutive_empty = 0
@@ -170,7 +163,7 @@ class Trainer:
         self.saved_step: int | None = None  # the step of the newest checkpoint of this run
         resume_path = self.run_info.resume_from
         if resume_path is not None:
-            state = self._load(resume_path)
+            state = self.checkpoints.load(resume_path, log=self._print)
             check_resumed_config(state["config"], cfg, resume_path, verbose=self.is_main)
             for group in self.optimizer.param_groups:  # the configured values, not the saved
                 group.update(betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
@@ -189,7 +182,7 @@ class Trainer:
     def _choose_chunking(self) -> None:
         """--chunking.auto: the settings for this one device."""
         cfg = self.cfg
-        if self.ctx is not None:
+        if self.distributed:
             raise ValueError("--chunking.auto=true runs in one process: the memory model does "
                              "not price pipeline stages' chunks in flight, DDP's gradient "
                              "buckets or FSDP's shards; valid: choose --chunking.* with "
@@ -224,13 +217,13 @@ class Trainer:
         if cfg.lora.rank:
             trainable = (f", {_num_params(self.model, trainable=True) / 1e6:.2f}M trainable: "
                          f"LoRA rank {cfg.lora.rank}")
-        where = (f"{self.device}" if ctx is None else
-                 f"{ctx.layout.world_size} processes (dp={ctx.dp} x pp={ctx.pp}"
+        where = (f"{self.device}" if not self.distributed else
+                 f"{ctx.world_size} processes (dp={ctx.dp} x pp={ctx.pp} x tp={ctx.tp}"
                  f"{', ' + cfg.parallel.data_parallel if ctx.dp > 1 else ''}) on "
                  f"{self.device.type}")
+        held = (" on rank 0" if ctx.tp > 1 else " on stage 0") if ctx.pp * ctx.tp > 1 else ""
         return (f"chunkflow train: {model_label(cfg)} model "
-                f"({_num_params(self.model) / 1e6:.2f}M params"
-                f"{' on stage 0' if ctx is not None and ctx.pp > 1 else ''}{trainable}, "
+                f"({_num_params(self.model) / 1e6:.2f}M params{held}{trainable}, "
                 f"{cfg.model.dtype}) on {where}{', bf16 autocast' if self.autocast else ''}; "
                 f"data: {self.dataset.describe()}; chunk_size={cfg.chunking.chunk_size}, "
                 f"k={cfg.chunking.k}; run dir {self.run_dir}"
@@ -242,27 +235,6 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------
 
-    def _load(self, path: Path) -> dict[str, Any]:
-        """Restore model (or adapter), optimizer and RNG states from ``path``; its state."""
-        if self.ctx is None:
-            state = read_trainer_state(path)  # prepare_run_dir verified it
-            if state.get("layout") is not None:
-                raise ValueError(f"checkpoint {str(path)!r} was saved by a distributed run "
-                                 f"({state['layout']}); valid: resume it on that layout")
-            self.files.load(path)
-            load_optimizer_and_rng(path, self.optimizer, self.device)
-            restore_python_rng(state)
-            return state
-        from chunkflow.parallel.checkpoint import load_stage_state
-
-        model_state, optim_state, state = load_distributed_checkpoint(
-            path, ctx=self.ctx, layout=self.layout, weights=not self.files.lora,
-            also_check=self.files.weight_files() if self.files.lora else ())
-        if self.files.lora:
-            self.files.load(path)
-        load_stage_state(self.engine, self.optimizer, model_state, optim_state)
-        return state
-
     def save(self, *, final: bool = False) -> Path:
         cfg = self.cfg
         state = {"data_position": self.position.to_dict(), "data_stats": self.stats.to_dict(),
@@ -270,52 +242,13 @@ class Trainer:
                  "consecutive_empty": self.consecutive_empty, "config": cfg.to_dict()}
         merged = self.files.lora and (cfg.lora.merge_on_save or final)
         needed = self.files.num_bytes(merged=merged) + state_bytes(self.optimizer.state_dict())
-        if self.ctx is None:
-            def write(tmp: Path) -> None:
-                self.files.write(tmp, merged=merged)
-                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-
-            path, notes = save_checkpoint(self.run_dir, step=self.step, write=write,
-                                          trainer_state=state, keep_last=cfg.checkpoint.keep_last,
-                                          needed_bytes=needed)
-        else:
-            path, notes = self._save_distributed(state, merged=merged, needed=needed)
+        path, notes = self.checkpoints.save(self.run_dir, step=self.step, state=state,
+                                            merged=merged, keep_last=cfg.checkpoint.keep_last,
+                                            needed_bytes=needed)
         for note in notes:
             self._print(f"note: {note}")
         self.last_checkpoint, self.saved_step = path, self.step
         return path
-
-    def _save_distributed(self, state: dict[str, Any], *, merged: bool,
-                          needed: int) -> tuple[Path, list[str]]:
-        from safetensors.torch import save_file
-
-        from chunkflow.parallel.checkpoint import stage_state
-
-        ctx, lora = self.ctx, self.files.lora
-        model_state, optim_state = stage_state(self.engine, self.optimizer, weights=not lora)
-
-        def write_shard(tmp: Path) -> list[str]:
-            weights, optim = stage_files(ctx.stage, ctx.pp)
-            if lora:
-                from chunkflow.train.lora import save_adapter
-
-                names = save_adapter(self.model, tmp)
-            else:
-                save_file(model_state, str(tmp / weights), metadata={"format": "pt"})
-                names = [weights]
-            torch.save(optim_state, tmp / optim)
-            return names + [optim]
-
-        def write_main(tmp: Path) -> None:
-            if ctx.pp > 1:
-                write_stage_index(tmp, ctx.pp)
-            self.files.write_extras(tmp, merged=merged)
-
-        return save_distributed_checkpoint(
-            self.run_dir, step=self.step, ctx=ctx,
-            write_shard=write_shard if ctx.dp_rank == 0 else None, write_main=write_main,
-            trainer_state=dict(state, layout=self.layout), keep_last=self.cfg.checkpoint.keep_last,
-            needed_bytes=needed)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -361,8 +294,8 @@ class Trainer:
                                   f"first: {self.stats.first_skip_reason}")
                     interval = cfg.checkpoint.interval
                     stopping = stop.requested
-                    if self.ctx is not None:  # a signal may reach ranks a step apart: agree
-                        stopping = self.ctx.all_sum([float(stopping)])[0] > 0
+                    # A signal may reach ranks a step apart: agree.
+                    stopping = self.ctx.all_sum([float(stopping)])[0] > 0
                     if stopping or failed is not None or (
                             interval and self.step % interval == 0 and self.step < total):
                         self.save()
@@ -425,7 +358,7 @@ class Trainer:
         self._print(f"{'interrupted' if summary.interrupted else 'done'}: step {self.step}/"
                     f"{total}{losses}; data: {data}; checkpoint {self.last_checkpoint}")
         if summary.interrupted:
-            launcher = "torchrun ... -m chunkflow" if self.ctx is not None else "chunkflow"
+            launcher = "torchrun ... -m chunkflow" if self.distributed else "chunkflow"
             self._print(f"continue with: {launcher} train --train.output_dir {self.run_dir} "
                         f"--resume")
 
@@ -489,7 +422,7 @@ class Trainer:
         assert result.num_loss_tokens > 0, "empty batches are skipped before the step"
         loss = float(result.loss)
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-        if self.ctx is None:
+        if not self.distributed:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         else:  # the norm over every stage (and FSDP shard), the same on every rank
             grad_norm = self.engine.clip_grad_norm(max_norm)
@@ -529,7 +462,7 @@ class Trainer:
         passes = self._passes()
         if passes is not None:
             record["epoch"] = passes
-        if self.ctx is not None:
+        if self.distributed:
             # How evenly the replicas' estimated costs came out (max/mean), and their chunks.
             record["dp_imbalance"] = result.imbalance
             record["dp_chunks"] = [len(c) for c in result.sharding.chunk_ids]
@@ -540,6 +473,5 @@ def train(config: TrainConfig) -> TrainSummary:
     """Run the training job described by ``config``; see the module docstring."""
     trainer = Trainer(config)
     summary = trainer.run()
-    if trainer.ctx is not None:
-        trainer.ctx.close()
+    trainer.ctx.close()
     return summary

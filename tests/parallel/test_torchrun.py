@@ -1,5 +1,6 @@
 """`torchrun -m chunkflow train` on CPU gloo ranks ends where one process ends, and resumes
-exactly on its layout (DP with DDP and FSDP2, PP, DP x PP)."""
+exactly on its layout and to rounding on another (DP with DDP and FSDP2, PP, TP and their
+products; one process is a layout too)."""
 
 import json
 import subprocess
@@ -54,34 +55,65 @@ def single(tmp_path_factory):
     return weights(run / "step-00000004")
 
 
-@pytest.mark.parametrize("nproc,layout", [
-    (2, {"parallel.data_parallel": "ddp"}),
-    (2, {"parallel.data_parallel": "fsdp"}),
-    (2, {"parallel.pp": "2"}),
-    (4, {"parallel.pp": "2", "parallel.data_parallel": "fsdp"}),
-], ids=["dp2-ddp", "dp2-fsdp", "pp2", "dp2xpp2-fsdp"])
-def test_torchrun_matches_one_process_and_resumes_exactly(tmp_path, single, nproc, layout):
-    full = torchrun(nproc, tmp_path / "full", **layout)
-    assert full.returncode == 0, full.stdout + full.stderr
-    final = weights(tmp_path / "full" / "step-00000004")
-    assert_close(final, single)
+def launch(nproc: int, run_dir: Path, options: dict, **overrides) -> str:
+    """Train on ``nproc`` processes (torchrun) or in this one; its stdout."""
+    if nproc == 1:
+        assert main(["train", *args(run_dir, **options, **overrides)]) == 0
+        return ""
+    out = torchrun(nproc, run_dir, **options, **overrides)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
 
-    # Stop after step 2 (its checkpoint), then resume on the same layout: the same weights.
-    part = torchrun(nproc, tmp_path / "part", **layout, **{"train.steps": "2"})
-    assert part.returncode == 0, part.stdout + part.stderr
-    resumed = torchrun(nproc, tmp_path / "part", **layout, **{"checkpoint.resume": "true"})
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "resuming from" in resumed.stdout
+
+def layout(*, pp: int = 1, tp: int = 1, data_parallel: str = "ddp") -> dict[str, str]:
+    """Every layout option spelled out: a resumed run reads the others from the run's config."""
+    return {"parallel.pp": str(pp), "parallel.tp": str(tp),
+            "parallel.data_parallel": data_parallel}
+
+
+ONE = DP2 = layout()
+DP2_FSDP = layout(data_parallel="fsdp")
+PP2 = layout(pp=2)
+TP2 = DP2_TP2 = layout(tp=2)
+DP2_TP2_FSDP = layout(tp=2, data_parallel="fsdp")
+TP2_PP2 = layout(tp=2, pp=2)
+DP2_PP2_FSDP = layout(pp=2, data_parallel="fsdp")
+slow = pytest.mark.slow  # test_gradients checks each layout's step exactly, in one launch
+
+
+@pytest.mark.parametrize("nproc,start,resume_nproc,resume_layout", [
+    (2, DP2, 2, TP2),
+    (2, PP2, 1, ONE),
+    (2, TP2, 2, TP2),
+    (4, DP2_TP2_FSDP, 4, TP2_PP2),
+    pytest.param(1, ONE, 2, DP2_FSDP, marks=slow),
+    pytest.param(2, DP2_FSDP, 1, ONE, marks=slow),
+    pytest.param(4, DP2_PP2_FSDP, 2, DP2, marks=slow),
+    pytest.param(4, TP2_PP2, 4, DP2_TP2, marks=slow),
+], ids=["dp2-to-tp2", "pp2-to-1", "tp2-same", "dp2xtp2-fsdp-to-tp2xpp2", "1-to-dp2-fsdp",
+        "dp2-fsdp-to-1", "dp2xpp2-fsdp-to-dp2", "tp2xpp2-to-dp2xtp2"])
+def test_torchrun_matches_one_process_and_resumes_on_any_layout(
+        tmp_path, single, nproc, start, resume_nproc, resume_layout):
+    if nproc > 1:  # the whole run on this layout ends with the single process's weights
+        launch(nproc, tmp_path / "full", start)
+        final = weights(tmp_path / "full" / "step-00000004")
+        assert_close(final, single)
+        lines = [json.loads(x) for x in
+                 (tmp_path / "full" / "metrics.jsonl").read_text().split("\n") if x]
+        assert [r["step"] for r in lines] == [1, 2, 3, 4]
+        dp = nproc // (int(start["parallel.pp"]) * int(start["parallel.tp"]))
+        assert all(len(r["dp_chunks"]) == dp and r["dp_imbalance"] >= 1.0 for r in lines)
+
+    # Stop after step 2 (its checkpoint), then resume on the other layout.
+    launch(nproc, tmp_path / "part", start, **{"train.steps": "2"})
+    out = launch(resume_nproc, tmp_path / "part", resume_layout, **{"checkpoint.resume": "true"})
+    if resume_nproc > 1:
+        assert "resuming from" in out
+        if (nproc, start) != (resume_nproc, resume_layout):
+            assert "weights and optimizer state resharded" in out
     again = weights(tmp_path / "part" / "step-00000004")
-    for name in final:
-        assert torch.equal(again[name], final[name]), name
-
-    # One process cannot continue a distributed checkpoint (or the reverse): a clear refusal.
-    assert main(["train", *args(tmp_path / "part", **{"train.steps": "6",
-                                                      "checkpoint.resume": "true"})]) == 2
-
-    lines = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().split("\n")
-             if x]
-    assert [r["step"] for r in lines] == [1, 2, 3, 4]
-    dp = nproc // int(layout.get("parallel.pp", 1))
-    assert all(len(r["dp_chunks"]) == dp and r["dp_imbalance"] >= 1.0 for r in lines)
+    if (nproc, start) == (resume_nproc, resume_layout):  # the same layout: bitwise
+        for name in final:
+            assert torch.equal(again[name], final[name]), name
+    else:  # another layout: the same sums in another order
+        assert_close(again, single)

@@ -5,6 +5,7 @@ failure of the trainer before the fix (noted in its docstring).
 """
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -116,8 +117,8 @@ def test_checkpoint_files_get_the_usual_permissions(tmp_path):
         os.umask(old)
     step = run / "step-00000001"
     assert stat.S_IMODE(step.stat().st_mode) == 0o755
-    for f in step.iterdir():
-        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f.name
+    for f in step.rglob("*"):  # the optimizer/ directory included
+        assert stat.S_IMODE(f.stat().st_mode) == (0o755 if f.is_dir() else 0o644), f.name
 
 
 def _corrupt(path: Path) -> None:
@@ -177,14 +178,16 @@ def test_a_corrupt_newest_checkpoint_is_skipped_and_older_steps_resume(tmp_path,
 def test_disk_full_while_checkpointing_is_one_line_and_exit_3(tmp_path, monkeypatch, capsys):
     """Item 7: a full disk during a checkpoint printed a traceback (exit 1)."""
     run = tmp_path / "run"
-    real_save = torch.save
+    from chunkflow.parallel import checkpoint as parallel_checkpoint
 
-    def save(obj, f, *a, **kw):
-        if str(f).endswith("optimizer.pt") and "step-00000002" in str(f):
+    real_save = parallel_checkpoint.dcp.save
+
+    def save(state, *, checkpoint_id, **kw):  # the optimizer state's torch.distributed.checkpoint
+        if ".step-00000002" in checkpoint_id:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, f, *a, **kw)
+        return real_save(state, checkpoint_id=checkpoint_id, **kw)
 
-    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(parallel_checkpoint.dcp, "save", save)
     assert main(["train", *args(run, **{"train.steps": "3", "checkpoint.interval": "1"})]) == 3
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
@@ -223,3 +226,35 @@ def test_a_real_full_disk(tmp_path):
     assert "Traceback" not in out.stderr
     assert not any(f.startswith(".step") for f in result["files"])
     assert "step-00000001" in result["files"]
+
+
+def test_a_checkpoint_from_before_sharded_optimizer_state_still_resumes_bitwise(tmp_path):
+    """Checkpoints written before optimizer/ held optimizer.pt (torch.save of the optimizer's
+    state dict, by position) and no layout: they resume, on their layout, to the uninterrupted
+    run's weights."""
+    from chunkflow.train.config import read_toml
+    from chunkflow.train.trainer import Trainer
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(["train", *args(full, **{"train.steps": "4"})]) == 0
+    assert main(["train", *args(part, **{"train.steps": "4", "checkpoint.interval": "2"})]) == 0
+    old = part / "step-00000002"
+    shutil.rmtree(part / "step-00000004")
+    cfg = read_toml(part / "config.toml")
+    cfg.checkpoint.resume = True
+    trainer = Trainer(cfg)  # resumes step 2: its optimizer holds the saved state
+    # Rewrite step 2 in the old format, its manifest to match.
+    torch.save(trainer.optimizer.state_dict(), old / "optimizer.pt")
+    shutil.rmtree(old / "optimizer")
+    state = json.loads((old / "trainer_state.json").read_text())
+    del state["layout"]
+    (old / "trainer_state.json").write_text(json.dumps(state))
+    manifest = json.loads((old / "manifest.json").read_text())
+    files = {k: v for k, v in manifest["files"].items() if not k.startswith("optimizer/")}
+    for name in ("optimizer.pt", "trainer_state.json"):
+        files[name] = {"bytes": (old / name).stat().st_size,
+                       "sha256": hashlib.sha256((old / name).read_bytes()).hexdigest()}
+    (old / "manifest.json").write_text(json.dumps(dict(manifest, files=files)))
+
+    assert main(["train", *args(part, **{"train.steps": "4"}), "--resume"]) == 0
+    assert_bitwise_equal(weights(part / "step-00000004"), weights(full / "step-00000004"))

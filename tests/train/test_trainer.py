@@ -68,10 +68,11 @@ def test_run_writes_metrics_config_and_checkpoints(tmp_path, capsys):
     assert sorted(p.name for p in run.glob("step-*")) == ["step-00000004", "step-00000005"]
     final = run / "step-00000005"
     assert {p.name for p in final.iterdir()} >= {"model.safetensors", "config.json",
-                                                 "optimizer.pt", "rng.pt", "trainer_state.json"}
+                                                 "optimizer", "rng.pt", "trainer_state.json"}
     assert json.loads((final / "trainer_state.json").read_text())["step"] == 5
+    # the optimizer state is a torch.distributed.checkpoint (sharded by rank; here one rank)
+    assert {p.name for p in (final / "optimizer").iterdir()} == {".metadata", "__0_0.distcp"}
     # everything but the weights loads with weights_only (no pickled code)
-    torch.load(final / "optimizer.pt", weights_only=True)
     torch.load(final / "rng.pt", weights_only=True)
     assert read_toml(run / "config.toml") == config(run, **{"train.steps": "5",
                                                            "checkpoint.interval": "2",
