@@ -100,10 +100,14 @@ class DataParallelSync(GradSync):
     synchronisation per step (see the module docstring)."""
 
     def __init__(self, wrapped: nn.Module | None, ctx: ParallelContext,
-                 all_reduce: list[torch.Tensor] | None = None):
+                 all_reduce: list[torch.Tensor] | None = None, *,
+                 tp_partial: list[torch.Tensor] = ()):
         """``all_reduce``: parameters whose gradients ``finish`` sums over the data-parallel
-        group itself (DDP cannot bucket tensor-parallel DTensor gradients)."""
+        group itself (DDP cannot bucket tensor-parallel DTensor gradients). ``tp_partial``:
+        replicated parameters each tensor-parallel rank holds part of the gradient of
+        (:func:`chunkflow.parallel.tensor.partial_grad_params`), summed over the "tp" group."""
         self.wrapped, self.ctx, self.all_reduce = wrapped, ctx, all_reduce
+        self.tp_partial = list(tp_partial)
 
     def global_counts(self, num_tokens: int, num_sequences: int) -> tuple[int, int]:
         t = torch.tensor([num_tokens, num_sequences], dtype=torch.int64,
@@ -124,23 +128,30 @@ class DataParallelSync(GradSync):
 
     def finish(self) -> None:
         if self.all_reduce:
-            for p in self.all_reduce:  # every rank must send the same tensors
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            grads = [p.grad for p in self.all_reduce]
-            local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-            for dtype in {g.dtype for g in local}:  # one all-reduce per dtype
-                group = [g for g in local if g.dtype == dtype]
-                flat = torch.cat([g.reshape(-1) for g in group])
-                dist.all_reduce(flat, group=self.ctx.dp_group)
-                for g, part in zip(group, flat.split([g.numel() for g in group])):
-                    g.copy_(part.view_as(g))
+            _sum_grads(self.all_reduce, self.ctx.dp_group)
         if isinstance(self.wrapped, FSDPModule):
             fsdp = self.wrapped
             fsdp.set_requires_gradient_sync(True)
             fsdp.set_reshard_after_backward(True)
             fsdp.set_is_last_backward(True)
             finish_fsdp_backward(fsdp)  # reduce-scatter the accumulated gradients, reshard
+        if self.tp_partial:  # sums commute with the data-parallel ones above
+            _sum_grads(self.tp_partial, self.ctx.tp_group)
+
+
+def _sum_grads(params: list[torch.Tensor], group) -> None:
+    """Sum the gradients of ``params`` (their local shards) over ``group``: one all-reduce per
+    dtype. Every rank passes the same parameters; a missing gradient counts as zero."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    local = [g.to_local() if hasattr(g, "to_local") else g for g in (p.grad for p in params)]
+    for dtype in {g.dtype for g in local}:
+        same = [g for g in local if g.dtype == dtype]
+        flat = torch.cat([g.reshape(-1) for g in same])
+        dist.all_reduce(flat, group=group)
+        for g, part in zip(same, flat.split([g.numel() for g in same])):
+            g.copy_(part.view_as(g))
 
 
 def _tp_sharded(grad: torch.Tensor) -> bool:

@@ -31,7 +31,7 @@ from chunkflow.parallel.data_parallel import (
     reshard,
 )
 from chunkflow.parallel.mesh import ParallelContext
-from chunkflow.parallel.tensor import apply_tp
+from chunkflow.parallel.tensor import apply_tp, partial_grad_params
 from chunkflow.parallel.pipeline import P2PStageIO, split_stage
 from chunkflow.plan import (
     ChunkPlan,
@@ -92,8 +92,10 @@ class ParallelEngine:
         self.shape = model_shape(model.config)
         if ctx.pp > 1:
             model = split_stage(model, ctx.stage, ctx.pp)
+        tp_partial = []
         if ctx.tp > 1:
             model = apply_tp(model, ctx)
+            tp_partial = partial_grad_params(model)
         self.engine = ChunkFlowEngine(model, chunk_size=chunk_size, k=k,
                                       loss_normalization=loss_normalization,
                                       pack_chain_tails=pack_chain_tails,
@@ -109,7 +111,7 @@ class ParallelEngine:
         elif ctx.dp > 1:  # DDP's buckets cannot hold DTensor gradients: one all-reduce at the end
             all_reduce = [p for p in model.parameters() if p.requires_grad]
         self.wrapped = wrapped
-        self.sync = DataParallelSync(wrapped, ctx, all_reduce)
+        self.sync = DataParallelSync(wrapped, ctx, all_reduce, tp_partial=tp_partial)
         param = next(iter(model.parameters()))
         self.io = P2PStageIO(ctx, hidden_size=model.config.hidden_size, dtype=param.dtype)
 

@@ -1,4 +1,5 @@
-"""Tensor parallelism of chunkflow's reference model over the layout's "tp" mesh dimension.
+"""Tensor parallelism of chunkflow's reference model, and of transformers Llama/Qwen2/Qwen3/Mistral
+models, over the layout's "tp" mesh dimension.
 
 Megatron's split, written with ``torch.distributed.tensor.parallel``: in every decoder layer the
 query/key/value and the MLP's gate/up projections are column-wise parallel (each rank computes
@@ -12,6 +13,10 @@ What this means for chunkflow's state: attention sees the rank's own ``H / tp`` 
 key/value heads only, ``1 / tp`` of the single-process state. ``tp`` must divide the query heads,
 the key/value heads and the MLP width; a degree that does not divide the key/value heads is
 refused rather than replicating heads (replication would keep ``tp / G`` copies of the state).
+
+Qwen3's per-head q/k norms are replicated, but each rank applies them to its own heads only, so
+its gradient of their weights is a partial sum: :func:`partial_grad_params` names them and the
+step sums them over the group once (``DataParallelSync.finish``).
 
 Gradients: the column-wise layers' input gradient is a partial sum that the plan all-reduces in
 backward, so the replicated parameters get the full gradient on every rank, identical across the
@@ -52,14 +57,57 @@ def check_tp(config, tp: int) -> None:
                              f"{why}; valid: a tp that divides {name}")
 
 
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of chunkflow's reference model (a stage of it) or of a transformers
+    causal LM (Llama, Qwen2, Qwen3, Mistral: the same projection names)."""
+    if hasattr(model, "hidden_states"):  # chunkflow's reference model
+        return list(model.model.layers.values())
+    from chunkflow.models.hf import is_hf_model
+
+    if not is_hf_model(model):
+        raise ValueError(f"tensor parallelism runs chunkflow's reference model or a "
+                         f"transformers causal LM, got {type(model).__name__}; valid: "
+                         f"--parallel.tp=1")
+    if hasattr(model, "peft_config"):
+        raise ValueError("tensor parallelism with LoRA is not supported (PEFT wraps the "
+                         "projections the plan shards); valid: --parallel.tp=1, data "
+                         "parallel (ddp) for LoRA")
+    return list(model.get_decoder().layers)
+
+
+PER_HEAD_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
+"""Qwen3's RMSNorm over each head's query/key: replicated weights that a rank applies to its own
+heads only, so each rank's gradient is a partial sum over its heads."""
+
+
+def partial_grad_params(model: nn.Module) -> list[nn.Parameter]:
+    """Replicated parameters whose gradient each tensor-parallel rank holds only a part of (the
+    per-head q/k norms): the step sums them over the "tp" group once, after its last backward."""
+    out = []
+    for layer in decoder_layers(model):
+        for name in PER_HEAD_NORMS:
+            module = layer.get_submodule(name) if _has(layer, name) else None
+            if module is not None:
+                out.extend(p for p in module.parameters() if p.requires_grad)
+    return out
+
+
+def _has(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
 def apply_tp(model: nn.Module, ctx: ParallelContext) -> nn.Module:
-    """Shard ``model`` (a stage of chunkflow's reference model) over ``ctx``'s "tp" group."""
-    if not hasattr(model, "hidden_states"):
-        raise ValueError(f"tensor parallelism runs chunkflow's reference model, got "
-                         f"{type(model).__name__}; valid: --model.implementation=reference "
-                         f"(Llama/Qwen2 checkpoints), or --parallel.tp=1")
+    """Shard ``model`` (a stage of chunkflow's reference model, or a transformers causal LM)
+    over ``ctx``'s "tp" group, from outside: the model code is unchanged (transformers'
+    attention infers its local head count from the projection's output, ``view(..., -1,
+    head_dim)``)."""
+    layers = decoder_layers(model)
     check_tp(model.config, ctx.tp)
     mesh = ctx.mesh["tp"]
-    for layer in model.model.layers.values():
+    for layer in layers:
         parallelize_module(layer, mesh, {name: style() for name, style in LAYER_PLAN.items()})
     return model

@@ -8,7 +8,7 @@ evaluation loss against the unchunked token mean.
 
 import torch
 
-from tests.parallel.workers import check_gradients, check_hf_ddp, spawn, train_lora_ddp
+from tests.parallel.workers import check_gradients, check_hf, spawn, train_lora_ddp
 
 
 def test_two_ranks_data_parallel_and_pipeline():
@@ -52,8 +52,18 @@ def test_four_ranks_tensor_parallel_with_pipeline_and_data_parallel():
     ])
 
 
-def test_two_ranks_data_parallel_hugging_face_model():
-    spawn(check_hf_ddp, 2)
+def test_two_ranks_hugging_face_models_data_and_tensor_parallel():
+    """transformers models under DDP and under TP=2 (chunkflow's plan on their own modules;
+    Qwen3 with its per-head q/k norms), chunked with K=1 and K=2."""
+    spawn(check_hf, 2, [
+        dict(family="llama", dp=2, k=2),
+        dict(family="qwen2", dp=1, tp=2, k=1),
+        dict(family="qwen3", dp=1, tp=2, k=2),
+    ])
+
+
+def test_four_ranks_hugging_face_qwen2_data_x_tensor_parallel():
+    spawn(check_hf, 4, [dict(family="qwen2", dp=2, tp=2, k=2)])
 
 
 def test_lora_under_ddp_matches_one_process_and_resumes(tmp_path):

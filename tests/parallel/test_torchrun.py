@@ -117,3 +117,43 @@ def test_torchrun_matches_one_process_and_resumes_on_any_layout(
             assert torch.equal(again[name], final[name]), name
     else:  # another layout: the same sums in another order
         assert_close(again, single)
+
+
+def test_a_transformers_qwen2_run_at_tp2_resumes_at_dp2_with_the_single_process_weights(
+        tmp_path):
+    """A tied-embedding transformers Qwen2 (--model.path, implementation hf): 2 steps at TP=2,
+    then 2 more at DP=2 (DDP), end with one process's weights after 4 steps."""
+    from tests.train.test_resume import chat_job, hf_args
+    from tests.train.test_trainer_hf import model_dir
+
+    model, data = model_dir(tmp_path, tied=True), str(chat_job(tmp_path))
+    common = {"model.dtype": "float64", "parallel.timeout_s": "60"}
+
+    def run(nproc: int, steps: int, **extra) -> str:
+        options = dict(a[2:].split("=", 1) for a in hf_args(
+            str(tmp_path / "run"), model, data, **common, **{"train.steps": str(steps)}, **extra))
+        if nproc == 1:
+            options["train.output_dir"] = str(tmp_path / "one")
+            assert main(["train", *[f"--{k}={v}" for k, v in options.items()]]) == 0
+            return ""
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc}", "-m", "chunkflow", "train",
+               *[f"--{k}={v}" for k, v in options.items()]]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                             env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
+                                  "PYTHONPATH": str(Path(__file__).parents[2])})
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout
+
+    run(1, 4)
+    assert "tp=2" in run(2, 2, **{"parallel.tp": "2"})
+    out = run(2, 4, **{"parallel.tp": "1", "checkpoint.resume": "true"})
+    assert "weights and optimizer state resharded" in out
+    def untied(checkpoint: Path) -> dict:  # the one tied tensor is stored under either name
+        state = weights(checkpoint)
+        if "lm_head.weight" in state:
+            state["model.embed_tokens.weight"] = state.pop("lm_head.weight")
+        return state
+
+    assert_close(untied(tmp_path / "run" / "step-00000004"),
+                 untied(tmp_path / "one" / "step-00000004"))

@@ -139,21 +139,31 @@ def fail_one_rank(rank, world_size, dp, pp, how):
     engine.forward_backward(make_batch(LENGTHS))
 
 
-def check_hf_ddp(rank, world_size):
-    """A transformers Llama under DDP: gradients equal plain single-process HF training."""
+def check_hf(rank, world_size, cases):
+    """A transformers model on a (dp, tp) layout: loss, every gradient (full tensors of the
+    tensor-parallel shards) and the clipped norm equal plain single-process HF training."""
     from tests.models.test_hf_adapter import build, make_batch as hf_batch, plain_step
 
-    ctx = init_distributed(dp=world_size, pp=1, device=torch.device("cpu"))
-    ref = build("llama")
-    batch = hf_batch(ref.config.vocab_size)
-    want_loss = plain_step(ref, batch).item()
-    engine = ParallelEngine(build("llama"), ctx, chunk_size=16, k=2, data_parallel="ddp")
-    result = engine.forward_backward(batch)
-    assert abs(result.loss - want_loss) <= 1e-10 * abs(want_loss), (result.loss, want_loss)
-    want = dict(ref.named_parameters())
-    for name, p in engine.model.named_parameters():
-        rel = float((p.grad - want[name].grad).norm() / want[name].grad.norm())
-        assert rel < 1e-10, (rank, name, rel)
+    for case in cases:
+        family, dp, tp, k = case["family"], case["dp"], case.get("tp", 1), case["k"]
+        ctx = init_distributed(dp=dp, pp=1, tp=tp, device=torch.device("cpu"))
+        ref = build(family)
+        batch = hf_batch(ref.config.vocab_size)
+        want_loss = plain_step(ref, batch).item()
+        engine = ParallelEngine(build(family), ctx, chunk_size=16, k=k,
+                                data_parallel=case.get("data_parallel", "ddp"))
+        result = engine.forward_backward(batch)
+        where = f"{case} rank {rank}"
+        assert abs(result.loss - want_loss) <= 1e-10 * abs(want_loss), \
+            (where, result.loss, want_loss)
+        want = dict(ref.named_parameters())
+        for name, p in engine.model.named_parameters():
+            g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            rel = float((g - want[name].grad).norm() / want[name].grad.norm())
+            assert rel < 1e-10, (where, name, rel)
+        want_norm = sum(float(p.grad.pow(2).sum()) for p in want.values()) ** 0.5
+        norm = engine.clip_grad_norm(float("inf"))
+        assert abs(norm - want_norm) <= 1e-10 * want_norm, (where, norm, want_norm)
 
 
 def train_lora_ddp(rank, world_size, run_dir: str, model_path: str, data: str, steps: int,
