@@ -26,6 +26,14 @@ class _Held:
             self.meter._release(self.key)
 
 
+def _is_parameter(tensor: torch.Tensor) -> bool:
+    """A parameter or a view of one (linear layers save ``weight.t()``): weights, not step
+    memory. This catches what ``reset``'s list cannot: FSDP2's gathered parameters, which exist
+    only from the step's first forward."""
+    base = tensor._base if tensor._base is not None else tensor
+    return isinstance(base, torch.nn.Parameter)
+
+
 class MemoryMeter:
     def __init__(self):
         self.current = 0
@@ -58,7 +66,7 @@ class MemoryMeter:
         local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
         storage = local.untyped_storage()
         key, nbytes = storage.data_ptr(), storage.nbytes()
-        if nbytes == 0 or key in self._excluded:
+        if nbytes == 0 or key in self._excluded or _is_parameter(tensor):
             return tensor
         entry = self._storages.get(key)
         if entry is None:

@@ -99,3 +99,19 @@ def test_failed_step_does_not_inflate_the_next_peak():
     # the other kept graphs are dropped with the failed step.
     assert len(alive) == 2 and sum(ref() is not None for ref in alive) <= 1
     assert engine.forward_backward(batch).peak_memory_bytes == fresh
+
+
+def test_parameters_made_after_reset_are_not_counted_as_step_memory():
+    """FSDP2 gathers its parameters at the step's first forward, after the meter's reset:
+    linear layers then save the gathered weight (a view of a Parameter); it is weights, not
+    activations, and used to be counted once more in the step's peak."""
+    from chunkflow.runtime.memory import MemoryMeter
+
+    meter = MemoryMeter()
+    meter.reset(exclude=[])
+    weight = torch.nn.Parameter(torch.randn(64, 64))  # made after the reset, as FSDP2's are
+    x = torch.randn(8, 64, requires_grad=True)
+    with meter.hooks():
+        y = torch.nn.functional.linear(x, weight).sum()
+    assert meter.peak == x.untyped_storage().nbytes()  # the input, saved for the weight's grad
+    y.backward()
