@@ -176,11 +176,13 @@ def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
     shape, name = ((model_shape(cfg), model_label(cfg)) if own_model
                    else (_named_shape(args.model or "qwen2.5-7b"), args.model or "qwen2.5-7b"))
     gpu, budget = get_gpu(args.gpu), parse_size(args.memory_budget)
-    options = {}
+    # The run's own model or data: priced as chunkflow runs TP (no sequence parallelism,
+    # replicated head); the paper's shapes alone: as Megatron does, for its comparison.
+    options = {"runtime": "chunkflow" if own_model else "megatron"}
     if args.config is not None or "data.path" in given:
         # The run's own data: its first global batches, as the trainer will form them. The
-        # layouts are those chunkflow runs today (data x pipeline parallel; no tensor
-        # parallelism; pipeline stages need the reference model).
+        # layouts are those chunkflow runs (pipeline stages need the reference model), priced
+        # as its runtime runs tensor parallelism (no sequence parallelism, replicated head).
         if args.batches < 1:
             raise ValueError(f"--batches={args.batches}: must be a positive integer")
         _, first = _data_batches(cfg, args.batches, vocab_size=shape.vocab_size)
@@ -188,7 +190,7 @@ def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
         max_len = max(max(b) for b in options["batches"])
         longest = max(128, 1 << (max_len - 1).bit_length())  # the powers of two up to it
         options["chunk_sizes"] = [1 << p for p in range(7, 16) if 1 << p <= longest]
-        options["max_tp"] = 1
+        options["runtime"] = "chunkflow"
         if cfg.model.path is not None and cfg.model.implementation == "hf":
             options["max_pp"] = 1
         data = cfg.data.path or "the built-in data"
@@ -203,15 +205,37 @@ def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
                           memory_budget=budget, global_batch=args.global_batch, seed=args.seed,
                           **options)
     print(format_candidates(candidates, top=args.top))
-    if "batches" in options:
-        best = candidates[0]
-        launch = ("chunkflow train" if args.gpus == 1 else
-                  f"torchrun --nproc-per-node {args.gpus} -m chunkflow train")
-        pp = f" --parallel.pp={best.pp}" if best.pp > 1 else ""
-        print(f"for this run: {launch} ... --chunking.chunk_size={best.chunk_size} "
-              f"--chunking.k={best.k}{pp} (predicted peak "
-              f"{format_size(best.peak_memory_bytes)} per GPU)")
+    best = candidates[0]
+    hf = own_model and cfg.model.path is not None and cfg.model.implementation == "hf"
+    run = ((f" --config {args.config}" if args.config else "")
+           + "".join(f" --{name}={getattr(args, name)}" for name in sorted(given)
+                     if name.startswith(("model.", "data.")))) if own_model else " ..."
+    print(f"launch it: {launch_command(best, gpus=args.gpus, run=run, hf=hf)}  (predicted peak "
+          f"{format_size(best.peak_memory_bytes)} per GPU"
+          + ("" if options["runtime"] == "chunkflow" else "; priced as Megatron's tensor "
+             "parallelism, with sequence parallelism, which chunkflow's runtime does not have "
+             "yet: plan with the run's --model.* or --config for its own") + ")")
     return 0
+
+
+def launch_command(best, *, gpus: int, run: str = " ...", hf: bool = False) -> str:
+    """The command line that trains with ``best`` (a chunkflow.sim.tune.Candidate) on ``gpus``
+    GPUs: torchrun with 8 processes per node beyond one node."""
+    if gpus == 1:
+        launch = "chunkflow train"
+    elif gpus <= 8:
+        launch = f"torchrun --nproc-per-node {gpus} -m chunkflow train"
+    else:
+        launch = (f"torchrun --nnodes {-(-gpus // 8)} --nproc-per-node 8 --rdzv-backend c10d "
+                  f"--rdzv-endpoint HOST:29500 -m chunkflow train")
+    parts = [f"--chunking.chunk_size={best.chunk_size}", f"--chunking.k={best.k}"]
+    if best.tp > 1:
+        parts.append(f"--parallel.tp={best.tp}")
+    if best.pp > 1:
+        parts.append(f"--parallel.pp={best.pp}")
+    if best.dp > 1:  # the optimizer state is priced sharded over the replicas (FSDP2)
+        parts.append(f"--parallel.data_parallel={'ddp' if hf else 'fsdp'}")
+    return f"{launch}{run} " + " ".join(parts)
 
 
 def _named_shape(name: str):

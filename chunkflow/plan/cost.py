@@ -243,7 +243,12 @@ class CostModel:
     tp: int = 1
     pp: int = 1
     sp: int | None = None
-    """Sequence parallelism runs over the TP group (Megatron): ``None`` means ``tp``."""
+    """Sequence parallelism runs over the TP group (Megatron): ``None`` means ``tp``; 1 means
+    none (chunkflow's runtime today): every per-token activation counted whole on each TP rank,
+    an upper bound, since the attention and MLP internals are split by heads."""
+    vocab_parallel: bool = True
+    """The embedding and output head split over TP (Megatron); False: replicated on every TP
+    rank (chunkflow's runtime today), their weights and head FLOPs whole on each."""
     dp: int = 1
     recompute: str = "none"
     """Megatron's layer recompute (see ``RECOMPUTE``); chunkflow's own is its S/R actions."""
@@ -258,9 +263,9 @@ class CostModel:
             check_positive_int(name, getattr(self, name))
         if self.sp is None:
             object.__setattr__(self, "sp", self.tp)
-        if self.sp != self.tp:
-            raise ValueError(f"sp={self.sp} with tp={self.tp}: Megatron runs sequence parallelism "
-                             f"over the tensor-parallel group, so sp must equal tp")
+        if self.sp not in (1, self.tp):
+            raise ValueError(f"sp={self.sp} with tp={self.tp}: sequence parallelism runs over the "
+                             f"tensor-parallel group, so sp must equal tp (or 1: none)")
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"recompute={self.recompute!r}; valid: {', '.join(RECOMPUTE)}")
         s = self.shape
@@ -298,8 +303,11 @@ class CostModel:
     def forward_flops(self, segment_lens: Sequence[int], *, prefix_len: int = 0,
                       stage_idx: int = 0) -> Flops:
         layers = self.stage_layers[stage_idx]
-        return forward_flops(self.shape, segment_lens, prefix_len=prefix_len, num_layers=layers,
-                             head=self._is_last(stage_idx), tp=self.tp)
+        flops = forward_flops(self.shape, segment_lens, prefix_len=prefix_len,
+                              num_layers=layers, head=self._is_last(stage_idx), tp=self.tp)
+        if not self.vocab_parallel:  # every TP rank computes the whole head
+            flops = flops._replace(head_matmul=flops.head_matmul * self.tp)
+        return flops
 
     def _rolloff(self, num_tokens: int) -> float:
         return num_tokens / (num_tokens + self.gpu.tokens_half_efficiency)
@@ -413,7 +421,7 @@ class CostModel:
         layer = (e * (q + 2 * kv) + q * e + (q + 2 * kv) * s.qkv_bias
                  + 3 * e * s.intermediate_size // self.tp + 2 * e)
         params = self.stage_layers[stage_idx] * layer
-        embed = s.vocab_size * e / self.tp
+        embed = s.vocab_size * e / (self.tp if self.vocab_parallel else 1)
         if stage_idx == 0:
             params += embed
         if self._is_last(stage_idx):

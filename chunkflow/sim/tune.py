@@ -161,11 +161,14 @@ class Candidate:
     iteration_seconds: float
     peak_memory_bytes: float
     bubble_ratio: float
+    sp: int | None = None
+    """Sequence-parallel degree: ``None`` means ``tp`` (Megatron's); 1 means none."""
 
     @property
     def layout(self) -> str:
         """Megatron's <TP, SP, PP> plus the data-parallel degree."""
-        return f"<TP {self.tp}, SP {self.tp}, PP {self.pp}> x DP {self.dp}"
+        sp = self.tp if self.sp is None else self.sp
+        return f"<TP {self.tp}, SP {sp}, PP {self.pp}> x DP {self.dp}"
 
 
 def layouts(shape: ModelShape, num_gpus: int, *, max_tp: int = GPUS_PER_NODE,
@@ -186,12 +189,17 @@ def layouts(shape: ModelShape, num_gpus: int, *, max_tp: int = GPUS_PER_NODE,
     return out
 
 
+RUNTIMES = {"megatron": {}, "chunkflow": {"sp": 1, "vocab_parallel": False}}
+"""How each runtime's tensor parallelism is priced (see :func:`autotune`)."""
+
+
 def autotune(shape: ModelShape, gpu: GPUProfile, *, max_len: int, num_gpus: int,
              memory_budget: float, global_batch: int = 256, seed: int = 0,
              seq_lens: Sequence[int] | None = None,
              batches: Sequence[Sequence[int]] | None = None,
              chunk_sizes: Sequence[int] = CHUNK_SIZES, ks: Sequence[int] = KS,
-             max_tp: int = GPUS_PER_NODE, max_pp: int | None = None) -> list[Candidate]:
+             max_tp: int = GPUS_PER_NODE, max_pp: int | None = None,
+             runtime: str = "megatron") -> list[Candidate]:
     """Candidates within ``memory_budget`` bytes per GPU, fastest first.
 
     The workload: ``batches`` (several global batches, e.g. a run's own: a candidate's time is
@@ -199,10 +207,14 @@ def autotune(shape: ModelShape, gpu: GPUProfile, *, max_len: int, num_gpus: int,
     from the long-tailed generator (``chunkflow.plan.lengths``) scaled to ``max_len``,
     deterministic in ``seed``. Chunk sizes above ``max_len`` are skipped; K values beyond the
     longest chain give the same schedule and are tried once; ``max_tp``/``max_pp`` limit the
-    layouts (see :func:`layouts`). Raises ``ValueError`` when nothing fits, naming the smallest
-    peak found.
+    layouts (see :func:`layouts`). ``runtime``: "megatron" prices Megatron's tensor parallelism
+    (sequence parallel, vocabulary-parallel head), "chunkflow" this runtime's (neither: the
+    embedding, head and per-token activations whole on every TP rank, an upper bound). Raises
+    ``ValueError`` when nothing fits, naming the smallest peak found.
     """
     max_len = check_positive_int("max_len", max_len)
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime={runtime!r}; valid: {', '.join(RUNTIMES)}")
     if batches is None:
         if seq_lens is None:
             seq_lens = sample_lengths(random.Random(seed), check_positive_int(
@@ -215,7 +227,7 @@ def autotune(shape: ModelShape, gpu: GPUProfile, *, max_len: int, num_gpus: int,
     for tp, pp, dp in layouts(shape, num_gpus, max_tp=max_tp, max_pp=max_pp):
         if dp > min(len(b) for b in batches):
             continue
-        cost = CostModel(shape, gpu, tp=tp, pp=pp, dp=dp)
+        cost = CostModel(shape, gpu, tp=tp, pp=pp, dp=dp, **RUNTIMES[runtime])
         for chunk_size in sorted(c for c in chunk_sizes if c <= max_len) or [min(chunk_sizes)]:
             longest = max(-(-n // chunk_size) for b in batches for n in b)
             for k in sorted({min(k, longest) for k in ks}):
@@ -223,7 +235,7 @@ def autotune(shape: ModelShape, gpu: GPUProfile, *, max_len: int, num_gpus: int,
                 cand = Candidate(chunk_size, k, tp, pp, dp,
                                  sum(p.iteration_seconds for p in preds) / len(preds),
                                  max(p.peak_memory_bytes for p in preds),
-                                 sum(p.bubble_ratio for p in preds) / len(preds))
+                                 sum(p.bubble_ratio for p in preds) / len(preds), cost.sp)
                 if smallest is None or cand.peak_memory_bytes < smallest.peak_memory_bytes:
                     smallest = cand
                 if cand.peak_memory_bytes <= memory_budget:

@@ -145,13 +145,31 @@ def test_activation_and_kv_bytes_reuse_the_memory_estimate():
     assert plain.backward_transient_bytes(1) == 0
 
 
+def test_chunkflow_runtime_tp_keeps_activations_embedding_and_head_whole_per_rank():
+    """sp=1, vocab_parallel=False: how chunkflow's runtime runs TP today (no sequence
+    parallelism, replicated embedding and head), priced against Megatron's split."""
+    shape = get_model_shape("qwen2.5-7b")
+    one = CostModel(shape, UNIT)
+    megatron = CostModel(shape, UNIT, tp=2)
+    ours = CostModel(shape, UNIT, tp=2, sp=1, vocab_parallel=False)
+    assert ours.activation_bytes_per_token() == one.activation_bytes_per_token()
+    assert megatron.activation_bytes_per_token() == one.activation_bytes_per_token() / 2
+    embed = shape.vocab_size * shape.hidden_size
+    # embedding and (untied) head: whole on each rank, vs half of each
+    assert ours.stage_params() - megatron.stage_params() == pytest.approx(embed)
+    seg = [4096]
+    assert ours.forward_flops(seg).head_matmul == one.forward_flops(seg).head_matmul
+    assert megatron.forward_flops(seg).head_matmul == one.forward_flops(seg).head_matmul / 2
+    assert ours.forward_flops(seg).layers_matmul == megatron.forward_flops(seg).layers_matmul
+
+
 def test_kv_heads_replicate_when_tp_exceeds_them():
     shape = dataclasses.replace(TINY, num_key_value_heads=1)
     assert CostModel(shape, UNIT, tp=2).kv_heads_per_gpu == 1
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(tp=2, sp=1), "sp must equal tp"),
+    (dict(tp=4, sp=2), "sp must equal tp"),
     (dict(recompute="some"), "recompute"),
     (dict(tp=3), "tp=3 must divide"),
     (dict(pp=3), "pp=3 exceeds"),
