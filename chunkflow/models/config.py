@@ -1,13 +1,16 @@
 """Model configuration with Hugging Face field names, and presets.
 
-Field names follow ``transformers``' ``LlamaConfig``/``Qwen2Config`` so a checkpoint's
-``config.json`` maps onto :class:`ModelConfig` without renaming.
+Field names follow ``transformers``' ``LlamaConfig``/``Qwen2Config``/``Qwen3Config``/
+``MistralConfig`` so a checkpoint's ``config.json`` maps onto :class:`ModelConfig` without
+renaming; what differs between the families is :mod:`chunkflow.models.families`' table.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+
+from chunkflow.models.families import ROPE_TYPES, get_family
 
 
 @dataclass(frozen=True)
@@ -27,11 +30,16 @@ class ModelConfig:
     head_dim: int | None = None
     """Per-head width; defaults to ``hidden_size // num_attention_heads``."""
     model_type: str = "llama"
-    """"llama" or "qwen2". Qwen2 always has biases on the q/k/v projections."""
+    """A family of :data:`chunkflow.models.families.FAMILIES`: "llama", "qwen2" (always q/k/v
+    biases), "qwen3" (per-head q/k norms) or "mistral"."""
     attention_bias: bool = False
-    """Llama's flag: biases on q/k/v/o projections."""
+    """Llama's and Qwen3's flag: biases on q/k/v/o projections."""
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    rope_scaling: tuple = ()
+    """A static RoPE variant's parameters as sorted (name, value) pairs (a dict is accepted):
+    e.g. ``{"rope_type": "llama3", "factor": 8.0, ...}``; empty for plain RoPE. See
+    :mod:`chunkflow.models.rope`."""
     max_position_embeddings: int = 32768
     """Informational: RoPE itself extrapolates; chunkflow never truncates to this length."""
     tie_word_embeddings: bool = False
@@ -55,23 +63,43 @@ class ModelConfig:
                 f"num_key_value_heads={self.num_key_value_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
-        if self.model_type not in ("llama", "qwen2"):
-            raise ValueError(f"model_type={self.model_type!r}: supported are 'llama' and 'qwen2'")
+        get_family(self.model_type, source="ModelConfig.model_type")
+        scaling = self.rope_scaling
+        if isinstance(scaling, dict):
+            scaling = tuple(sorted(scaling.items()))
+            object.__setattr__(self, "rope_scaling", scaling)
+        rope_type = dict(scaling).get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"ModelConfig.rope_scaling rope_type={rope_type!r}: supported are "
+                             f"{', '.join(ROPE_TYPES)}")
+
+    @property
+    def family(self):
+        return get_family(self.model_type)
+
+    @property
+    def rope_parameters(self) -> dict:
+        """The RoPE variant's parameters (``{"rope_type": "default"}`` for plain RoPE)."""
+        return dict(self.rope_scaling) or {"rope_type": "default"}
 
     @property
     def qkv_bias(self) -> bool:
-        return self.model_type == "qwen2" or self.attention_bias
+        return self.family.has_qkv_bias(self.attention_bias)
 
     @property
     def o_bias(self) -> bool:
-        return self.model_type == "llama" and self.attention_bias
+        return self.family.has_o_bias(self.attention_bias)
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.family.qk_norm
 
     @property
     def num_params(self) -> int:
         h, d = self.hidden_size, self.head_dim
         q, kv = self.num_attention_heads * d, self.num_key_value_heads * d
         attn = h * (q + 2 * kv) + q * h + (q + 2 * kv) * self.qkv_bias + h * self.o_bias
-        layer = attn + 3 * h * self.intermediate_size + 2 * h
+        layer = attn + 3 * h * self.intermediate_size + 2 * h + 2 * d * self.qk_norm
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * layer + embed + h
 

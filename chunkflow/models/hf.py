@@ -35,8 +35,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from chunkflow.models.families import FAMILIES, ROPE_TYPES
+
 ATTN_NAME = "chunkflow"
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 _registered = False
 
@@ -118,10 +120,10 @@ def unsupported_reason(config) -> str | None:
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) \
         else "default"
-    if rope_type == "dynamic":
-        reasons.append("rope_type 'dynamic' rescales RoPE by the length of each forward pass, "
-                       "which chunking changes; static RoPE types (default, linear, llama3, "
-                       "yarn) are fine")
+    if rope_type not in ROPE_TYPES:
+        reasons.append(f"rope_type {rope_type!r}: only the static RoPE types "
+                       f"({', '.join(ROPE_TYPES)}) are exact under chunking; others (dynamic, "
+                       f"longrope) change the frequencies with each forward's length")
     if model_type not in SUPPORTED_MODEL_TYPES:
         reasons.append(f"model_type {model_type!r} is not supported yet; supported: "
                        f"{', '.join(SUPPORTED_MODEL_TYPES)}. Other architectures may use "

@@ -1,4 +1,5 @@
-"""Read and write Hugging Face Llama/Qwen2 checkpoints (``config.json`` + safetensors).
+"""Read and write Hugging Face Llama/Qwen2/Qwen3/Mistral checkpoints (``config.json`` +
+safetensors).
 
 A checkpoint directory holds ``config.json`` and either ``model.safetensors`` or shards listed in
 ``model.safetensors.index.json``. Because :class:`~chunkflow.models.transformer.Transformer` uses
@@ -7,7 +8,8 @@ Hugging Face's parameter names, the weights load with no renaming.
 Invariants (each has a test against plain ``transformers`` models):
 
 - Exact or refused: :func:`config_from_hf` accepts only configs the reference model reproduces
-  exactly (silu SwiGLU, plain RoPE, full causal attention, no dropout, no MLP bias). Anything else
+  exactly (silu SwiGLU, a static RoPE variant, full causal attention, no dropout, no MLP bias;
+  the families of :mod:`chunkflow.models.families`). Anything else
   is a ``ValueError`` naming the file, the field, its value and what is supported -- a checkpoint
   that loads but computes something slightly different would silently corrupt fine-tuning.
 - Strict keys: every parameter comes from the file and every tensor in the file is used; the only
@@ -29,17 +31,22 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from chunkflow.models.config import ModelConfig
+from chunkflow.models.families import FAMILIES, ROPE_TYPES
+from chunkflow.models.rope import REQUIRED
 from chunkflow.models.transformer import RotaryEmbedding, Transformer
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-# The config classes' defaults for fields a config.json may leave out.
-_DEFAULTS = {
-    "llama": {"max_position_embeddings": 2048},
-    "qwen2": {"max_position_embeddings": 32768},
+# What each RoPE variant may carry beside rope_type and rope_theta.
+_ROPE_FIELDS = {
+    "default": set(),
+    "linear": {"factor"},
+    "llama3": {"factor", "low_freq_factor", "high_freq_factor",
+               "original_max_position_embeddings"},
+    "yarn": {"factor", "original_max_position_embeddings", "attention_factor", "beta_fast",
+             "beta_slow", "mscale", "mscale_all_dim", "truncate"},
 }
 _FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                  "float16": torch.float16, "float64": torch.float64}
@@ -49,12 +56,13 @@ def _refuse(source: str, field: str, value, supported: str) -> ValueError:
     return ValueError(f"{source}: {field}={value!r} is not supported; {supported}")
 
 
-def _rope_theta(hf: dict, source: str) -> float:
-    """``rope_theta`` from either layout, refusing anything but plain (default) RoPE.
+def _rope(hf: dict, source: str) -> tuple[float, dict]:
+    """``rope_theta`` and the static RoPE variant's parameters from either layout, refusing
+    dynamic variants and fields the reference model does not implement.
 
     transformers 4.x stores ``rope_theta`` at top level and scaling in ``rope_scaling``;
     5.x stores both in ``rope_parameters``. A config may carry both (converted checkpoints)."""
-    top = hf.get("rope_theta")
+    top, scaling = hf.get("rope_theta"), {}
     for field in ("rope_scaling", "rope_parameters"):
         params = hf.get(field)
         if params is None:
@@ -62,32 +70,52 @@ def _rope_theta(hf: dict, source: str) -> float:
         if not isinstance(params, dict):
             raise _refuse(source, field, params, "expected a dict or null")
         rope_type = params.get("rope_type", params.get("type", "default"))
-        if rope_type != "default":
+        if rope_type not in ROPE_TYPES:
             raise _refuse(source, f"{field}.rope_type", rope_type,
-                          "only plain RoPE ('default', or no rope_scaling) is supported")
-        extra = set(params) - {"rope_type", "type", "rope_theta"}
+                          f"supported are the static variants {', '.join(ROPE_TYPES)} (dynamic "
+                          f"ones rescale by each forward's length, which chunking changes)")
+        extra = set(params) - {"rope_type", "type", "rope_theta"} - _ROPE_FIELDS[rope_type]
         if extra:
             raise _refuse(source, field, params,
-                          "only 'rope_type': 'default' and 'rope_theta' are supported")
+                          f"rope_type {rope_type!r} takes {sorted(_ROPE_FIELDS[rope_type])}, "
+                          f"not {sorted(extra)}")
         if "rope_theta" in params:
             # v4 reads the top-level value and v5 the nested one: disagreement is ambiguous.
             if top is not None and float(top) != float(params["rope_theta"]):
                 raise _refuse(source, f"{field}.rope_theta", params["rope_theta"],
                               f"it must equal the top-level rope_theta={top!r}")
             top = params["rope_theta"]
+        this = {k: v for k, v in params.items() if k in _ROPE_FIELDS[rope_type]}
+        if rope_type != "default":
+            this["rope_type"] = rope_type
+        if scaling and this and scaling != this:
+            raise _refuse(source, field, params, f"it must agree with the other RoPE field "
+                                                 f"({scaling})")
+        scaling = scaling or this
+    rope_type = scaling.get("rope_type", "default")
+    if rope_type in ("llama3", "yarn") and "original_max_position_embeddings" not in scaling:
+        # as transformers standardises it: the top-level field, else the context length
+        original = hf.get("original_max_position_embeddings") or hf.get("max_position_embeddings")
+        if original is not None:
+            scaling["original_max_position_embeddings"] = original
+    missing = [f for f in REQUIRED.get(rope_type, ()) if scaling.get(f) is None]
+    if missing:
+        raise _refuse(source, "rope_parameters", scaling, f"rope_type {rope_type!r} needs "
+                                                          f"{', '.join(missing)}")
     if hf.get("partial_rotary_factor", 1.0) != 1.0:
         raise _refuse(source, "partial_rotary_factor", hf["partial_rotary_factor"],
                       "RoPE must rotate the whole head (1.0)")
-    return float(top) if top is not None else 10000.0
+    return (float(top) if top is not None else 10000.0), scaling
 
 
 def config_from_hf(hf: dict, *, source: str = CONFIG_NAME) -> ModelConfig:
-    """Map a Llama or Qwen2 ``config.json`` dict onto :class:`ModelConfig`, refusing what the
-    reference model cannot reproduce exactly. ``source`` names the file in error messages."""
+    """Map a ``config.json`` dict of a supported family onto :class:`ModelConfig`, refusing
+    what the reference model cannot reproduce exactly. ``source`` names the file in errors."""
     model_type = hf.get("model_type")
-    if model_type not in _ARCHITECTURES:
+    if model_type not in FAMILIES:
         raise _refuse(source, "model_type", model_type,
-                      f"supported are {', '.join(map(repr, _ARCHITECTURES))}")
+                      f"supported are {', '.join(map(repr, FAMILIES))}")
+    family = FAMILIES[model_type]
     if hf.get("hidden_act", "silu") != "silu":
         raise _refuse(source, "hidden_act", hf["hidden_act"],
                       "the reference MLP is SwiGLU ('silu')")
@@ -99,22 +127,34 @@ def config_from_hf(hf: dict, *, source: str = CONFIG_NAME) -> ModelConfig:
     if hf.get("use_sliding_window", False):
         raise _refuse(source, "use_sliding_window", hf["use_sliding_window"],
                       "only full causal attention is supported")
+    if family.sliding_window is not None and \
+            hf.get("sliding_window", family.sliding_window) is not None:
+        # Mistral applies its window whenever one is set (its config class sets 4096)
+        raise _refuse(source, "sliding_window", hf.get("sliding_window", family.sliding_window),
+                      "only full causal attention is supported (set it to null)")
+    if any(t != "full_attention" for t in hf.get("layer_types") or []):
+        raise _refuse(source, "layer_types", sorted(set(hf["layer_types"])),
+                      "only full causal attention is supported")
     if hf.get("quantization_config") is not None:
         raise _refuse(source, "quantization_config", hf["quantization_config"],
                       "only unquantized floating-point checkpoints are supported")
-    rope_theta = _rope_theta(hf, source)
+    rope_theta, rope_scaling = _rope(hf, source)
     missing = [f for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                            "num_attention_heads") if f not in hf]
     if missing:
         raise ValueError(f"{source}: required field(s) missing: {', '.join(missing)}")
-    fields = {**_DEFAULTS[model_type], "model_type": model_type, "rope_theta": rope_theta}
+    fields = {"max_position_embeddings": family.max_position_embeddings,
+              "model_type": model_type, "rope_theta": rope_theta, "rope_scaling": rope_scaling}
+    if family.head_dim is not None:
+        fields["head_dim"] = family.head_dim
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                  "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
                  "max_position_embeddings", "tie_word_embeddings", "initializer_range"):
         if hf.get(name) is not None:  # null head_dim / num_key_value_heads: derive, as HF does
             fields[name] = hf[name]
-    if model_type == "llama":
-        # Qwen2 always has q/k/v biases and no attention_bias field; Llama's flag covers q/k/v/o.
+    if family.qkv_bias == "flag":
+        # Qwen2 always has q/k/v biases and no attention_bias field; Llama's and Qwen3's flag
+        # covers q/k/v/o; Mistral has none.
         fields["attention_bias"] = bool(hf.get("attention_bias", False))
     try:
         return ModelConfig(**fields)
@@ -123,12 +163,12 @@ def config_from_hf(hf: dict, *, source: str = CONFIG_NAME) -> ModelConfig:
 
 
 def config_to_hf(config: ModelConfig, *, dtype: str) -> dict:
-    """A ``config.json`` dict that ``transformers`` loads as ``LlamaForCausalLM`` or
-    ``Qwen2ForCausalLM``; ``dtype`` names the stored weights' dtype (e.g. "bfloat16")."""
+    """A ``config.json`` dict that ``transformers`` loads as the family's ``*ForCausalLM``;
+    ``dtype`` names the stored weights' dtype (e.g. "bfloat16")."""
     if dtype not in _FLOAT_DTYPES:
         raise ValueError(f"dtype={dtype!r}: supported are {', '.join(_FLOAT_DTYPES)}")
     hf = {
-        "architectures": [_ARCHITECTURES[config.model_type]],
+        "architectures": [config.family.architecture],
         "model_type": config.model_type,
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
@@ -141,17 +181,21 @@ def config_to_hf(config: ModelConfig, *, dtype: str) -> dict:
         "rms_norm_eps": config.rms_norm_eps,
         # Both RoPE layouts: transformers 4.x reads rope_theta, 5.x reads rope_parameters.
         "rope_theta": config.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_parameters": {**config.rope_parameters, "rope_theta": config.rope_theta},
         "max_position_embeddings": config.max_position_embeddings,
         "tie_word_embeddings": config.tie_word_embeddings,
         "initializer_range": config.initializer_range,
         "attention_dropout": 0.0,
         "dtype": dtype,  # transformers 5 name; 4.x's "torch_dtype" now triggers a warning
     }
+    if config.family.qkv_bias == "flag":
+        hf.update(attention_bias=config.attention_bias)
     if config.model_type == "llama":
-        hf.update(attention_bias=config.attention_bias, mlp_bias=False)
+        hf.update(mlp_bias=False)
     else:
         hf.update(use_sliding_window=False, sliding_window=None)
+    if config.rope_scaling:  # transformers 4.x reads the variant here
+        hf["rope_scaling"] = dict(config.rope_scaling)
     return hf
 
 
@@ -189,7 +233,8 @@ def _key_list(keys) -> str:
 
 
 def load_hf_checkpoint(path, *, dtype=None, device=None) -> Transformer:
-    """Load a Llama/Qwen2 safetensors checkpoint directory as a :class:`Transformer`.
+    """Load a safetensors checkpoint directory of a supported family as a
+    :class:`Transformer`.
 
     ``dtype`` defaults to the stored weights' dtype (the widest, if they are mixed); ``device``
     to CPU. Missing or unexpected tensors are errors that list the keys."""

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from chunkflow.models.config import ModelConfig
+from chunkflow.models.rope import rope_frequencies
 
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -44,8 +45,9 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        d = config.head_dim
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+        inv_freq, self.scale = rope_frequencies(
+            config.head_dim, config.rope_theta, config.rope_parameters,
+            max_position_embeddings=config.max_position_embeddings)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def _apply(self, fn, recurse=True):
@@ -61,7 +63,8 @@ class RotaryEmbedding(nn.Module):
         # position_ids (B, S) -> cos, sin (B, 1, S, D), computed in float32 like transformers.
         freqs = position_ids[:, :, None].float() * self.inv_freq.float()[None, None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+        cos, sin = emb.cos() * self.scale, emb.sin() * self.scale  # yarn's attention factor
+        return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -85,12 +88,19 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(e, self.num_kv_heads * d, bias=config.qkv_bias)
         self.v_proj = nn.Linear(e, self.num_kv_heads * d, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * d, e, bias=config.o_bias)
+        if config.qk_norm:  # Qwen3: RMSNorm over each head's query and key, before RoPE
+            self.q_norm = RMSNorm(d, config.rms_norm_eps)
+            self.k_norm = RMSNorm(d, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
 
     def forward(self, x, cos, sin, attention: Optional[AttentionFn]) -> torch.Tensor:
         B, S, _ = x.shape
         # (B, S, E) -> (B, heads, S, D); under tensor parallelism, this rank's heads
-        q = self.q_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, S, -1, self.head_dim)
+        k = self.k_proj(x).view(B, S, -1, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if attention is None:

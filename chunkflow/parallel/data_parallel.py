@@ -60,7 +60,8 @@ def apply_fsdp(model: nn.Module, ctx: ParallelContext) -> nn.Module:
     if not hasattr(model, "hidden_states"):
         raise ValueError(f"data_parallel='fsdp' runs chunkflow's reference model, got "
                          f"{type(model).__name__}; valid: data_parallel='ddp' for a transformers "
-                         f"model, or --model.implementation=reference (Llama/Qwen2)")
+                         f"model, or --model.implementation=reference (Llama, Qwen2, Qwen3, "
+                         f"Mistral)")
     dtype = next(model.parameters()).dtype
     if (not hasattr(FSDPModule, "set_force_sum_reduction_for_comms")
             and dist.get_backend(ctx.dp_group) == "gloo" and dtype != torch.float64):

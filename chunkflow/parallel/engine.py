@@ -42,6 +42,7 @@ from chunkflow.plan import (
     state_aware_1f1b,
     subplan,
 )
+from chunkflow.models import families
 from chunkflow.plan.cost import ModelShape
 from chunkflow.runtime.engine import ChunkFlowEngine, EvalResult, StepResult
 from chunkflow.runtime.loss import IGNORE_INDEX
@@ -49,7 +50,7 @@ from chunkflow.runtime.loss import IGNORE_INDEX
 
 def model_shape(config) -> ModelShape:
     """The cost model's view of a model config (chunkflow's or a transformers one)."""
-    return ModelShape.from_config(config)
+    return families.model_shape(config)
 
 
 @dataclass

@@ -45,8 +45,9 @@ def split_stage(model: torch.nn.Module, stage: int, num_stages: int) -> Transfor
     """In place: keep stage ``stage``'s decoder layers, the embedding on the first stage and the
     final norm and output head on the last. Parameter names stay those of the whole model."""
     if not isinstance(model, Transformer):
-        raise ValueError(f"pipeline parallelism runs chunkflow's reference model (Llama/Qwen2 "
-                         f"family), got {type(model).__name__}; load a Hugging Face checkpoint "
+        raise ValueError(f"pipeline parallelism runs chunkflow's reference model (Llama, "
+                         f"Qwen2, Qwen3, Mistral), got {type(model).__name__}; load a Hugging "
+                         f"Face checkpoint "
                          f"with --model.implementation=reference, or use pp=1")
     if model.config.tie_word_embeddings and num_stages > 1:
         raise ValueError("pipeline parallelism with tied input/output embeddings "

@@ -83,11 +83,14 @@ class ModelShape:
                              f"of num_key_value_heads={self.num_key_value_heads}")
 
     @classmethod
-    def from_config(cls, config) -> "ModelShape":
-        """The shape of a model config: chunkflow's ``ModelConfig`` or a transformers one
-        (Qwen2 has q/k/v biases without a config flag for them)."""
+    def from_config(cls, config, *, qkv_bias: bool | None = None) -> "ModelShape":
+        """The shape of a model config: chunkflow's ``ModelConfig`` or a transformers one.
+        ``qkv_bias``: what :mod:`chunkflow.models.families`' table says for a transformers
+        config (``chunkflow.models.families.model_shape`` passes it); without it, Qwen2's
+        implicit biases or the ``attention_bias`` flag."""
         heads = config.num_attention_heads
-        qkv_bias = getattr(config, "qkv_bias", None)
+        if qkv_bias is None:
+            qkv_bias = getattr(config, "qkv_bias", None)
         if qkv_bias is None:
             qkv_bias = (getattr(config, "model_type", None) == "qwen2"
                         or bool(getattr(config, "attention_bias", False)))

@@ -80,10 +80,10 @@ def model_shape(config: TrainConfig):
     """The cost and memory models' view of the configured model
     (:class:`chunkflow.plan.cost.ModelShape`): a preset's, or model.path's config.json (any
     family chunkflow trains)."""
-    from chunkflow.plan.cost import ModelShape
+    from chunkflow.models.families import model_shape as shape_of
 
     if config.model.path is None:
-        return ModelShape.from_config(config.model.model_config())
+        return shape_of(config.model.model_config())
     from transformers import AutoConfig
 
     from chunkflow.models.hf import check_model_dir
@@ -94,4 +94,4 @@ def model_shape(config: TrainConfig):
     except Exception as e:  # OSError, ValueError, KeyError, ... from transformers
         raise ValueError(f"--model.path={config.model.path!r}: config.json is not a "
                          f"transformers model config ({type(e).__name__}: {e})") from None
-    return ModelShape.from_config(hf.get_text_config())
+    return shape_of(hf.get_text_config())

@@ -72,7 +72,7 @@ class ModelSection:
                                 "safetensors) to fine-tune; its tokenizer is used too.")
     implementation: Literal["hf", "reference"] = _f(
         "hf", "With model.path: 'hf' trains the transformers model as is; 'reference' loads "
-              "its weights into chunkflow's reference model (Llama/Qwen2 only).")
+              "its weights into chunkflow's reference model (Llama, Qwen2, Qwen3, Mistral).")
     dtype: Literal["float32", "bfloat16", "float64"] = _f("float32", "Parameter dtype.")
     vocab_size: int | None = _f(None, "Override the preset's vocabulary size (to fit a tokenizer).")
 

@@ -8,7 +8,13 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from chunkflow.models import ModelConfig, Transformer
 from chunkflow.models.hf_checkpoint import (config_from_hf, config_to_hf, load_hf_checkpoint,
@@ -25,6 +31,20 @@ VARIANTS = {
     "llama-head-dim": (LlamaConfig, dict(head_dim=16)),  # head_dim != hidden/heads
     "qwen2": (Qwen2Config, {}),
     "qwen2-tied": (Qwen2Config, dict(tie_word_embeddings=True)),
+    # Qwen3: per-head q/k norms; its config class defaults head_dim to 128, not hidden/heads
+    "qwen3": (Qwen3Config, dict(head_dim=16)),
+    "qwen3-bias-tied": (Qwen3Config, dict(attention_bias=True, tie_word_embeddings=True)),
+    "mistral": (MistralConfig, dict(sliding_window=None)),
+    # static RoPE variants, with a pre-training context (16) shorter than the test's 50 tokens
+    "llama3.1-rope": (LlamaConfig, dict(rope_parameters={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16})),
+    "yarn-rope": (Qwen2Config, dict(rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})),
+    "yarn-mscale-rope": (LlamaConfig, dict(max_position_embeddings=64, rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "mscale": 1.0,
+        "mscale_all_dim": 0.5, "beta_fast": 16})),
+    "linear-rope": (LlamaConfig, dict(rope_parameters={"rope_type": "linear", "factor": 2.0})),
 }
 
 
@@ -72,7 +92,8 @@ def test_load_matches_transformers(tmp_path, name):
         torch.testing.assert_close(model(x), hf_logits(hf, x), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["llama-tied", "llama-bias", "qwen2"])
+@pytest.mark.parametrize("name", ["llama-tied", "llama-bias", "qwen2", "qwen3-bias-tied",
+                                  "mistral", "llama3.1-rope", "yarn-rope"])
 def test_round_trip_through_transformers(tmp_path, name):
     hf = hf_model(name)
     hf.save_pretrained(tmp_path / "hf")
@@ -90,7 +111,11 @@ def test_round_trip_through_transformers(tmp_path, name):
 
 @pytest.mark.parametrize("overrides", [dict(model_type="qwen2"), dict(model_type="llama"),
                                        dict(model_type="llama", attention_bias=True,
-                                            tie_word_embeddings=True, head_dim=12)])
+                                            tie_word_embeddings=True, head_dim=12),
+                                       dict(model_type="qwen3", rope_scaling={
+                                           "rope_type": "yarn", "factor": 4.0,
+                                           "original_max_position_embeddings": 16}),
+                                       dict(model_type="mistral")])
 def test_native_model_saved_runs_the_same_in_transformers(tmp_path, overrides):
     """A model chunkflow built (not loaded) computes the same logits under transformers."""
     model = tiny_model(dtype=torch.float32, **overrides)
@@ -158,11 +183,16 @@ BASE = config_to_hf(ModelConfig(**SHAPE), dtype="float32")
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(model_type="mistral"), r"model_type='mistral'.*'llama', 'qwen2'"),
+    (dict(model_type="gemma"), r"model_type='gemma'.*'llama', 'qwen2', 'qwen3', 'mistral'"),
+    (dict(model_type="mistral", use_sliding_window=None), r"sliding_window=4096.*null"),
+    (dict(layer_types=["full_attention", "sliding_attention"]), r"layer_types="),
     (dict(hidden_act="gelu"), r"hidden_act='gelu'.*silu"),
-    (dict(rope_scaling={"type": "linear", "factor": 2.0}), r"rope_scaling.rope_type='linear'"),
-    (dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}),
-     r"rope_parameters.rope_type='llama3'"),
+    (dict(rope_scaling={"type": "dynamic", "factor": 2.0}),
+     r"rope_scaling.rope_type='dynamic'.*static"),
+    (dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e3}),
+     r"rope_type 'llama3' needs low_freq_factor, high_freq_factor"),
+    (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "beta_fast": 3,
+                           "rope_theta": 5e3}), r"rope_type 'linear' takes \['factor'\]"),
     (dict(rope_parameters={"rope_type": "default", "rope_theta": 5e5}),
      r"rope_parameters.rope_theta=500000.0.*top-level rope_theta=5000.0"),
     (dict(rope_parameters={"rope_type": "default", "rope_theta": 5e3,

@@ -27,6 +27,10 @@ def test_two_ranks_data_parallel_and_pipeline():
         dict(dp=2, pp=1, k=1, data_parallel="fsdp", offload="state"),
         dict(dp=1, pp=1, tp=2, k=1),
         dict(dp=1, pp=1, tp=2, k=2, recompute="selective"),
+        # Qwen3's per-head q/k norms (partial gradients per rank) and Llama 3.1 RoPE
+        dict(dp=1, pp=1, tp=2, k=2, model=dict(model_type="qwen3", head_dim=8, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8})),
     ])
 
 

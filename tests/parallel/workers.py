@@ -82,14 +82,15 @@ def check_gradients(rank, world_size, cases):
         dtype = case.get("dtype", torch.float64)
         tol = 1e-10 if dtype == torch.float64 else 1e-5
         ctx = init_distributed(dp=dp, pp=pp, tp=case.get("tp", 1), device=torch.device("cpu"))
-        model = tiny_model(num_hidden_layers=4, dtype=dtype)
+        shape = dict(num_hidden_layers=4, dtype=dtype, **case.get("model", {}))
+        model = tiny_model(**shape)
         engine = ParallelEngine(model, ctx, chunk_size=16, k=k, data_parallel=mode,
                                 loss_normalization=norm,
                                 recompute=case.get("recompute", "full"),
                                 offload=case.get("offload", "none"))
         for step in range(case.get("steps", 1)):
             batch = make_batch(lengths, seed=step + 1)
-            ref = tiny_model(num_hidden_layers=4, dtype=dtype).double()  # the same weights
+            ref = tiny_model(**shape).double()  # the same weights
             want_loss = reference_loss(ref, batch, norm)
             want_loss.backward()
             want = grads(ref)

@@ -123,6 +123,11 @@ def test_property_gradients_equal_unchunked(lengths, chunk_size, k, normalizatio
     dict(model_type="llama", num_key_value_heads=4),                 # MHA, no biases
     dict(model_type="llama", attention_bias=True, tie_word_embeddings=True),
     dict(num_key_value_heads=1, head_dim=6),                         # MQA, odd head_dim*heads
+    dict(model_type="qwen3", head_dim=8, attention_bias=True),       # per-head q/k norms
+    dict(model_type="mistral", rope_scaling={"rope_type": "llama3", "factor": 8.0,  # Llama 3.1
+         "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8}),
+    dict(rope_scaling={"rope_type": "yarn", "factor": 4.0,            # cos/sin scaled too
+                       "original_max_position_embeddings": 8}),
 ])
 def test_other_model_shapes(overrides):
     global MODEL

@@ -1,0 +1,77 @@
+"""What each supported model family needs, in one table.
+
+Read by the reference model (:mod:`chunkflow.models.config`, :mod:`chunkflow.models.transformer`),
+the Hugging Face checkpoint reader and writer (:mod:`chunkflow.models.hf_checkpoint`), the
+transformers adapter (:mod:`chunkflow.models.hf`) and the cost model (through
+:func:`model_shape`), so they agree on what a family is.
+
+Every family here is a pre-norm decoder with SwiGLU MLP, RMSNorm, full causal softmax attention
+and RoPE; they differ in the rows below. RoPE variants (:mod:`chunkflow.models.rope`) are a
+config field, not a family trait: any family may carry a static one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Family:
+    architecture: str
+    """The transformers ``*ForCausalLM`` class name, written into ``config.json``."""
+    qkv_bias: str
+    """q/k/v projection biases: "always" (Qwen2, no flag), "flag" (``attention_bias``) or
+    "never"."""
+    o_bias: str
+    """o_proj bias: "flag" (``attention_bias`` covers it too) or "never"."""
+    qk_norm: bool
+    """RMSNorm over each head's query and key before RoPE (Qwen3)."""
+    max_position_embeddings: int
+    """The transformers config class's default, for a config.json that leaves it out."""
+    head_dim: int | None = None
+    """The config class's default head width (None: hidden_size // num_attention_heads)."""
+    sliding_window: int | None = None
+    """For a family that applies a window whenever one is set (no ``use_sliding_window``
+    switch): its config class's default, refused unless a config sets it to null."""
+
+    def has_qkv_bias(self, attention_bias: bool) -> bool:
+        return self.qkv_bias == "always" or (self.qkv_bias == "flag" and attention_bias)
+
+    def has_o_bias(self, attention_bias: bool) -> bool:
+        return self.o_bias == "flag" and attention_bias
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family("LlamaForCausalLM", qkv_bias="flag", o_bias="flag", qk_norm=False,
+                    max_position_embeddings=2048),
+    "qwen2": Family("Qwen2ForCausalLM", qkv_bias="always", o_bias="never", qk_norm=False,
+                    max_position_embeddings=32768),
+    "qwen3": Family("Qwen3ForCausalLM", qkv_bias="flag", o_bias="flag", qk_norm=True,
+                    max_position_embeddings=32768, head_dim=128),
+    "mistral": Family("MistralForCausalLM", qkv_bias="never", o_bias="never", qk_norm=False,
+                      max_position_embeddings=4096 * 32, sliding_window=4096),
+}
+
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+"""Static RoPE variants: the frequencies depend on the config only, never on a forward's length,
+so chunking cannot change them ("dynamic" NTK does, and is refused)."""
+
+
+def get_family(model_type: str | None, *, source: str = "model_type") -> Family:
+    try:
+        return FAMILIES[model_type]
+    except KeyError:
+        raise ValueError(f"{source}={model_type!r}: supported families are "
+                         f"{', '.join(map(repr, FAMILIES))}") from None
+
+
+def model_shape(config):
+    """The cost model's :class:`~chunkflow.plan.cost.ModelShape` of a chunkflow or
+    transformers config, with the family's q/k/v biases from this table."""
+    from chunkflow.plan.cost import ModelShape
+
+    family = FAMILIES.get(getattr(config, "model_type", None))
+    qkv_bias = getattr(config, "qkv_bias", None)
+    if qkv_bias is None and family is not None:
+        qkv_bias = family.has_qkv_bias(bool(getattr(config, "attention_bias", False)))
+    return ModelShape.from_config(config, qkv_bias=qkv_bias)
