@@ -5,7 +5,7 @@ torch lazily: ``from chunkflow import ChunkFlowEngine`` loads the runtime on fir
 """
 
 __version__ = "0.1.0"
-__all__ = ["ChunkFlowEngine", "StepResult"]
+__all__ = ["ChunkFlowEngine", "ChunkingOptions", "StepResult"]
 
 
 def __getattr__(name: str):

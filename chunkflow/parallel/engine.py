@@ -45,6 +45,7 @@ from chunkflow.plan import (
 from chunkflow.models import families
 from chunkflow.plan.cost import ModelShape
 from chunkflow.runtime.engine import ChunkFlowEngine, EvalResult, StepResult
+from chunkflow.runtime.options import ChunkingOptions
 from chunkflow.runtime.loss import IGNORE_INDEX
 
 
@@ -82,11 +83,16 @@ class ParallelEngine:
     (``data_parallel``). Build the optimizer over :attr:`parameters` afterwards.
     """
 
-    def __init__(self, model: nn.Module, ctx: ParallelContext, *, chunk_size: int, k: int = 1,
-                 data_parallel: str = "ddp", loss_normalization: str = "token",
-                 pack_chain_tails: bool = True, attention_backend: str = "auto",
-                 activation_checkpointing: bool = False, recompute: str = "full",
-                 offload: str = "none"):
+    def __init__(self, model: nn.Module, ctx: ParallelContext,
+                 options: ChunkingOptions | None = None, *, data_parallel: str = "ddp",
+                 **kwargs):
+        """``options``: a :class:`~chunkflow.runtime.options.ChunkingOptions`, or its fields as
+        keyword arguments."""
+        if options is None:
+            options = ChunkingOptions(**kwargs)
+        elif kwargs:
+            raise TypeError(f"ParallelEngine takes options or keyword arguments, not both "
+                            f"(got {sorted(kwargs)})")
         if data_parallel not in DATA_PARALLEL:
             raise ValueError(f"data_parallel={data_parallel!r}; valid: {', '.join(DATA_PARALLEL)}")
         self.ctx, self.data_parallel = ctx, data_parallel
@@ -97,12 +103,7 @@ class ParallelEngine:
         if ctx.tp > 1:
             model = apply_tp(model, ctx)
             tp_partial = partial_grad_params(model)
-        self.engine = ChunkFlowEngine(model, chunk_size=chunk_size, k=k,
-                                      loss_normalization=loss_normalization,
-                                      pack_chain_tails=pack_chain_tails,
-                                      attention_backend=attention_backend,
-                                      activation_checkpointing=activation_checkpointing,
-                                      recompute=recompute, offload=offload)
+        self.engine = ChunkFlowEngine(model, options)
         self.model = model
         wrapped, all_reduce = None, None
         if ctx.dp > 1 and data_parallel == "fsdp":

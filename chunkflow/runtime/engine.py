@@ -40,30 +40,26 @@ import torch
 from torch import nn
 
 from chunkflow.plan import Action, ActionKind, Chunk, ChunkPlan, build_chunks, schedule
-from chunkflow.plan.chunks import check_positive_int
-from chunkflow.plan.scheduling import check_recompute
 from chunkflow.runtime.attention import (
-    ATTENTION_BACKENDS,
     ChainSlot,
     ChunkView,
     KeptAttention,
     chunk_attention,
     get_kernel,
 )
-from chunkflow.runtime.head_loss import LOGITS_BUDGET, head_loss
+from chunkflow.runtime.head_loss import head_loss
 from chunkflow.runtime.inputs import prepare_batch
 from chunkflow.runtime.kv_state import ChainState, Copier, OffloadedChainState
 
-OFFLOAD_MODES = ("none", "state", "all")
 """``--chunking.offload``: nothing, the chains' key/value state, or that and the attention
 outputs a selective recompute keeps; offloaded tensors live in (pinned) host memory."""
 from chunkflow.runtime.loss import (
     IGNORE_INDEX,
-    LOSS_NORMALIZATIONS,
     shift_labels,
     token_weights,
 )
 from chunkflow.runtime.memory import MemoryMeter
+from chunkflow.runtime.options import ChunkingOptions
 from chunkflow.runtime.peers import GradSync, StageIO
 
 
@@ -146,23 +142,14 @@ class ChunkFlowEngine:
     :meth:`register_action_hook` calls a function around every action (for timing).
     """
 
-    def __init__(self, model: nn.Module, *, chunk_size: int, k: int = 1,
-                 loss_normalization: str = "token", pack_chain_tails: bool = True,
-                 attention_backend: str = "auto", activation_checkpointing: bool = False,
-                 logits_budget: int = LOGITS_BUDGET, recompute: str = "full",
-                 offload: str = "none"):
-        chunk_size = check_positive_int("chunk_size", chunk_size)
-        check_recompute(recompute)
-        if offload not in OFFLOAD_MODES:
-            raise ValueError(f"offload={offload!r}; valid: {', '.join(OFFLOAD_MODES)}")
-        if offload == "all" and recompute != "selective":
-            raise ValueError("offload='all' also moves the attention outputs that selective "
-                             "recompute keeps, and recompute='full' keeps none; valid: "
-                             "offload='state', or recompute='selective'")
-        k = check_positive_int("k", k)
-        if loss_normalization not in LOSS_NORMALIZATIONS:
-            raise ValueError(f"loss_normalization={loss_normalization!r}; valid: "
-                             f"{', '.join(LOSS_NORMALIZATIONS)}")
+    def __init__(self, model: nn.Module, options: ChunkingOptions | None = None, **kwargs):
+        """``options``: a :class:`ChunkingOptions`, or its fields as keyword arguments."""
+        if options is None:
+            options = ChunkingOptions(**kwargs)
+        elif kwargs:
+            raise TypeError(f"ChunkFlowEngine takes options or keyword arguments, not both "
+                            f"(got {sorted(kwargs)})")
+        self.options = options
         if not hasattr(model, "hidden_states"):
             # A transformers model (or PEFT wrapper) gets a thin adapter; imported only then, so
             # the runtime needs neither transformers nor the models package otherwise.
@@ -173,19 +160,16 @@ class ChunkFlowEngine:
                                  f"Transformer nor a Hugging Face transformers causal LM")
             model = HFChunkModel(model)
         self.model, self.config = model, model.config
-        self.chunk_size, self.k = chunk_size, k
-        self.loss_normalization = loss_normalization
-        self.pack_chain_tails = pack_chain_tails
-        if isinstance(attention_backend, str) and attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention_backend={attention_backend!r}; valid: "
-                             f"{', '.join(ATTENTION_BACKENDS)}, or a kernel object")
-        self.attention_backend = attention_backend
-        self.activation_checkpointing = activation_checkpointing
-        self.logits_budget = logits_budget
-        self.recompute, self.offload = recompute, offload
+        o = options
+        self.chunk_size, self.k = o.chunk_size, o.k
+        self.loss_normalization, self.pack_chain_tails = o.loss_normalization, o.pack_chain_tails
+        self.attention_backend = o.attention_backend
+        self.activation_checkpointing = o.activation_checkpointing
+        self.logits_budget = o.logits_budget
+        self.recompute, self.offload = o.recompute, o.offload
         self._copier: Copier | None = None
         self._action_hooks: dict[object, Any] = {}
-        if activation_checkpointing and hasattr(model, "enable_activation_checkpointing"):
+        if o.activation_checkpointing and hasattr(model, "enable_activation_checkpointing"):
             model.enable_activation_checkpointing()
         self.meter = MemoryMeter()
 

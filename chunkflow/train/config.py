@@ -164,6 +164,17 @@ class ChunkingSection:
               "CUDA: the device's free memory less a tenth of its total (allocator fragmentation, "
               "CUDA context, NCCL buffers, kernel workspaces); required on CPU.")
 
+    def options(self):
+        """The engine's :class:`~chunkflow.runtime.options.ChunkingOptions` of these settings
+        (built once, handed to the engine unchanged)."""
+        from chunkflow.runtime.options import ChunkingOptions
+
+        return ChunkingOptions(
+            chunk_size=self.chunk_size, k=self.k, loss_normalization=self.loss_normalization,
+            pack_chain_tails=self.pack_chain_tails, attention_backend=self.attention_backend,
+            activation_checkpointing=self.activation_checkpointing, recompute=self.recompute,
+            offload=self.offload)
+
 
 @dataclass
 class OptimSection:

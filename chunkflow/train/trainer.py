@@ -133,21 +133,16 @@ class Trainer:
             self._print(f"warning: --chunking.offload={cfg.chunking.offload} on "
                         f"{self.device.type}: the host memory is the same memory, so it saves "
                         f"nothing here (it is for CUDA)")
-        options = dict(chunk_size=cfg.chunking.chunk_size, k=cfg.chunking.k,
-                       loss_normalization=cfg.chunking.loss_normalization,
-                       pack_chain_tails=cfg.chunking.pack_chain_tails,
-                       attention_backend=cfg.chunking.attention_backend,
-                       activation_checkpointing=cfg.chunking.activation_checkpointing,
-                       recompute=cfg.chunking.recompute, offload=cfg.chunking.offload)
+        options = cfg.chunking.options()
         if not self.distributed:
-            self.engine = ChunkFlowEngine(self.model, **options)
+            self.engine = ChunkFlowEngine(self.model, options)
             self.params = [p for p in self.model.parameters() if p.requires_grad]
             module = self.model
         else:
             from chunkflow.parallel import ParallelEngine
 
-            self.engine = ParallelEngine(self.model, ctx,
-                                         data_parallel=cfg.parallel.data_parallel, **options)
+            self.engine = ParallelEngine(self.model, ctx, options,
+                                         data_parallel=cfg.parallel.data_parallel)
             self.params = self.engine.parameters()
             module = self.engine.state_module
         self.layout = layout_of(ctx, cfg.parallel.data_parallel)

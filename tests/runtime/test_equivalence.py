@@ -207,3 +207,25 @@ def test_activation_checkpointing_inside_chunks_is_exact(backend):
                         activation_checkpointing=True, recompute=recompute).forward_backward(batch)
         for name, g in grads(MODEL).items():
             assert (g - expected[name]).abs().max() / scale <= 1e-10, (k, recompute, name)
+
+
+def test_chunking_options_are_one_frozen_value_the_engines_share():
+    import dataclasses
+
+    from chunkflow import ChunkingOptions
+
+    options = ChunkingOptions(chunk_size=5, k=2, recompute="selective")
+    engine = ChunkFlowEngine(MODEL, options)
+    assert engine.options is options and (engine.chunk_size, engine.k) == (5, 2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.k = 3
+    with pytest.raises(TypeError, match="not both"):
+        ChunkFlowEngine(MODEL, options, k=1)
+    with pytest.raises(ValueError, match="offload='all' also moves"):
+        ChunkingOptions(chunk_size=5, offload="all")
+    # the trainer's --chunking.* section builds the same value
+    from chunkflow.train.config import TrainConfig
+
+    cfg = TrainConfig()
+    cfg.chunking.chunk_size, cfg.chunking.k, cfg.chunking.recompute = 5, 2, "selective"
+    assert cfg.chunking.options() == options
