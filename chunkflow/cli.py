@@ -181,7 +181,7 @@ def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
     options = {"runtime": "chunkflow" if own_model else "megatron"}
     if args.config is not None or "data.path" in given:
         # The run's own data: its first global batches, as the trainer will form them. The
-        # layouts are those chunkflow runs (pipeline stages need the reference model), priced
+        # layouts are those chunkflow runs (no pipeline stages with tied embeddings), priced
         # as its runtime runs tensor parallelism (no sequence parallelism, replicated head).
         if args.batches < 1:
             raise ValueError(f"--batches={args.batches}: must be a positive integer")
@@ -191,7 +191,7 @@ def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
         longest = max(128, 1 << (max_len - 1).bit_length())  # the powers of two up to it
         options["chunk_sizes"] = [1 << p for p in range(7, 16) if 1 << p <= longest]
         options["runtime"] = "chunkflow"
-        if cfg.model.path is not None and cfg.model.implementation == "hf":
+        if shape.tie_word_embeddings:  # the embedding and the head would be on two stages
             options["max_pp"] = 1
         data = cfg.data.path or "the built-in data"
         source = (f"the first {len(first)} global batch(es) of {data} (longest sequence "

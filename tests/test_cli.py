@@ -131,9 +131,9 @@ def test_plan_auto_tunes_the_users_own_run(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"auto-tune: {model} (hf) on 2 x H100-80GB, the first 3 global batch(es) of " \
            f"{data}" in out
-    # the layouts chunkflow runs: TP without sequence parallelism; no pipeline for an hf model
+    # the layouts chunkflow runs: TP without sequence parallelism, pipelines for an hf model
     assert "<TP 1, SP 1, PP 1> x DP 2" in out and "<TP 2, SP 1, PP 1> x DP 1" in out
-    assert "PP 2" not in out and "SP 2" not in out
+    assert "<TP 1, SP 1, PP 2> x DP 1" in out and "SP 2" not in out
     # the command that launches the choice, with the run's own options
     assert (f"launch it: torchrun --nproc-per-node 2 -m chunkflow train --data.batch_size=8 "
             f"--data.path={data} --model.path={model} --chunking.chunk_size=") in out

@@ -209,7 +209,8 @@ class HFChunkModel:
         self.module, self.config = model, config
         self.decoder = causal_lm.get_decoder()
         self.lm_head = causal_lm.get_output_embeddings()
-        self.layer_ids = tuple(range(config.num_hidden_layers))
+        # a pipeline stage holds some of the layers, under their own indices
+        self.layer_ids = tuple(layer.self_attn.layer_idx for layer in self.decoder.layers)
         self._warned_eval = False
 
     def parameters(self):
@@ -250,7 +251,10 @@ class HFChunkModel:
             warnings.warn("activation checkpointing is on but the transformers model is in "
                           "eval mode, where transformers does not checkpoint; call "
                           "model.train()", stacklevel=3)
+        # A later pipeline stage gets the previous stage's hidden states (1, L, E).
+        inputs = ({"inputs_embeds": input_ids} if input_ids.is_floating_point()
+                  else {"input_ids": input_ids})
         with self._chunkflow_attention():
-            out = self.decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+            out = self.decoder(**inputs, position_ids=position_ids, use_cache=False,
                                chunkflow_attention=attention)
         return out.last_hidden_state

@@ -41,9 +41,14 @@ def stage_layer_ranges(num_layers: int, num_stages: int) -> list[range]:
     return ranges
 
 
-def split_stage(model: torch.nn.Module, stage: int, num_stages: int) -> Transformer:
+def split_stage(model: torch.nn.Module, stage: int, num_stages: int) -> torch.nn.Module:
     """In place: keep stage ``stage``'s decoder layers, the embedding on the first stage and the
-    final norm and output head on the last. Parameter names stay those of the whole model."""
+    final norm and output head on the last. Parameter names stay those of the whole model.
+    ``model``: chunkflow's reference model or a transformers causal LM of a supported family."""
+    from chunkflow.models.hf import is_hf_model
+
+    if is_hf_model(model):
+        return _split_hf_stage(model, stage, num_stages)
     if not isinstance(model, Transformer):
         raise ValueError(f"pipeline parallelism runs chunkflow's reference model (Llama, "
                          f"Qwen2, Qwen3, Mistral), got {type(model).__name__}; load a Hugging "
@@ -61,6 +66,32 @@ def split_stage(model: torch.nn.Module, stage: int, num_stages: int) -> Transfor
         model.model.embed_tokens = None
     if stage != num_stages - 1:
         model.model.norm = None
+        model.lm_head = None
+    return model
+
+
+def _split_hf_stage(model: torch.nn.Module, stage: int, num_stages: int) -> torch.nn.Module:
+    """:func:`split_stage` of a transformers model, from outside its code: the decoder's layer
+    list keeps this stage's layers under their own indices (so parameter names, and each
+    attention's ``layer_idx``, stay the whole model's), a later stage takes the previous one's
+    hidden states as ``inputs_embeds``, and an earlier stage's final norm is the identity."""
+    if hasattr(model, "peft_config"):
+        raise ValueError("pipeline parallelism with LoRA is not supported; valid: pp=1 (data "
+                         "parallel ddp) for LoRA")
+    config = model.config
+    if getattr(config, "tie_word_embeddings", False) and num_stages > 1:
+        raise ValueError("pipeline parallelism with tied input/output embeddings "
+                         "(tie_word_embeddings=true) is not supported: the embedding and the head "
+                         "would live on different stages; valid: pp=1 for this model")
+    decoder = model.get_decoder()
+    keep = stage_layer_ranges(len(decoder.layers), num_stages)[stage]
+    for key in [name for name, _ in decoder.layers.named_children()]:
+        if int(key) not in keep:
+            delattr(decoder.layers, key)  # the others keep their keys: no renumbering
+    if stage != 0:
+        decoder.embed_tokens = None
+    if stage != num_stages - 1:
+        decoder.norm = torch.nn.Identity()
         model.lm_head = None
     return model
 

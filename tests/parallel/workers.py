@@ -141,13 +141,15 @@ def fail_one_rank(rank, world_size, dp, pp, how):
 
 
 def check_hf(rank, world_size, cases):
-    """A transformers model on a (dp, tp) layout: loss, every gradient (full tensors of the
-    tensor-parallel shards) and the clipped norm equal plain single-process HF training."""
+    """A transformers model on a (dp, pp, tp) layout: loss, every gradient (full tensors of the
+    tensor-parallel shards, each stage its own layers) and the clipped norm equal plain
+    single-process HF training."""
     from tests.models.test_hf_adapter import build, make_batch as hf_batch, plain_step
 
     for case in cases:
         family, dp, tp, k = case["family"], case["dp"], case.get("tp", 1), case["k"]
-        ctx = init_distributed(dp=dp, pp=1, tp=tp, device=torch.device("cpu"))
+        pp = case.get("pp", 1)
+        ctx = init_distributed(dp=dp, pp=pp, tp=tp, device=torch.device("cpu"))
         ref = build(family)
         batch = hf_batch(ref.config.vocab_size)
         want_loss = plain_step(ref, batch).item()
@@ -158,10 +160,15 @@ def check_hf(rank, world_size, cases):
         assert abs(result.loss - want_loss) <= 1e-10 * abs(want_loss), \
             (where, result.loss, want_loss)
         want = dict(ref.named_parameters())
+        names = []
         for name, p in engine.model.named_parameters():
             g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
             rel = float((g - want[name].grad).norm() / want[name].grad.norm())
             assert rel < 1e-10, (where, name, rel)
+            names.append(name)
+        every = [None] * world_size
+        dist.all_gather_object(every, names)  # the stages hold the whole model between them
+        assert set().union(*every) == set(want), (where, set(want) - set().union(*every))
         want_norm = sum(float(p.grad.pow(2).sum()) for p in want.values()) ** 0.5
         norm = engine.clip_grad_norm(float("inf"))
         assert abs(norm - want_norm) <= 1e-10 * want_norm, (where, norm, want_norm)
