@@ -33,6 +33,17 @@ class Family:
     sliding_window: int | None = None
     """For a family that applies a window whenever one is set (no ``use_sliding_window``
     switch): its config class's default, refused unless a config sets it to null."""
+    reference: bool = True
+    """chunkflow's reference model implements it (``--model.implementation=reference``, its
+    checkpoints load into it); otherwise only the transformers model trains (``hf``)."""
+    parallel: bool = True
+    """chunkflow's tensor-parallel plan (q/k/v, o, gate/up, down projections by these names)
+    and pipeline split apply to the transformers model; otherwise data parallel only."""
+    experts: bool = False
+    """Mixture of experts: a replica may route no token to an expert, whose weights then get no
+    gradient that step (data parallelism sums gradients itself, zeros for those)."""
+    note: str = ""
+    """What a user should know (e.g. what is not computed)."""
 
     def has_qkv_bias(self, attention_bias: bool) -> bool:
         return self.qkv_bias == "always" or (self.qkv_bias == "flag" and attention_bias)
@@ -40,6 +51,10 @@ class Family:
     def has_o_bias(self, attention_bias: bool) -> bool:
         return self.o_bias == "flag" and attention_bias
 
+
+_MOE = ("mixture of experts: each token's routing is its own, so chunking is exact; trained "
+        "without the router's auxiliary load-balancing loss (output_router_logits=true is "
+        "refused, since that loss would be dropped); the cost model prices it as dense")
 
 FAMILIES: dict[str, Family] = {
     "llama": Family("LlamaForCausalLM", qkv_bias="flag", o_bias="flag", qk_norm=False,
@@ -50,6 +65,20 @@ FAMILIES: dict[str, Family] = {
                     max_position_embeddings=32768, head_dim=128),
     "mistral": Family("MistralForCausalLM", qkv_bias="never", o_bias="never", qk_norm=False,
                       max_position_embeddings=4096 * 32, sliding_window=4096),
+    # transformers-only families: their attention goes through AttentionInterface unchanged
+    "qwen3_moe": Family("Qwen3MoeForCausalLM", qkv_bias="flag", o_bias="flag", qk_norm=True,
+                        max_position_embeddings=32768, reference=False, parallel=False,
+                        experts=True, note=_MOE),
+    "mixtral": Family("MixtralForCausalLM", qkv_bias="never", o_bias="never", qk_norm=False,
+                      max_position_embeddings=4096 * 32, reference=False, parallel=False,
+                      experts=True, note=_MOE),
+    "olmo2": Family("Olmo2ForCausalLM", qkv_bias="flag", o_bias="flag", qk_norm=True,
+                    max_position_embeddings=2048, reference=False, parallel=False,
+                    note="q/k norms over the whole projection, across heads: no TP plan yet"),
+    "phi3": Family("Phi3ForCausalLM", qkv_bias="never", o_bias="never", qk_norm=False,
+                   max_position_embeddings=4096, reference=False, parallel=False,
+                   note="fused qkv_proj and gate_up_proj: no TP plan yet; sliding_window and "
+                        "longrope (the 128K variants) are refused"),
 }
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -57,12 +86,17 @@ ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 so chunking cannot change them ("dynamic" NTK does, and is refused)."""
 
 
+REFERENCE_FAMILIES = {name: f for name, f in FAMILIES.items() if f.reference}
+"""The families chunkflow's reference model implements."""
+
+
 def get_family(model_type: str | None, *, source: str = "model_type") -> Family:
+    """A family of the reference model."""
     try:
-        return FAMILIES[model_type]
+        return REFERENCE_FAMILIES[model_type]
     except KeyError:
         raise ValueError(f"{source}={model_type!r}: supported families are "
-                         f"{', '.join(map(repr, FAMILIES))}") from None
+                         f"{', '.join(map(repr, REFERENCE_FAMILIES))}") from None
 
 
 def model_shape(config):

@@ -20,8 +20,9 @@ a chunk's forward and restored afterwards, so the same model called directly, an
 model in the process, behaves exactly as before.
 
 Only architectures whose attention is plain causal softmax attention over all earlier tokens are
-accepted (Llama, Qwen2, Qwen3, Mistral without sliding window); anything else is refused at
-construction with the reason, rather than trained with wrong gradients.
+accepted (the families of :mod:`chunkflow.models.families`: Llama, Qwen2, Qwen3, Mistral without
+sliding window, Qwen3-MoE, Mixtral, OLMo-2, Phi-3); anything else is refused at construction
+with the reason, rather than trained with wrong gradients.
 """
 
 from __future__ import annotations
@@ -124,6 +125,14 @@ def unsupported_reason(config) -> str | None:
         reasons.append(f"rope_type {rope_type!r}: only the static RoPE types "
                        f"({', '.join(ROPE_TYPES)}) are exact under chunking; others (dynamic, "
                        f"longrope) change the frequencies with each forward's length")
+    if getattr(config, "logits_scaling", 1.0) not in (None, 1.0):
+        reasons.append(f"logits_scaling={config.logits_scaling}: the model divides its logits, "
+                       f"which chunkflow's loss head (the output head on the hidden states) "
+                       f"does not")
+    if getattr(config, "output_router_logits", False):
+        reasons.append("output_router_logits=True: the router's auxiliary load-balancing loss "
+                       "is not computed under chunkflow (the engine trains the language-model "
+                       "loss only); set it to False to train without it")
     if model_type not in SUPPORTED_MODEL_TYPES:
         reasons.append(f"model_type {model_type!r} is not supported yet; supported: "
                        f"{', '.join(SUPPORTED_MODEL_TYPES)}. Other architectures may use "

@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from chunkflow.models.config import ModelConfig
-from chunkflow.models.families import FAMILIES, ROPE_TYPES
+from chunkflow.models.families import REFERENCE_FAMILIES, ROPE_TYPES
 from chunkflow.models.rope import REQUIRED
 from chunkflow.models.transformer import RotaryEmbedding, Transformer
 
@@ -112,10 +112,10 @@ def config_from_hf(hf: dict, *, source: str = CONFIG_NAME) -> ModelConfig:
     """Map a ``config.json`` dict of a supported family onto :class:`ModelConfig`, refusing
     what the reference model cannot reproduce exactly. ``source`` names the file in errors."""
     model_type = hf.get("model_type")
-    if model_type not in FAMILIES:
+    if model_type not in REFERENCE_FAMILIES:
         raise _refuse(source, "model_type", model_type,
-                      f"supported are {', '.join(map(repr, FAMILIES))}")
-    family = FAMILIES[model_type]
+                      f"supported are {', '.join(map(repr, REFERENCE_FAMILIES))}")
+    family = REFERENCE_FAMILIES[model_type]
     if hf.get("hidden_act", "silu") != "silu":
         raise _refuse(source, "hidden_act", hf["hidden_act"],
                       "the reference MLP is SwiGLU ('silu')")

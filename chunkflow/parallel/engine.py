@@ -49,6 +49,11 @@ from chunkflow.runtime.options import ChunkingOptions
 from chunkflow.runtime.loss import IGNORE_INDEX
 
 
+def _has_experts(config) -> bool:
+    family = families.FAMILIES.get(getattr(config, "model_type", None))
+    return family is not None and family.experts
+
+
 def model_shape(config) -> ModelShape:
     """The cost model's view of a model config (chunkflow's or a transformers one)."""
     return families.model_shape(config)
@@ -108,9 +113,10 @@ class ParallelEngine:
         wrapped, all_reduce = None, None
         if ctx.dp > 1 and data_parallel == "fsdp":
             wrapped = apply_fsdp(model, ctx)
-        elif ctx.dp > 1 and ctx.tp == 1:
+        elif ctx.dp > 1 and ctx.tp == 1 and not _has_experts(model.config):
             wrapped = apply_ddp(model, ctx)
-        elif ctx.dp > 1:  # DDP's buckets cannot hold DTensor gradients: one all-reduce at the end
+        elif ctx.dp > 1:  # DDP's buckets cannot hold DTensor gradients, nor wait for experts
+            # that got no token on this replica: one all-reduce at the end, zeros for those
             all_reduce = [p for p in model.parameters() if p.requires_grad]
         self.wrapped = wrapped
         self.sync = DataParallelSync(wrapped, ctx, all_reduce, tp_partial=tp_partial)

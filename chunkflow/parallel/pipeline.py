@@ -79,6 +79,9 @@ def _split_hf_stage(model: torch.nn.Module, stage: int, num_stages: int) -> torc
         raise ValueError("pipeline parallelism with LoRA is not supported; valid: pp=1 (data "
                          "parallel ddp) for LoRA")
     config = model.config
+    from chunkflow.parallel.tensor import check_parallel_family
+
+    check_parallel_family(config, "pipeline parallelism", "--parallel.pp=1")
     if getattr(config, "tie_word_embeddings", False) and num_stages > 1:
         raise ValueError("pipeline parallelism with tied input/output embeddings "
                          "(tie_word_embeddings=true) is not supported: the embedding and the head "

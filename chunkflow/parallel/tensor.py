@@ -72,7 +72,18 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
         raise ValueError("tensor parallelism with LoRA is not supported (PEFT wraps the "
                          "projections the plan shards); valid: --parallel.tp=1, data "
                          "parallel (ddp) for LoRA")
+    check_parallel_family(model.config, "tensor parallelism", "--parallel.tp=1")
     return list(model.get_decoder().layers)
+
+
+def check_parallel_family(config, what: str, valid: str) -> None:
+    """Refuse TP or PP for a transformers family whose modules chunkflow's plans do not fit."""
+    from chunkflow.models.families import FAMILIES
+
+    family = FAMILIES.get(getattr(config, "model_type", None))
+    if family is not None and not family.parallel:
+        raise ValueError(f"{what} for model_type {config.model_type!r} is not supported "
+                         f"({family.note}); valid: {valid}, data parallel (ddp)")
 
 
 PER_HEAD_NORMS = ("self_attn.q_norm", "self_attn.k_norm")

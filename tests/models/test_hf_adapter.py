@@ -19,6 +19,20 @@ FAMILIES = {
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(head_dim=8)),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM,
                 dict(sliding_window=None)),
+    # transformers-only families (chunkflow.models.families: reference=False). The MoE models'
+    # "eager" experts run in float64 (the grouped-mm kernel has no float64); routing is per
+    # token, and neither side adds the router's auxiliary loss (output_router_logits=False).
+    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM,
+                  dict(head_dim=8, num_experts=4, num_experts_per_tok=2,
+                       moe_intermediate_size=24, experts_implementation="eager")),
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM,
+                dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
+                     experts_implementation="eager")),
+    "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM,
+              dict(eos_token_id=None, pad_token_id=None)),
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM,
+             dict(sliding_window=None, eos_token_id=None, pad_token_id=None,
+                  bos_token_id=None)),
 }
 LENGTHS = (37, 5, 12, 70, 3, 16)
 
@@ -130,7 +144,13 @@ def _gemma2():
     (lambda: build("llama", attention_dropout=0.1), "attention_dropout=0.1"),
     (lambda: build("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0,
                                              "rope_theta": 10000.0}), "rope_type 'dynamic'"),
-    (_gemma2, "model_type 'gemma2' is not supported yet; supported: llama, qwen2, qwen3, mistral"),
+    (_gemma2, "model_type 'gemma2' is not supported yet; supported: llama, qwen2, qwen3, "
+              "mistral, qwen3_moe, mixtral, olmo2, phi3"),
+    (lambda: transformers.GraniteForCausalLM(transformers.GraniteConfig(**SMALL,
+                                                                         logits_scaling=8.0)),
+     "logits_scaling=8.0: the model divides its logits"),
+    (lambda: build("mixtral", output_router_logits=True), "output_router_logits=True: the "
+                                                         "router's auxiliary load-balancing loss"),
     (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16,
                                                                    n_head=2)),
      "model_type 'gpt2' is not supported"),
@@ -224,3 +244,19 @@ def test_the_fused_loss_through_a_transformers_model(lora_head):
     model.zero_grad(set_to_none=True)
     ChunkFlowEngine(model, chunk_size=16, k=2, logits_budget=8 * 61 * 3).forward_backward(batch)
     assert_grads_close(grads(model), want)
+
+
+def test_the_family_table_says_which_layouts_each_family_runs():
+    from chunkflow.models.families import FAMILIES, REFERENCE_FAMILIES
+    from chunkflow.models.hf import SUPPORTED_MODEL_TYPES
+    from chunkflow.parallel.pipeline import split_stage
+    from chunkflow.parallel.tensor import check_parallel_family
+
+    assert set(SUPPORTED_MODEL_TYPES) == set(FAMILIES) == set(globals()["FAMILIES"])
+    assert set(REFERENCE_FAMILIES) == {"llama", "qwen2", "qwen3", "mistral"}
+    check_parallel_family(build("qwen3").config, "tensor parallelism", "tp=1")  # has a plan
+    for family in ("olmo2", "phi3", "mixtral", "qwen3_moe"):
+        with pytest.raises(ValueError, match=f"tensor parallelism for model_type '{family}'"):
+            check_parallel_family(build(family).config, "tensor parallelism", "tp=1")
+    with pytest.raises(ValueError, match="pipeline parallelism for model_type 'phi3'.*fused"):
+        split_stage(build("phi3"), 0, 2)

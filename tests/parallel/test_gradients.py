@@ -65,6 +65,7 @@ def test_two_ranks_hugging_face_models_data_and_tensor_parallel():
         dict(family="qwen3", dp=1, tp=2, k=2),
         dict(family="qwen2", dp=1, pp=2, k=2),
         dict(family="mistral", dp=1, pp=2, k=1),
+        dict(family="mixtral", dp=2, k=1),  # summed by one all-reduce, not DDP
     ])
 
 
