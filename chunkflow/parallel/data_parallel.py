@@ -111,6 +111,8 @@ class DataParallelSync(GradSync):
         self.tp_partial = list(tp_partial)
 
     def global_counts(self, num_tokens: int, num_sequences: int) -> tuple[int, int]:
+        if self.ctx.dp == 1:  # the replica holds the whole global batch
+            return num_tokens, num_sequences
         t = torch.tensor([num_tokens, num_sequences], dtype=torch.int64,
                          device=self.ctx.comm_device)
         dist.all_reduce(t, group=self.ctx.dp_group)

@@ -1,4 +1,5 @@
-"""One training step on a (dp x pp) layout: the global batch's chunks over replicas and stages.
+"""One training step on a (dp x pp x tp) layout: the global batch's chunks over replicas and
+stages (one process is the 1x1x1 layout, whose collectives are the identity).
 
 :class:`ParallelEngine` wraps :class:`chunkflow.runtime.ChunkFlowEngine` for one rank:
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from chunkflow.parallel.data_parallel import (
@@ -30,7 +30,7 @@ from chunkflow.parallel.data_parallel import (
     clip_grad_norm,
     reshard,
 )
-from chunkflow.parallel.mesh import ParallelContext
+from chunkflow.parallel.mesh import LocalContext, ParallelContext
 from chunkflow.parallel.tensor import apply_tp, partial_grad_params
 from chunkflow.parallel.pipeline import P2PStageIO, split_stage
 from chunkflow.plan import (
@@ -81,14 +81,15 @@ class ParallelStepResult:
 
 
 class ParallelEngine:
-    """This rank's part of chunkflow training on ``ctx``'s (dp x pp) layout.
+    """This rank's part of chunkflow training on ``ctx``'s (dp x pp x tp) layout (a
+    :class:`~chunkflow.parallel.LocalContext` for one process).
 
     ``model``: the whole model, identical on every rank (same seed or checkpoint). With pp > 1 it
     is cut down to this rank's stage in place; with dp > 1 it is wrapped in DDP or FSDP2
     (``data_parallel``). Build the optimizer over :attr:`parameters` afterwards.
     """
 
-    def __init__(self, model: nn.Module, ctx: ParallelContext,
+    def __init__(self, model: nn.Module, ctx: ParallelContext | LocalContext,
                  options: ChunkingOptions | None = None, *, data_parallel: str = "ddp",
                  **kwargs):
         """``options``: a :class:`~chunkflow.runtime.options.ChunkingOptions`, or its fields as
@@ -200,13 +201,11 @@ class ParallelEngine:
             raise RuntimeError(f"rank {self.ctx.rank} (replica {self.ctx.dp_rank}, stage "
                                f"{self.ctx.stage}) failed in a training step: {e}") from e
         mine = float(local.loss) if self.ctx.tp_rank == 0 else 0.0  # replicated over tp
-        loss = torch.tensor([mine], dtype=torch.float64, device=self.ctx.comm_device)
-        dist.all_reduce(loss)  # only last stages hold a loss; every replica's share adds up
-        peak = torch.tensor([local.peak_memory_bytes], dtype=torch.int64,
-                            device=self.ctx.comm_device)
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        return ParallelStepResult(loss=float(loss), num_loss_tokens=local.num_loss_tokens,
-                                  num_tokens=plan.num_tokens, peak_memory_bytes=int(peak),
+        # Only last stages hold a loss; every replica's share adds up. The peak is the largest.
+        loss, = self.ctx.all_sum([mine])
+        peak = self.ctx.all_max(local.peak_memory_bytes)
+        return ParallelStepResult(loss=loss, num_loss_tokens=local.num_loss_tokens,
+                                  num_tokens=plan.num_tokens, peak_memory_bytes=peak,
                                   plan=plan, sharding=sharding, local=local)
 
     def clip_grad_norm(self, max_norm: float) -> float:

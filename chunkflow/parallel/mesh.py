@@ -118,6 +118,12 @@ class ParallelContext:
         dist.all_reduce(t)
         return t.tolist()
 
+    def all_max(self, value: int) -> int:
+        """The largest ``value`` over every rank."""
+        t = torch.tensor([value], dtype=torch.int64, device=self.comm_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t)
+
     def run_on_rank0(self, fn):
         """``fn()`` on rank 0, its result on every rank; if it raises, the same error is raised
         on every rank (so a refused setting stops the whole run, not just rank 0)."""
@@ -169,6 +175,13 @@ class LocalContext:
 
     def all_sum(self, values: list[float]) -> list[float]:
         return [float(v) for v in values]
+
+    def all_max(self, value: int) -> int:
+        return int(value)
+
+    @property
+    def comm_device(self) -> torch.device:
+        return self.device
 
     def run_on_rank0(self, fn):
         return fn()

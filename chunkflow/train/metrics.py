@@ -75,7 +75,7 @@ def format_step(record: dict[str, Any], total: int) -> str:
             f"packing {record['packing_efficiency']:.1%}  "
             f"peak {record['peak_memory_bytes'] / 2**20:6.1f} MiB  "
             f"{record['tokens_per_s']:7.0f} tok/s")
-    if "dp_imbalance" in record:
+    if len(record.get("dp_chunks", ())) > 1:  # data parallel
         line += f"  dp imbalance {record['dp_imbalance']:.2f}"
     if "eval_loss" in record:
         line += "  " + format_eval(record)

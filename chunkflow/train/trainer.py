@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from chunkflow.runtime.engine import ChunkFlowEngine
+from chunkflow.parallel import ParallelEngine
 from chunkflow.train import TrainingError
 from chunkflow.train.auto import choose_chunking
 from chunkflow.train.batching import count_steps, global_batches
@@ -133,18 +133,12 @@ class Trainer:
             self._print(f"warning: --chunking.offload={cfg.chunking.offload} on "
                         f"{self.device.type}: the host memory is the same memory, so it saves "
                         f"nothing here (it is for CUDA)")
-        options = cfg.chunking.options()
-        if not self.distributed:
-            self.engine = ChunkFlowEngine(self.model, options)
-            self.params = [p for p in self.model.parameters() if p.requires_grad]
-            module = self.model
-        else:
-            from chunkflow.parallel import ParallelEngine
-
-            self.engine = ParallelEngine(self.model, ctx, options,
-                                         data_parallel=cfg.parallel.data_parallel)
-            self.params = self.engine.parameters()
-            module = self.engine.state_module
+        # One path for every layout: one process is ParallelEngine on the 1x1x1 layout, whose
+        # collectives are the identity.
+        self.engine = ParallelEngine(self.model, ctx, cfg.chunking.options(),
+                                     data_parallel=cfg.parallel.data_parallel)
+        self.params = self.engine.parameters()
+        module = self.engine.state_module
         self.layout = layout_of(ctx, cfg.parallel.data_parallel)
         self.optimizer = torch.optim.AdamW(
             self.params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
@@ -417,10 +411,8 @@ class Trainer:
         assert result.num_loss_tokens > 0, "empty batches are skipped before the step"
         loss = float(result.loss)
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-        if not self.distributed:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-        else:  # the norm over every stage (and FSDP shard), the same on every rank
-            grad_norm = self.engine.clip_grad_norm(max_norm)
+        # the norm over every stage (and FSDP and TP shard), the same on every rank
+        grad_norm = self.engine.clip_grad_norm(max_norm)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             kept = (f"the last checkpoint, {self.last_checkpoint}, is intact"
                     if self.last_checkpoint else "no checkpoint was saved yet")
@@ -457,10 +449,9 @@ class Trainer:
         passes = self._passes()
         if passes is not None:
             record["epoch"] = passes
-        if self.distributed:
-            # How evenly the replicas' estimated costs came out (max/mean), and their chunks.
-            record["dp_imbalance"] = result.imbalance
-            record["dp_chunks"] = [len(c) for c in result.sharding.chunk_ids]
+        # How evenly the replicas' estimated costs came out (max/mean), and their chunks.
+        record["dp_imbalance"] = result.imbalance
+        record["dp_chunks"] = [len(c) for c in result.sharding.chunk_ids]
         return record
 
 

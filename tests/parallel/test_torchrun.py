@@ -94,29 +94,33 @@ slow = pytest.mark.slow  # test_gradients checks each layout's step exactly, in 
         "dp2-fsdp-to-1", "dp2xpp2-fsdp-to-dp2", "tp2xpp2-to-dp2xtp2"])
 def test_torchrun_matches_one_process_and_resumes_on_any_layout(
         tmp_path, single, nproc, start, resume_nproc, resume_layout):
-    if nproc > 1:  # the whole run on this layout ends with the single process's weights
+    """Two steps on one layout, stopped, two more on the other: one process's four steps. (The
+    same layout twice: bitwise the uninterrupted run's.)"""
+    same = (nproc, start) == (resume_nproc, resume_layout)
+    if same:
         launch(nproc, tmp_path / "full", start)
         final = weights(tmp_path / "full" / "step-00000004")
         assert_close(final, single)
-        lines = [json.loads(x) for x in
-                 (tmp_path / "full" / "metrics.jsonl").read_text().split("\n") if x]
-        assert [r["step"] for r in lines] == [1, 2, 3, 4]
-        dp = nproc // (int(start["parallel.pp"]) * int(start["parallel.tp"]))
-        assert all(len(r["dp_chunks"]) == dp and r["dp_imbalance"] >= 1.0 for r in lines)
-
-    # Stop after step 2 (its checkpoint), then resume on the other layout.
     launch(nproc, tmp_path / "part", start, **{"train.steps": "2"})
     out = launch(resume_nproc, tmp_path / "part", resume_layout, **{"checkpoint.resume": "true"})
     if resume_nproc > 1:
         assert "resuming from" in out
-        if (nproc, start) != (resume_nproc, resume_layout):
+        if not same:
             assert "weights and optimizer state resharded" in out
     again = weights(tmp_path / "part" / "step-00000004")
-    if (nproc, start) == (resume_nproc, resume_layout):  # the same layout: bitwise
+    if same:
         for name in final:
             assert torch.equal(again[name], final[name]), name
     else:  # another layout: the same sums in another order
         assert_close(again, single)
+
+    lines = [json.loads(x) for x in
+             (tmp_path / "part" / "metrics.jsonl").read_text().split("\n") if x]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    for records, n, options in ((lines[:2], nproc, start), (lines[2:], resume_nproc,
+                                                             resume_layout)):
+        dp = n // (int(options["parallel.pp"]) * int(options["parallel.tp"]))
+        assert all(len(r["dp_chunks"]) == dp and r["dp_imbalance"] >= 1.0 for r in records)
 
 
 def test_a_transformers_qwen2_run_at_tp2_resumes_at_dp2_with_the_single_process_weights(
