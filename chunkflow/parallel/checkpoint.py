@@ -55,9 +55,15 @@ def full_weights(module: torch.nn.Module, *, tied: bool) -> dict[str, torch.Tens
     return state
 
 
+def _local_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The stage's state by whole-model name, as this rank holds it (DTensor shards: no
+    gathering; their ``shape`` is the full one)."""
+    return get_model_state_dict(module)
+
+
 def weight_names(module: torch.nn.Module) -> list[str]:
     """The parameter names this rank's stage holds (what :func:`load_weights` needs)."""
-    return sorted(get_model_state_dict(module, options=_FULL))
+    return sorted(_local_state(module))
 
 
 def read_weights(path: Path, names: list[str], *, tied: bool) -> dict[str, torch.Tensor]:
@@ -92,12 +98,12 @@ def read_weights(path: Path, names: list[str], *, tied: bool) -> dict[str, torch
 
 def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Full tensors by name into this rank's stage (each parameter takes its shard)."""
-    expected = set(weight_names(module))
+    expected = set(_local_state(module))
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
         raise ValueError(f"the checkpoint does not match this stage's model: missing "
                          f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-    shapes = get_model_state_dict(module, options=_FULL)
+    shapes = _local_state(module)
     wrong = [f"{n}: {tuple(state[n].shape)} in the checkpoint, {tuple(t.shape)} in the model"
              for n, t in shapes.items() if tuple(state[n].shape) != tuple(t.shape)]
     if wrong:
