@@ -50,6 +50,11 @@ def _entry(rank, world_size, port, fn, args, timeout_s=60.0, error_dir=None):
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
     try:
         fn(rank, world_size, *args)
+        if error_dir is None:
+            # Every rank done before any closes its connections: gloo aborts a process
+            # ("terminate called without an active exception") whose peer tore a pair down
+            # under a pending operation.
+            dist.barrier()
     except BaseException as e:
         traceback.print_exc()
         if error_dir is not None:
