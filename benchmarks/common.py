@@ -25,6 +25,15 @@ def machine() -> dict:
     return info
 
 
+def free_port() -> int:
+    """A free TCP port on localhost, for the ranks of a multi-process benchmark."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def save(name: str, payload: dict, markdown: str) -> Path:
     """Write results/<name>-<date>.json and .md; return the stem."""
     RESULTS.mkdir(exist_ok=True)

@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import socket
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from common import machine, save  # noqa: E402
+from common import free_port, machine, save  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -102,17 +101,11 @@ def _rank(rank, world, port, cfg, layout, out):
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure(cfg: ModelConfig, layout, workdir: Path) -> dict:
     _, dp, pp, tp, _ = layout
     world = dp * pp * tp
     out = workdir / f"{world}-{dp}-{pp}-{tp}-{layout[4]}.pt"
-    mp.spawn(_rank, args=(world, _free_port(), cfg, layout, str(out)), nprocs=world, join=True)
+    mp.spawn(_rank, args=(world, free_port(), cfg, layout, str(out)), nprocs=world, join=True)
     rows = torch.load(out)
     worst = {key: max(r[key] for r in rows) for key in rows[0]}
     worst["step_peak"] = max(r["step_weights"] + r["step_grads"] + r["activations"]

@@ -32,7 +32,6 @@ data-parallel gradient synchronisation. A single device is a one-stage pipeline 
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -40,19 +39,11 @@ import torch
 from torch import nn
 
 from chunkflow.plan import Action, ActionKind, Chunk, ChunkPlan, build_chunks, schedule
-from chunkflow.runtime.attention import (
-    ChainSlot,
-    ChunkView,
-    KeptAttention,
-    chunk_attention,
-    get_kernel,
-)
+from chunkflow.runtime.attention import KeptAttention, get_kernel
+from chunkflow.runtime.chunk_call import ChunkAttention, Segment
 from chunkflow.runtime.head_loss import head_loss
 from chunkflow.runtime.inputs import prepare_batch
 from chunkflow.runtime.kv_state import ChainState, Copier, OffloadedChainState
-
-"""``--chunking.offload``: nothing, the chains' key/value state, or that and the attention
-outputs a selective recompute keeps; offloaded tensors live in (pinned) host memory."""
 from chunkflow.runtime.loss import (
     IGNORE_INDEX,
     shift_labels,
@@ -83,41 +74,6 @@ class EvalResult:
     num_loss_tokens: int
     num_tokens: int
     num_chunks: int
-
-
-@dataclass
-class _Segment:
-    """A plan segment bound to its data: where it sits in the chunk and what it attends to."""
-
-    offset: int
-    length: int
-    start: int
-    state: ChainState | None
-
-
-class _ChunkAttention:
-    """The ``attention`` callable a model sees while running one chunk: every layer's call is
-    one kernel call over the whole chunk (:func:`chunkflow.runtime.attention.chunk_attention`)."""
-
-    def __init__(self, segments: list[_Segment], kernel, *, block_size: int,
-                 has_successor: bool, kept: KeptAttention | None = None):
-        self.segments, self.kernel, self.block_size = segments, kernel, block_size
-        self.has_successor, self.kept = has_successor, kept
-        self.bounds = tuple((s.offset, s.length) for s in segments)
-
-    def __call__(self, layer_idx: int, q, k, v) -> torch.Tensor:
-        # Under autocast, RoPE leaves q/k in float32 while v is bf16; SDPA's autocast rule
-        # casts all three to the autocast dtype (float64 excepted, as autocast never casts it).
-        # Do the same before anything reaches the state.
-        device_type = q.device.type
-        if torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
-            q, k, v = (t if t.dtype == torch.float64 else t.to(dtype) for t in (q, k, v))
-        first = self.segments[0]
-        chain = (None if first.state is None else
-                 ChainSlot(first.state, layer_idx, first.start, self.has_successor))
-        view = ChunkView(self.bounds, chain, 1.0 / math.sqrt(q.shape[-1]), self.block_size)
-        return chunk_attention(q, k, v, view, self.kernel, layer_idx=layer_idx, kept=self.kept)
 
 
 class ChunkFlowEngine:
@@ -350,7 +306,8 @@ class ChunkFlowEngine:
                                              else torch.zeros_like(graph.input))
                         if is_last_stage:
                             total += graph.output.detach()  # the chunk's loss
-                        del graph, grad_output  # the chunk's k/v must not live into the next forward
+                        # the chunk's k/v must not live into the next forward
+                        del graph, grad_output
                         if chain is not None and chunk.chain_idx == 0:
                             states.pop(chain.chain_id).free()
                     else:
@@ -433,7 +390,7 @@ class ChunkFlowEngine:
         segments, offset = [], 0
         for i, seg in enumerate(chunk.segments):
             is_chain = i == 0 and chunk.chain_id is not None
-            segments.append(_Segment(offset, seg.num_tokens, seg.start,
+            segments.append(Segment(offset, seg.num_tokens, seg.start,
                                      state if is_chain else None))
             offset += seg.num_tokens
         device = step.kernel_device
@@ -448,7 +405,7 @@ class ChunkFlowEngine:
         # Only a chain chunk followed by more chunks receives gradients for its own keys/values.
         has_successor = (chunk.chain_id is not None
                          and chunk.chain_idx < step.plan.chains[chunk.chain_id].num_chunks - 1)
-        attention = _ChunkAttention(segments, step.kernel, block_size=self.chunk_size,
+        attention = ChunkAttention(segments, step.kernel, block_size=self.chunk_size,
                                     has_successor=has_successor, kept=kept)
         with torch.set_grad_enabled(grad):
             hidden = self.model.hidden_states(x, position_ids=position_ids, attention=attention,

@@ -293,40 +293,8 @@ def _fmt_bytes(n: float) -> str:
     return f"{int(n)} bytes"
 
 
-def save_checkpoint(run_dir: Path, *, step: int, write: Callable[[Path], None],
-                    trainer_state: dict[str, Any], keep_last: int,
-                    needed_bytes: int) -> tuple[Path, list[str]]:
-    """Write checkpoint ``step`` atomically: ``write(tmp)`` puts the model and optimizer files
-    into the temporary directory, this adds RNG and trainer state and the manifest, publishes
-    it, then deletes all but the newest ``keep_last``. Returns the checkpoint and notes for the
-    user (newer checkpoints set aside, see :func:`set_aside_newer`; an old one that could not be
-    deleted)."""
-    final = run_dir / checkpoint_name(step)
-    tmp = None
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step:08d}.tmp-", dir=run_dir))
-        write(tmp)
-        write_run_state(tmp, dict(trainer_state, step=step))
-        notes = _publish(tmp, final)
-    except Exception as e:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if is_disk_full(e, run_dir, needed_bytes):
-            raise space_error(run_dir, step, needed_bytes) from None
-        raise
-    except BaseException:  # e.g. KeyboardInterrupt: leave no partial checkpoint either
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final, notes + _prune(run_dir, final, keep_last)
-
-
-def load_optimizer_and_rng(path: Path, optimizer: torch.optim.Optimizer | None,
-                           device: torch.device, *, optimizer_file: str = "optimizer.pt") -> None:
-    """Restore the optimizer state and the torch RNG states saved in ``path``."""
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / optimizer_file, map_location=device,
-                                             weights_only=True))
+def restore_torch_rng(path: Path) -> None:
+    """Restore the torch RNG states (CPU, and CUDA where there is one) saved in ``path``."""
     rng = torch.load(path / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
@@ -366,7 +334,8 @@ def save_distributed_checkpoint(run_dir: Path, *, step: int, ctx,
     """Collective. ``write_shard(tmp)`` (None on ranks that write nothing) writes this rank's
     files and returns their names; rank 0 then runs ``write_main(tmp)`` and publishes. A failure
     on any rank (a full disk included) is raised on every rank, and the partial directory is
-    removed. Returns the checkpoint and notes, as :func:`save_checkpoint` does."""
+    removed. Returns the checkpoint and notes for the user: newer checkpoints set aside (see
+    :func:`set_aside_newer`), an old one that could not be deleted."""
     final = run_dir / checkpoint_name(step)
 
     def attempt(fn) -> tuple[Any, str | None, bool]:
@@ -427,7 +396,7 @@ def verify_distributed_checkpoint(path: Path, *, ctx, hashes: bool = True) -> di
     problems = [p for p in ctx.all_gather_object(problem) if p]
     if problems:
         raise ValueError(f"checkpoint {str(path)!r} cannot be used: {'; '.join(problems)}")
-    load_optimizer_and_rng(path, None, torch.device("cpu"))
+    restore_torch_rng(path)
     restore_python_rng(state)
     return state
 
