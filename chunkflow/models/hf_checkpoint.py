@@ -208,7 +208,9 @@ def _as_dtype(dtype) -> torch.dtype | None:
     return _FLOAT_DTYPES[name]
 
 
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory: ``model.safetensors``, else the shards
+    its index lists; pickle weights are refused."""
     if (path / WEIGHTS_NAME).is_file():  # preferred over an index, as transformers does
         return [path / WEIGHTS_NAME]
     if (path / INDEX_NAME).is_file():
@@ -246,7 +248,7 @@ def load_hf_checkpoint(path, *, dtype=None, device=None) -> Transformer:
     dtype, device = _as_dtype(dtype), torch.device("cpu" if device is None else device)
 
     tensors: dict[str, torch.Tensor] = {}
-    for file in _weight_files(path):
+    for file in weight_files(path):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for key in f.keys():
                 if not key.endswith("rotary_emb.inv_freq"):  # old checkpoints saved the buffer

@@ -18,7 +18,6 @@ parallel DTensors), so a checkpoint does not depend on the layout that wrote it:
 from __future__ import annotations
 
 import contextlib
-import json
 import pickle
 import warnings
 from pathlib import Path
@@ -37,7 +36,6 @@ from torch.distributed.checkpoint.state_dict import (
 
 OPTIMIZER_DIR = "optimizer"
 """The optimizer's ``torch.distributed.checkpoint`` directory inside a checkpoint."""
-WEIGHTS_INDEX = "model.safetensors.index.json"
 
 _TIED = ("model.embed_tokens.weight", "lm_head.weight")
 _FULL = StateDictOptions(full_state_dict=True)
@@ -71,12 +69,12 @@ def read_weights(path: Path, names: list[str], *, tied: bool) -> dict[str, torch
     layout wrote them. A name the checkpoint lacks is an error that names it."""
     from safetensors import safe_open
 
-    index = path / WEIGHTS_INDEX
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-    else:
-        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-            weight_map = dict.fromkeys(f.keys(), "model.safetensors")
+    from chunkflow.models.hf_checkpoint import weight_files
+
+    weight_map = {}
+    for file in weight_files(path):  # headers only: which file holds which tensor
+        with safe_open(str(file), framework="pt") as f:
+            weight_map.update(dict.fromkeys(f.keys(), file.name))
     wanted = dict(zip(names, names))
     if tied:  # one tensor under either name (safetensors' save_model keeps the first in order)
         present = [n for n in _TIED if n in weight_map]

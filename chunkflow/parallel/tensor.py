@@ -97,18 +97,12 @@ def partial_grad_params(model: nn.Module) -> list[nn.Parameter]:
     out = []
     for layer in decoder_layers(model):
         for name in PER_HEAD_NORMS:
-            module = layer.get_submodule(name) if _has(layer, name) else None
-            if module is not None:
-                out.extend(p for p in module.parameters() if p.requires_grad)
+            try:
+                module = layer.get_submodule(name)
+            except AttributeError:  # a family without per-head norms
+                continue
+            out.extend(p for p in module.parameters() if p.requires_grad)
     return out
-
-
-def _has(module: nn.Module, name: str) -> bool:
-    try:
-        module.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
 
 
 def apply_tp(model: nn.Module, ctx: ParallelContext) -> nn.Module:
