@@ -206,11 +206,11 @@ def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
                           **options)
     print(format_candidates(candidates, top=args.top))
     best = candidates[0]
-    hf = own_model and cfg.model.path is not None and cfg.model.implementation == "hf"
+    fsdp = not own_model or _fsdp_runs(cfg)
     run = ((f" --config {args.config}" if args.config else "")
            + "".join(f" --{name}={getattr(args, name)}" for name in sorted(given)
                      if name.startswith(("model.", "data.")))) if own_model else " ..."
-    print(f"launch it: {launch_command(best, gpus=args.gpus, run=run, hf=hf)}  (predicted peak "
+    print(f"launch it: {launch_command(best, gpus=args.gpus, run=run, fsdp=fsdp)}  (predicted peak "
           f"{format_size(best.peak_memory_bytes)} per GPU"
           + ("" if options["runtime"] == "chunkflow" else "; priced as Megatron's tensor "
              "parallelism, with sequence parallelism, which chunkflow's runtime does not have "
@@ -218,9 +218,27 @@ def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
     return 0
 
 
-def launch_command(best, *, gpus: int, run: str = " ...", hf: bool = False) -> str:
+def _fsdp_runs(cfg) -> bool:
+    """Whether the run's model trains under FSDP2 (not LoRA, nor a mixture of experts: see
+    chunkflow.parallel.data_parallel.apply_fsdp)."""
+    if cfg.lora.rank > 0:
+        return False
+    if cfg.model.path is None or cfg.model.implementation != "hf":
+        return True
+    import json
+    from pathlib import Path
+
+    from chunkflow.models.families import FAMILIES
+
+    config = json.loads((Path(cfg.model.path) / "config.json").read_text())
+    family = FAMILIES.get(config.get("model_type"))
+    return family is None or not family.experts
+
+
+def launch_command(best, *, gpus: int, run: str = " ...", fsdp: bool = True) -> str:
     """The command line that trains with ``best`` (a chunkflow.sim.tune.Candidate) on ``gpus``
-    GPUs: torchrun with 8 processes per node beyond one node."""
+    GPUs: torchrun with 8 processes per node beyond one node. ``fsdp``: whether the model
+    trains under FSDP2 (else DDP)."""
     if gpus == 1:
         launch = "chunkflow train"
     elif gpus <= 8:
@@ -234,7 +252,7 @@ def launch_command(best, *, gpus: int, run: str = " ...", hf: bool = False) -> s
     if best.pp > 1:
         parts.append(f"--parallel.pp={best.pp}")
     if best.dp > 1:  # the optimizer state is priced sharded over the replicas (FSDP2)
-        parts.append(f"--parallel.data_parallel={'ddp' if hf else 'fsdp'}")
+        parts.append(f"--parallel.data_parallel={'fsdp' if fsdp else 'ddp'}")
     return f"{launch}{run} " + " ".join(parts)
 
 

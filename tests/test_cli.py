@@ -165,5 +165,5 @@ def test_plan_auto_launch_command_spells_out_the_layout():
         "-m chunkflow train --config sft.toml --chunking.chunk_size=8192 --chunking.k=1 "
         "--parallel.tp=4 --parallel.pp=2 --parallel.data_parallel=fsdp")
     assert big.layout == "<TP 4, SP 1, PP 2> x DP 4"
-    assert launch_command(Candidate(512, 1, 2, 1, 2, 1.0, 1.0, 0.0), gpus=4, hf=True).endswith(
+    assert launch_command(Candidate(512, 1, 2, 1, 2, 1.0, 1.0, 0.0), gpus=4, fsdp=False).endswith(
         "--parallel.tp=2 --parallel.data_parallel=ddp")

@@ -43,6 +43,12 @@ SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 _registered = False
 
+DECODER_FORWARD = "chunkflow_decoder_forward"
+"""When the causal LM has this attribute, the engine runs the decoder through it: FSDP2
+(:func:`chunkflow.parallel.data_parallel.apply_fsdp`) sets it to the decoder's call and registers
+it as a forward method of the causal LM, its root, which then gathers its own parameters (the
+embedding, final norm and head) before the decoder runs."""
+
 
 def is_hf_model(model: Any) -> bool:
     """A transformers model (subclasses included) or a PEFT wrapper of one. A model of either
@@ -263,7 +269,8 @@ class HFChunkModel:
         # A later pipeline stage gets the previous stage's hidden states (1, L, E).
         inputs = ({"inputs_embeds": input_ids} if input_ids.is_floating_point()
                   else {"input_ids": input_ids})
+        decoder = getattr(_causal_lm(self.module), DECODER_FORWARD, self.decoder)
         with self._chunkflow_attention():
-            out = self.decoder(**inputs, position_ids=position_ids, use_cache=False,
+            out = decoder(**inputs, position_ids=position_ids, use_cache=False,
                                chunkflow_attention=attention)
         return out.last_hidden_state

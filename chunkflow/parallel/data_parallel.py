@@ -9,7 +9,7 @@ per chunk: every collective must be issued the same number of times on every ran
   with ``prepare_for_backward``, so that backward all-reduces the accumulated gradients, bucket by
   bucket, overlapped with the backward itself (what ``torch.distributed.pipelining`` does for its
   last micro-batch). A comm hook sums instead of averaging.
-* **FSDP2** (``fully_shard`` on every decoder layer and on the root): parameters are gathered at
+* **FSDP2** (``fully_shard`` on every decoder layer and on the rest): parameters are gathered at
   the step's first forward and stay gathered (``reshard_after_forward=False``, no resharding or
   gradient sync after each backward, so later forwards and backwards issue no collective); once
   the last backward ran, the accumulated gradients are reduce-scattered (summed) and parameters
@@ -56,12 +56,10 @@ def apply_ddp(model: nn.Module, ctx: ParallelContext) -> DistributedDataParallel
 
 
 def apply_fsdp(model: nn.Module, ctx: ParallelContext) -> nn.Module:
-    """``fully_shard`` every decoder layer, then the root (embedding, norm, head), over "dp"."""
-    if not hasattr(model, "hidden_states"):
-        raise ValueError(f"data_parallel='fsdp' runs chunkflow's reference model, got "
-                         f"{type(model).__name__}; valid: data_parallel='ddp' for a transformers "
-                         f"model, or --model.implementation=reference (Llama, Qwen2, Qwen3, "
-                         f"Mistral)")
+    """``fully_shard`` every decoder layer, then the rest (embedding, final norm, head) as one
+    group (FSDP2's root), over "dp". ``model``: a stage of chunkflow's reference model or of a
+    transformers causal LM; returned sharded in place."""
+    check_fsdp(model)
     dtype = next(model.parameters()).dtype
     if (not hasattr(FSDPModule, "set_force_sum_reduction_for_comms")
             and dist.get_backend(ctx.dp_group) == "gloo" and dtype != torch.float64):
@@ -72,12 +70,15 @@ def apply_fsdp(model: nn.Module, ctx: ParallelContext) -> nn.Module:
                          f"{torch.__version__} lacks; valid: a newer torch, "
                          f"--model.dtype=float64, or --parallel.data_parallel=ddp")
     mesh = ctx.mesh["dp"]
-    for layer in model.model.layers.values():
-        fully_shard(layer, mesh=mesh, reshard_after_forward=False)
-    fully_shard(model, mesh=mesh, reshard_after_forward=False)
-    # The engine calls hidden_states() and lm_head, not forward(): hidden_states gathers the
-    # root's parameters, and they stay gathered for lm_head.
-    register_fsdp_forward_method(model, "hidden_states")
+    if hasattr(model, "hidden_states"):  # chunkflow's reference model
+        for layer in model.model.layers.values():
+            fully_shard(layer, mesh=mesh, reshard_after_forward=False)
+        fully_shard(model, mesh=mesh, reshard_after_forward=False)
+        # The engine calls hidden_states() and lm_head, not forward(): hidden_states gathers
+        # the root's parameters, and they stay gathered for lm_head.
+        register_fsdp_forward_method(model, "hidden_states")
+    else:
+        _fully_shard_hf(model, mesh)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)  # sum, like the single process's one backward
@@ -86,6 +87,47 @@ def apply_fsdp(model: nn.Module, ctx: ParallelContext) -> nn.Module:
             if hasattr(module, "set_force_sum_reduction_for_comms"):  # newer torch releases
                 module.set_force_sum_reduction_for_comms(True)
     return model
+
+
+def check_fsdp(model: nn.Module) -> None:
+    """Refuse, with the reason, a model that FSDP2 cannot train exactly under chunkflow."""
+    if hasattr(model, "hidden_states"):  # chunkflow's reference model
+        return
+    from chunkflow.models import families
+    from chunkflow.models.hf import is_hf_model
+
+    if not is_hf_model(model):
+        raise ValueError(f"data_parallel='fsdp' runs chunkflow's reference model or a "
+                         f"transformers causal LM, got {type(model).__name__}; valid: "
+                         f"data_parallel='ddp'")
+    if hasattr(model, "peft_config"):
+        raise ValueError("data_parallel='fsdp' with LoRA is not supported: the frozen base "
+                         "weights have no gradient or optimizer state to shard, and a step "
+                         "gathers them whole anyway (ZeRO-2); valid: --parallel.data_parallel="
+                         "ddp for LoRA")
+    family = families.FAMILIES.get(getattr(model.config, "model_type", None))
+    if family is not None and family.experts:
+        raise ValueError(f"data_parallel='fsdp' for model_type {model.config.model_type!r} is "
+                         f"not supported: a replica may route no token to an expert, and "
+                         f"FSDP2 reduce-scatters only the gradients a replica has, so the "
+                         f"replicas' collectives would not match; valid: "
+                         f"--parallel.data_parallel=ddp (experts summed by one all-reduce)")
+
+
+def _fully_shard_hf(model: nn.Module, mesh) -> None:
+    """:func:`apply_fsdp` of a transformers causal LM, from outside its code. The engine runs
+    the decoder and reads the head's weight, never the causal LM's own forward; so the causal
+    LM (FSDP2's root: embedding, final norm, head) gets a forward method that runs its decoder
+    (``chunkflow.models.hf.DECODER_FORWARD``), which gathers the root's parameters first. They
+    stay gathered for the head's loss."""
+    from chunkflow.models.hf import DECODER_FORWARD
+
+    decoder = model.get_decoder()
+    for layer in decoder.layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)
+    setattr(model, DECODER_FORWARD, decoder.__call__)  # a bound method: not a submodule
+    register_fsdp_forward_method(model, DECODER_FORWARD)
 
 
 def reshard(model: nn.Module) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from chunkflow.parallel.data_parallel import (
     DATA_PARALLEL,
@@ -134,9 +135,10 @@ class ParallelEngine:
 
     @property
     def state_module(self) -> nn.Module:
-        """What a checkpoint's state dicts are taken from: the DDP/FSDP wrapper, else the stage
-        (parameter names are the whole model's either way)."""
-        return self.wrapped if self.wrapped is not None else self.model
+        """What a checkpoint's state dicts are taken from: the DDP wrapper, else the stage
+        (FSDP2 shards it in place; parameter names are the whole model's either way)."""
+        return self.wrapped if isinstance(self.wrapped, DistributedDataParallel) \
+            else self.model
 
     def parameters(self) -> list[torch.Tensor]:
         """This rank's trainable parameters (FSDP: its shards)."""

@@ -234,7 +234,8 @@ class ParallelSection:
                     "tp).")
     data_parallel: Literal["ddp", "fsdp"] = _f(
         "ddp", "ddp: replicated weights, gradients all-reduced once per step; fsdp: FSDP2 "
-               "(fully_shard), weights, gradients and AdamW state sharded over the replicas.")
+               "(fully_shard), weights, gradients and AdamW state sharded over the replicas "
+               "(not for LoRA or mixture-of-experts models).")
     timeout_s: float = _f(600.0, "Seconds a collective or send/receive may wait before the "
                                  "run fails (a dead or stuck rank becomes an error, not a hang).")
 

@@ -57,8 +57,9 @@ def test_four_ranks_tensor_parallel_with_pipeline_and_data_parallel():
 
 
 def test_two_ranks_hugging_face_models_data_and_tensor_parallel():
-    """transformers models under DDP, TP=2 (chunkflow's plan on their own modules; Qwen3 with
-    its per-head q/k norms) and PP=2 (their decoder cut into stages), K=1 and K=2."""
+    """transformers models under DDP and FSDP2 (tied embeddings), TP=2 (chunkflow's plan on
+    their own modules; Qwen3 with its per-head q/k norms) and PP=2 (their decoder cut into
+    stages), K=1 and K=2."""
     spawn(check_hf, 2, [
         dict(family="llama", dp=2, k=2),
         dict(family="qwen2", dp=1, tp=2, k=1),
@@ -66,11 +67,15 @@ def test_two_ranks_hugging_face_models_data_and_tensor_parallel():
         dict(family="qwen2", dp=1, pp=2, k=2),
         dict(family="mistral", dp=1, pp=2, k=1),
         dict(family="mixtral", dp=2, k=1),  # summed by one all-reduce, not DDP
+        dict(family="qwen2", dp=2, k=2, data_parallel="fsdp",
+             config=dict(tie_word_embeddings=True)),
     ])
 
 
-def test_four_ranks_hugging_face_qwen2_tp_x_pp_and_dp_x_tp():
+def test_four_ranks_hugging_face_tp_x_pp_and_dp_x_tp_and_fsdp_x_pp():
     spawn(check_hf, 4, [dict(family="qwen2", dp=2, tp=2, k=2),
+                        dict(family="qwen2", dp=2, tp=2, k=1, data_parallel="fsdp"),
+                        dict(family="qwen3", dp=2, pp=2, k=2, data_parallel="fsdp"),
                         dict(family="qwen2", dp=1, pp=2, tp=2, k=1),
                         dict(family="qwen3", dp=1, pp=2, tp=2, k=2)])
 

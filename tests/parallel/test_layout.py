@@ -71,6 +71,22 @@ def test_refusals():
         split_stage(tiny_model(tie_word_embeddings=True), 0, 2)
 
 
+def test_fsdp_refuses_lora_and_experts_with_the_reason():
+    import peft
+
+    from chunkflow.parallel.data_parallel import check_fsdp
+    from tests.models.test_hf_adapter import build
+
+    check_fsdp(build("qwen2"))  # dense transformers models shard
+    lora = peft.get_peft_model(build("qwen2"), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="fsdp' with LoRA .* valid: --parallel.data_parallel=ddp"):
+        check_fsdp(lora)
+    with pytest.raises(ValueError, match="'mixtral' .* route no token to an expert"):
+        check_fsdp(build("mixtral"))
+    with pytest.raises(ValueError, match="got Linear"):
+        check_fsdp(torch.nn.Linear(2, 2))
+
+
 def test_pipeline_without_torchrun_is_a_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert main(["train", "--parallel.pp=2", f"--train.output_dir={tmp_path}"]) == 2

@@ -123,10 +123,10 @@ def test_torchrun_matches_one_process_and_resumes_on_any_layout(
         assert all(len(r["dp_chunks"]) == dp and r["dp_imbalance"] >= 1.0 for r in records)
 
 
-def test_a_transformers_qwen2_run_at_tp2_resumes_at_dp2_with_the_single_process_weights(
+def test_a_transformers_qwen2_run_at_tp2_resumes_at_dp2_fsdp_with_the_single_process_weights(
         tmp_path):
     """A tied-embedding transformers Qwen2 (--model.path, implementation hf): 2 steps at TP=2,
-    then 2 more at DP=2 (DDP), end with one process's weights after 4 steps."""
+    then 2 more at DP=2 (FSDP2), end with one process's weights after 4 steps."""
     from tests.train.test_resume import chat_job, hf_args
     from tests.train.test_trainer_hf import model_dir
 
@@ -151,7 +151,8 @@ def test_a_transformers_qwen2_run_at_tp2_resumes_at_dp2_with_the_single_process_
 
     run(1, 4)
     assert "tp=2" in run(2, 2, **{"parallel.tp": "2"})
-    out = run(2, 4, **{"parallel.tp": "1", "checkpoint.resume": "true"})
+    out = run(2, 4, **{"parallel.tp": "1", "parallel.data_parallel": "fsdp",
+                       "checkpoint.resume": "true"})
     assert "weights and optimizer state resharded" in out
     def untied(checkpoint: Path) -> dict:  # the one tied tensor is stored under either name
         state = weights(checkpoint)

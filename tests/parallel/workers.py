@@ -155,10 +155,11 @@ def check_hf(rank, world_size, cases):
         family, dp, tp, k = case["family"], case["dp"], case.get("tp", 1), case["k"]
         pp = case.get("pp", 1)
         ctx = init_distributed(dp=dp, pp=pp, tp=tp, device=torch.device("cpu"))
-        ref = build(family)
+        ref = build(family, **case.get("config", {}))
         batch = hf_batch(ref.config.vocab_size)
         want_loss = plain_step(ref, batch).item()
-        engine = ParallelEngine(build(family), ctx, chunk_size=16, k=k,
+        config = case.get("config", {})
+        engine = ParallelEngine(build(family, **config), ctx, chunk_size=16, k=k,
                                 data_parallel=case.get("data_parallel", "ddp"))
         result = engine.forward_backward(batch)
         where = f"{case} rank {rank}"
