@@ -11,6 +11,9 @@
    ``varlen_attn`` (the ideal: one packed chunk, nothing recomputed) and against Hugging Face
    transformers on ``DataCollatorWithFlattening`` batches (SDPA).
 
+Tensor parallelism is not part of it: one GPU cannot hold two NCCL ranks. Its CUDA-specific
+piece, attention over a sequence-parallel chunk's padding rows, is among the ``gpu`` tests.
+
 It prints one table and saves it, with the GPU's name, torch's version and the date, as
 ``benchmarks/results/gpu_check-<gpu>-<date>.{md,json}``. A configuration that runs out of memory
 is reported as such, not as a failure of the check.

@@ -37,15 +37,17 @@ import torch.multiprocessing as mp  # noqa: E402
 from chunkflow.models import ModelConfig, Transformer  # noqa: E402
 from chunkflow.parallel import ParallelEngine, init_distributed  # noqa: E402
 
-LAYOUTS = [  # (name, dp, pp, tp, data_parallel)
-    ("1 process", 1, 1, 1, "ddp"),
-    ("DP=2 (DDP)", 2, 1, 1, "ddp"),
-    ("DP=2 (FSDP2)", 2, 1, 1, "fsdp"),
-    ("PP=2", 1, 2, 1, "ddp"),
-    ("TP=2", 1, 1, 2, "ddp"),
-    ("TP=4", 1, 1, 4, "ddp"),
-    ("TP=2 x PP=2", 1, 2, 2, "ddp"),
-    ("DP=2 x TP=2 (FSDP2)", 2, 1, 2, "fsdp"),
+LAYOUTS = [  # (name, dp, pp, tp, data_parallel, sequence_parallel)
+    ("1 process", 1, 1, 1, "ddp", True),
+    ("DP=2 (DDP)", 2, 1, 1, "ddp", True),
+    ("DP=2 (FSDP2)", 2, 1, 1, "fsdp", True),
+    ("PP=2", 1, 2, 1, "ddp", True),
+    ("TP=2, no SP", 1, 1, 2, "ddp", False),
+    ("TP=2", 1, 1, 2, "ddp", True),
+    ("TP=4, no SP", 1, 1, 4, "ddp", False),
+    ("TP=4", 1, 1, 4, "ddp", True),
+    ("TP=2 x PP=2", 1, 2, 2, "ddp", True),
+    ("DP=2 x TP=2 (FSDP2)", 2, 1, 2, "fsdp", True),
 ]
 LENGTHS = (2048, 700, 300, 180, 120, 90, 60, 40)
 CHUNK = 512
@@ -75,11 +77,11 @@ def _rank(rank, world, port, cfg, layout, out):
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
-    _, dp, pp, tp, data_parallel = layout
+    _, dp, pp, tp, data_parallel, sequence_parallel = layout
     ctx = init_distributed(dp=dp, pp=pp, tp=tp, device=torch.device("cpu"))
     torch.manual_seed(0)
     engine = ParallelEngine(Transformer(cfg), ctx, chunk_size=CHUNK, k=1,
-                            data_parallel=data_parallel)
+                            data_parallel=data_parallel, sequence_parallel=sequence_parallel)
     params = engine.parameters()
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     g = torch.Generator().manual_seed(1)
@@ -102,9 +104,9 @@ def _rank(rank, world, port, cfg, layout, out):
 
 
 def measure(cfg: ModelConfig, layout, workdir: Path) -> dict:
-    _, dp, pp, tp, _ = layout
+    _, dp, pp, tp, data_parallel, sp = layout
     world = dp * pp * tp
-    out = workdir / f"{world}-{dp}-{pp}-{tp}-{layout[4]}.pt"
+    out = workdir / f"{world}-{dp}-{pp}-{tp}-{data_parallel}-{sp}.pt"
     mp.spawn(_rank, args=(world, free_port(), cfg, layout, str(out)), nprocs=world, join=True)
     rows = torch.load(out)
     worst = {key: max(r[key] for r in rows) for key in rows[0]}
@@ -154,9 +156,12 @@ def main() -> None:
             f"| {_mib(r['step_weights'])} | {_mib(r['step_grads'])} "
             f"| {_mib(r['activations'])} | {_mib(r['step_peak'])} "
             f"| {r['step_peak'] / one['step_peak']:.2f} |")
-    lines += ["", "Embedding, norms and output head are replicated over TP (no vocabulary-"
-              "parallel head yet), so TP shards only the decoder layers' projections; FSDP2 "
-              "shards everything at rest but gathers its stage for the step (ZeRO-2)."]
+    lines += ["", "TP layouts run sequence parallelism (SP) unless marked: each TP rank runs "
+              "the embedding, norms, residual stream, head and loss on its rows of the chunk, "
+              "so those activations shrink by tp too. The embedding, norm and head weights "
+              "are replicated over TP (no vocabulary-parallel head), so TP shards only the "
+              "decoder layers' projections' weights; FSDP2 shards everything at rest but "
+              "gathers its stage for the step (ZeRO-2)."]
     markdown = "\n".join(lines) + "\n"
     print(markdown)
     save("layout_memory", {"machine": machine(), "config": vars(args), "lengths": LENGTHS,

@@ -176,13 +176,13 @@ def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
     shape, name = ((model_shape(cfg), model_label(cfg)) if own_model
                    else (_named_shape(args.model or "qwen2.5-7b"), args.model or "qwen2.5-7b"))
     gpu, budget = get_gpu(args.gpu), parse_size(args.memory_budget)
-    # The run's own model or data: priced as chunkflow runs TP (no sequence parallelism,
-    # replicated head); the paper's shapes alone: as Megatron does, for its comparison.
+    # The run's own model or data: priced as chunkflow runs TP (sequence parallel, the
+    # embedding and head weights replicated); the paper's shapes alone: as Megatron does.
     options = {"runtime": "chunkflow" if own_model else "megatron"}
     if args.config is not None or "data.path" in given:
         # The run's own data: its first global batches, as the trainer will form them. The
         # layouts are those chunkflow runs (no pipeline stages with tied embeddings), priced
-        # as its runtime runs tensor parallelism (no sequence parallelism, replicated head).
+        # as its runtime runs tensor parallelism.
         if args.batches < 1:
             raise ValueError(f"--batches={args.batches}: must be a positive integer")
         _, first = _data_batches(cfg, args.batches, vocab_size=shape.vocab_size)
@@ -213,8 +213,9 @@ def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
     print(f"launch it: {launch_command(best, gpus=args.gpus, run=run, fsdp=fsdp)}  (predicted peak "
           f"{format_size(best.peak_memory_bytes)} per GPU"
           + ("" if options["runtime"] == "chunkflow" else "; priced as Megatron's tensor "
-             "parallelism, with sequence parallelism, which chunkflow's runtime does not have "
-             "yet: plan with the run's --model.* or --config for its own") + ")")
+             "parallelism, whose embedding and head are vocabulary-parallel where chunkflow "
+             "replicates their weights: plan with the run's --model.* or --config for its "
+             "own") + ")")
     return 0
 
 

@@ -131,9 +131,9 @@ def test_plan_auto_tunes_the_users_own_run(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"auto-tune: {model} (hf) on 2 x H100-80GB, the first 3 global batch(es) of " \
            f"{data}" in out
-    # the layouts chunkflow runs: TP without sequence parallelism, pipelines for an hf model
-    assert "<TP 1, SP 1, PP 1> x DP 2" in out and "<TP 2, SP 1, PP 1> x DP 1" in out
-    assert "<TP 1, SP 1, PP 2> x DP 1" in out and "SP 2" not in out
+    # the layouts chunkflow runs: TP with sequence parallelism, pipelines for an hf model
+    assert "<TP 1, SP 1, PP 1> x DP 2" in out and "<TP 2, SP 2, PP 1> x DP 1" in out
+    assert "<TP 1, SP 1, PP 2> x DP 1" in out
     # the command that launches the choice, with the run's own options
     assert (f"launch it: torchrun --nproc-per-node 2 -m chunkflow train --data.batch_size=8 "
             f"--data.path={data} --model.path={model} --chunking.chunk_size=") in out
@@ -159,11 +159,11 @@ def test_plan_auto_launch_command_spells_out_the_layout():
     one = Candidate(4096, 2, 1, 1, 1, 1.0, 1.0, 0.0)
     assert launch_command(one, gpus=1) == \
         "chunkflow train ... --chunking.chunk_size=4096 --chunking.k=2"
-    big = Candidate(8192, 1, 4, 2, 4, 1.0, 1.0, 0.0, sp=1)
+    big = Candidate(8192, 1, 4, 2, 4, 1.0, 1.0, 0.0)
     assert launch_command(big, gpus=32, run=" --config sft.toml") == (
         "torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 "
         "-m chunkflow train --config sft.toml --chunking.chunk_size=8192 --chunking.k=1 "
         "--parallel.tp=4 --parallel.pp=2 --parallel.data_parallel=fsdp")
-    assert big.layout == "<TP 4, SP 1, PP 2> x DP 4"
+    assert big.layout == "<TP 4, SP 4, PP 2> x DP 4"
     assert launch_command(Candidate(512, 1, 2, 1, 2, 1.0, 1.0, 0.0), gpus=4, fsdp=False).endswith(
         "--parallel.tp=2 --parallel.data_parallel=ddp")

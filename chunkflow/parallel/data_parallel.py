@@ -148,7 +148,7 @@ class DataParallelSync(GradSync):
         """``all_reduce``: parameters whose gradients ``finish`` sums over the data-parallel
         group itself (DDP cannot bucket tensor-parallel DTensor gradients). ``tp_partial``:
         replicated parameters each tensor-parallel rank holds part of the gradient of
-        (:func:`chunkflow.parallel.tensor.partial_grad_params`), summed over the "tp" group."""
+        (:func:`chunkflow.parallel.tensor.partial_grad_names`), summed over the "tp" group."""
         self.wrapped, self.ctx, self.all_reduce = wrapped, ctx, all_reduce
         self.tp_partial = list(tp_partial)
 

@@ -32,7 +32,7 @@ from chunkflow.parallel.data_parallel import (
     reshard,
 )
 from chunkflow.parallel.mesh import LocalContext, ParallelContext
-from chunkflow.parallel.tensor import apply_tp, partial_grad_params
+from chunkflow.parallel.tensor import apply_tp, partial_grad_names
 from chunkflow.parallel.pipeline import P2PStageIO, split_stage
 from chunkflow.plan import (
     ChunkPlan,
@@ -45,6 +45,7 @@ from chunkflow.plan import (
 )
 from chunkflow.models import families
 from chunkflow.plan.cost import ModelShape
+from chunkflow.runtime.chunk_call import SequenceShard
 from chunkflow.runtime.engine import ChunkFlowEngine, EvalResult, StepResult
 from chunkflow.runtime.options import ChunkingOptions
 from chunkflow.runtime.loss import IGNORE_INDEX
@@ -87,12 +88,14 @@ class ParallelEngine:
 
     ``model``: the whole model, identical on every rank (same seed or checkpoint). With pp > 1 it
     is cut down to this rank's stage in place; with dp > 1 it is wrapped in DDP or FSDP2
-    (``data_parallel``). Build the optimizer over :attr:`parameters` afterwards.
+    (``data_parallel``); with tp > 1 it is sharded over the stage's tensor-parallel ranks,
+    with sequence parallelism unless ``sequence_parallel=False``
+    (:mod:`chunkflow.parallel.tensor`). Build the optimizer over :attr:`parameters` afterwards.
     """
 
     def __init__(self, model: nn.Module, ctx: ParallelContext | LocalContext,
                  options: ChunkingOptions | None = None, *, data_parallel: str = "ddp",
-                 **kwargs):
+                 sequence_parallel: bool = True, **kwargs):
         """``options``: a :class:`~chunkflow.runtime.options.ChunkingOptions`, or its fields as
         keyword arguments."""
         if options is None:
@@ -106,11 +109,14 @@ class ParallelEngine:
         self.shape = model_shape(model.config)
         if ctx.pp > 1:
             model = split_stage(model, ctx.stage, ctx.pp)
-        tp_partial = []
+        tp_partial, shard = [], None
         if ctx.tp > 1:
-            model = apply_tp(model, ctx)
-            tp_partial = partial_grad_params(model)
-        self.engine = ChunkFlowEngine(model, options)
+            model = apply_tp(model, ctx, sequence_parallel=sequence_parallel)
+            tp_partial = partial_grad_names(model, sequence_parallel=sequence_parallel)
+            if sequence_parallel:
+                shard = SequenceShard(ctx.tp_rank, ctx.tp)
+        self.sequence_shard = shard
+        self.engine = ChunkFlowEngine(model, options, sequence_shard=shard)
         self.model = model
         wrapped, all_reduce = None, None
         if ctx.dp > 1 and data_parallel == "fsdp":
@@ -121,9 +127,12 @@ class ParallelEngine:
             # that got no token on this replica: one all-reduce at the end, zeros for those
             all_reduce = [p for p in model.parameters() if p.requires_grad]
         self.wrapped = wrapped
+        # by name: FSDP2 replaced the parameters
+        tp_partial = [model.get_parameter(name) for name in tp_partial]
         self.sync = DataParallelSync(wrapped, ctx, all_reduce, tp_partial=tp_partial)
         param = next(iter(model.parameters()))
-        self.io = P2PStageIO(ctx, hidden_size=model.config.hidden_size, dtype=param.dtype)
+        self.io = P2PStageIO(ctx, hidden_size=model.config.hidden_size, dtype=param.dtype,
+                             shard=shard)
 
     @property
     def chunk_size(self) -> int:
@@ -178,10 +187,13 @@ class ParallelEngine:
         if self.data_parallel == "fsdp" and self.ctx.dp > 1:
             reshard(self.model)
         # Only last stages hold a loss; each supervised token is counted on one rank (the
-        # tensor-parallel ranks of a stage hold the same, replicated loss: the first counts).
-        last = self.ctx.is_last_stage and self.ctx.tp_rank == 0
+        # tensor-parallel ranks of a stage hold the same, replicated loss, the first counts;
+        # under sequence parallelism each holds its rows' part).
+        last = self.ctx.is_last_stage
+        first = last and self.ctx.tp_rank == 0
         loss_sum, num_loss_tokens = self.ctx.all_sum(
-            [local.loss_sum if last else 0.0, float(local.num_loss_tokens) if last else 0.0])
+            [local.loss_sum if first or (last and self.sequence_shard) else 0.0,
+             float(local.num_loss_tokens) if first else 0.0])
         return EvalResult(loss_sum=loss_sum, num_loss_tokens=int(num_loss_tokens),
                           num_tokens=plan.num_tokens, num_chunks=plan.num_chunks)
 
@@ -202,7 +214,8 @@ class ParallelEngine:
             # closed connection, a silent peer as a timeout (parallel.timeout_s)
             raise RuntimeError(f"rank {self.ctx.rank} (replica {self.ctx.dp_rank}, stage "
                                f"{self.ctx.stage}) failed in a training step: {e}") from e
-        mine = float(local.loss) if self.ctx.tp_rank == 0 else 0.0  # replicated over tp
+        # replicated over tp, or (sequence parallel) each rank's rows' part
+        mine = float(local.loss) if self.ctx.tp_rank == 0 or self.sequence_shard else 0.0
         # Only last stages hold a loss; every replica's share adds up. The peak is the largest.
         loss, = self.ctx.all_sum([mine])
         peak = self.ctx.all_max(local.peak_memory_bytes)

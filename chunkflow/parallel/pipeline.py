@@ -23,6 +23,7 @@ import torch.distributed as dist
 from chunkflow.models.transformer import Transformer
 from chunkflow.parallel.mesh import ParallelContext
 from chunkflow.plan import Chunk
+from chunkflow.runtime.chunk_call import SequenceShard
 from chunkflow.runtime.peers import StageIO
 
 
@@ -102,13 +103,16 @@ def _split_hf_stage(model: torch.nn.Module, stage: int, num_stages: int) -> torc
 class P2PStageIO(StageIO):
     """Point-to-point inputs and outputs of one pipeline stage (see the module docstring)."""
 
-    def __init__(self, ctx: ParallelContext, *, hidden_size: int, dtype: torch.dtype):
-        self.ctx, self.hidden_size, self.dtype = ctx, hidden_size, dtype
+    def __init__(self, ctx: ParallelContext, *, hidden_size: int, dtype: torch.dtype,
+                 shard: SequenceShard | None = None):
+        """``shard``: under sequence parallelism a stage sends its rows of the chunk to the same
+        tensor-parallel rank of the next stage."""
+        self.ctx, self.hidden_size, self.dtype, self.shard = ctx, hidden_size, dtype, shard
         self._pending: list[tuple[dist.Work, torch.Tensor]] = []
 
     def _recv(self, chunk: Chunk, src: int) -> torch.Tensor:
-        buf = torch.empty(1, chunk.num_tokens, self.hidden_size, dtype=self.dtype,
-                          device=self.ctx.device)
+        rows = chunk.num_tokens if self.shard is None else self.shard.rows(chunk.num_tokens)
+        buf = torch.empty(1, rows, self.hidden_size, dtype=self.dtype, device=self.ctx.device)
         dist.recv(buf, src=src)
         return buf
 

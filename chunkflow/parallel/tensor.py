@@ -1,33 +1,46 @@
 """Tensor parallelism of chunkflow's reference model, and of transformers Llama/Qwen2/Qwen3/Mistral
-models, over the layout's "tp" mesh dimension.
+models, over the layout's "tp" mesh dimension, with sequence parallelism.
 
 Megatron's split, written with ``torch.distributed.tensor.parallel``: in every decoder layer the
 query/key/value and the MLP's gate/up projections are column-wise parallel (each rank computes
-its own heads and its slice of the MLP width), o_proj and down_proj row-wise (their outputs are
-summed over the group). Everything else (embedding, norms, output head, loss) is replicated:
-each rank runs it on the same full hidden states, so the loss, the chunk plan and the schedule
-are the same on every rank of a group.
+its own heads and its slice of the MLP width), o_proj and down_proj row-wise.
+
+Sequence parallelism (the default, ``sequence_parallel=True``; Korthikanti et al. 2022): outside
+those matmuls everything runs on ``1 / tp`` of the chunk's rows. Each rank embeds its own rows of
+the chunk, and its norms, residual stream, output head and loss run on them; the attention and
+MLP modules all-gather their input along the sequence (``PrepareModuleInput``: Shard(1) ->
+Replicate) and the row-wise projections reduce-scatter their output back to rows (Shard(1)),
+the same traffic as the two all-reduces per layer without it. So the per-token activations that
+tensor parallelism alone replicates (hidden states, norms, logits and their gradients) shrink by
+tp too. The engine pads a chunk to a multiple of tp (:class:`chunkflow.runtime.chunk_call.
+SequenceShard`); attention leaves the padding rows out, and they have no target.
+
+Without it, the embedding, norms, head and loss are replicated: each rank runs them on the same
+full hidden states.
 
 What this means for chunkflow's state: attention sees the rank's own ``H / tp`` query heads and
-``G / tp`` key/value heads, so each rank keeps the chain KV state (and its gradients) of its own
-key/value heads only, ``1 / tp`` of the single-process state. ``tp`` must divide the query heads,
-the key/value heads and the MLP width; a degree that does not divide the key/value heads is
-refused rather than replicating heads (replication would keep ``tp / G`` copies of the state).
+``G / tp`` key/value heads over the whole chunk, so each rank keeps the chain KV state (and its
+gradients) of its own key/value heads only, ``1 / tp`` of the single-process state. ``tp`` must
+divide the query heads, the key/value heads and the MLP width; a degree that does not divide the
+key/value heads is refused rather than replicating heads (replication would keep ``tp / G``
+copies of the state).
 
-Qwen3's per-head q/k norms are replicated, but each rank applies them to its own heads only, so
-its gradient of their weights is a partial sum: :func:`partial_grad_params` names them and the
-step sums them over the group once (``DataParallelSync.finish``).
-
-Gradients: the column-wise layers' input gradient is a partial sum that the plan all-reduces in
-backward, so the replicated parameters get the full gradient on every rank, identical across the
-group; the sharded ones hold their shard's gradient (DTensors over the "tp" dimension).
+Gradients: the sharded parameters hold their shard's gradient (DTensors over the "tp"
+dimension). The replicated ones that a rank applies to part of the work hold a partial sum,
+which the step sums over the group once, after its last backward (``DataParallelSync.finish``):
+:func:`partial_grad_names` names them: Qwen3's per-head q/k norms (a rank normalises its own
+heads), and under sequence parallelism every replicated parameter (a rank's rows). Without
+sequence parallelism the column-wise layers' input gradient is all-reduced in backward, so the
+other replicated parameters get the full gradient on every rank.
 """
 
 from __future__ import annotations
 
 from torch import nn
+from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
+    PrepareModuleInput,
     RowwiseParallel,
     parallelize_module,
 )
@@ -43,6 +56,28 @@ LAYER_PLAN = {
     "mlp.up_proj": ColwiseParallel,
     "mlp.down_proj": RowwiseParallel,
 }
+
+
+def layer_plan(*, sequence_parallel: bool, hf: bool) -> dict:
+    """The ``parallelize_module`` plan of one decoder layer. With sequence parallelism the layer's
+    input and output are its rows of the chunk (Shard(1)): attention and the MLP gather their
+    input whole (a DTensor, so that the projections' input gradients, partial sums, are
+    reduce-scattered back to rows), and o_proj/down_proj reduce-scatter their output."""
+    plan = {name: style() for name, style in LAYER_PLAN.items()}
+    if not sequence_parallel:
+        return plan
+    rows, whole = Shard(1), Replicate()
+    plan["self_attn.o_proj"] = RowwiseParallel(output_layouts=rows)
+    plan["mlp.down_proj"] = RowwiseParallel(output_layouts=rows)
+    # transformers' layers call attention with hidden_states=...; chunkflow's with (x, cos, sin,
+    # attention); both call the MLP with the hidden states alone.
+    plan["self_attn"] = (
+        PrepareModuleInput(input_kwarg_layouts={"hidden_states": rows},
+                           desired_input_kwarg_layouts={"hidden_states": whole}) if hf else
+        PrepareModuleInput(input_layouts=(rows, None, None, None),
+                           desired_input_layouts=(whole, None, None, None)))
+    plan["mlp"] = PrepareModuleInput(input_layouts=(rows,), desired_input_layouts=(whole,))
+    return plan
 
 
 def check_tp(config, tp: int) -> None:
@@ -91,9 +126,14 @@ PER_HEAD_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
 heads only, so each rank's gradient is a partial sum over its heads."""
 
 
-def partial_grad_params(model: nn.Module) -> list[nn.Parameter]:
-    """Replicated parameters whose gradient each tensor-parallel rank holds only a part of (the
-    per-head q/k norms): the step sums them over the "tp" group once, after its last backward."""
+def partial_grad_names(model: nn.Module, *, sequence_parallel: bool) -> list[str]:
+    """Names of the replicated parameters of a tensor-parallel ``model`` (after
+    :func:`apply_tp`) whose gradient each rank holds only a part of: the step sums them over the
+    "tp" group once, after its last backward. Names, since FSDP2 replaces parameters after."""
+    if sequence_parallel:  # every rank runs them on its own rows
+        return [name for name, p in model.named_parameters()
+                if p.requires_grad and not hasattr(p, "device_mesh")]
+    prefix = {id(layer): name for name, layer in model.named_modules()}
     out = []
     for layer in decoder_layers(model):
         for name in PER_HEAD_NORMS:
@@ -101,18 +141,22 @@ def partial_grad_params(model: nn.Module) -> list[nn.Parameter]:
                 module = layer.get_submodule(name)
             except AttributeError:  # a family without per-head norms
                 continue
-            out.extend(p for p in module.parameters() if p.requires_grad)
+            out.extend(f"{prefix[id(layer)]}.{name}.{n}" for n, p in module.named_parameters()
+                       if p.requires_grad)
     return out
 
 
-def apply_tp(model: nn.Module, ctx: ParallelContext) -> nn.Module:
+def apply_tp(model: nn.Module, ctx: ParallelContext, *, sequence_parallel: bool = True
+             ) -> nn.Module:
     """Shard ``model`` (a stage of chunkflow's reference model, or a transformers causal LM)
     over ``ctx``'s "tp" group, from outside: the model code is unchanged (transformers'
     attention infers its local head count from the projection's output, ``view(..., -1,
-    head_dim)``)."""
+    head_dim)``). With ``sequence_parallel`` the engine must run it on each rank's rows
+    (``ChunkFlowEngine(sequence_shard=...)``)."""
     layers = decoder_layers(model)
     check_tp(model.config, ctx.tp)
     mesh = ctx.mesh["tp"]
+    hf = not hasattr(model, "hidden_states")
     for layer in layers:
-        parallelize_module(layer, mesh, {name: style() for name, style in LAYER_PLAN.items()})
+        parallelize_module(layer, mesh, layer_plan(sequence_parallel=sequence_parallel, hf=hf))
     return model

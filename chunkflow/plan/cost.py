@@ -246,12 +246,15 @@ class CostModel:
     tp: int = 1
     pp: int = 1
     sp: int | None = None
-    """Sequence parallelism runs over the TP group (Megatron): ``None`` means ``tp``; 1 means
-    none (chunkflow's runtime today): every per-token activation counted whole on each TP rank,
-    an upper bound, since the attention and MLP internals are split by heads."""
+    """Sequence parallelism runs over the TP group (Megatron, and chunkflow by default):
+    ``None`` means ``tp``; 1 means none (chunkflow's ``--parallel.sequence_parallel=false``):
+    every per-token activation counted whole on each TP rank, an upper bound, since the
+    attention and MLP internals are split by heads."""
     vocab_parallel: bool = True
     """The embedding and output head split over TP (Megatron); False: replicated on every TP
-    rank (chunkflow's runtime today), their weights and head FLOPs whole on each."""
+    rank (chunkflow's runtime), their weights whole on each. The head's FLOPs are split either
+    way under sequence parallelism (each rank runs the head on its rows); without either, every
+    rank computes the whole head."""
     dp: int = 1
     recompute: str = "none"
     """Megatron's layer recompute (see ``RECOMPUTE``); chunkflow's own is its S/R actions."""
@@ -308,7 +311,7 @@ class CostModel:
         layers = self.stage_layers[stage_idx]
         flops = forward_flops(self.shape, segment_lens, prefix_len=prefix_len,
                               num_layers=layers, head=self._is_last(stage_idx), tp=self.tp)
-        if not self.vocab_parallel:  # every TP rank computes the whole head
+        if not self.vocab_parallel and self.sp == 1:  # every TP rank computes the whole head
             flops = flops._replace(head_matmul=flops.head_matmul * self.tp)
         return flops
 

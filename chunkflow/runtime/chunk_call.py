@@ -4,6 +4,11 @@
 and, through the transformers adapter, a Hugging Face model's): each layer's call is one kernel
 call over the whole chunk, its segments bound to their chains' key/value state
 (:class:`Segment`), so a chain's later chunk attends to its earlier ones.
+
+:class:`SequenceShard`: under sequence parallelism (tensor parallelism's norms, residual stream,
+head and loss split along the chunk), which rows of a chunk this rank holds. The chunk is padded
+to a multiple of the group size; the padding rows attend to nothing, are attended by nothing and
+carry no target, so they change no loss or gradient.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from chunkflow.runtime.attention import ChainSlot, ChunkView, KeptAttention, chunk_attention
 from chunkflow.runtime.kv_state import ChainState
@@ -27,6 +33,33 @@ class Segment:
     state: ChainState | None
 
 
+@dataclass(frozen=True)
+class SequenceShard:
+    """Rows ``[rank * rows(L), (rank + 1) * rows(L))`` of a chunk of ``L`` tokens padded to
+    ``size * rows(L)``: this rank's part of the residual stream under sequence parallelism."""
+
+    rank: int
+    size: int
+
+    def rows(self, num_tokens: int) -> int:
+        """Rows each rank holds of a chunk of ``num_tokens`` tokens (the last may be padding)."""
+        return -(-num_tokens // self.size)
+
+    def local(self, t: torch.Tensor, fill) -> torch.Tensor:
+        """This rank's rows of ``t`` (L, ...) (dim 0), padded with ``fill`` past the end."""
+        rows = self.rows(t.shape[0])
+        pad = rows * self.size - t.shape[0]
+        if pad:
+            t = torch.cat([t, t.new_full((pad, *t.shape[1:]), fill)])
+        return t[self.rank * rows:(self.rank + 1) * rows]
+
+    def padded(self, t: torch.Tensor, fill) -> torch.Tensor:
+        """``t`` (L, ...) padded with ``fill`` to the ``size * rows(L)`` rows of the gathered
+        chunk."""
+        pad = self.rows(t.shape[0]) * self.size - t.shape[0]
+        return t if not pad else torch.cat([t, t.new_full((pad, *t.shape[1:]), fill)])
+
+
 class ChunkAttention:
     """The ``attention`` callable a model sees while running one chunk: every layer's call is
     one kernel call over the whole chunk (:func:`chunkflow.runtime.attention.chunk_attention`)."""
@@ -36,8 +69,19 @@ class ChunkAttention:
         self.segments, self.kernel, self.block_size = segments, kernel, block_size
         self.has_successor, self.kept = has_successor, kept
         self.bounds = tuple((s.offset, s.length) for s in segments)
+        self.num_tokens = sum(s.length for s in segments)
 
     def __call__(self, layer_idx: int, q, k, v) -> torch.Tensor:
+        """(1, H, L, D) queries, (1, G, L, D) keys/values -> (1, H, L, D). Rows past the chunk's
+        tokens (a sequence-parallel chunk's padding) are left out, and their output is zero."""
+        pad = q.shape[2] - self.num_tokens
+        if pad:
+            n = self.num_tokens
+            out = self._attend(layer_idx, q[:, :, :n], k[:, :, :n], v[:, :, :n])
+            return F.pad(out, (0, 0, 0, pad))
+        return self._attend(layer_idx, q, k, v)
+
+    def _attend(self, layer_idx: int, q, k, v) -> torch.Tensor:
         # Under autocast, RoPE leaves q/k in float32 while v is bf16; SDPA's autocast rule
         # casts all three to the autocast dtype (float64 excepted, as autocast never casts it).
         # Do the same before anything reaches the state.

@@ -40,7 +40,7 @@ from torch import nn
 
 from chunkflow.plan import Action, ActionKind, Chunk, ChunkPlan, build_chunks, schedule
 from chunkflow.runtime.attention import KeptAttention, get_kernel
-from chunkflow.runtime.chunk_call import ChunkAttention, Segment
+from chunkflow.runtime.chunk_call import ChunkAttention, Segment, SequenceShard
 from chunkflow.runtime.head_loss import head_loss
 from chunkflow.runtime.inputs import prepare_batch
 from chunkflow.runtime.kv_state import ChainState, Copier, OffloadedChainState
@@ -98,8 +98,12 @@ class ChunkFlowEngine:
     :meth:`register_action_hook` calls a function around every action (for timing).
     """
 
-    def __init__(self, model: nn.Module, options: ChunkingOptions | None = None, **kwargs):
-        """``options``: a :class:`ChunkingOptions`, or its fields as keyword arguments."""
+    def __init__(self, model: nn.Module, options: ChunkingOptions | None = None, *,
+                 sequence_shard: SequenceShard | None = None, **kwargs):
+        """``options``: a :class:`ChunkingOptions`, or its fields as keyword arguments.
+        ``sequence_shard``: under sequence parallelism, the rows of each chunk this rank runs
+        outside the tensor-parallel matmuls (:mod:`chunkflow.parallel.tensor`); the model's
+        layers gather the chunk for attention and the MLP."""
         if options is None:
             options = ChunkingOptions(**kwargs)
         elif kwargs:
@@ -116,6 +120,7 @@ class ChunkFlowEngine:
                                  f"Transformer nor a Hugging Face transformers causal LM")
             model = HFChunkModel(model)
         self.model, self.config = model, model.config
+        self.sequence_shard = sequence_shard
         o = options
         self.chunk_size, self.k = o.chunk_size, o.k
         self.loss_normalization, self.pack_chain_tails = o.loss_normalization, o.pack_chain_tails
@@ -393,15 +398,19 @@ class ChunkFlowEngine:
             segments.append(Segment(offset, seg.num_tokens, seg.start,
                                      state if is_chain else None))
             offset += seg.num_tokens
-        device = step.kernel_device
+        device, shard = step.kernel_device, self.sequence_shard
         if x is None:
-            # (n,) per segment, laid out segment after segment -> (1, L)
-            x = torch.cat([step.ids[s.seq_id][s.start:s.end] for s in chunk.segments])[None]
+            # (n,) per segment, laid out segment after segment -> (1, L); sequence parallel:
+            # this rank's rows (1, L / tp), padded
+            x = torch.cat([step.ids[s.seq_id][s.start:s.end] for s in chunk.segments])
+            x = (x if shard is None else shard.local(x, 0))[None]
             inputs = None
         else:
             inputs = x = x.detach().requires_grad_(grad)  # (1, L, E); its grad goes back
+        # (1, L): every position of the chunk (its attention runs over the whole chunk)
         position_ids = torch.cat([torch.arange(s.start, s.end, device=device)
-                                  for s in chunk.segments])[None]
+                                  for s in chunk.segments])
+        position_ids = (position_ids if shard is None else shard.padded(position_ids, 0))[None]
         # Only a chain chunk followed by more chunks receives gradients for its own keys/values.
         has_successor = (chunk.chain_id is not None
                          and chunk.chain_idx < step.plan.chains[chunk.chain_id].num_chunks - 1)
@@ -415,6 +424,8 @@ class ChunkFlowEngine:
                 return _Graph(hidden, inputs)
             targets = torch.cat([step.targets[s.seq_id][s.start:s.end] for s in chunk.segments])
             weights = torch.cat([step.weights[s.seq_id][s.start:s.end] for s in chunk.segments])
+            if shard is not None:  # the loss of this rank's rows: a part of the chunk's
+                targets, weights = shard.local(targets, IGNORE_INDEX), shard.local(weights, 0)
             loss = head_loss(hidden[0], self.model.lm_head, targets, weights,
                              logits_budget=self.logits_budget, cast_cache=step.cast_cache)
         return _Graph(loss, inputs)

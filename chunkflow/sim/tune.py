@@ -189,7 +189,7 @@ def layouts(shape: ModelShape, num_gpus: int, *, max_tp: int = GPUS_PER_NODE,
     return out
 
 
-RUNTIMES = {"megatron": {}, "chunkflow": {"sp": 1, "vocab_parallel": False}}
+RUNTIMES = {"megatron": {}, "chunkflow": {"vocab_parallel": False}}
 """How each runtime's tensor parallelism is priced (see :func:`autotune`)."""
 
 
@@ -208,8 +208,8 @@ def autotune(shape: ModelShape, gpu: GPUProfile, *, max_len: int, num_gpus: int,
     deterministic in ``seed``. Chunk sizes above ``max_len`` are skipped; K values beyond the
     longest chain give the same schedule and are tried once; ``max_tp``/``max_pp`` limit the
     layouts (see :func:`layouts`). ``runtime``: "megatron" prices Megatron's tensor parallelism
-    (sequence parallel, vocabulary-parallel head), "chunkflow" this runtime's (neither: the
-    embedding, head and per-token activations whole on every TP rank, an upper bound). Raises
+    (sequence parallel, vocabulary-parallel head), "chunkflow" this runtime's (sequence
+    parallel, the embedding and head weights whole on every TP rank). Raises
     ``ValueError`` when nothing fits, naming the smallest peak found.
     """
     max_len = check_positive_int("max_len", max_len)

@@ -232,6 +232,10 @@ class ParallelSection:
                     "across them, Megatron-style); must divide the model's attention heads, "
                     "key/value heads and MLP width. Data-parallel replicas = processes / (pp x "
                     "tp).")
+    sequence_parallel: bool = _f(
+        True, "With tp > 1: run the embedding, norms, residual stream, output head and loss on "
+              "1/tp of each chunk's rows per rank (attention and the MLP gather them), so "
+              "those activations shrink by tp too; false: replicate them on every TP rank.")
     data_parallel: Literal["ddp", "fsdp"] = _f(
         "ddp", "ddp: replicated weights, gradients all-reduced once per step; fsdp: FSDP2 "
                "(fully_shard), weights, gradients and AdamW state sharded over the replicas "

@@ -152,3 +152,30 @@ def test_selective_recompute_and_offload_on_cuda_match_the_plain_engine(backend,
         copier = engine.copier(CUDA)
         assert copier.bytes_to_device > 0 and copier.bytes_to_host > 0
         assert copier.host_empty((4,), torch.float32).is_pinned()
+
+
+@pytest.mark.parametrize("backend", ["varlen", "math"])
+def test_sequence_parallel_padding_rows_are_left_out_on_cuda(backend):
+    """A chunk padded for sequence parallelism (tp=4: 11 tokens -> 12 rows) through a CUDA
+    kernel in bf16: the real rows and their gradients equal the unpadded call's; the padding
+    rows get zeros."""
+    from chunkflow.runtime.chunk_call import ChunkAttention, Segment
+
+    torch.manual_seed(0)
+    kernel = get_kernel(backend, CUDA, torch.bfloat16)
+    segments = [Segment(0, 5, 0, None), Segment(5, 6, 0, None)]
+    # (1, L, heads, D) transposed to (1, heads, L, D), as the models hand them over
+    q, k, v = (torch.randn(1, 12, h, 64, device=CUDA, dtype=torch.bfloat16).transpose(1, 2)
+               .requires_grad_() for h in (4, 2, 2))
+
+    def attend(n):
+        return ChunkAttention(segments, kernel, block_size=16, has_successor=False)(
+            0, q[:, :, :n], k[:, :, :n], v[:, :, :n])
+
+    padded, plain = attend(12), attend(11)
+    assert torch.equal(padded[:, :, :11], plain) and not padded[:, :, 11:].any()
+    got = torch.autograd.grad(padded.float().sum(), (q, k, v))
+    want = torch.autograd.grad(plain.float().sum(), (q, k, v))
+    for g, w in zip(got, want):  # the same inputs: only the backward's accumulation order
+        assert not g[:, :, 11:].any()
+        assert float((g - w).abs().max()) <= 1e-2 * float(w.abs().max())

@@ -25,8 +25,12 @@ def test_two_ranks_data_parallel_and_pipeline():
         dict(dp=1, pp=2, k=1, recompute="selective", offload="all"),
         dict(dp=2, pp=1, k=1, data_parallel="ddp", recompute="selective"),
         dict(dp=2, pp=1, k=1, data_parallel="fsdp", offload="state"),
-        dict(dp=1, pp=1, tp=2, k=1),
+        dict(dp=1, pp=1, tp=2, k=1),  # sequence parallel, the default
         dict(dp=1, pp=1, tp=2, k=2, recompute="selective"),
+        dict(dp=1, pp=1, tp=2, k=1, sp=False),
+        # tied embedding and head, both with partial gradients per rank; o_proj's bias
+        dict(dp=1, pp=1, tp=2, k=2, model=dict(tie_word_embeddings=True, model_type="llama",
+                                               attention_bias=True)),
         # Qwen3's per-head q/k norms (partial gradients per rank) and Llama 3.1 RoPE
         dict(dp=1, pp=1, tp=2, k=2, model=dict(model_type="qwen3", head_dim=8, rope_scaling={
             "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -46,10 +50,12 @@ def test_four_ranks_pipeline_and_data_x_pipeline():
 
 def test_four_ranks_tensor_parallel_with_pipeline_and_data_parallel():
     """TP=2 x PP=2 and DP=2 x TP=2 (DDP-style all-reduce and FSDP2 on the 2-D mesh), K=1 and
-    K=2: loss, every gradient and the clipped norm equal one unchunked process (float64)."""
+    K=2, with sequence parallelism and without: loss, every gradient and the clipped norm
+    equal one unchunked process (float64)."""
     spawn(check_gradients, 4, [
         dict(dp=1, pp=2, tp=2, k=1),
         dict(dp=1, pp=2, tp=2, k=2, steps=2),
+        dict(dp=1, pp=2, tp=2, k=1, sp=False),
         dict(dp=2, pp=1, tp=2, k=1, data_parallel="ddp"),
         dict(dp=2, pp=1, tp=2, k=2, data_parallel="fsdp"),
         dict(dp=2, pp=1, tp=2, k=1, data_parallel="ddp", lengths=(50,)),
@@ -58,11 +64,13 @@ def test_four_ranks_tensor_parallel_with_pipeline_and_data_parallel():
 
 def test_two_ranks_hugging_face_models_data_and_tensor_parallel():
     """transformers models under DDP and FSDP2 (tied embeddings), TP=2 (chunkflow's plan on
-    their own modules; Qwen3 with its per-head q/k norms) and PP=2 (their decoder cut into
-    stages), K=1 and K=2."""
+    their own modules, with sequence parallelism and without; Qwen3 with its per-head q/k
+    norms) and PP=2 (their decoder cut into stages), K=1 and K=2."""
     spawn(check_hf, 2, [
         dict(family="llama", dp=2, k=2),
         dict(family="qwen2", dp=1, tp=2, k=1),
+        dict(family="qwen2", dp=1, tp=2, k=2, sp=False),
+        dict(family="llama", dp=1, tp=2, k=2),  # o_proj's bias
         dict(family="qwen3", dp=1, tp=2, k=2),
         dict(family="qwen2", dp=1, pp=2, k=2),
         dict(family="mistral", dp=1, pp=2, k=1),

@@ -90,9 +90,13 @@ def check_gradients(rank, world_size, cases):
         shape = dict(num_hidden_layers=4, dtype=dtype, **case.get("model", {}))
         model = tiny_model(**shape)
         engine = ParallelEngine(model, ctx, chunk_size=16, k=k, data_parallel=mode,
+                                sequence_parallel=case.get("sp", True),
                                 loss_normalization=norm,
                                 recompute=case.get("recompute", "full"),
                                 offload=case.get("offload", "none"))
+        rows = []  # rows of the chunk each decoder layer ran: 1/tp of them, sequence parallel
+        first = next(iter(engine.model.model.layers.values()))
+        first.register_forward_hook(lambda m, i, out: rows.append(out.shape[1]))
         for step in range(case.get("steps", 1)):
             batch = make_batch(lengths, seed=step + 1)
             ref = tiny_model(**shape).double()  # the same weights
@@ -115,6 +119,8 @@ def check_gradients(rank, world_size, cases):
             dist.all_gather_object(every, names)
             assert set().union(*every) == set(want), (where, set(want) - set().union(*every))
             assert result.sharding.num_ranks == dp, where
+            if engine.ctx.tp > 1 and max(rows) > 1:  # (an empty replica runs one token)
+                assert max(rows) == (8 if case.get("sp", True) else 16), (where, max(rows))
             want_norm = sum(float(g.pow(2).sum()) for g in want.values()) ** 0.5
             grad_norm = engine.clip_grad_norm(float("inf"))  # the whole model's, every rank's
             assert abs(grad_norm - want_norm) <= tol * want_norm, (where, grad_norm, want_norm)
@@ -160,9 +166,15 @@ def check_hf(rank, world_size, cases):
         want_loss = plain_step(ref, batch).item()
         config = case.get("config", {})
         engine = ParallelEngine(build(family, **config), ctx, chunk_size=16, k=k,
-                                data_parallel=case.get("data_parallel", "ddp"))
+                                data_parallel=case.get("data_parallel", "ddp"),
+                                sequence_parallel=case.get("sp", True))
+        rows = []  # rows of the chunk each decoder layer ran: 1/tp of them, sequence parallel
+        next(iter(engine.model.get_decoder().layers)).register_forward_hook(
+            lambda m, i, out: rows.append((out[0] if isinstance(out, tuple) else out).shape[1]))
         result = engine.forward_backward(batch)
         where = f"{case} rank {rank}"
+        if tp > 1:
+            assert max(rows) == (8 if case.get("sp", True) else 16), (where, max(rows))
         assert abs(result.loss - want_loss) <= 1e-10 * abs(want_loss), \
             (where, result.loss, want_loss)
         want = dict(ref.named_parameters())

@@ -145,20 +145,25 @@ def test_activation_and_kv_bytes_reuse_the_memory_estimate():
     assert plain.backward_transient_bytes(1) == 0
 
 
-def test_chunkflow_runtime_tp_keeps_activations_embedding_and_head_whole_per_rank():
-    """sp=1, vocab_parallel=False: how chunkflow's runtime runs TP today (no sequence
-    parallelism, replicated embedding and head), priced against Megatron's split."""
+def test_chunkflow_runtime_tp_keeps_embedding_and_head_weights_whole_per_rank():
+    """vocab_parallel=False: how chunkflow's runtime runs TP (replicated embedding and head
+    weights), with sequence parallelism (its default) and without, priced against Megatron's
+    split."""
     shape = get_model_shape("qwen2.5-7b")
     one = CostModel(shape, UNIT)
     megatron = CostModel(shape, UNIT, tp=2)
-    ours = CostModel(shape, UNIT, tp=2, sp=1, vocab_parallel=False)
-    assert ours.activation_bytes_per_token() == one.activation_bytes_per_token()
+    ours = CostModel(shape, UNIT, tp=2, vocab_parallel=False)
+    no_sp = CostModel(shape, UNIT, tp=2, sp=1, vocab_parallel=False)
+    assert no_sp.activation_bytes_per_token() == one.activation_bytes_per_token()
+    assert ours.activation_bytes_per_token() == one.activation_bytes_per_token() / 2
     assert megatron.activation_bytes_per_token() == one.activation_bytes_per_token() / 2
     embed = shape.vocab_size * shape.hidden_size
     # embedding and (untied) head: whole on each rank, vs half of each
     assert ours.stage_params() - megatron.stage_params() == pytest.approx(embed)
     seg = [4096]
-    assert ours.forward_flops(seg).head_matmul == one.forward_flops(seg).head_matmul
+    # the head on every rank's rows (sequence parallel) or on its vocabulary slice: half each
+    assert no_sp.forward_flops(seg).head_matmul == one.forward_flops(seg).head_matmul
+    assert ours.forward_flops(seg).head_matmul == one.forward_flops(seg).head_matmul / 2
     assert megatron.forward_flops(seg).head_matmul == one.forward_flops(seg).head_matmul / 2
     assert ours.forward_flops(seg).layers_matmul == megatron.forward_flops(seg).layers_matmul
 
