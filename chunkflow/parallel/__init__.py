@@ -1,5 +1,6 @@
-"""Distributed training on torch.distributed: data parallel (DDP, FSDP2) and state-aware
-pipeline parallel. The only package that imports torch.distributed."""
+"""Distributed training on torch.distributed: data parallel (DDP, FSDP2), tensor parallel (with
+sequence parallelism) and state-aware pipeline parallel. The only package that imports
+torch.distributed."""
 
 from chunkflow.parallel.engine import ParallelEngine, ParallelStepResult, model_shape
 from chunkflow.parallel.mesh import (
@@ -9,8 +10,9 @@ from chunkflow.parallel.mesh import (
     init_distributed,
     is_distributed_launch,
 )
+from chunkflow.parallel.parallelize import Parallelized, parallelize
 from chunkflow.parallel.pipeline import split_stage, stage_layer_ranges
 
 __all__ = ["Layout", "LocalContext", "ParallelContext", "ParallelEngine", "ParallelStepResult",
-           "init_distributed", "is_distributed_launch", "model_shape", "split_stage",
-           "stage_layer_ranges"]
+           "Parallelized", "init_distributed", "is_distributed_launch", "model_shape",
+           "parallelize", "split_stage", "stage_layer_ranges"]

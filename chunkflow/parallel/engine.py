@@ -23,17 +23,10 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from chunkflow.parallel.data_parallel import (
-    DATA_PARALLEL,
-    DataParallelSync,
-    apply_ddp,
-    apply_fsdp,
-    clip_grad_norm,
-    reshard,
-)
+from chunkflow.parallel.data_parallel import DataParallelSync, clip_grad_norm, reshard
 from chunkflow.parallel.mesh import LocalContext, ParallelContext
-from chunkflow.parallel.tensor import apply_tp, partial_grad_names
-from chunkflow.parallel.pipeline import P2PStageIO, split_stage
+from chunkflow.parallel.parallelize import parallelize
+from chunkflow.parallel.pipeline import P2PStageIO
 from chunkflow.plan import (
     ChunkPlan,
     Sharding,
@@ -45,15 +38,9 @@ from chunkflow.plan import (
 )
 from chunkflow.models import families
 from chunkflow.plan.cost import ModelShape
-from chunkflow.runtime.chunk_call import SequenceShard
 from chunkflow.runtime.engine import ChunkFlowEngine, EvalResult, StepResult
 from chunkflow.runtime.options import ChunkingOptions
 from chunkflow.runtime.loss import IGNORE_INDEX
-
-
-def _has_experts(config) -> bool:
-    family = families.FAMILIES.get(getattr(config, "model_type", None))
-    return family is not None and family.experts
 
 
 def model_shape(config) -> ModelShape:
@@ -86,11 +73,10 @@ class ParallelEngine:
     """This rank's part of chunkflow training on ``ctx``'s (dp x pp x tp) layout (a
     :class:`~chunkflow.parallel.LocalContext` for one process).
 
-    ``model``: the whole model, identical on every rank (same seed or checkpoint). With pp > 1 it
-    is cut down to this rank's stage in place; with dp > 1 it is wrapped in DDP or FSDP2
-    (``data_parallel``); with tp > 1 it is sharded over the stage's tensor-parallel ranks,
-    with sequence parallelism unless ``sequence_parallel=False``
-    (:mod:`chunkflow.parallel.tensor`). Build the optimizer over :attr:`parameters` afterwards.
+    ``model``: the whole model, identical on every rank (same seed or checkpoint), made this
+    rank's part in place by :func:`~chunkflow.parallel.parallelize` (pipeline stage; tensor
+    parallel, with sequence parallelism unless ``sequence_parallel=False``; DDP or FSDP2 as
+    ``data_parallel`` says). Build the optimizer over :attr:`parameters` afterwards.
     """
 
     def __init__(self, model: nn.Module, ctx: ParallelContext | LocalContext,
@@ -103,33 +89,15 @@ class ParallelEngine:
         elif kwargs:
             raise TypeError(f"ParallelEngine takes options or keyword arguments, not both "
                             f"(got {sorted(kwargs)})")
-        if data_parallel not in DATA_PARALLEL:
-            raise ValueError(f"data_parallel={data_parallel!r}; valid: {', '.join(DATA_PARALLEL)}")
         self.ctx, self.data_parallel = ctx, data_parallel
         self.shape = model_shape(model.config)
-        if ctx.pp > 1:
-            model = split_stage(model, ctx.stage, ctx.pp)
-        tp_partial, shard = [], None
-        if ctx.tp > 1:
-            model = apply_tp(model, ctx, sequence_parallel=sequence_parallel)
-            tp_partial = partial_grad_names(model, sequence_parallel=sequence_parallel)
-            if sequence_parallel:
-                shard = SequenceShard(ctx.tp_rank, ctx.tp)
-        self.sequence_shard = shard
+        parts = parallelize(model, ctx, data_parallel=data_parallel,
+                            sequence_parallel=sequence_parallel)
+        model, shard = parts.model, parts.sequence_shard
+        self.model, self.wrapped, self.sequence_shard = model, parts.wrapped, shard
         self.engine = ChunkFlowEngine(model, options, sequence_shard=shard)
-        self.model = model
-        wrapped, all_reduce = None, None
-        if ctx.dp > 1 and data_parallel == "fsdp":
-            wrapped = apply_fsdp(model, ctx)
-        elif ctx.dp > 1 and ctx.tp == 1 and not _has_experts(model.config):
-            wrapped = apply_ddp(model, ctx)
-        elif ctx.dp > 1:  # DDP's buckets cannot hold DTensor gradients, nor wait for experts
-            # that got no token on this replica: one all-reduce at the end, zeros for those
-            all_reduce = [p for p in model.parameters() if p.requires_grad]
-        self.wrapped = wrapped
-        # by name: FSDP2 replaced the parameters
-        tp_partial = [model.get_parameter(name) for name in tp_partial]
-        self.sync = DataParallelSync(wrapped, ctx, all_reduce, tp_partial=tp_partial)
+        self.sync = DataParallelSync(parts.wrapped, ctx, parts.all_reduce,
+                                     tp_partial=parts.tp_partial)
         param = next(iter(model.parameters()))
         self.io = P2PStageIO(ctx, hidden_size=model.config.hidden_size, dtype=param.dtype,
                              shard=shard)

@@ -1,0 +1,70 @@
+"""``parallelize(model, ctx)``: a whole model becomes this rank's part of a (dp x pp x tp) layout,
+from outside the model code (torchtitan's manner).
+
+In order, each step in place on the same module, parameter names kept the whole model's:
+
+1. ``pp > 1``: :func:`~chunkflow.parallel.pipeline.split_stage` keeps this rank's stage;
+2. ``tp > 1``: :func:`~chunkflow.parallel.tensor.apply_tp` shards its decoder layers over "tp"
+   (with sequence parallelism by default);
+3. ``dp > 1``: :func:`~chunkflow.parallel.data_parallel.apply_fsdp` (FSDP2 over "dp") or
+   :func:`~chunkflow.parallel.data_parallel.apply_ddp`; under TP, and for mixtures of experts,
+   DDP gives way to one all-reduce of the gradients after the step (DDP's buckets cannot hold
+   DTensor gradients, nor wait for an expert a replica routed no token to).
+
+One process is the 1x1x1 layout: the model comes back as it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from chunkflow.models import families
+from chunkflow.parallel.data_parallel import DATA_PARALLEL, apply_ddp, apply_fsdp
+from chunkflow.parallel.mesh import LocalContext, ParallelContext
+from chunkflow.parallel.pipeline import split_stage
+from chunkflow.parallel.tensor import apply_tp, partial_grad_names
+from chunkflow.runtime.chunk_call import SequenceShard
+
+
+@dataclass
+class Parallelized:
+    """What :func:`parallelize` made of a model on this rank."""
+
+    model: nn.Module
+    """This rank's stage, sharded in place (what the engine runs)."""
+    wrapped: nn.Module | None = None
+    """The DDP wrapper, or the FSDP2 root (``model`` itself); None without data parallelism."""
+    all_reduce: list[nn.Parameter] | None = None
+    """Parameters whose gradients the step sums over "dp" with one all-reduce (no DDP)."""
+    tp_partial: list[nn.Parameter] = field(default_factory=list)
+    """Replicated parameters each TP rank holds part of the gradient of, summed over "tp"."""
+    sequence_shard: SequenceShard | None = None
+    """Under sequence parallelism, the rows of each chunk this rank runs."""
+
+
+def parallelize(model: nn.Module, ctx: ParallelContext | LocalContext, *,
+                data_parallel: str = "ddp", sequence_parallel: bool = True) -> Parallelized:
+    """``model`` (chunkflow's reference model or a transformers causal LM, identical on every
+    rank) as this rank's part of ``ctx``'s layout (see the module docstring)."""
+    if data_parallel not in DATA_PARALLEL:
+        raise ValueError(f"data_parallel={data_parallel!r}; valid: {', '.join(DATA_PARALLEL)}")
+    if ctx.pp > 1:
+        model = split_stage(model, ctx.stage, ctx.pp)
+    out = Parallelized(model)
+    partial = []
+    if ctx.tp > 1:
+        apply_tp(model, ctx, sequence_parallel=sequence_parallel)
+        partial = partial_grad_names(model, sequence_parallel=sequence_parallel)
+        if sequence_parallel:
+            out.sequence_shard = SequenceShard(ctx.tp_rank, ctx.tp)
+    family = families.FAMILIES.get(getattr(model.config, "model_type", None))
+    if ctx.dp > 1 and data_parallel == "fsdp":
+        out.wrapped = apply_fsdp(model, ctx)
+    elif ctx.dp > 1 and ctx.tp == 1 and not (family is not None and family.experts):
+        out.wrapped = apply_ddp(model, ctx)
+    elif ctx.dp > 1:
+        out.all_reduce = [p for p in model.parameters() if p.requires_grad]
+    out.tp_partial = [model.get_parameter(name) for name in partial]  # FSDP2 replaced them
+    return out
