@@ -201,12 +201,15 @@ def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
         source = f"max length {args.max_len}, global batch {args.global_batch}"
     print(f"auto-tune: {name} on {args.gpus} x {gpu.name}, {source}, memory budget "
           f"{args.memory_budget} (predicted by chunkflow.plan.cost + chunkflow.sim)")
+    fsdp = not own_model or _fsdp_runs(cfg)
+    if options["runtime"] == "chunkflow":  # the run's own settings: SP, and FSDP2 or DDP
+        options["cost_options"] = {"sp": None if cfg.parallel.sequence_parallel else 1,
+                                   "distributed_optimizer": fsdp}
     candidates = autotune(shape, gpu, max_len=max_len, num_gpus=args.gpus,
                           memory_budget=budget, global_batch=args.global_batch, seed=args.seed,
                           **options)
     print(format_candidates(candidates, top=args.top))
     best = candidates[0]
-    fsdp = not own_model or _fsdp_runs(cfg)
     run = ((f" --config {args.config}" if args.config else "")
            + "".join(f" --{name}={getattr(args, name)}" for name in sorted(given)
                      if name.startswith(("model.", "data.")))) if own_model else " ..."
@@ -250,6 +253,8 @@ def launch_command(best, *, gpus: int, run: str = " ...", fsdp: bool = True) -> 
     parts = [f"--chunking.chunk_size={best.chunk_size}", f"--chunking.k={best.k}"]
     if best.tp > 1:
         parts.append(f"--parallel.tp={best.tp}")
+        if best.sp == 1:  # priced without sequence parallelism, as the run asked
+            parts.append("--parallel.sequence_parallel=false")
     if best.pp > 1:
         parts.append(f"--parallel.pp={best.pp}")
     if best.dp > 1:  # the optimizer state is priced sharded over the replicas (FSDP2)

@@ -134,6 +134,11 @@ def test_plan_auto_tunes_the_users_own_run(tmp_path, capsys):
     # the layouts chunkflow runs: TP with sequence parallelism, pipelines for an hf model
     assert "<TP 1, SP 1, PP 1> x DP 2" in out and "<TP 2, SP 2, PP 1> x DP 1" in out
     assert "<TP 1, SP 1, PP 2> x DP 1" in out
+    assert main(["plan", "--auto", f"--model.path={model}", f"--data.path={data}",
+                 "--data.batch_size=8", "--gpus=2", "--memory-budget=1GiB", "--top=8",
+                 "--parallel.sequence_parallel=false"]) == 0
+    no_sp = capsys.readouterr().out
+    assert "<TP 2, SP 1, PP 1> x DP 1" in no_sp and "SP 2" not in no_sp
     # the command that launches the choice, with the run's own options
     assert (f"launch it: torchrun --nproc-per-node 2 -m chunkflow train --data.batch_size=8 "
             f"--data.path={data} --model.path={model} --chunking.chunk_size=") in out
@@ -167,3 +172,5 @@ def test_plan_auto_launch_command_spells_out_the_layout():
     assert big.layout == "<TP 4, SP 4, PP 2> x DP 4"
     assert launch_command(Candidate(512, 1, 2, 1, 2, 1.0, 1.0, 0.0), gpus=4, fsdp=False).endswith(
         "--parallel.tp=2 --parallel.data_parallel=ddp")
+    assert launch_command(Candidate(512, 1, 2, 1, 2, 1.0, 1.0, 0.0, sp=1), gpus=4).endswith(
+        "--parallel.tp=2 --parallel.sequence_parallel=false --parallel.data_parallel=fsdp")

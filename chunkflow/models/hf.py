@@ -47,7 +47,8 @@ DECODER_FORWARD = "chunkflow_decoder_forward"
 """When the causal LM has this attribute, the engine runs the decoder through it: FSDP2
 (:func:`chunkflow.parallel.data_parallel.apply_fsdp`) sets it to the decoder's call and registers
 it as a forward method of the causal LM, its root, which then gathers its own parameters (the
-embedding, final norm and head) before the decoder runs."""
+embedding, final norm and head) before the decoder runs. The wrapper is bound to this model
+object: a sharded model is not deep-copied or pickled (as FSDP2's registered methods are not)."""
 
 
 def is_hf_model(model: Any) -> bool:
@@ -257,6 +258,8 @@ class HFChunkModel:
     def hidden_states(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor,
                       attention, checkpoint_layers: bool = False) -> torch.Tensor:
         """(1, L) ids and positions -> (1, L, hidden) final hidden states (after the norm).
+        Under sequence parallelism the ids (and hidden states) are this rank's rows of the
+        chunk, the positions the whole (padded) chunk's, which attention runs over.
         ``checkpoint_layers`` is transformers' business here (see
         :meth:`enable_activation_checkpointing`); transformers checkpoints only in training
         mode, so it warns once when asked to in eval mode."""

@@ -146,7 +146,8 @@ class DataParallelSync(GradSync):
                  all_reduce: list[torch.Tensor] | None = None, *,
                  tp_partial: list[torch.Tensor] = ()):
         """``all_reduce``: parameters whose gradients ``finish`` sums over the data-parallel
-        group itself (DDP cannot bucket tensor-parallel DTensor gradients). ``tp_partial``:
+        group itself (DDP cannot bucket tensor-parallel DTensor gradients, nor wait for an
+        expert that got no token on this replica). ``tp_partial``:
         replicated parameters each tensor-parallel rank holds part of the gradient of
         (:func:`chunkflow.parallel.tensor.partial_grad_names`), summed over the "tp" group."""
         self.wrapped, self.ctx, self.all_reduce = wrapped, ctx, all_reduce
@@ -161,6 +162,18 @@ class DataParallelSync(GradSync):
         return int(t[0]), int(t[1])
 
     def start(self) -> None:
+        # DDP's all-reduce and the step's own sums add up the whole .grad: gradients left from
+        # an earlier call would be counted once per rank again.
+        summed = list(self.tp_partial) + list(self.all_reduce or [])
+        if isinstance(self.wrapped, DistributedDataParallel):
+            summed += [p for p in self.wrapped.parameters() if p.requires_grad]
+        held = sum(p.grad is not None for p in summed)
+        if held:
+            raise ValueError(f"{held} parameter(s) still hold a gradient from an earlier step; "
+                             f"on this layout a step sums its gradients over the ranks in "
+                             f"place, so earlier ones would be counted again. Valid: clear them "
+                             f"first (optimizer.zero_grad(set_to_none=True)), and put more "
+                             f"sequences in one global batch instead of accumulating steps")
         if isinstance(self.wrapped, FSDPModule):
             self.wrapped.set_requires_gradient_sync(False)
             self.wrapped.set_reshard_after_backward(False)
@@ -191,7 +204,7 @@ def _sum_grads(params: list[torch.Tensor], group) -> None:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     local = [g.to_local() if hasattr(g, "to_local") else g for g in (p.grad for p in params)]
-    for dtype in {g.dtype for g in local}:
+    for dtype in sorted({g.dtype for g in local}, key=str):  # the same order on every rank
         same = [g for g in local if g.dtype == dtype]
         flat = torch.cat([g.reshape(-1) for g in same])
         dist.all_reduce(flat, group=group)

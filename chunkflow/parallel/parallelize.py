@@ -35,7 +35,8 @@ class Parallelized:
     model: nn.Module
     """This rank's stage, sharded in place (what the engine runs)."""
     wrapped: nn.Module | None = None
-    """The DDP wrapper, or the FSDP2 root (``model`` itself); None without data parallelism."""
+    """The DDP wrapper, or the FSDP2 root (``model`` itself); None without data parallelism or
+    when the gradients are summed by ``all_reduce`` instead."""
     all_reduce: list[nn.Parameter] | None = None
     """Parameters whose gradients the step sums over "dp" with one all-reduce (no DDP)."""
     tp_partial: list[nn.Parameter] = field(default_factory=list)

@@ -4,7 +4,8 @@ stages by point-to-point sends.
 Each stage executes its own action list from :func:`chunkflow.plan.state_aware_1f1b`, the lists
 :mod:`chunkflow.sim` simulates, through the single-device engine: :class:`P2PStageIO` is where a
 stage's inputs come from and its outputs go. ``F``/``S`` receive the previous stage's hidden
-states (1, n, E) and send theirs on; ``R`` recomputes from the input the stage kept at ``S``
+states (1, n, E) (under sequence parallelism, each TP rank its rows of them, to the same TP
+rank of the next stage) and send theirs on; ``R`` recomputes from the input the stage kept at ``S``
 (nothing travels); ``B`` receives the gradient of its output and sends its input's gradient back.
 Every stage keeps the key/value state of its own layers only, and at most k graphs per chain.
 

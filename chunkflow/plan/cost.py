@@ -255,6 +255,11 @@ class CostModel:
     rank (chunkflow's runtime), their weights whole on each. The head's FLOPs are split either
     way under sequence parallelism (each rank runs the head on its rows); without either, every
     rank computes the whole head."""
+    gathered_inputs: bool = False
+    """Under sequence parallelism, whether the attention and MLP inputs are kept all-gathered for
+    their projections' backward (chunkflow: DTensor saves the gathered input) rather than
+    gathered again in backward (Megatron): 2 hidden-size activations per token and layer that
+    do not shrink by ``sp``."""
     dp: int = 1
     recompute: str = "none"
     """Megatron's layer recompute (see ``RECOMPUTE``); chunkflow's own is its S/R actions."""
@@ -396,8 +401,12 @@ class CostModel:
         layer, head = self._token_bytes()
         if self.recompute == "full":
             layer = self.activation_bytes * self.shape.hidden_size  # the layer's input only
-        total = self.stage_layers[stage_idx] * layer + (head if self._is_last(stage_idx) else 0)
-        return total / self.sp
+        layers = self.stage_layers[stage_idx]
+        total = (layers * layer + (head if self._is_last(stage_idx) else 0)) / self.sp
+        if self.gathered_inputs and self.recompute != "full":
+            total += layers * 2 * self.shape.hidden_size * self.activation_bytes * (
+                1 - 1 / self.sp)
+        return total
 
     def backward_transient_bytes(self, num_tokens: int, stage_idx: int = 0) -> float:
         """Extra bytes while a micro-batch runs backward: one recomputed layer under ``full``."""

@@ -12,7 +12,9 @@ from chunkflow.plan import Chunk
 class StageIO:
     """Where a pipeline stage's chunk inputs come from and its outputs go. This base class is a
     single device, first and last stage at once: nothing to receive or send.
-    ``chunkflow.parallel`` implements it with point-to-point communication."""
+    ``chunkflow.parallel`` implements it with point-to-point communication. Hidden states are
+    (1, L, E) for a chunk of L tokens; under sequence parallelism, this rank's rows of it
+    (1, ceil(L / tp), E)."""
 
     def recv_forward(self, chunk: Chunk) -> torch.Tensor | None:
         """The previous stage's output for ``chunk`` (1, L, E); None on the first stage."""

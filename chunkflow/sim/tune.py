@@ -189,7 +189,7 @@ def layouts(shape: ModelShape, num_gpus: int, *, max_tp: int = GPUS_PER_NODE,
     return out
 
 
-RUNTIMES = {"megatron": {}, "chunkflow": {"vocab_parallel": False}}
+RUNTIMES = {"megatron": {}, "chunkflow": {"vocab_parallel": False, "gathered_inputs": True}}
 """How each runtime's tensor parallelism is priced (see :func:`autotune`)."""
 
 
@@ -199,7 +199,7 @@ def autotune(shape: ModelShape, gpu: GPUProfile, *, max_len: int, num_gpus: int,
              batches: Sequence[Sequence[int]] | None = None,
              chunk_sizes: Sequence[int] = CHUNK_SIZES, ks: Sequence[int] = KS,
              max_tp: int = GPUS_PER_NODE, max_pp: int | None = None,
-             runtime: str = "megatron") -> list[Candidate]:
+             runtime: str = "megatron", cost_options: dict | None = None) -> list[Candidate]:
     """Candidates within ``memory_budget`` bytes per GPU, fastest first.
 
     The workload: ``batches`` (several global batches, e.g. a run's own: a candidate's time is
@@ -209,7 +209,9 @@ def autotune(shape: ModelShape, gpu: GPUProfile, *, max_len: int, num_gpus: int,
     longest chain give the same schedule and are tried once; ``max_tp``/``max_pp`` limit the
     layouts (see :func:`layouts`). ``runtime``: "megatron" prices Megatron's tensor parallelism
     (sequence parallel, vocabulary-parallel head), "chunkflow" this runtime's (sequence
-    parallel, the embedding and head weights whole on every TP rank). Raises
+    parallel, the embedding and head weights whole on every TP rank); ``cost_options``: more
+    :class:`~chunkflow.plan.cost.CostModel` fields over the runtime's (e.g. ``sp=1`` for a run
+    without sequence parallelism, ``distributed_optimizer=False`` for DDP). Raises
     ``ValueError`` when nothing fits, naming the smallest peak found.
     """
     max_len = check_positive_int("max_len", max_len)
@@ -227,7 +229,8 @@ def autotune(shape: ModelShape, gpu: GPUProfile, *, max_len: int, num_gpus: int,
     for tp, pp, dp in layouts(shape, num_gpus, max_tp=max_tp, max_pp=max_pp):
         if dp > min(len(b) for b in batches):
             continue
-        cost = CostModel(shape, gpu, tp=tp, pp=pp, dp=dp, **RUNTIMES[runtime])
+        cost = CostModel(shape, gpu, tp=tp, pp=pp, dp=dp,
+                         **{**RUNTIMES[runtime], **(cost_options or {})})
         for chunk_size in sorted(c for c in chunk_sizes if c <= max_len) or [min(chunk_sizes)]:
             longest = max(-(-n // chunk_size) for b in batches for n in b)
             for k in sorted({min(k, longest) for k in ks}):

@@ -28,6 +28,8 @@ def test_two_ranks_data_parallel_and_pipeline():
         dict(dp=1, pp=1, tp=2, k=1),  # sequence parallel, the default
         dict(dp=1, pp=1, tp=2, k=2, recompute="selective"),
         dict(dp=1, pp=1, tp=2, k=1, sp=False),
+        dict(dp=1, pp=1, tp=2, k=2, ac=True),  # activation checkpointing recomputes the layers
+        dict(dp=1, pp=1, tp=2, k=1, recompute="selective", offload="all"),
         # tied embedding and head, both with partial gradients per rank; o_proj's bias
         dict(dp=1, pp=1, tp=2, k=2, model=dict(tie_word_embeddings=True, model_type="llama",
                                                attention_bias=True)),
@@ -56,6 +58,7 @@ def test_four_ranks_tensor_parallel_with_pipeline_and_data_parallel():
         dict(dp=1, pp=2, tp=2, k=1),
         dict(dp=1, pp=2, tp=2, k=2, steps=2),
         dict(dp=1, pp=2, tp=2, k=1, sp=False),
+        dict(dp=1, pp=1, tp=4, k=2, model=dict(num_key_value_heads=4)),
         dict(dp=2, pp=1, tp=2, k=1, data_parallel="ddp"),
         dict(dp=2, pp=1, tp=2, k=2, data_parallel="fsdp"),
         dict(dp=2, pp=1, tp=2, k=1, data_parallel="ddp", lengths=(50,)),

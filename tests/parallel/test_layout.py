@@ -87,6 +87,18 @@ def test_fsdp_refuses_lora_and_experts_with_the_reason():
         check_fsdp(torch.nn.Linear(2, 2))
 
 
+def test_a_step_that_sums_gradients_over_ranks_refuses_gradients_left_from_another():
+    """Summing .grad in place over the ranks would count an earlier step's gradients again."""
+    from chunkflow.parallel.data_parallel import DataParallelSync
+
+    param = torch.nn.Parameter(torch.zeros(3))
+    DataParallelSync(None, None, [param]).start()  # cleared: fine
+    param.grad = torch.ones(3)
+    with pytest.raises(ValueError, match=r"1 parameter\(s\) still hold a gradient .*"
+                                         r"zero_grad\(set_to_none=True\)"):
+        DataParallelSync(None, None, tp_partial=[param]).start()
+
+
 def test_pipeline_without_torchrun_is_a_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert main(["train", "--parallel.pp=2", f"--train.output_dir={tmp_path}"]) == 2

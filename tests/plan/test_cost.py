@@ -157,6 +157,11 @@ def test_chunkflow_runtime_tp_keeps_embedding_and_head_weights_whole_per_rank():
     assert no_sp.activation_bytes_per_token() == one.activation_bytes_per_token()
     assert ours.activation_bytes_per_token() == one.activation_bytes_per_token() / 2
     assert megatron.activation_bytes_per_token() == one.activation_bytes_per_token() / 2
+    # chunkflow keeps the attention and MLP inputs gathered for their backward: 2 x E x 2 bytes
+    # per token and layer, of which sequence parallelism saves nothing
+    gathered = CostModel(shape, UNIT, tp=2, vocab_parallel=False, gathered_inputs=True)
+    assert gathered.activation_bytes_per_token() == pytest.approx(
+        ours.activation_bytes_per_token() + 28 * 2 * shape.hidden_size * 2 / 2)
     embed = shape.vocab_size * shape.hidden_size
     # embedding and (untied) head: whole on each rank, vs half of each
     assert ours.stage_params() - megatron.stage_params() == pytest.approx(embed)
