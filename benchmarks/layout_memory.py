@@ -37,17 +37,18 @@ import torch.multiprocessing as mp  # noqa: E402
 from chunkflow.models import ModelConfig, Transformer  # noqa: E402
 from chunkflow.parallel import ParallelEngine, init_distributed  # noqa: E402
 
-LAYOUTS = [  # (name, dp, pp, tp, data_parallel, sequence_parallel)
-    ("1 process", 1, 1, 1, "ddp", True),
-    ("DP=2 (DDP)", 2, 1, 1, "ddp", True),
-    ("DP=2 (FSDP2)", 2, 1, 1, "fsdp", True),
-    ("PP=2", 1, 2, 1, "ddp", True),
-    ("TP=2, no SP", 1, 1, 2, "ddp", False),
-    ("TP=2", 1, 1, 2, "ddp", True),
-    ("TP=4, no SP", 1, 1, 4, "ddp", False),
-    ("TP=4", 1, 1, 4, "ddp", True),
-    ("TP=2 x PP=2", 1, 2, 2, "ddp", True),
-    ("DP=2 x TP=2 (FSDP2)", 2, 1, 2, "fsdp", True),
+LAYOUTS = [  # (name, dp, pp, tp, data_parallel, sequence_parallel, vocab_parallel)
+    ("1 process", 1, 1, 1, "ddp", True, True),
+    ("DP=2 (DDP)", 2, 1, 1, "ddp", True, True),
+    ("DP=2 (FSDP2)", 2, 1, 1, "fsdp", True, True),
+    ("PP=2", 1, 2, 1, "ddp", True, True),
+    ("TP=2, no SP or VP", 1, 1, 2, "ddp", False, False),
+    ("TP=2, SP only", 1, 1, 2, "ddp", True, False),
+    ("TP=2", 1, 1, 2, "ddp", True, True),
+    ("TP=4, no SP or VP", 1, 1, 4, "ddp", False, False),
+    ("TP=4", 1, 1, 4, "ddp", True, True),
+    ("TP=2 x PP=2", 1, 2, 2, "ddp", True, True),
+    ("DP=2 x TP=2 (FSDP2)", 2, 1, 2, "fsdp", True, True),
 ]
 LENGTHS = (2048, 700, 300, 180, 120, 90, 60, 40)
 CHUNK = 512
@@ -77,11 +78,12 @@ def _rank(rank, world, port, cfg, layout, out):
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
-    _, dp, pp, tp, data_parallel, sequence_parallel = layout
+    _, dp, pp, tp, data_parallel, sequence_parallel, vocab_parallel = layout
     ctx = init_distributed(dp=dp, pp=pp, tp=tp, device=torch.device("cpu"))
     torch.manual_seed(0)
     engine = ParallelEngine(Transformer(cfg), ctx, chunk_size=CHUNK, k=1,
-                            data_parallel=data_parallel, sequence_parallel=sequence_parallel)
+                            data_parallel=data_parallel, sequence_parallel=sequence_parallel,
+                            vocab_parallel=vocab_parallel)
     params = engine.parameters()
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     g = torch.Generator().manual_seed(1)
@@ -104,9 +106,9 @@ def _rank(rank, world, port, cfg, layout, out):
 
 
 def measure(cfg: ModelConfig, layout, workdir: Path) -> dict:
-    _, dp, pp, tp, data_parallel, sp = layout
+    _, dp, pp, tp, data_parallel, sp, vp = layout
     world = dp * pp * tp
-    out = workdir / f"{world}-{dp}-{pp}-{tp}-{data_parallel}-{sp}.pt"
+    out = workdir / f"{world}-{dp}-{pp}-{tp}-{data_parallel}-{sp}-{vp}.pt"
     mp.spawn(_rank, args=(world, free_port(), cfg, layout, str(out)), nprocs=world, join=True)
     rows = torch.load(out)
     worst = {key: max(r[key] for r in rows) for key in rows[0]}
@@ -156,12 +158,13 @@ def main() -> None:
             f"| {_mib(r['step_weights'])} | {_mib(r['step_grads'])} "
             f"| {_mib(r['activations'])} | {_mib(r['step_peak'])} "
             f"| {r['step_peak'] / one['step_peak']:.2f} |")
-    lines += ["", "TP layouts run sequence parallelism (SP) unless marked: each TP rank runs "
-              "the embedding, norms, residual stream, head and loss on its rows of the chunk, "
-              "so those activations shrink by tp too. The embedding, norm and head weights "
-              "are replicated over TP (no vocabulary-parallel head), so TP shards only the "
-              "decoder layers' projections' weights; FSDP2 shards everything at rest but "
-              "gathers its stage for the step (ZeRO-2)."]
+    lines += ["", "TP layouts run sequence parallelism (SP) and a vocabulary-parallel "
+              "embedding and head (VP) unless marked. SP: each TP rank runs the norms, "
+              "residual stream, head and loss on its rows of the chunk, so those activations "
+              "shrink by tp too. VP: the embedding and head weights (and their gradients and "
+              "AdamW state) are split by vocabulary rows, and no rank holds a full-vocabulary "
+              "logit. Without VP they are whole on every TP rank. FSDP2 shards everything at "
+              "rest but gathers its stage for the step (ZeRO-2)."]
     markdown = "\n".join(lines) + "\n"
     print(markdown)
     save("layout_memory", {"machine": machine(), "config": vars(args), "lengths": LENGTHS,

@@ -176,8 +176,8 @@ def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
     shape, name = ((model_shape(cfg), model_label(cfg)) if own_model
                    else (_named_shape(args.model or "qwen2.5-7b"), args.model or "qwen2.5-7b"))
     gpu, budget = get_gpu(args.gpu), parse_size(args.memory_budget)
-    # The run's own model or data: priced as chunkflow runs TP (sequence parallel, the
-    # embedding and head weights replicated); the paper's shapes alone: as Megatron does.
+    # The run's own model or data: priced as chunkflow runs TP (sequence and vocabulary
+    # parallel, gathered inputs kept); the paper's shapes alone: as Megatron does.
     options = {"runtime": "chunkflow" if own_model else "megatron"}
     if args.config is not None or "data.path" in given:
         # The run's own data: its first global batches, as the trainer will form them. The
@@ -204,6 +204,7 @@ def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
     fsdp = not own_model or _fsdp_runs(cfg)
     if options["runtime"] == "chunkflow":  # the run's own settings: SP, and FSDP2 or DDP
         options["cost_options"] = {"sp": None if cfg.parallel.sequence_parallel else 1,
+                                   "vocab_parallel": cfg.parallel.vocab_parallel,
                                    "distributed_optimizer": fsdp}
     candidates = autotune(shape, gpu, max_len=max_len, num_gpus=args.gpus,
                           memory_budget=budget, global_batch=args.global_batch, seed=args.seed,
@@ -213,12 +214,12 @@ def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
     run = ((f" --config {args.config}" if args.config else "")
            + "".join(f" --{name}={getattr(args, name)}" for name in sorted(given)
                      if name.startswith(("model.", "data.")))) if own_model else " ..."
-    print(f"launch it: {launch_command(best, gpus=args.gpus, run=run, fsdp=fsdp)}  (predicted peak "
-          f"{format_size(best.peak_memory_bytes)} per GPU"
+    launch = launch_command(best, gpus=args.gpus, run=run, fsdp=fsdp,
+                            vocab_parallel=cfg.parallel.vocab_parallel)
+    print(f"launch it: {launch}  (predicted peak {format_size(best.peak_memory_bytes)} per GPU"
           + ("" if options["runtime"] == "chunkflow" else "; priced as Megatron's tensor "
-             "parallelism, whose embedding and head are vocabulary-parallel where chunkflow "
-             "replicates their weights: plan with the run's --model.* or --config for its "
-             "own") + ")")
+             "parallelism, which gathers the layers' inputs again in backward where chunkflow "
+             "keeps them: plan with the run's --model.* or --config for its own") + ")")
     return 0
 
 
@@ -239,10 +240,11 @@ def _fsdp_runs(cfg) -> bool:
     return family is None or not family.experts
 
 
-def launch_command(best, *, gpus: int, run: str = " ...", fsdp: bool = True) -> str:
+def launch_command(best, *, gpus: int, run: str = " ...", fsdp: bool = True,
+                   vocab_parallel: bool = True) -> str:
     """The command line that trains with ``best`` (a chunkflow.sim.tune.Candidate) on ``gpus``
     GPUs: torchrun with 8 processes per node beyond one node. ``fsdp``: whether the model
-    trains under FSDP2 (else DDP)."""
+    trains under FSDP2 (else DDP); ``vocab_parallel``: the run's ``--parallel.vocab_parallel``."""
     if gpus == 1:
         launch = "chunkflow train"
     elif gpus <= 8:
@@ -255,6 +257,8 @@ def launch_command(best, *, gpus: int, run: str = " ...", fsdp: bool = True) -> 
         parts.append(f"--parallel.tp={best.tp}")
         if best.sp == 1:  # priced without sequence parallelism, as the run asked
             parts.append("--parallel.sequence_parallel=false")
+        if not vocab_parallel:
+            parts.append("--parallel.vocab_parallel=false")
     if best.pp > 1:
         parts.append(f"--parallel.pp={best.pp}")
     if best.dp > 1:  # the optimizer state is priced sharded over the replicas (FSDP2)

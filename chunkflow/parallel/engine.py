@@ -75,13 +75,14 @@ class ParallelEngine:
 
     ``model``: the whole model, identical on every rank (same seed or checkpoint), made this
     rank's part in place by :func:`~chunkflow.parallel.parallelize` (pipeline stage; tensor
-    parallel, with sequence parallelism unless ``sequence_parallel=False``; DDP or FSDP2 as
+    parallel, with sequence parallelism unless ``sequence_parallel=False`` and a
+    vocabulary-parallel embedding and head unless ``vocab_parallel=False``; DDP or FSDP2 as
     ``data_parallel`` says). Build the optimizer over :attr:`parameters` afterwards.
     """
 
     def __init__(self, model: nn.Module, ctx: ParallelContext | LocalContext,
                  options: ChunkingOptions | None = None, *, data_parallel: str = "ddp",
-                 sequence_parallel: bool = True, **kwargs):
+                 sequence_parallel: bool = True, vocab_parallel: bool = True, **kwargs):
         """``options``: a :class:`~chunkflow.runtime.options.ChunkingOptions`, or its fields as
         keyword arguments."""
         if options is None:
@@ -92,10 +93,12 @@ class ParallelEngine:
         self.ctx, self.data_parallel = ctx, data_parallel
         self.shape = model_shape(model.config)
         parts = parallelize(model, ctx, data_parallel=data_parallel,
-                            sequence_parallel=sequence_parallel)
+                            sequence_parallel=sequence_parallel, vocab_parallel=vocab_parallel)
         model, shard = parts.model, parts.sequence_shard
         self.model, self.wrapped, self.sequence_shard = model, parts.wrapped, shard
-        self.engine = ChunkFlowEngine(model, options, sequence_shard=shard)
+        self.loss_replicated = parts.loss_replicated
+        self.engine = ChunkFlowEngine(model, options, sequence_shard=shard,
+                                      loss_fn=parts.loss_fn)
         self.sync = DataParallelSync(parts.wrapped, ctx, parts.all_reduce,
                                      tp_partial=parts.tp_partial)
         param = next(iter(model.parameters()))
@@ -160,7 +163,7 @@ class ParallelEngine:
         last = self.ctx.is_last_stage
         first = last and self.ctx.tp_rank == 0
         loss_sum, num_loss_tokens = self.ctx.all_sum(
-            [local.loss_sum if first or (last and self.sequence_shard) else 0.0,
+            [local.loss_sum if first or (last and not self.loss_replicated) else 0.0,
              float(local.num_loss_tokens) if first else 0.0])
         return EvalResult(loss_sum=loss_sum, num_loss_tokens=int(num_loss_tokens),
                           num_tokens=plan.num_tokens, num_chunks=plan.num_chunks)
@@ -183,7 +186,7 @@ class ParallelEngine:
             raise RuntimeError(f"rank {self.ctx.rank} (replica {self.ctx.dp_rank}, stage "
                                f"{self.ctx.stage}) failed in a training step: {e}") from e
         # replicated over tp, or (sequence parallel) each rank's rows' part
-        mine = float(local.loss) if self.ctx.tp_rank == 0 or self.sequence_shard else 0.0
+        mine = float(local.loss) if self.ctx.tp_rank == 0 or not self.loss_replicated else 0.0
         # Only last stages hold a loss; every replica's share adds up. The peak is the largest.
         loss, = self.ctx.all_sum([mine])
         peak = self.ctx.all_max(local.peak_memory_bytes)

@@ -5,7 +5,9 @@ In order, each step in place on the same module, parameter names kept the whole 
 
 1. ``pp > 1``: :func:`~chunkflow.parallel.pipeline.split_stage` keeps this rank's stage;
 2. ``tp > 1``: :func:`~chunkflow.parallel.tensor.apply_tp` shards its decoder layers over "tp"
-   (with sequence parallelism by default);
+   (with sequence parallelism by default), and
+   :func:`~chunkflow.parallel.vocab.apply_vocab_parallel` its embedding and head by vocabulary
+   (by default);
 3. ``dp > 1``: :func:`~chunkflow.parallel.data_parallel.apply_fsdp` (FSDP2 over "dp") or
    :func:`~chunkflow.parallel.data_parallel.apply_ddp`; under TP, and for mixtures of experts,
    DDP gives way to one all-reduce of the gradients after the step (DDP's buckets cannot hold
@@ -16,6 +18,7 @@ One process is the 1x1x1 layout: the model comes back as it was.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -25,6 +28,7 @@ from chunkflow.parallel.data_parallel import DATA_PARALLEL, apply_ddp, apply_fsd
 from chunkflow.parallel.mesh import LocalContext, ParallelContext
 from chunkflow.parallel.pipeline import split_stage
 from chunkflow.parallel.tensor import apply_tp, partial_grad_names
+from chunkflow.parallel.vocab import apply_vocab_parallel, vocab_parallel_head_loss
 from chunkflow.runtime.chunk_call import SequenceShard
 
 
@@ -43,10 +47,16 @@ class Parallelized:
     """Replicated parameters each TP rank holds part of the gradient of, summed over "tp"."""
     sequence_shard: SequenceShard | None = None
     """Under sequence parallelism, the rows of each chunk this rank runs."""
+    loss_fn: object = None
+    """A chunk's loss (``ChunkFlowEngine(loss_fn=...)``): the vocabulary-parallel one, or None
+    for :func:`chunkflow.runtime.head_loss.head_loss`."""
+    loss_replicated: bool = True
+    """Whether every TP rank holds the chunk's whole loss (else each its rows' part)."""
 
 
 def parallelize(model: nn.Module, ctx: ParallelContext | LocalContext, *,
-                data_parallel: str = "ddp", sequence_parallel: bool = True) -> Parallelized:
+                data_parallel: str = "ddp", sequence_parallel: bool = True,
+                vocab_parallel: bool = True) -> Parallelized:
     """``model`` (chunkflow's reference model or a transformers causal LM, identical on every
     rank) as this rank's part of ``ctx``'s layout (see the module docstring)."""
     if data_parallel not in DATA_PARALLEL:
@@ -57,9 +67,14 @@ def parallelize(model: nn.Module, ctx: ParallelContext | LocalContext, *,
     partial = []
     if ctx.tp > 1:
         apply_tp(model, ctx, sequence_parallel=sequence_parallel)
+        if vocab_parallel:
+            apply_vocab_parallel(model, ctx, sequence_parallel=sequence_parallel)
+            out.loss_fn = functools.partial(vocab_parallel_head_loss, ctx=ctx,
+                                            sequence_parallel=sequence_parallel)
         partial = partial_grad_names(model, sequence_parallel=sequence_parallel)
         if sequence_parallel:
-            out.sequence_shard = SequenceShard(ctx.tp_rank, ctx.tp)
+            out.sequence_shard = SequenceShard(ctx.tp_rank, ctx.tp, vocab_parallel)
+        out.loss_replicated = vocab_parallel or not sequence_parallel
     family = families.FAMILIES.get(getattr(model.config, "model_type", None))
     if ctx.dp > 1 and data_parallel == "fsdp":
         out.wrapped = apply_fsdp(model, ctx)

@@ -6,8 +6,9 @@ query/key/value and the MLP's gate/up projections are column-wise parallel (each
 its own heads and its slice of the MLP width), o_proj and down_proj row-wise.
 
 Sequence parallelism (the default, ``sequence_parallel=True``; Korthikanti et al. 2022): outside
-those matmuls everything runs on ``1 / tp`` of the chunk's rows. Each rank embeds its own rows of
-the chunk, and its norms, residual stream, output head and loss run on them; the attention and
+those matmuls everything runs on ``1 / tp`` of the chunk's rows. Each rank's embedding output is
+its own rows of the chunk, and its norms, residual stream, output head and loss run on them
+(the vocabulary-parallel head, :mod:`chunkflow.parallel.vocab`, gathers them); the attention and
 MLP modules all-gather their input along the sequence (``PrepareModuleInput``: Shard(1) ->
 Replicate) and the row-wise projections reduce-scatter their output back to rows (Shard(1)),
 the same traffic as the two all-reduces per layer without it. So the per-token activations that
@@ -15,8 +16,8 @@ tensor parallelism alone replicates (hidden states, norms, logits and their grad
 tp too. The engine pads a chunk to a multiple of tp (:class:`chunkflow.runtime.chunk_call.
 SequenceShard`); attention leaves the padding rows out, and they have no target.
 
-Without it, the embedding, norms, head and loss are replicated: each rank runs them on the same
-full hidden states.
+Without it, the norms (and, without the vocabulary-parallel split, the embedding, head and
+loss) are replicated: each rank runs them on the same full hidden states.
 
 What this means for chunkflow's state: attention sees the rank's own ``H / tp`` query heads and
 ``G / tp`` key/value heads over the whole chunk, so each rank keeps the chain KV state (and its

@@ -251,10 +251,10 @@ class CostModel:
     every per-token activation counted whole on each TP rank, an upper bound, since the
     attention and MLP internals are split by heads."""
     vocab_parallel: bool = True
-    """The embedding and output head split over TP (Megatron); False: replicated on every TP
-    rank (chunkflow's runtime), their weights whole on each. The head's FLOPs are split either
-    way under sequence parallelism (each rank runs the head on its rows); without either, every
-    rank computes the whole head."""
+    """The embedding and output head split over TP (Megatron, and chunkflow by default); False:
+    replicated on every TP rank (chunkflow's ``--parallel.vocab_parallel=false``), their weights
+    whole on each. The head's FLOPs are split either way under sequence parallelism (each rank
+    runs the head on its rows); without either, every rank computes the whole head."""
     gathered_inputs: bool = False
     """Under sequence parallelism, whether the attention and MLP inputs are kept all-gathered for
     their projections' backward (chunkflow: DTensor saves the gathered input) rather than

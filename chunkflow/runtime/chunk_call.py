@@ -40,6 +40,10 @@ class SequenceShard:
 
     rank: int
     size: int
+    vocab_parallel: bool = False
+    """The embedding and head are split by vocabulary over the group: the embedding takes the
+    whole chunk's ids (it reduce-scatters its output to rows) and the loss the whole chunk's
+    targets (it gathers the rows first)."""
 
     def rows(self, num_tokens: int) -> int:
         """Rows each rank holds of a chunk of ``num_tokens`` tokens (the last may be padding)."""

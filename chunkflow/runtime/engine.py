@@ -99,11 +99,14 @@ class ChunkFlowEngine:
     """
 
     def __init__(self, model: nn.Module, options: ChunkingOptions | None = None, *,
-                 sequence_shard: SequenceShard | None = None, **kwargs):
+                 sequence_shard: SequenceShard | None = None, loss_fn=None, **kwargs):
         """``options``: a :class:`ChunkingOptions`, or its fields as keyword arguments.
         ``sequence_shard``: under sequence parallelism, the rows of each chunk this rank runs
         outside the tensor-parallel matmuls (:mod:`chunkflow.parallel.tensor`); the model's
-        layers gather the chunk for attention and the MLP."""
+        layers gather the chunk for attention and the MLP. ``loss_fn``: a chunk's loss from its
+        final hidden states, the head, targets and weights, like (and by default)
+        :func:`chunkflow.runtime.head_loss.head_loss`; the vocabulary-parallel head brings its
+        own."""
         if options is None:
             options = ChunkingOptions(**kwargs)
         elif kwargs:
@@ -121,6 +124,7 @@ class ChunkFlowEngine:
             model = HFChunkModel(model)
         self.model, self.config = model, model.config
         self.sequence_shard = sequence_shard
+        self.loss_fn = loss_fn or head_loss
         o = options
         self.chunk_size, self.k = o.chunk_size, o.k
         self.loss_normalization, self.pack_chain_tails = o.loss_normalization, o.pack_chain_tails
@@ -401,9 +405,11 @@ class ChunkFlowEngine:
         device, shard = step.kernel_device, self.sequence_shard
         if x is None:
             # (n,) per segment, laid out segment after segment -> (1, L); sequence parallel:
-            # this rank's rows (1, L / tp), padded
+            # this rank's rows (1, L / tp), padded (a vocabulary-parallel embedding: all of the
+            # padded rows, it hands back this rank's)
             x = torch.cat([step.ids[s.seq_id][s.start:s.end] for s in chunk.segments])
-            x = (x if shard is None else shard.local(x, 0))[None]
+            x = (x if shard is None else shard.padded(x, 0) if shard.vocab_parallel
+                 else shard.local(x, 0))[None]
             inputs = None
         else:
             inputs = x = x.detach().requires_grad_(grad)  # (1, L, E); its grad goes back
@@ -424,10 +430,12 @@ class ChunkFlowEngine:
                 return _Graph(hidden, inputs)
             targets = torch.cat([step.targets[s.seq_id][s.start:s.end] for s in chunk.segments])
             weights = torch.cat([step.weights[s.seq_id][s.start:s.end] for s in chunk.segments])
-            if shard is not None:  # the loss of this rank's rows: a part of the chunk's
+            if shard is not None and shard.vocab_parallel:  # the whole chunk's loss
+                targets, weights = shard.padded(targets, IGNORE_INDEX), shard.padded(weights, 0)
+            elif shard is not None:  # the loss of this rank's rows: a part of the chunk's
                 targets, weights = shard.local(targets, IGNORE_INDEX), shard.local(weights, 0)
-            loss = head_loss(hidden[0], self.model.lm_head, targets, weights,
-                             logits_budget=self.logits_budget, cast_cache=step.cast_cache)
+            loss = self.loss_fn(hidden[0], self.model.lm_head, targets, weights,
+                                logits_budget=self.logits_budget, cast_cache=step.cast_cache)
         return _Graph(loss, inputs)
 
     def _backward(self, graph: "_Graph", grad_output: torch.Tensor | None) -> None:

@@ -26,6 +26,16 @@ class _Held:
             self.meter._release(self.key)
 
 
+def _inner(tensor: torch.Tensor) -> torch.Tensor:
+    """The plain tensor that holds a wrapper subclass's data: a tensor-parallel DTensor is
+    counted by its local shard, what this rank holds; a collective's pending result
+    (functional collectives' AsyncCollectiveTensor) by the buffer it will fill."""
+    while type(tensor) is not torch.Tensor and hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        tensor = getattr(tensor, names[0])
+    return tensor
+
+
 def _is_parameter(tensor: torch.Tensor) -> bool:
     """A parameter or a view of one (linear layers save ``weight.t()``): weights, not step
     memory. This catches what ``reset``'s list cannot: FSDP2's gathered parameters, which exist
@@ -62,9 +72,7 @@ class MemoryMeter:
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def _pack(self, tensor: torch.Tensor):
-        # A tensor-parallel DTensor is counted by its local shard, what this rank holds.
-        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
-        storage = local.untyped_storage()
+        storage = _inner(tensor).untyped_storage()
         key, nbytes = storage.data_ptr(), storage.nbytes()
         if nbytes == 0 or key in self._excluded or _is_parameter(tensor):
             return tensor

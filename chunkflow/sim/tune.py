@@ -189,7 +189,7 @@ def layouts(shape: ModelShape, num_gpus: int, *, max_tp: int = GPUS_PER_NODE,
     return out
 
 
-RUNTIMES = {"megatron": {}, "chunkflow": {"vocab_parallel": False, "gathered_inputs": True}}
+RUNTIMES = {"megatron": {}, "chunkflow": {"gathered_inputs": True}}
 """How each runtime's tensor parallelism is priced (see :func:`autotune`)."""
 
 
@@ -208,10 +208,11 @@ def autotune(shape: ModelShape, gpu: GPUProfile, *, max_len: int, num_gpus: int,
     deterministic in ``seed``. Chunk sizes above ``max_len`` are skipped; K values beyond the
     longest chain give the same schedule and are tried once; ``max_tp``/``max_pp`` limit the
     layouts (see :func:`layouts`). ``runtime``: "megatron" prices Megatron's tensor parallelism
-    (sequence parallel, vocabulary-parallel head), "chunkflow" this runtime's (sequence
-    parallel, the embedding and head weights whole on every TP rank); ``cost_options``: more
+    (sequence parallel, vocabulary-parallel head), "chunkflow" this runtime's (the same, with
+    the attention and MLP inputs kept gathered for their backward); ``cost_options``: more
     :class:`~chunkflow.plan.cost.CostModel` fields over the runtime's (e.g. ``sp=1`` for a run
-    without sequence parallelism, ``distributed_optimizer=False`` for DDP). Raises
+    without sequence parallelism, ``vocab_parallel=False`` for a replicated embedding and head,
+    ``distributed_optimizer=False`` for DDP). Raises
     ``ValueError`` when nothing fits, naming the smallest peak found.
     """
     max_len = check_positive_int("max_len", max_len)

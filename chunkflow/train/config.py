@@ -236,6 +236,11 @@ class ParallelSection:
         True, "With tp > 1: run the embedding, norms, residual stream, output head and loss on "
               "1/tp of each chunk's rows per rank (attention and the MLP gather them), so "
               "those activations shrink by tp too; false: replicate them on every TP rank.")
+    vocab_parallel: bool = _f(
+        True, "With tp > 1: split the embedding and output head weights over the TP ranks by "
+              "vocabulary rows (Megatron's vocabulary-parallel embedding and cross-entropy), "
+              "so no rank holds their whole weights or a full-vocabulary logit; false: "
+              "replicate them.")
     data_parallel: Literal["ddp", "fsdp"] = _f(
         "ddp", "ddp: replicated weights, gradients all-reduced once per step; fsdp: FSDP2 "
                "(fully_shard), weights, gradients and AdamW state sharded over the replicas "

@@ -137,7 +137,8 @@ class Trainer:
         # collectives are the identity.
         self.engine = ParallelEngine(self.model, ctx, cfg.chunking.options(),
                                      data_parallel=cfg.parallel.data_parallel,
-                                     sequence_parallel=cfg.parallel.sequence_parallel)
+                                     sequence_parallel=cfg.parallel.sequence_parallel,
+                                     vocab_parallel=cfg.parallel.vocab_parallel)
         self.params = self.engine.parameters()
         module = self.engine.state_module
         self.layout = layout_of(ctx, cfg.parallel.data_parallel)
@@ -210,6 +211,7 @@ class Trainer:
         where = (f"{self.device}" if not self.distributed else
                  f"{ctx.world_size} processes (dp={ctx.dp} x pp={ctx.pp} x tp={ctx.tp}"
                  f"{', sequence parallel' if ctx.tp > 1 and cfg.parallel.sequence_parallel else ''}"
+                 f"{', vocabulary parallel' if ctx.tp > 1 and cfg.parallel.vocab_parallel else ''}"
                  f"{', ' + cfg.parallel.data_parallel if ctx.dp > 1 else ''}) on "
                  f"{self.device.type}")
         held = (" on rank 0" if ctx.tp > 1 else " on stage 0") if ctx.pp * ctx.tp > 1 else ""

@@ -25,9 +25,16 @@ def test_two_ranks_data_parallel_and_pipeline():
         dict(dp=1, pp=2, k=1, recompute="selective", offload="all"),
         dict(dp=2, pp=1, k=1, data_parallel="ddp", recompute="selective"),
         dict(dp=2, pp=1, k=1, data_parallel="fsdp", offload="state"),
-        dict(dp=1, pp=1, tp=2, k=1),  # sequence parallel, the default
+        # sequence parallel and a vocabulary-parallel embedding and head, the defaults (the
+        # vocabulary of 53 splits unevenly: 27 + 26 rows)
+        dict(dp=1, pp=1, tp=2, k=1),
         dict(dp=1, pp=1, tp=2, k=2, recompute="selective"),
         dict(dp=1, pp=1, tp=2, k=1, sp=False),
+        dict(dp=1, pp=1, tp=2, k=1, vp=False),
+        dict(dp=1, pp=1, tp=2, k=2, sp=False, vp=False),
+        # the vocabulary-parallel loss in blocks of 3 rows; float32
+        dict(dp=1, pp=1, tp=2, k=1, logits_budget=27 * 8 * 3),
+        dict(dp=1, pp=1, tp=2, k=2, dtype=torch.float32),
         dict(dp=1, pp=1, tp=2, k=2, ac=True),  # activation checkpointing recomputes the layers
         dict(dp=1, pp=1, tp=2, k=1, recompute="selective", offload="all"),
         # tied embedding and head, both with partial gradients per rank; o_proj's bias
@@ -57,7 +64,7 @@ def test_four_ranks_tensor_parallel_with_pipeline_and_data_parallel():
     spawn(check_gradients, 4, [
         dict(dp=1, pp=2, tp=2, k=1),
         dict(dp=1, pp=2, tp=2, k=2, steps=2),
-        dict(dp=1, pp=2, tp=2, k=1, sp=False),
+        dict(dp=1, pp=2, tp=2, k=1, sp=False, vp=False),
         dict(dp=1, pp=1, tp=4, k=2, model=dict(num_key_value_heads=4)),
         dict(dp=2, pp=1, tp=2, k=1, data_parallel="ddp"),
         dict(dp=2, pp=1, tp=2, k=2, data_parallel="fsdp"),
@@ -73,6 +80,9 @@ def test_two_ranks_hugging_face_models_data_and_tensor_parallel():
         dict(family="llama", dp=2, k=2),
         dict(family="qwen2", dp=1, tp=2, k=1),
         dict(family="qwen2", dp=1, tp=2, k=2, sp=False),
+        dict(family="qwen2", dp=1, tp=2, k=1, vp=False),
+        # the padding id's embedding row gets no gradient, on the rank that holds it
+        dict(family="qwen2", dp=1, tp=2, k=1, config=dict(pad_token_id=40)),
         dict(family="llama", dp=1, tp=2, k=2),  # o_proj's bias
         dict(family="qwen3", dp=1, tp=2, k=2),
         dict(family="qwen2", dp=1, pp=2, k=2),

@@ -91,10 +91,14 @@ def check_gradients(rank, world_size, cases):
         model = tiny_model(**shape)
         engine = ParallelEngine(model, ctx, chunk_size=16, k=k, data_parallel=mode,
                                 sequence_parallel=case.get("sp", True),
+                                vocab_parallel=case.get("vp", True),
                                 loss_normalization=norm,
                                 recompute=case.get("recompute", "full"),
                                 activation_checkpointing=case.get("ac", False),
+                                **({"logits_budget": case["logits_budget"]}
+                                   if "logits_budget" in case else {}),
                                 offload=case.get("offload", "none"))
+        check_vocab_split(engine, case)
         rows = []  # rows of the chunk each decoder layer ran: 1/tp of them, sequence parallel
         first = next(iter(engine.model.model.layers.values()))
         first.register_forward_hook(lambda m, i, out: rows.append(out.shape[1]))
@@ -153,6 +157,20 @@ def fail_one_rank(rank, world_size, dp, pp, how):
     engine.forward_backward(make_batch(LENGTHS))
 
 
+def check_vocab_split(engine, case) -> None:
+    """Under TP the embedding and head weights are split by vocabulary rows (unless vp=False)."""
+    from chunkflow.parallel.vocab import embedding_and_head
+
+    if engine.ctx.tp == 1:
+        return
+    for module in embedding_and_head(engine.model):
+        if module is not None:
+            weight = module.weight
+            local = weight.to_local() if hasattr(weight, "to_local") else weight
+            split = local.shape[0] < weight.shape[0]
+            assert split == case.get("vp", True), (case, tuple(local.shape))
+
+
 def check_hf(rank, world_size, cases):
     """A transformers model on a (dp, pp, tp) layout: loss, every gradient (full tensors of the
     tensor-parallel shards, each stage its own layers) and the clipped norm equal plain
@@ -169,7 +187,9 @@ def check_hf(rank, world_size, cases):
         config = case.get("config", {})
         engine = ParallelEngine(build(family, **config), ctx, chunk_size=16, k=k,
                                 data_parallel=case.get("data_parallel", "ddp"),
-                                sequence_parallel=case.get("sp", True))
+                                sequence_parallel=case.get("sp", True),
+                                vocab_parallel=case.get("vp", True))
+        check_vocab_split(engine, case)
         rows = []  # rows of the chunk each decoder layer ran: 1/tp of them, sequence parallel
         next(iter(engine.model.get_decoder().layers)).register_forward_hook(
             lambda m, i, out: rows.append((out[0] if isinstance(out, tuple) else out).shape[1]))
