@@ -215,7 +215,8 @@ def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
            + "".join(f" --{name}={getattr(args, name)}" for name in sorted(given)
                      if name.startswith(("model.", "data.")))) if own_model else " ..."
     launch = launch_command(best, gpus=args.gpus, run=run, fsdp=fsdp,
-                            vocab_parallel=cfg.parallel.vocab_parallel)
+                            vocab_parallel=(cfg.parallel.vocab_parallel
+                                            or options["runtime"] != "chunkflow"))
     print(f"launch it: {launch}  (predicted peak {format_size(best.peak_memory_bytes)} per GPU"
           + ("" if options["runtime"] == "chunkflow" else "; priced as Megatron's tensor "
              "parallelism, which gathers the layers' inputs again in backward where chunkflow "

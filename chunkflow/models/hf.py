@@ -258,8 +258,9 @@ class HFChunkModel:
     def hidden_states(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor,
                       attention, checkpoint_layers: bool = False) -> torch.Tensor:
         """(1, L) ids and positions -> (1, L, hidden) final hidden states (after the norm).
-        Under sequence parallelism the ids (and hidden states) are this rank's rows of the
-        chunk, the positions the whole (padded) chunk's, which attention runs over.
+        Under sequence parallelism the hidden states are this rank's rows of the chunk, and
+        so are the ids unless the embedding is vocabulary-parallel (it takes the whole padded
+        chunk's); the positions are the whole padded chunk's, which attention runs over.
         ``checkpoint_layers`` is transformers' business here (see
         :meth:`enable_activation_checkpointing`); transformers checkpoints only in training
         mode, so it warns once when asked to in eval mode."""

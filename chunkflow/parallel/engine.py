@@ -159,7 +159,7 @@ class ParallelEngine:
             reshard(self.model)
         # Only last stages hold a loss; each supervised token is counted on one rank (the
         # tensor-parallel ranks of a stage hold the same, replicated loss, the first counts;
-        # under sequence parallelism each holds its rows' part).
+        # under sequence parallelism with a replicated head each holds its rows' part).
         last = self.ctx.is_last_stage
         first = last and self.ctx.tp_rank == 0
         loss_sum, num_loss_tokens = self.ctx.all_sum(
@@ -185,7 +185,7 @@ class ParallelEngine:
             # closed connection, a silent peer as a timeout (parallel.timeout_s)
             raise RuntimeError(f"rank {self.ctx.rank} (replica {self.ctx.dp_rank}, stage "
                                f"{self.ctx.stage}) failed in a training step: {e}") from e
-        # replicated over tp, or (sequence parallel) each rank's rows' part
+        # replicated over tp, or (sequence parallel, replicated head) each rank's rows' part
         mine = float(local.loss) if self.ctx.tp_rank == 0 or not self.loss_replicated else 0.0
         # Only last stages hold a loss; every replica's share adds up. The peak is the largest.
         loss, = self.ctx.all_sum([mine])

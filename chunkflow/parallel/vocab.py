@@ -129,13 +129,17 @@ def vocab_parallel_head_loss(hidden: torch.Tensor, head: nn.Module, targets: tor
         hidden = DTensor.from_local(hidden, mesh, [Replicate()], run_check=False).to_local(
             grad_placements=[Partial()])
     weight = head.weight
-    local = weight.to_local() if isinstance(weight, DTensor) else weight  # (Vr, E)
     device = hidden.device.type
     if torch.is_autocast_enabled(device) and hidden.dtype != torch.float64:
         dtype = torch.get_autocast_dtype(device)  # what autocast makes of a linear layer
-        hidden, local = hidden.to(dtype), _cast(local, dtype, cast_cache)
+        # the parameter, cast once per step (its local view is a new object on every call)
+        hidden, weight = hidden.to(dtype), _cast(weight, dtype, cast_cache)
+    local = weight.to_local() if isinstance(weight, DTensor) else weight  # (Vr, E)
     acc = torch.promote_types(hidden.dtype, torch.float32)
-    rows = max(1, logits_budget // (local.shape[0] * acc.itemsize))
+    # blocks sized by the largest part of the vocabulary: the same on every rank, so that
+    # their all-reduces match (the last ranks hold fewer rows when tp does not divide V)
+    widest = len(vocab_rows(weight.shape[0], ctx.tp, 0))
+    rows = max(1, logits_budget // (widest * acc.itemsize))
     with torch.autocast(device, enabled=False):
         start = vocab_rows(weight.shape[0], ctx.tp, ctx.tp_rank).start
         ce = _VocabParallelCrossEntropy.apply(hidden, local, targets, start, rows, ctx.tp_group)
