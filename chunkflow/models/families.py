@@ -75,6 +75,12 @@ FAMILIES: dict[str, Family] = {
     "olmo2": Family("Olmo2ForCausalLM", qkv_bias="flag", o_bias="flag", qk_norm=True,
                     max_position_embeddings=2048, reference=False, parallel=False,
                     note="q/k norms over the whole projection, across heads: no TP plan yet"),
+    "granite": Family("GraniteForCausalLM", qkv_bias="flag", o_bias="flag", qk_norm=False,
+                      max_position_embeddings=2048, reference=False, parallel=False,
+                      note="its multipliers (attention_multiplier as the attention scale, "
+                           "embedding_multiplier, residual_multiplier, logits_scaling) are "
+                           "applied as transformers applies them; no TP plan or pipeline split "
+                           "yet (a later stage's input embeddings would be scaled again)"),
     "phi3": Family("Phi3ForCausalLM", qkv_bias="never", o_bias="never", qk_norm=False,
                    max_position_embeddings=4096, reference=False, parallel=False,
                    note="fused qkv_proj and gate_up_proj: no TP plan yet; sliding_window and "

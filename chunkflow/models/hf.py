@@ -21,8 +21,9 @@ model in the process, behaves exactly as before.
 
 Only architectures whose attention is plain causal softmax attention over all earlier tokens are
 accepted (the families of :mod:`chunkflow.models.families`: Llama, Qwen2, Qwen3, Mistral without
-sliding window, Qwen3-MoE, Mixtral, OLMo-2, Phi-3); anything else is refused at construction
-with the reason, rather than trained with wrong gradients.
+sliding window, Qwen3-MoE, Mixtral, OLMo-2, Granite, Phi-3); anything else is refused at
+construction with the reason, rather than trained with wrong gradients. Granite's logits are
+divided by ``logits_scaling``: the last stage's hidden states are, before the head and loss.
 """
 
 from __future__ import annotations
@@ -69,14 +70,11 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
     if chunkflow_attention is None:
         raise RuntimeError("the 'chunkflow' attention runs only inside ChunkFlowEngine; call the "
                            "model directly for ordinary forward passes")
-    head_dim = query.shape[-1]
-    if scaling is not None and abs(scaling * head_dim**0.5 - 1.0) > 1e-6:
-        raise ValueError(f"{type(module).__name__} scales attention scores by {scaling}, not "
-                         f"1/sqrt(head_dim={head_dim}); chunkflow's kernels assume the latter")
     if dropout:
         raise ValueError(f"attention dropout {dropout} makes gradients random; chunkflow "
                          f"trains attention without dropout (set config.attention_dropout=0)")
-    out = chunkflow_attention(module.layer_idx, query, key, value)  # (1, H, L, D)
+    # (1, H, L, D); the module's score scale (Granite's attention_multiplier, else 1/sqrt(D))
+    out = chunkflow_attention(module.layer_idx, query, key, value, scale=scaling)
     return out.transpose(1, 2), None
 
 
@@ -132,10 +130,6 @@ def unsupported_reason(config) -> str | None:
         reasons.append(f"rope_type {rope_type!r}: only the static RoPE types "
                        f"({', '.join(ROPE_TYPES)}) are exact under chunking; others (dynamic, "
                        f"longrope) change the frequencies with each forward's length")
-    if getattr(config, "logits_scaling", 1.0) not in (None, 1.0):
-        reasons.append(f"logits_scaling={config.logits_scaling}: the model divides its logits, "
-                       f"which chunkflow's loss head (the output head on the hidden states) "
-                       f"does not")
     if getattr(config, "output_router_logits", False):
         reasons.append("output_router_logits=True: the router's auxiliary load-balancing loss "
                        "is not computed under chunkflow (the engine trains the language-model "
@@ -276,5 +270,11 @@ class HFChunkModel:
         decoder = getattr(_causal_lm(self.module), DECODER_FORWARD, self.decoder)
         with self._chunkflow_attention():
             out = decoder(**inputs, position_ids=position_ids, use_cache=False,
-                               chunkflow_attention=attention)
-        return out.last_hidden_state
+                          chunkflow_attention=attention)
+        hidden = out.last_hidden_state
+        scaling = getattr(self.config, "logits_scaling", None)
+        if self.lm_head is not None and scaling not in (None, 1.0):
+            # Granite: logits = head(hidden) / logits_scaling; the same as the head of
+            # hidden / logits_scaling (no head bias), which the fused loss reads
+            hidden = hidden / scaling
+        return hidden

@@ -75,17 +75,18 @@ class ChunkAttention:
         self.bounds = tuple((s.offset, s.length) for s in segments)
         self.num_tokens = sum(s.length for s in segments)
 
-    def __call__(self, layer_idx: int, q, k, v) -> torch.Tensor:
-        """(1, H, L, D) queries, (1, G, L, D) keys/values -> (1, H, L, D). Rows past the chunk's
-        tokens (a sequence-parallel chunk's padding) are left out, and their output is zero."""
+    def __call__(self, layer_idx: int, q, k, v, *, scale: float | None = None) -> torch.Tensor:
+        """(1, H, L, D) queries, (1, G, L, D) keys/values -> (1, H, L, D); scores scaled by
+        ``scale`` (default 1/sqrt(D)). Rows past the chunk's tokens (a sequence-parallel
+        chunk's padding) are left out, and their output is zero."""
         pad = q.shape[2] - self.num_tokens
         if pad:
             n = self.num_tokens
-            out = self._attend(layer_idx, q[:, :, :n], k[:, :, :n], v[:, :, :n])
+            out = self._attend(layer_idx, q[:, :, :n], k[:, :, :n], v[:, :, :n], scale)
             return F.pad(out, (0, 0, 0, pad))
-        return self._attend(layer_idx, q, k, v)
+        return self._attend(layer_idx, q, k, v, scale)
 
-    def _attend(self, layer_idx: int, q, k, v) -> torch.Tensor:
+    def _attend(self, layer_idx: int, q, k, v, scale: float | None) -> torch.Tensor:
         # Under autocast, RoPE leaves q/k in float32 while v is bf16; SDPA's autocast rule
         # casts all three to the autocast dtype (float64 excepted, as autocast never casts it).
         # Do the same before anything reaches the state.
@@ -96,5 +97,6 @@ class ChunkAttention:
         first = self.segments[0]
         chain = (None if first.state is None else
                  ChainSlot(first.state, layer_idx, first.start, self.has_successor))
-        view = ChunkView(self.bounds, chain, 1.0 / math.sqrt(q.shape[-1]), self.block_size)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        view = ChunkView(self.bounds, chain, scale, self.block_size)
         return chunk_attention(q, k, v, view, self.kernel, layer_idx=layer_idx, kept=self.kept)

@@ -30,6 +30,10 @@ FAMILIES = {
                      experts_implementation="eager")),
     "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM,
               dict(eos_token_id=None, pad_token_id=None)),
+    # Granite's multipliers, none of them 1: the attention scale is not 1/sqrt(head_dim)
+    "granite": (transformers.GraniteConfig, transformers.GraniteForCausalLM,
+                dict(attention_multiplier=0.3, embedding_multiplier=2.0,
+                     residual_multiplier=0.5, logits_scaling=4.0, attention_bias=True)),
     "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM,
              dict(sliding_window=None, eos_token_id=None, pad_token_id=None,
                   bos_token_id=None)),
@@ -145,10 +149,7 @@ def _gemma2():
     (lambda: build("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0,
                                              "rope_theta": 10000.0}), "rope_type 'dynamic'"),
     (_gemma2, "model_type 'gemma2' is not supported yet; supported: llama, qwen2, qwen3, "
-              "mistral, qwen3_moe, mixtral, olmo2, phi3"),
-    (lambda: transformers.GraniteForCausalLM(transformers.GraniteConfig(**SMALL,
-                                                                         logits_scaling=8.0)),
-     "logits_scaling=8.0: the model divides its logits"),
+              "mistral, qwen3_moe, mixtral, olmo2, granite, phi3"),
     (lambda: build("mixtral", output_router_logits=True), "output_router_logits=True: the "
                                                          "router's auxiliary load-balancing loss"),
     (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16,
