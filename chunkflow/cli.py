@@ -202,6 +202,9 @@ def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
     print(f"auto-tune: {name} on {args.gpus} x {gpu.name}, {source}, memory budget "
           f"{args.memory_budget} (predicted by chunkflow.plan.cost + chunkflow.sim)")
     fsdp = not own_model or _fsdp_runs(cfg)
+    family = _hf_family(cfg) if own_model else None
+    if own_model and (cfg.lora.rank > 0 or (family is not None and not family.parallel)):
+        options["max_tp"] = options["max_pp"] = 1  # LoRA and these families: data parallel
     if options["runtime"] == "chunkflow":  # the run's own settings: SP, and FSDP2 or DDP
         options["cost_options"] = {"sp": None if cfg.parallel.sequence_parallel else 1,
                                    "vocab_parallel": cfg.parallel.vocab_parallel,
@@ -211,9 +214,10 @@ def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
                           **options)
     print(format_candidates(candidates, top=args.top))
     best = candidates[0]
+    # the run's own options (LoRA, optimizer, ...), less those the launch line sets
     run = ((f" --config {args.config}" if args.config else "")
            + "".join(f" --{name}={getattr(args, name)}" for name in sorted(given)
-                     if name.startswith(("model.", "data.")))) if own_model else " ..."
+                     if name not in LAUNCH_SETS)) if own_model else " ..."
     launch = launch_command(best, gpus=args.gpus, run=run, fsdp=fsdp,
                             vocab_parallel=(cfg.parallel.vocab_parallel
                                             or options["runtime"] != "chunkflow"))
@@ -224,21 +228,30 @@ def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
     return 0
 
 
-def _fsdp_runs(cfg) -> bool:
-    """Whether the run's model trains under FSDP2 (not LoRA, nor a mixture of experts: see
-    chunkflow.parallel.data_parallel.apply_fsdp)."""
-    if cfg.lora.rank > 0:
-        return False
+LAUNCH_SETS = ("chunking.chunk_size", "chunking.k", "chunking.auto", "parallel.tp", "parallel.pp",
+               "parallel.data_parallel", "parallel.sequence_parallel", "parallel.vocab_parallel")
+"""The options ``plan --auto``'s launch line sets itself (see :func:`launch_command`)."""
+
+
+def _hf_family(cfg):
+    """The family table's row of the run's transformers model (--model.implementation=hf), or
+    None (chunkflow's reference model runs every layout)."""
     if cfg.model.path is None or cfg.model.implementation != "hf":
-        return True
+        return None
     import json
     from pathlib import Path
 
     from chunkflow.models.families import FAMILIES
 
     config = json.loads((Path(cfg.model.path) / "config.json").read_text())
-    family = FAMILIES.get(config.get("model_type"))
-    return family is None or not family.experts
+    return FAMILIES.get(config.get("model_type"))
+
+
+def _fsdp_runs(cfg) -> bool:
+    """Whether the run's model trains under FSDP2 (not LoRA, nor a mixture of experts: see
+    chunkflow.parallel.data_parallel.apply_fsdp)."""
+    family = _hf_family(cfg)
+    return cfg.lora.rank == 0 and (family is None or not family.experts)
 
 
 def launch_command(best, *, gpus: int, run: str = " ...", fsdp: bool = True,
