@@ -8,7 +8,8 @@ evaluation loss against the unchunked token mean.
 
 import torch
 
-from tests.parallel.workers import check_gradients, check_hf, spawn, train_lora_ddp
+from tests.parallel.workers import (check_autocast, check_gradients, check_hf, spawn,
+                                    train_lora_ddp)
 
 
 def test_two_ranks_data_parallel_and_pipeline():
@@ -46,6 +47,10 @@ def test_two_ranks_data_parallel_and_pipeline():
             "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8})),
     ])
+
+
+def test_two_ranks_tensor_parallel_under_bf16_autocast():
+    spawn(check_autocast, 2)
 
 
 def test_four_ranks_pipeline_and_data_x_pipeline():

@@ -157,6 +157,30 @@ def fail_one_rank(rank, world_size, dp, pp, how):
     engine.forward_backward(make_batch(LENGTHS))
 
 
+def check_autocast(rank, world_size):
+    """bf16 autocast at TP=2, as GPUs run it (with sequence parallelism and without; the
+    vocabulary-parallel loss in blocks): the loss and the gradient norm within bf16 rounding of
+    one process's under the same autocast."""
+    from chunkflow.parallel import LocalContext
+
+    ctx = init_distributed(dp=1, pp=1, tp=2, device=torch.device("cpu"))
+    batch = make_batch(LENGTHS)
+    shape = dict(num_hidden_layers=2, dtype=torch.float32)
+    one = ParallelEngine(tiny_model(**shape), LocalContext(torch.device("cpu")), chunk_size=16,
+                         k=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = one.forward_backward(batch).loss
+    want_norm = one.clip_grad_norm(float("inf"))
+    for sp in (True, False):
+        engine = ParallelEngine(tiny_model(**shape), ctx, chunk_size=16, k=1,
+                                logits_budget=27 * 4 * 3, sequence_parallel=sp)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = engine.forward_backward(batch).loss
+        norm = engine.clip_grad_norm(float("inf"))
+        assert abs(got - want) <= 2e-2 * abs(want), (sp, got, want)
+        assert abs(norm - want_norm) <= 5e-2 * want_norm, (sp, norm, want_norm)
+
+
 def check_vocab_split(engine, case) -> None:
     """Under TP the embedding and head weights are split by vocabulary rows (unless vp=False)."""
     from chunkflow.parallel.vocab import embedding_and_head
