@@ -203,8 +203,10 @@ def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
           f"{args.memory_budget} (predicted by chunkflow.plan.cost + chunkflow.sim)")
     fsdp = not own_model or _fsdp_runs(cfg)
     family = _hf_family(cfg) if own_model else None
-    if own_model and (cfg.lora.rank > 0 or (family is not None and not family.parallel)):
-        options["max_tp"] = options["max_pp"] = 1  # LoRA and these families: data parallel
+    if own_model and family is not None and not family.parallel:
+        options["max_tp"] = options["max_pp"] = 1  # these families: data parallel only
+    elif own_model and cfg.lora.rank > 0:
+        options["max_tp"] = 1  # tensor parallelism refuses LoRA; pipeline stages run it
     if options["runtime"] == "chunkflow":  # the run's own settings: SP, and FSDP2 or DDP
         options["cost_options"] = {"sp": None if cfg.parallel.sequence_parallel else 1,
                                    "vocab_parallel": cfg.parallel.vocab_parallel,

@@ -139,12 +139,13 @@ def test_plan_auto_tunes_the_users_own_run(tmp_path, capsys):
                  "--parallel.sequence_parallel=false"]) == 0
     no_sp = capsys.readouterr().out
     assert "<TP 2, SP 1, PP 1> x DP 1" in no_sp and "SP 2" not in no_sp
-    # LoRA runs data parallel only (tensor and pipeline parallelism refuse it), under DDP
+    # LoRA runs data parallel (DDP) and on pipeline stages; tensor parallelism refuses it
     assert main(["plan", "--auto", f"--model.path={model}", f"--data.path={data}",
                  "--data.batch_size=8", "--gpus=2", "--memory-budget=1GiB", "--top=8",
                  "--lora.rank=4"]) == 0
     lora = capsys.readouterr().out
-    assert "<TP 1, SP 1, PP 1> x DP 2" in lora and "TP 2" not in lora and "PP 2" not in lora
+    assert "<TP 1, SP 1, PP 1> x DP 2" in lora and "<TP 1, SP 1, PP 2> x DP 1" in lora
+    assert "TP 2" not in lora
     assert (f"-m chunkflow train --data.batch_size=8 --data.path={data} --lora.rank=4 "
             f"--model.path={model} --chunking.chunk_size=") in lora
     assert "--parallel.data_parallel=ddp" in lora

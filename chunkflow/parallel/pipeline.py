@@ -76,11 +76,10 @@ def _split_hf_stage(model: torch.nn.Module, stage: int, num_stages: int) -> torc
     """:func:`split_stage` of a transformers model, from outside its code: the decoder's layer
     list keeps this stage's layers under their own indices (so parameter names, and each
     attention's ``layer_idx``, stay the whole model's), a later stage takes the previous one's
-    hidden states as ``inputs_embeds``, and an earlier stage's final norm is the identity."""
-    if hasattr(model, "peft_config"):
-        raise ValueError("pipeline parallelism with LoRA is not supported; valid: pp=1 (data "
-                         "parallel ddp) for LoRA")
-    config = model.config
+    hidden states as ``inputs_embeds``, and an earlier stage's final norm is the identity. A
+    PEFT (LoRA) model is split the same way: its adapters live in the layers they adapt."""
+    causal_lm = model.get_base_model() if hasattr(model, "peft_config") else model
+    config = causal_lm.config
     from chunkflow.parallel.tensor import check_parallel_family
 
     check_parallel_family(config, "pipeline parallelism", "--parallel.pp=1")
@@ -88,7 +87,7 @@ def _split_hf_stage(model: torch.nn.Module, stage: int, num_stages: int) -> torc
         raise ValueError("pipeline parallelism with tied input/output embeddings "
                          "(tie_word_embeddings=true) is not supported: the embedding and the head "
                          "would live on different stages; valid: pp=1 for this model")
-    decoder = model.get_decoder()
+    decoder = causal_lm.get_decoder()
     keep = stage_layer_ranges(len(decoder.layers), num_stages)[stage]
     for key in [name for name, _ in decoder.layers.named_children()]:
         if int(key) not in keep:
@@ -97,7 +96,7 @@ def _split_hf_stage(model: torch.nn.Module, stage: int, num_stages: int) -> torc
         decoder.embed_tokens = None
     if stage != num_stages - 1:
         decoder.norm = torch.nn.Identity()
-        model.lm_head = None
+        causal_lm.lm_head = None
     return model
 
 

@@ -107,7 +107,7 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     if hasattr(model, "peft_config"):
         raise ValueError("tensor parallelism with LoRA is not supported (PEFT wraps the "
                          "projections the plan shards); valid: --parallel.tp=1, data "
-                         "parallel (ddp) for LoRA")
+                         "parallel (ddp) or pipeline stages (--parallel.pp) for LoRA")
     check_parallel_family(model.config, "tensor parallelism", "--parallel.tp=1")
     return list(model.get_decoder().layers)
 

@@ -389,7 +389,8 @@ class ChunkFlowEngine:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
                                    device_type=device.type):
             key = chunk.chunk_id if step.chunk_ids is None else step.chunk_ids[chunk.chunk_id]
-            torch.manual_seed(step.dropout_seed + key)
+            # a pipeline stage's own stream (its first layer's): not its predecessor's masks
+            torch.manual_seed(step.dropout_seed + key + (1 << 32) * self.model.layer_ids[0])
             return self._run_chunk(step, chunk, state, x, grad=grad, with_loss=with_loss,
                                    kept=kept)
 

@@ -7,7 +7,7 @@ checkpoint, and a checkpoint resumes on another layout (DP=2 -> TP=2, PP=2 -> on
 * weights: full tensors by parameter name in Hugging Face files (``model.safetensors``, or one
   shard per pipeline stage and ``model.safetensors.index.json``), read back by name into
   whatever stage, tensor-parallel shard or FSDP shard holds them now; LoRA runs save their
-  adapter (data parallel only, see :mod:`chunkflow.train.lora`);
+  adapter, one file for all pipeline stages (see :mod:`chunkflow.train.lora`);
 * optimizer: ``optimizer/``, written by every rank with ``torch.distributed.checkpoint`` and
   resharded on load (:mod:`chunkflow.parallel.checkpoint`);
 * RNG and trainer state, manifest, atomic publication: :mod:`chunkflow.train.checkpoint`.
@@ -26,6 +26,7 @@ import torch
 from chunkflow.parallel.checkpoint import (
     OPTIMIZER_DIR,
     full_weights,
+    gather_stages,
     load_optimizer,
     load_weights,
     read_weights,
@@ -69,6 +70,12 @@ class CheckpointIO:
         # Collective over each stage's tensor-parallel and FSDP groups, so on every rank.
         model_state = None if one or files.lora else full_weights(self.module, tied=self.tied)
         writer = ctx.dp_rank == 0 and ctx.tp_rank == 0  # one copy of each stage's weights
+        adapter = None
+        if files.lora and ctx.pp > 1 and writer:  # the stages' adapters, on the first stage
+            from chunkflow.train.lora import adapter_state
+
+            parts = gather_stages(adapter_state(files.model), ctx)
+            adapter = None if parts is None else {k: v for p in parts for k, v in p.items()}
 
         def write_shard(tmp: Path) -> list[str]:
             # First the collective part: a failure there is raised on every rank at once.
@@ -79,7 +86,15 @@ class CheckpointIO:
             if files.lora:
                 from chunkflow.train.lora import save_adapter
 
-                return names + save_adapter(files.model, tmp)
+                if ctx.pp == 1:
+                    return names + save_adapter(files.model, tmp)
+                # one adapter file for the whole model (PEFT loads it), and each stage's shard
+                # of the merged model
+                if ctx.stage == 0:
+                    names += save_adapter(files.model, tmp, state=adapter)
+                if merged:
+                    names += files.write_merged_stage(tmp, ctx.stage, ctx.pp)
+                return names
             from safetensors.torch import save_file
 
             weights = stage_weights_file(ctx.stage, ctx.pp)
@@ -90,9 +105,9 @@ class CheckpointIO:
             if one:  # the model's own Hugging Face export (shared tensors once)
                 files.write(tmp, merged=merged)
                 return
-            if ctx.pp > 1:
+            if ctx.pp > 1 and not files.lora:
                 write_stage_index(tmp, ctx.pp)
-            files.write_extras(tmp, merged=merged)
+            files.write_extras(tmp, merged=merged, num_stages=ctx.pp)
 
         return save_distributed_checkpoint(
             run_dir, step=step, ctx=ctx, write_shard=write_shard, write_main=write_main,
@@ -114,7 +129,7 @@ class CheckpointIO:
                              f"{describe_layout(self.layout)}; valid: resume it on the layout "
                              f"that saved it")
         if self.files.lora:
-            self.files.load(path)
+            self.files.load(path, stage=ctx.pp > 1)
         else:
             names = weight_names(self.module)
             load_weights(self.module, read_weights(path, names, tied=self.tied))

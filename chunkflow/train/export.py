@@ -67,16 +67,36 @@ class ModelFiles:
             save_model(self.model, str(path / "model.safetensors"), metadata={"format": "pt"})
         self.write_extras(path, merged=merged)
 
-    def write_extras(self, path: Path, *, merged: bool = False) -> None:
+    def write_extras(self, path: Path, *, merged: bool = False, num_stages: int = 1) -> None:
         """All but the weights (or adapter): config.json and generation_config.json next to
-        full weights, the tokenizer, and for LoRA with ``merged`` the merged model."""
+        full weights, the tokenizer, and for LoRA with ``merged`` the merged model (with
+        ``num_stages`` > 1 each stage wrote its shard, :meth:`write_merged_stage`; here its
+        index and metadata)."""
         if not self.lora:
             self.write_metadata(path)
             return
         self._write_tokenizer(path)  # and the generation config, as for a full model:
         (path / GENERATION_CONFIG).write_text(self._generation_config())
-        if merged:
+        if merged and num_stages == 1:
             self.write_merged(path / MERGED_DIR)
+        elif merged:
+            from chunkflow.train.checkpoint import write_stage_index
+
+            write_stage_index(path / MERGED_DIR, num_stages)
+            self.write_metadata(path / MERGED_DIR)
+
+    def write_merged_stage(self, path: Path, stage: int, num_stages: int) -> list[str]:
+        """One pipeline stage's shard of the merged model (base + adapter) into ``path``, the
+        checkpoint directory; returns its name."""
+        from safetensors.torch import save_file
+
+        from chunkflow.train.checkpoint import stage_weights_file
+        from chunkflow.train.lora import merged_state_dict
+
+        (path / MERGED_DIR).mkdir(exist_ok=True)
+        name = f"{MERGED_DIR}/{stage_weights_file(stage, num_stages)}"
+        save_file(merged_state_dict(self.model), str(path / name), metadata={"format": "pt"})
+        return [name]
 
     def write_merged(self, path: Path) -> None:
         """A full model directory of base + adapter (LoRA runs)."""
@@ -113,13 +133,14 @@ class ModelFiles:
             config.eos_token_id = self.tokenizer.eos_token_id
         return config.to_json_string(use_diff=True)
 
-    def load(self, path: Path) -> None:
+    def load(self, path: Path, *, stage: bool = False) -> None:
         """The weights of checkpoint ``path`` into the model (strict: every tensor used, every
-        parameter set)."""
+        parameter set; ``stage``: a LoRA model's pipeline stage takes its part of the
+        adapter)."""
         if self.lora:
             from chunkflow.train.lora import load_adapter
 
-            load_adapter(self.model, path)
+            load_adapter(self.model, path, stage=stage)
             return
         from safetensors.torch import load_model
 

@@ -81,10 +81,10 @@ def apply_lora(model: nn.Module, section: LoraSection, *, model_path: str) -> nn
     return wrapped
 
 
-def save_adapter(model: nn.Module, path: Path) -> list[str]:
-    """The adapter (and fully trained modules) in PEFT's format; returns the file names."""
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter (and fully trained modules) of ``model`` (or of its pipeline stage), by
+    PEFT's names, on the CPU."""
     from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
     state, seen = {}, set()
     for k, v in get_peft_model_state_dict(model).items():
@@ -95,13 +95,24 @@ def save_adapter(model: nn.Module, path: Path) -> list[str]:
             v = v.clone()
         seen.add(v.untyped_storage().data_ptr())
         state[k] = v
+    return state
+
+
+def save_adapter(model: nn.Module, path: Path, *,
+                 state: dict[str, torch.Tensor] | None = None) -> list[str]:
+    """The adapter (and fully trained modules) in PEFT's format; returns the file names.
+    ``state``: the whole adapter when ``model`` is one pipeline stage (default: the model's)."""
+    from safetensors.torch import save_file
+
+    state = adapter_state(model) if state is None else state
     save_file(state, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     model.peft_config["default"].save_pretrained(str(path))
     return [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
 
 
-def load_adapter(model: nn.Module, path: Path) -> None:
-    """Inverse of :func:`save_adapter`: the adapter weights of ``path`` into ``model``."""
+def load_adapter(model: nn.Module, path: Path, *, stage: bool = False) -> None:
+    """Inverse of :func:`save_adapter`: the adapter weights of ``path`` into ``model``
+    (``stage``: one pipeline stage of the model, which takes its own part of them)."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -112,6 +123,8 @@ def load_adapter(model: nn.Module, path: Path) -> None:
                          f"it")
     state = load_file(str(file), device=str(next(model.parameters()).device))
     expected = set(get_peft_model_state_dict(model))
+    if stage and expected <= set(state):
+        state = {k: state[k] for k in expected}
     if set(state) != expected:
         raise ValueError(f"{file} does not match the configured adapters: missing "
                          f"{sorted(expected - set(state))[:5]}, unexpected "

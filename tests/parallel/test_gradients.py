@@ -9,7 +9,7 @@ evaluation loss against the unchunked token mean.
 import torch
 
 from tests.parallel.workers import (check_autocast, check_gradients, check_hf, spawn,
-                                    train_lora_ddp)
+                                    train_lora)
 
 
 def test_two_ranks_data_parallel_and_pipeline():
@@ -123,8 +123,8 @@ def test_lora_under_ddp_matches_one_process_and_resumes(tmp_path):
             "lora.dropout": "0.1", "train.steps": "4"}
     assert main(["train", *hf_args(str(tmp_path / "one"), model, data, **lora)]) == 0
     run = str(tmp_path / "ddp")
-    spawn(train_lora_ddp, 2, run, model, data, 2, False)
-    spawn(train_lora_ddp, 2, run, model, data, 4, True)
+    spawn(train_lora, 2, run, model, data, 2, False)
+    spawn(train_lora, 2, run, model, data, 4, True)
     one = load_file(tmp_path / "one" / "step-00000004" / "adapter_model.safetensors")
     ddp = load_file(tmp_path / "ddp" / "step-00000004" / "adapter_model.safetensors")
     assert one.keys() == ddp.keys()
@@ -132,3 +132,42 @@ def test_lora_under_ddp_matches_one_process_and_resumes(tmp_path):
         rel = float((ddp[name] - one[name]).norm() / one[name].norm())
         assert rel < 1e-9, (name, rel)
     assert (tmp_path / "ddp" / "step-00000004" / "merged" / "model.safetensors").is_file()
+
+
+def test_lora_on_pipeline_stages_matches_one_process_across_layouts(tmp_path):
+    """LoRA (a fully trained embedding on the first stage) on 2 pipeline stages through the
+    trainer: 2 steps at PP=2 resumed in one process, and 2 steps in one process resumed at PP=2,
+    both end with one process's 4-step adapter; the stages' adapters are saved as one PEFT
+    file, and the merged model as stage shards with an index that from_pretrained loads."""
+    import shutil
+
+    import transformers
+    from safetensors.torch import load_file
+
+    from chunkflow.cli import main
+    from tests.train.test_resume import chat_job, hf_args
+    from tests.train.test_trainer_hf import model_dir
+
+    model, data = model_dir(tmp_path, tied=False), str(chat_job(tmp_path))
+    # no dropout: a stage's layers would draw other masks than one process's
+    lora = {"model.dtype": "float64", "lora.rank": "4", "lora.modules_to_save": "embed_tokens",
+            "lora.dropout": "0.0"}
+    one = tmp_path / "one"
+    assert main(["train", *hf_args(str(one), model, data, **lora, **{"train.steps": "4"})]) == 0
+    pp2 = {"parallel.pp": "2", "lora.dropout": "0.0"}
+    spawn(train_lora, 2, str(tmp_path / "a"), model, data, 2, False, pp2)
+    merged = tmp_path / "a" / "step-00000002" / "merged"
+    assert (merged / "model.safetensors.index.json").is_file()
+    transformers.AutoModelForCausalLM.from_pretrained(merged)  # every tensor, from both stages
+    assert main(["train", *hf_args(str(tmp_path / "a"), model, data, **lora, **{
+        "train.steps": "4", "checkpoint.resume": "true", "parallel.pp": "1"})]) == 0
+    shutil.copytree(one, tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "step-00000004")
+    spawn(train_lora, 2, str(tmp_path / "b"), model, data, 4, True, pp2)
+    want = load_file(one / "step-00000004" / "adapter_model.safetensors")
+    for run in ("a", "b"):
+        got = load_file(tmp_path / run / "step-00000004" / "adapter_model.safetensors")
+        assert got.keys() == want.keys(), run
+        for name in want:
+            rel = float((got[name] - want[name]).norm() / want[name].norm())
+            assert rel < 1e-9, (run, name, rel)

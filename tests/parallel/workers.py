@@ -241,9 +241,10 @@ def check_hf(rank, world_size, cases):
             (where, ev, want_loss)
 
 
-def train_lora_ddp(rank, world_size, run_dir: str, model_path: str, data: str, steps: int,
-                   resume: bool):
-    """A LoRA run of the trainer under DDP on these ranks (as torchrun would run it)."""
+def train_lora(rank, world_size, run_dir: str, model_path: str, data: str, steps: int,
+               resume: bool, options: dict | None = None):
+    """A LoRA run of the trainer on these ranks (as torchrun would run it): DDP, or the layout
+    ``options`` give."""
     from chunkflow.train.config import load_config
     from chunkflow.train.trainer import Trainer
     from tests.train.test_resume import hf_args
@@ -251,7 +252,7 @@ def train_lora_ddp(rank, world_size, run_dir: str, model_path: str, data: str, s
     options = dict(a[2:].split("=", 1) for a in hf_args(run_dir, model_path, data, **{
         "model.dtype": "float64", "lora.rank": "4", "train.steps": str(steps),
         "lora.modules_to_save": "embed_tokens", "lora.dropout": "0.1",
-        "checkpoint.resume": str(resume).lower()}))
+        "checkpoint.resume": str(resume).lower(), **(options or {})}))
     Trainer(load_config(None, options)).run()
 
 
