@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 EXIT_USER_ERROR, EXIT_STOPPED, EXIT_DISK_FULL, EXIT_INTERRUPTED = 2, 1, 3, 130
@@ -191,8 +192,6 @@ def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
         longest = max(128, 1 << (max_len - 1).bit_length())  # the powers of two up to it
         options["chunk_sizes"] = [1 << p for p in range(7, 16) if 1 << p <= longest]
         options["runtime"] = "chunkflow"
-        if shape.tie_word_embeddings:  # the embedding and the head would be on two stages
-            options["max_pp"] = 1
         data = cfg.data.path or "the built-in data"
         source = (f"the first {len(first)} global batch(es) of {data} (longest sequence "
                   f"{max_len} tokens)")
@@ -202,6 +201,8 @@ def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
     print(f"auto-tune: {name} on {args.gpus} x {gpu.name}, {source}, memory budget "
           f"{args.memory_budget} (predicted by chunkflow.plan.cost + chunkflow.sim)")
     fsdp = not own_model or _fsdp_runs(cfg)
+    if options["runtime"] == "chunkflow" and shape.tie_word_embeddings:
+        options["max_pp"] = 1  # the embedding and the head would be on two stages
     family = _hf_family(cfg) if own_model else None
     if own_model and family is not None and not family.parallel:
         options["max_tp"] = options["max_pp"] = 1  # these families: data parallel only
@@ -217,12 +218,13 @@ def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
     print(format_candidates(candidates, top=args.top))
     best = candidates[0]
     # the run's own options (LoRA, optimizer, ...), less those the launch line sets
-    run = ((f" --config {args.config}" if args.config else "")
-           + "".join(f" --{name}={getattr(args, name)}" for name in sorted(given)
-                     if name not in LAUNCH_SETS)) if own_model else " ..."
+    run = ((f" --config {shlex.quote(args.config)}" if args.config else "")
+           + "".join(f" --{name}={shlex.quote(str(getattr(args, name)))}"
+                     for name in sorted(given) if name not in LAUNCH_SETS)) if own_model else " ..."
     launch = launch_command(best, gpus=args.gpus, run=run, fsdp=fsdp,
                             vocab_parallel=(cfg.parallel.vocab_parallel
-                                            or options["runtime"] != "chunkflow"))
+                                            or options["runtime"] != "chunkflow"),
+                            explicit=args.config is not None)
     print(f"launch it: {launch}  (predicted peak {format_size(best.peak_memory_bytes)} per GPU"
           + ("" if options["runtime"] == "chunkflow" else "; priced as Megatron's tensor "
              "parallelism, which gathers the layers' inputs again in backward where chunkflow "
@@ -257,10 +259,11 @@ def _fsdp_runs(cfg) -> bool:
 
 
 def launch_command(best, *, gpus: int, run: str = " ...", fsdp: bool = True,
-                   vocab_parallel: bool = True) -> str:
+                   vocab_parallel: bool = True, explicit: bool = False) -> str:
     """The command line that trains with ``best`` (a chunkflow.sim.tune.Candidate) on ``gpus``
     GPUs: torchrun with 8 processes per node beyond one node. ``fsdp``: whether the model
-    trains under FSDP2 (else DDP); ``vocab_parallel``: the run's ``--parallel.vocab_parallel``."""
+    trains under FSDP2 (else DDP); ``vocab_parallel``: the run's ``--parallel.vocab_parallel``;
+    ``explicit``: spell out the layout's defaults too (a config file may set others)."""
     if gpus == 1:
         launch = "chunkflow train"
     elif gpus <= 8:
@@ -269,13 +272,16 @@ def launch_command(best, *, gpus: int, run: str = " ...", fsdp: bool = True,
         launch = (f"torchrun --nnodes {-(-gpus // 8)} --nproc-per-node 8 --rdzv-backend c10d "
                   f"--rdzv-endpoint HOST:29500 -m chunkflow train")
     parts = [f"--chunking.chunk_size={best.chunk_size}", f"--chunking.k={best.k}"]
-    if best.tp > 1:
+    if explicit:
+        parts.append("--chunking.auto=false")
+    if best.tp > 1 or explicit:
         parts.append(f"--parallel.tp={best.tp}")
+    if best.tp > 1:
         if best.sp == 1:  # priced without sequence parallelism, as the run asked
             parts.append("--parallel.sequence_parallel=false")
         if not vocab_parallel:
             parts.append("--parallel.vocab_parallel=false")
-    if best.pp > 1:
+    if best.pp > 1 or explicit:
         parts.append(f"--parallel.pp={best.pp}")
     if best.dp > 1:  # the optimizer state is priced sharded over the replicas (FSDP2)
         parts.append(f"--parallel.data_parallel={'fsdp' if fsdp else 'ddp'}")

@@ -184,5 +184,8 @@ def test_plan_auto_launch_command_spells_out_the_layout():
         "--parallel.tp=2 --parallel.data_parallel=ddp")
     assert launch_command(Candidate(512, 1, 2, 1, 2, 1.0, 1.0, 0.0, sp=1), gpus=4).endswith(
         "--parallel.tp=2 --parallel.sequence_parallel=false --parallel.data_parallel=fsdp")
+    # with a config file, whose layout the launch line must override, the defaults too
+    assert launch_command(one, gpus=2, explicit=True).endswith(
+        "--chunking.k=2 --chunking.auto=false --parallel.tp=1 --parallel.pp=1")
     assert "--parallel.tp=2 --parallel.vocab_parallel=false " in launch_command(
         Candidate(512, 1, 2, 1, 2, 1.0, 1.0, 0.0), gpus=4, vocab_parallel=False)

@@ -63,6 +63,13 @@ def parallelize(model: nn.Module, ctx: ParallelContext | LocalContext, *,
         raise ValueError(f"data_parallel={data_parallel!r}; valid: {', '.join(DATA_PARALLEL)}")
     if ctx.pp > 1:
         model = split_stage(model, ctx.stage, ctx.pp)
+    # every rank raises (a stage alone would leave the others waiting for it)
+    if ctx.all_max(int(not any(p.requires_grad for p in model.parameters()))):
+        where = "a pipeline stage holds" if ctx.pp > 1 else "the model has"
+        raise ValueError(f"{where} no trainable parameter (e.g. LoRA adapters only in layers "
+                         f"of other stages); valid: --lora.target_modules or "
+                         f"--lora.modules_to_save that reach every stage's layers, or fewer "
+                         f"stages (--parallel.pp)")
     out = Parallelized(model)
     partial = []
     if ctx.tp > 1:

@@ -389,8 +389,7 @@ class ChunkFlowEngine:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
                                    device_type=device.type):
             key = chunk.chunk_id if step.chunk_ids is None else step.chunk_ids[chunk.chunk_id]
-            # a pipeline stage's own stream (its first layer's): not its predecessor's masks
-            torch.manual_seed(step.dropout_seed + key + (1 << 32) * self.model.layer_ids[0])
+            torch.manual_seed(chunk_seed(step.dropout_seed, key, self.model.layer_ids[0]))
             return self._run_chunk(step, chunk, state, x, grad=grad, with_loss=with_loss,
                                    kept=kept)
 
@@ -451,6 +450,14 @@ class ChunkFlowEngine:
             scope = getattr(self.model, "recompute_scope", contextlib.nullcontext)
             with scope():
                 torch.autograd.backward([graph.output], [grad_output])
+
+
+def chunk_seed(step_seed: int, chunk_key: int, first_layer: int) -> int:
+    """The seed of a chunk's dropout masks on the stage whose first layer is ``first_layer``:
+    ``step_seed + chunk_key`` on the first stage (one process included), another stream on each
+    later one, so a stage does not repeat its predecessor's masks. The stage term reaches the
+    low 32 bits, all that the CPU generator keeps of a seed."""
+    return (step_seed + chunk_key + 0x9E3779B97F4A7C15 * first_layer) % (1 << 64)
 
 
 @dataclass

@@ -123,7 +123,12 @@ def load_adapter(model: nn.Module, path: Path, *, stage: bool = False) -> None:
                          f"it")
     state = load_file(str(file), device=str(next(model.parameters()).device))
     expected = set(get_peft_model_state_dict(model))
-    if stage and expected <= set(state):
+    if stage:  # the other stages' tensors are theirs
+        missing = sorted(expected - set(state))
+        if missing:
+            raise ValueError(f"{file} lacks this pipeline stage's adapter tensors "
+                             f"{missing[:5]}; valid: the --lora settings of the run that saved "
+                             f"it")
         state = {k: state[k] for k in expected}
     if set(state) != expected:
         raise ValueError(f"{file} does not match the configured adapters: missing "

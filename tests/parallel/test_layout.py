@@ -99,6 +99,15 @@ def test_a_step_that_sums_gradients_over_ranks_refuses_gradients_left_from_anoth
         DataParallelSync(None, None, tp_partial=[param]).start()
 
 
+def test_a_model_without_trainable_parameters_is_refused():
+    from chunkflow.parallel import LocalContext, ParallelEngine
+
+    model = tiny_model()
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="the model has no trainable parameter"):
+        ParallelEngine(model, LocalContext(torch.device("cpu")), chunk_size=16)
+
+
 def test_pipeline_without_torchrun_is_a_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert main(["train", "--parallel.pp=2", f"--train.output_dir={tmp_path}"]) == 2

@@ -1,5 +1,6 @@
 """Sequence parallelism's bookkeeping on one process: the ranks' rows tile the padded chunk, and
-attention over a padded chunk equals attention over the chunk (padding rows get zeros)."""
+attention over a padded chunk equals attention over the chunk (padding rows get zeros); and a
+pipeline stage's dropout stream."""
 
 import pytest
 import torch
@@ -41,3 +42,19 @@ def test_attention_leaves_the_padding_rows_out():
     assert all(not g[:, :, 11:].any() for g in grads)  # the padding gets no gradient
     want = torch.autograd.grad(plain.sum(), (q, k, v))
     assert all(torch.allclose(g, w, rtol=0, atol=1e-12) for g, w in zip(grads, want))
+
+
+def test_each_pipeline_stage_draws_its_own_dropout_masks_on_cpu():
+    """The first stage (one process included) keeps the seed it always had; a later stage gets
+    another stream, which the CPU generator (32 bits of a seed) sees too."""
+    from chunkflow.runtime.engine import chunk_seed
+
+    def masks(seed):
+        torch.manual_seed(seed)
+        return torch.rand(64)
+
+    step_seed = 2**61 + 12345
+    assert chunk_seed(step_seed, 7, 0) == step_seed + 7
+    first, later = masks(chunk_seed(step_seed, 7, 0)), masks(chunk_seed(step_seed, 7, 2))
+    assert not torch.equal(first, later)
+    assert all(0 <= chunk_seed(2**62 - 1, 10**6, layer) < 2**64 for layer in (0, 1, 80))
