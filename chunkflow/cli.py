@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
+
+from chunkflow.launch import fsdp_runs, hf_family, launch_command, run_options
 
 EXIT_USER_ERROR, EXIT_STOPPED, EXIT_DISK_FULL, EXIT_INTERRUPTED = 2, 1, 3, 130
 
@@ -200,10 +201,10 @@ def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
         source = f"max length {args.max_len}, global batch {args.global_batch}"
     print(f"auto-tune: {name} on {args.gpus} x {gpu.name}, {source}, memory budget "
           f"{args.memory_budget} (predicted by chunkflow.plan.cost + chunkflow.sim)")
-    fsdp = not own_model or _fsdp_runs(cfg)
+    fsdp = not own_model or fsdp_runs(cfg)
     if options["runtime"] == "chunkflow" and shape.tie_word_embeddings:
         options["max_pp"] = 1  # the embedding and the head would be on two stages
-    family = _hf_family(cfg) if own_model else None
+    family = hf_family(cfg) if own_model else None
     if own_model and family is not None and not family.parallel:
         options["max_tp"] = options["max_pp"] = 1  # these families: data parallel only
     elif own_model and cfg.lora.rank > 0:
@@ -217,10 +218,8 @@ def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
                           **options)
     print(format_candidates(candidates, top=args.top))
     best = candidates[0]
-    # the run's own options (LoRA, optimizer, ...), less those the launch line sets
-    run = ((f" --config {shlex.quote(args.config)}" if args.config else "")
-           + "".join(f" --{name}={shlex.quote(str(getattr(args, name)))}"
-                     for name in sorted(given) if name not in LAUNCH_SETS)) if own_model else " ..."
+    run = run_options(args.config, {name: getattr(args, name) for name in given}) \
+        if own_model else " ..."
     launch = launch_command(best, gpus=args.gpus, run=run, fsdp=fsdp,
                             vocab_parallel=(cfg.parallel.vocab_parallel
                                             or options["runtime"] != "chunkflow"),
@@ -230,62 +229,6 @@ def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
              "parallelism, which gathers the layers' inputs again in backward where chunkflow "
              "keeps them: plan with the run's --model.* or --config for its own") + ")")
     return 0
-
-
-LAUNCH_SETS = ("chunking.chunk_size", "chunking.k", "chunking.auto", "parallel.tp", "parallel.pp",
-               "parallel.data_parallel", "parallel.sequence_parallel", "parallel.vocab_parallel")
-"""The options ``plan --auto``'s launch line sets itself (see :func:`launch_command`)."""
-
-
-def _hf_family(cfg):
-    """The family table's row of the run's transformers model (--model.implementation=hf), or
-    None (chunkflow's reference model runs every layout)."""
-    if cfg.model.path is None or cfg.model.implementation != "hf":
-        return None
-    import json
-    from pathlib import Path
-
-    from chunkflow.models.families import FAMILIES
-
-    config = json.loads((Path(cfg.model.path) / "config.json").read_text())
-    return FAMILIES.get(config.get("model_type"))
-
-
-def _fsdp_runs(cfg) -> bool:
-    """Whether the run's model trains under FSDP2 (not LoRA, nor a mixture of experts: see
-    chunkflow.parallel.data_parallel.apply_fsdp)."""
-    family = _hf_family(cfg)
-    return cfg.lora.rank == 0 and (family is None or not family.experts)
-
-
-def launch_command(best, *, gpus: int, run: str = " ...", fsdp: bool = True,
-                   vocab_parallel: bool = True, explicit: bool = False) -> str:
-    """The command line that trains with ``best`` (a chunkflow.sim.tune.Candidate) on ``gpus``
-    GPUs: torchrun with 8 processes per node beyond one node. ``fsdp``: whether the model
-    trains under FSDP2 (else DDP); ``vocab_parallel``: the run's ``--parallel.vocab_parallel``;
-    ``explicit``: spell out the layout's defaults too (a config file may set others)."""
-    if gpus == 1:
-        launch = "chunkflow train"
-    elif gpus <= 8:
-        launch = f"torchrun --nproc-per-node {gpus} -m chunkflow train"
-    else:
-        launch = (f"torchrun --nnodes {-(-gpus // 8)} --nproc-per-node 8 --rdzv-backend c10d "
-                  f"--rdzv-endpoint HOST:29500 -m chunkflow train")
-    parts = [f"--chunking.chunk_size={best.chunk_size}", f"--chunking.k={best.k}"]
-    if explicit:
-        parts.append("--chunking.auto=false")
-    if best.tp > 1 or explicit:
-        parts.append(f"--parallel.tp={best.tp}")
-    if best.tp > 1:
-        if best.sp == 1:  # priced without sequence parallelism, as the run asked
-            parts.append("--parallel.sequence_parallel=false")
-        if not vocab_parallel:
-            parts.append("--parallel.vocab_parallel=false")
-    if best.pp > 1 or explicit:
-        parts.append(f"--parallel.pp={best.pp}")
-    if best.dp > 1:  # the optimizer state is priced sharded over the replicas (FSDP2)
-        parts.append(f"--parallel.data_parallel={'fsdp' if fsdp else 'ddp'}")
-    return f"{launch}{run} " + " ".join(parts)
 
 
 def _named_shape(name: str):

@@ -60,6 +60,14 @@ def is_hf_model(model: Any) -> bool:
             or (peft is not None and isinstance(model, peft.PeftModel)))
 
 
+def check_hf_model(model: Any, *, what: str, valid: str) -> None:
+    """Refuse, naming ``what`` and what is ``valid``, anything but a transformers model (or a
+    PEFT wrapper of one) where chunkflow's reference model is not given either."""
+    if not is_hf_model(model):
+        raise ValueError(f"{what} runs chunkflow's reference model or a transformers causal LM, "
+                         f"got {type(model).__name__}; valid: {valid}")
+
+
 def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask, *, scaling: float | None = None, dropout: float = 0.0,
                chunkflow_attention=None, **kwargs):

@@ -94,12 +94,9 @@ def check_fsdp(model: nn.Module) -> None:
     if hasattr(model, "hidden_states"):  # chunkflow's reference model
         return
     from chunkflow.models import families
-    from chunkflow.models.hf import is_hf_model
+    from chunkflow.models.hf import check_hf_model
 
-    if not is_hf_model(model):
-        raise ValueError(f"data_parallel='fsdp' runs chunkflow's reference model or a "
-                         f"transformers causal LM, got {type(model).__name__}; valid: "
-                         f"data_parallel='ddp'")
+    check_hf_model(model, what="data_parallel='fsdp'", valid="data_parallel='ddp'")
     if hasattr(model, "peft_config"):
         raise ValueError("data_parallel='fsdp' with LoRA is not supported: the frozen base "
                          "weights have no gradient or optimizer state to shard, and a step "

@@ -98,12 +98,9 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     causal LM (Llama, Qwen2, Qwen3, Mistral: the same projection names)."""
     if hasattr(model, "hidden_states"):  # chunkflow's reference model
         return list(model.model.layers.values())
-    from chunkflow.models.hf import is_hf_model
+    from chunkflow.models.hf import check_hf_model
 
-    if not is_hf_model(model):
-        raise ValueError(f"tensor parallelism runs chunkflow's reference model or a "
-                         f"transformers causal LM, got {type(model).__name__}; valid: "
-                         f"--parallel.tp=1")
+    check_hf_model(model, what="tensor parallelism", valid="--parallel.tp=1")
     if hasattr(model, "peft_config"):
         raise ValueError("tensor parallelism with LoRA is not supported (PEFT wraps the "
                          "projections the plan shards); valid: --parallel.tp=1, data "

@@ -33,7 +33,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
 from chunkflow.parallel.mesh import ParallelContext
-from chunkflow.runtime.head_loss import LOGITS_BUDGET, _cast
+from chunkflow.runtime.head_loss import LOGITS_BUDGET, _cast, _logits
 from chunkflow.runtime.loss import IGNORE_INDEX
 
 
@@ -159,7 +159,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         target_logit = torch.zeros_like(lse)
         local_t, mine = _local_targets(targets, start, weight.shape[0], acc)
         for a in range(0, hidden.shape[0], rows):
-            logits = (hidden[a:a + rows] @ weight.transpose(0, 1)).to(acc)  # (rows, Vr)
+            logits = _logits(hidden[a:a + rows], weight, None, acc)  # (rows, Vr)
             top = logits.max(-1).values
             dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
             sum_exp = (logits - top[:, None]).exp().sum(-1)
@@ -183,7 +183,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         dw = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         for a in range(0, hidden.shape[0], ctx.rows):
             h = hidden[a:a + ctx.rows]
-            logits = (h @ weight.transpose(0, 1)).to(acc)
+            logits = _logits(h, weight, None, acc)
             g = (logits - lse[a:a + ctx.rows, None]).exp() * g_out[a:a + ctx.rows, None]
             g.scatter_add_(1, local_t[a:a + ctx.rows, None],
                            -(g_out[a:a + ctx.rows] * mine[a:a + ctx.rows])[:, None])

@@ -52,10 +52,7 @@ class SequenceShard:
     def local(self, t: torch.Tensor, fill) -> torch.Tensor:
         """This rank's rows of ``t`` (L, ...) (dim 0), padded with ``fill`` past the end."""
         rows = self.rows(t.shape[0])
-        pad = rows * self.size - t.shape[0]
-        if pad:
-            t = torch.cat([t, t.new_full((pad, *t.shape[1:]), fill)])
-        return t[self.rank * rows:(self.rank + 1) * rows]
+        return self.padded(t, fill)[self.rank * rows:(self.rank + 1) * rows]
 
     def padded(self, t: torch.Tensor, fill) -> torch.Tensor:
         """``t`` (L, ...) padded with ``fill`` to the ``size * rows(L)`` rows of the gathered
