@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from chunkflow.plan.chunks import check_positive_int
+from chunkflow.runtime.devices import normalize_device
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ class LocalContext:
     is_first_stage = is_last_stage = True
 
     def __init__(self, device: torch.device):
-        self.device = device
+        self.device = normalize_device(device)  # cuda -> cuda:<current>, as ParallelContext's
 
     world_size = dp = pp = tp = 1
 

@@ -41,6 +41,7 @@ from torch import nn
 from chunkflow.plan import Action, ActionKind, Chunk, ChunkPlan, build_chunks, schedule
 from chunkflow.runtime.attention import KeptAttention, get_kernel
 from chunkflow.runtime.chunk_call import ChunkAttention, Segment, SequenceShard
+from chunkflow.runtime.devices import normalize_device
 from chunkflow.runtime.head_loss import head_loss
 from chunkflow.runtime.inputs import prepare_batch
 from chunkflow.runtime.kv_state import ChainState, Copier, OffloadedChainState
@@ -154,8 +155,9 @@ class ChunkFlowEngine:
             hook(action, phase)
 
     def copier(self, device: torch.device) -> Copier:
-        """The host<->device copier offloading uses (its counters tell what moved)."""
-        if self._copier is None or self._copier.device != device:
+        """The host<->device copier offloading uses (its counters tell what moved). ``cuda``
+        and ``cuda:0`` are the same device here (:func:`normalize_device`)."""
+        if self._copier is None or self._copier.device != normalize_device(device):
             self._copier = Copier(device)
         return self._copier
 
