@@ -25,6 +25,8 @@ from typing import Sequence
 
 import torch
 
+from chunkflow.plan.memory import HOST_ALIGN, host_pieces, pinned_block_bytes
+from chunkflow.runtime.devices import copy_is_async, normalize_device
 from chunkflow.runtime.memory import MemoryMeter
 
 LAYOUTS = ("bhsd", "thd")
@@ -141,32 +143,59 @@ def _add_rows(layout, gk, gv, start: int, dk, dv) -> None:
 class Copier:
     """Copies between the compute device and host memory. On CUDA: on a side stream, so a
     copy overlaps the compute it does not feed (``to_device`` returns at once; ``wait`` makes
-    the compute stream wait for it); elsewhere plain synchronous copies. Counts what it moved
-    (``bytes_to_device``, ``bytes_to_host``, ``log``: (direction, what, layer, nbytes)) since
-    the last :meth:`reset`, which the engine calls at the start of every step."""
+    the compute stream wait for it), from and to pinned host memory (``host_empty``; a copy
+    from pageable memory would be synchronous); elsewhere plain synchronous copies. Counts what
+    it moved (``bytes_to_device``, ``bytes_to_host``, ``log``: (direction, what, layer,
+    nbytes)) since the last :meth:`reset`, which the engine calls at the start of every step.
+
+    ``device`` is normalised (``cuda`` is ``cuda:<current>``), and making a Copier touches no
+    CUDA API (its stream is made at the first copy)."""
 
     def __init__(self, device: torch.device):
-        self.device = torch.device(device)
+        self.device = normalize_device(device)
         self.cuda = self.device.type == "cuda"
-        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self._stream = None
         self.reset()
+
+    @property
+    def stream(self):
+        """The side stream the copies run on (CUDA), made when first needed."""
+        if self._stream is None and self.cuda:
+            self._stream = torch.cuda.Stream(self.device)
+        return self._stream
 
     def reset(self) -> None:
         self.bytes_to_device = self.bytes_to_host = 0
         self.log: list[tuple[str, str, int, int]] = []
 
     def host_empty(self, shape, dtype) -> torch.Tensor:
-        """A host buffer (pinned on CUDA, so copies to and from it can be asynchronous)."""
-        return torch.zeros(shape, dtype=dtype, pin_memory=self.cuda)
+        """An uninitialised host buffer (pinned on CUDA, so copies to and from it can be
+        asynchronous). Not zero-filled: that would be a host memset of every byte, and every
+        reader reads only what was copied in."""
+        return torch.empty(shape, dtype=dtype, pin_memory=self.cuda)
 
-    def to_device(self, host: torch.Tensor, what: str, layer: int):
-        """Start copying ``host`` to the device; returns (tensor, ready event or None)."""
+    def to_device(self, host: torch.Tensor, what: str, layer: int, *, into=None):
+        """Start copying ``host`` to the device; returns (tensor, ready event or None).
+
+        ``into``: ``(make, place)``: the copy goes into ``place(make())`` (a view of a new
+        device tensor ``make()`` returns, made on the copy stream), and that tensor is
+        returned: a buffer of which only some rows are copied."""
         self.bytes_to_device += host.nbytes
         self.log.append(("to_device", what, layer, host.nbytes))
         if not self.cuda:
-            return host.clone(), None
+            if into is None:
+                return host.clone(), None
+            out = into[0]()
+            into[1](out).copy_(host)
+            return out, None
+        _check_pinned(host, what, layer)
+        non_blocking = copy_is_async(host, self.device)  # not for a strided view: see there
         with torch.cuda.stream(self.stream):
-            out = host.to(self.device, non_blocking=True)
+            if into is None:
+                out = host.to(self.device, non_blocking=non_blocking)
+            else:
+                out = into[0]()
+                into[1](out).copy_(host, non_blocking=non_blocking)
             event = torch.cuda.Event()
             event.record(self.stream)
         return out, event
@@ -186,14 +215,23 @@ class Copier:
         if not self.cuda:
             host.copy_(device_tensor)
             return
+        _check_pinned(host, what, layer)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
-            host.copy_(device_tensor, non_blocking=True)
+            host.copy_(device_tensor, non_blocking=copy_is_async(host, self.device))
         device_tensor.record_stream(self.stream)
 
     def synchronize(self) -> None:
-        if self.cuda:
-            self.stream.synchronize()
+        if self._stream is not None:
+            self._stream.synchronize()
+
+
+def _check_pinned(host: torch.Tensor, what: str, layer: int) -> None:
+    """A CUDA copy to or from pageable host memory would be synchronous: the Copier's host
+    buffers come from :meth:`Copier.host_empty`, and anything else is a bug."""
+    if not host.is_pinned():
+        raise RuntimeError(f"{what} of layer {layer}: a copy between CUDA and pageable host "
+                           f"memory is synchronous; allocate the host side with host_empty")
 
 
 class OffloadedChainState:
@@ -205,7 +243,20 @@ class OffloadedChainState:
     prefetched behind it; at most ``resident`` layers stay on the device, the least recently
     used one going back to the host (its new rows of keys/values and its gradients, if
     touched). So the device holds ``resident`` layers' state instead of every layer's.
-    The meter counts the device-resident bytes only; ``host_bytes`` is what lives on the host.
+
+    Only rows in use move. Back to the host: the rows written (keys/values) or added to
+    (gradients) while on the device; to the device: the rows the host holds. Neither counts
+    rows at or past the start of the lowest chunk whose backward has read its gradients
+    (``own_grads``): a chain's backward runs its chunks in descending order, and nothing reads
+    those rows again. So device rows outside these are uninitialised (keys/values: nothing
+    reads a row before it is written) or zero (gradients, which accumulate).
+
+    The host buffers are views of a few pinned pieces (:func:`chunkflow.plan.memory.host_pieces`:
+    torch's caching host allocator rounds each allocation up to a power of two, and the pieces
+    keep that waste below a buffer each), uninitialised (a zero fill would be a host memset of
+    the whole state that no reader needs). The meter counts the device-resident bytes only;
+    ``host_bytes`` is what the host allocator holds for the state, the figure
+    :func:`chunkflow.plan.memory.offloaded_state_host_bytes` prices.
     """
 
     def __init__(self, *, layer_ids: Sequence[int], seq_len: int, meter: MemoryMeter,
@@ -221,9 +272,11 @@ class OffloadedChainState:
         self.layer_ids = sorted(layer_ids)
         self.copier, self.resident = copier, resident
         self._meter = meter
-        self._host: dict[int, dict[str, torch.Tensor]] = {}  # layer -> k, v, gk, gv
-        self._grads_on_host: set[int] = set()  # layers whose host gradients are not all zero
-        self._kv_on_host: set[int] = set()  # layers whose host keys/values are not all zero
+        self._host: dict[int, dict[str, torch.Tensor]] = {}  # layer -> k, v, gk, gv (views)
+        self._pieces: list[torch.Tensor] = []  # the host allocations those views share
+        self._kv_rows: dict[int, tuple[int, int]] = {}  # host key/value rows written
+        self._grad_rows: dict[int, tuple[int, int]] = {}  # host gradient rows added to
+        self._live: dict[int, int] = {}  # rows from here on are read no more
         self._dev: dict[int, dict] = {}  # resident layers, least recently used first
         self._like: tuple | None = None  # (G, D, dtype) of the keys
         self._last: int | None = None
@@ -241,32 +294,64 @@ class OffloadedChainState:
         return _rows(self.layout, x, a, b)
 
     def _allocate_host(self, like: torch.Tensor) -> None:
+        """Every layer's host buffers, in the order and pieces the planner prices."""
         self._like = (like.shape[1], like.shape[3], like.dtype)
         grad_dtype = torch.promote_types(like.dtype, torch.float32)
+        specs = []  # (layer, name, rows, dtype)
         for layer in self.layer_ids:
-            bufs = {"k": self.copier.host_empty(self._shape(self.capacity), like.dtype),
-                    "v": self.copier.host_empty(self._shape(self.capacity), like.dtype)}
+            specs += [(layer, "k", self.capacity, like.dtype),
+                      (layer, "v", self.capacity, like.dtype)]
             if self.with_grads:
-                bufs["gk"] = self.copier.host_empty(self._shape(self.seq_len), grad_dtype)
-                bufs["gv"] = self.copier.host_empty(self._shape(self.seq_len), grad_dtype)
-            self._host[layer] = bufs
-            self.host_bytes += sum(t.nbytes for t in bufs.values())
+                specs += [(layer, "gk", self.seq_len, grad_dtype),
+                          (layer, "gv", self.seq_len, grad_dtype)]
+        row = like.shape[1] * like.shape[3]
+        sizes = [rows * row * dtype.itemsize for _, _, rows, dtype in specs]
+        first = 0
+        for count, nbytes in host_pieces(sizes):
+            piece = self.copier.host_empty((nbytes,), torch.uint8)
+            self._pieces.append(piece)
+            self.host_bytes += pinned_block_bytes(nbytes) if self.copier.cuda else nbytes
+            offset = 0
+            for (layer, name, rows, dtype), size in zip(specs[first:first + count],
+                                                        sizes[first:first + count]):
+                view = piece[offset:offset + size].view(dtype).view(self._shape(rows))
+                self._host.setdefault(layer, {})[name] = view
+                offset += -(-size // HOST_ALIGN) * HOST_ALIGN
+            first += count
 
     # -- residency ----------------------------------------------------------------------------
+
+    def _in_use(self, rows: dict, layer: int) -> tuple[int, int]:
+        """The rows of ``rows[layer]`` still read (empty: a == b)."""
+        a, b = rows.get(layer, (0, 0))
+        b = min(b, self._live.get(layer, b))
+        return (a, b) if a < b else (0, 0)
+
+    def _to_device(self, host: torch.Tensor, what: str, layer: int, rows: tuple[int, int], *,
+                   zero: bool):
+        """A device copy of ``host`` of which ``rows`` come from the host, the rest empty
+        (``zero``: zeros); returns (tensor, ready event or None)."""
+        device = self.copier.device
+
+        def make():
+            fill = torch.zeros if zero else torch.empty
+            return fill(host.shape, dtype=host.dtype, device=device)
+
+        a, b = rows
+        if a == b:
+            return make(), None
+        return self.copier.to_device(self._rows(host, a, b), what, layer,
+                                     into=(make, lambda t: self._rows(t, a, b)))
 
     def _fetch(self, layer: int) -> dict:
         """Start bringing ``layer``'s keys/values to the device (no wait)."""
         entry = self._dev.get(layer)
         if entry is None:
-            host = self._host[layer]
-            if layer in self._kv_on_host:
-                k, ek = self.copier.to_device(host["k"], "k", layer)
-                v, ev = self.copier.to_device(host["v"], "v", layer)
-            else:  # nothing written back yet: no need to move zeros
-                k = torch.zeros_like(host["k"], device=self.copier.device)
-                v, ek, ev = torch.zeros_like(k), None, None
+            host, rows = self._host[layer], self._in_use(self._kv_rows, layer)
+            k, ek = self._to_device(host["k"], "k", layer, rows, zero=False)
+            v, ev = self._to_device(host["v"], "v", layer, rows, zero=False)
             entry = {"k": k, "v": v, "events": [(k, ek), (v, ev)], "dirty": None,
-                     "gk": None, "gv": None}
+                     "gk": None, "gv": None, "grad_rows": None, "grad_dirty": False}
             self._dev[layer] = entry
             self._count(k.nbytes + v.nbytes)
         return entry
@@ -281,17 +366,12 @@ class OffloadedChainState:
         entry = self._fetch(layer)
         self._dev[layer] = self._dev.pop(layer)  # most recently used
         if grads and entry["gk"] is None:
-            if layer in self._grads_on_host:
-                host = self._host[layer]
-                gk, e1 = self.copier.to_device(host["gk"], "grad_k", layer)
-                gv, e2 = self.copier.to_device(host["gv"], "grad_v", layer)
-                entry["events"] += [(gk, e1), (gv, e2)]
-            else:  # nothing accumulated yet: no need to move zeros
-                dtype = torch.promote_types(self._like[2], torch.float32)
-                gk = torch.zeros(self._shape(self.seq_len), dtype=dtype,
-                                 device=self.copier.device)
-                gv = torch.zeros_like(gk)
+            host, rows = self._host[layer], self._in_use(self._grad_rows, layer)
+            gk, e1 = self._to_device(host["gk"], "grad_k", layer, rows, zero=True)
+            gv, e2 = self._to_device(host["gv"], "grad_v", layer, rows, zero=True)
+            entry["events"] += [(gk, e1), (gv, e2)]
             entry["gk"], entry["gv"] = gk, gv
+            entry["grad_rows"] = rows if rows[0] < rows[1] else None
             self._count(gk.nbytes + gv.nbytes)
         for tensor, event in entry["events"]:
             self.copier.wait(tensor, event)
@@ -323,17 +403,29 @@ class OffloadedChainState:
         entry, host = self._dev.pop(layer), self._host[layer]
         for tensor, event in entry["events"]:  # a prefetch never used: let it land first
             self.copier.wait(tensor, event)
+        live = self._live.get(layer, self.capacity)
         if entry["dirty"] is not None:
-            a, b = entry["dirty"]
-            for name in ("k", "v"):
-                self.copier.to_host(self._rows(host[name], a, b), self._rows(entry[name], a, b),
-                                    name, layer)
-            self._kv_on_host.add(layer)
+            a, b = entry["dirty"][0], min(entry["dirty"][1], live)
+            if a < b:
+                for name in ("k", "v"):
+                    self.copier.to_host(self._rows(host[name], a, b),
+                                        self._rows(entry[name], a, b), name, layer)
+                old = self._kv_rows.get(layer)
+                # rows are written chunk after chunk: what is on the host stays one range
+                assert old is None or (a <= old[1] and b >= old[0]), (old, (a, b))
+                self._kv_rows[layer] = (a, b) if old is None else (min(a, old[0]),
+                                                                   max(b, old[1]))
         nbytes = entry["k"].nbytes + entry["v"].nbytes
         if entry["gk"] is not None:
-            self.copier.to_host(host["gk"], entry["gk"], "grad_k", layer)
-            self.copier.to_host(host["gv"], entry["gv"], "grad_v", layer)
-            self._grads_on_host.add(layer)
+            if entry["grad_dirty"]:  # the device holds every host row plus what was added
+                a, b = entry["grad_rows"]
+                b = min(b, live)
+                if a < b:
+                    self.copier.to_host(self._rows(host["gk"], a, b),
+                                        self._rows(entry["gk"], a, b), "grad_k", layer)
+                    self.copier.to_host(self._rows(host["gv"], a, b),
+                                        self._rows(entry["gv"], a, b), "grad_v", layer)
+                self._grad_rows[layer] = (a, b) if a < b else (0, 0)
             nbytes += entry["gk"].nbytes + entry["gv"].nbytes
         self._count(-nbytes)
 
@@ -355,8 +447,7 @@ class OffloadedChainState:
             self._allocate_host(k)
         entry = self._use(layer_idx)
         _write_rows(self.layout, entry["k"], entry["v"], start, end, k, v)
-        a, b = entry["dirty"] or (start, end)
-        entry["dirty"] = (min(a, start), max(b, end))
+        entry["dirty"] = _hull(entry["dirty"], (start, end))
 
     def keys(self, layer_idx: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         entry = self._use(layer_idx)
@@ -365,14 +456,25 @@ class OffloadedChainState:
     def add_grad(self, layer_idx: int, start: int, dk: torch.Tensor, dv: torch.Tensor) -> None:
         entry = self._use(layer_idx, grads=True)
         _add_rows(self.layout, entry["gk"], entry["gv"], start, dk, dv)
+        entry["grad_rows"] = _hull(entry["grad_rows"], (start, start + _num_rows(self.layout, dk)))
+        entry["grad_dirty"] = True
 
     def own_grads(self, layer_idx: int, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """What later chunks sent back for positions [start, start + n). This is the chunk's
+        last read of the layer in its backward: from here on rows from ``start`` are dead."""
         entry = self._use(layer_idx, grads=True)
+        self._live[layer_idx] = min(self._live.get(layer_idx, self.capacity), start)
         return (_as_bhsd(self.layout, self._rows(entry["gk"], start, start + n)),
                 _as_bhsd(self.layout, self._rows(entry["gv"], start, start + n)))
 
     def free(self) -> None:
         self.copier.synchronize()  # no copy may still be writing into a freed host buffer
         self._count(-self._nbytes)
-        self._dev, self._host, self._grads_on_host, self._kv_on_host = {}, {}, set(), set()
+        self._dev, self._host, self._pieces = {}, {}, []
+        self._kv_rows, self._grad_rows, self._live = {}, {}, {}
         self.host_bytes = 0
+
+
+def _hull(a: tuple[int, int] | None, b: tuple[int, int]) -> tuple[int, int]:
+    """The smallest row range holding both ranges."""
+    return b if a is None else (min(a[0], b[0]), max(a[1], b[1]))

@@ -21,7 +21,11 @@ from chunkflow.plan.memory import (
     MemoryEstimate,
     activation_bytes_per_token,
     estimate_peak_memory,
+    host_pieces,
     kv_state_bytes,
+    offloaded_state_buffers,
+    offloaded_state_host_bytes,
+    pinned_block_bytes,
 )
 from tests.torchless import run_without_torch
 
@@ -213,3 +217,75 @@ def test_recompute_and_offload_estimates_match_cpu_meter(recompute, offload, che
                  - activation_bytes_per_token(config, activation_bytes=4,
                                               activation_checkpointing=True)) // 4 + 4 * 128
     assert est.transient == (64 * per_layer if checkpointing else 0)
+
+
+@pytest.mark.parametrize("backend, seq_lens, chunk_size, kv_heads", [
+    ("cpu-flash", [300, 40], 64, 2), ("varlen", [300, 40], 64, 2),
+    ("cpu-flash", [200], 24, 1), ("varlen", [517, 9], 50, 4)])
+def test_offloaded_host_memory_is_what_the_state_allocates(backend, seq_lens, chunk_size,
+                                                           kv_heads, monkeypatch):
+    """The planner's ``host`` is the pinned memory the offloaded state takes on CUDA: the
+    pieces it asks for (recorded here), each rounded up to a power of two as torch's caching
+    host allocator does. (One allocation per buffer, as before, rounded each, took up to twice
+    the state; and the planner priced the state less its device layers, unrounded.)"""
+    from chunkflow.runtime.kv_state import Copier
+    from tests.runtime.test_equivalence import BACKENDS
+
+    requests = []
+    empty = Copier.host_empty
+
+    def recording(self, shape, dtype):
+        out = empty(self, shape, dtype)
+        requests.append(out.nbytes)
+        return out
+
+    monkeypatch.setattr(Copier, "host_empty", recording)
+    config = ModelConfig(vocab_size=256, hidden_size=128, intermediate_size=352,
+                         num_hidden_layers=4, num_attention_heads=8,
+                         num_key_value_heads=kv_heads)
+    torch.manual_seed(0)
+    model = Transformer(config)
+    batch = [torch.randint(0, 256, (n,)) for n in seq_lens]
+    engine = ChunkFlowEngine(model, chunk_size=chunk_size, k=1, offload="state",
+                             attention_backend=BACKENDS[backend])
+    engine.forward_backward(batch)
+    extra = chunk_size if backend == "varlen" else 0  # the thd state's room for a last chunk
+    est = estimate_peak_memory(config, build_chunks(seq_lens, chunk_size=chunk_size), k=1,
+                               offload="state", state_extra_rows=extra)
+    assert requests and len(requests) <= 4  # a few pieces, not one per layer and buffer
+    assert est.host == sum(pinned_block_bytes(n) for n in requests)
+    exact = kv_state_bytes(config, engine_state_positions(seq_lens, chunk_size),
+                           activation_bytes=4) + 2 * 4 * kv_heads * config.head_dim * extra * 4
+    assert exact <= est.host < 1.25 * exact  # the pieces' rounding wastes little
+
+
+def engine_state_positions(seq_lens, chunk_size):
+    """Positions before the last chunk of the one chain of these batches."""
+    plan = build_chunks(seq_lens, chunk_size=chunk_size)
+    (chain,) = plan.chains
+    return plan.chunks[chain.chunk_ids[-1]].segments[0].start
+
+
+def test_host_pieces_waste_less_than_a_buffer_each():
+    """Pieces hold the buffers in order; each, rounded up to a power of two, wastes less than
+    the buffer after it would have needed; at 7B shapes (28 layers, 4 x 128 key/value heads,
+    bf16) and 256K positions nothing is wasted, where one allocation for all takes 64 GiB for
+    42 GiB and one per buffer a power of two each."""
+    qwen7b = SimpleNamespace(num_hidden_layers=28, num_key_value_heads=4, head_dim=128)
+    bufs = offloaded_state_buffers(qwen7b, 262144, activation_bytes=2)
+    assert sum(bufs) == 42 * 2**30
+    assert offloaded_state_host_bytes(qwen7b, 262144, activation_bytes=2) == 42 * 2**30
+    assert pinned_block_bytes(sum(bufs)) == 64 * 2**30
+    for num_positions, extra in [(100000, 0), (28672, 4096), (777, 13)]:
+        bufs = offloaded_state_buffers(qwen7b, num_positions, activation_bytes=2,
+                                       extra_rows=extra)
+        pieces = host_pieces(bufs)
+        assert sum(n for n, _ in pieces) == len(bufs)
+        first = 0
+        for count, nbytes in pieces:
+            assert nbytes == sum(bufs[first:first + count])  # (all multiples of HOST_ALIGN)
+            first += count
+            if first < len(bufs):
+                assert pinned_block_bytes(nbytes) - nbytes < bufs[first]
+        assert len(pieces) <= len(bufs).bit_length() + 1
+    assert [pinned_block_bytes(n) for n in (1, 2, 3, 4096, 4097)] == [1, 2, 4, 4096, 8192]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from chunkflow import ChunkFlowEngine
-from chunkflow.runtime.kv_state import OffloadedChainState
+from chunkflow.runtime.kv_state import Copier, OffloadedChainState
 from tests.conftest import grads, reference_loss, tiny_model
 from tests.runtime.test_equivalence import BACKENDS, LENGTHS, _batch
 
@@ -124,3 +124,66 @@ def test_offload_modes_are_checked():
         ChunkFlowEngine(model, chunk_size=8, offload="disk")
     with pytest.raises(ValueError, match="recompute='full' keeps none"):
         ChunkFlowEngine(model, chunk_size=8, offload="all")
+
+
+@pytest.mark.parametrize("backend", ["cpu-flash", "varlen"])
+def test_uninitialised_host_buffers_are_never_read(backend, monkeypatch):
+    """The host buffers are not zero-filled (a memset no reader needs): filled with NaN here,
+    as garbage, the gradients are still those of unchunked training."""
+    empty = Copier.host_empty
+
+    def garbage(self, shape, dtype):  # all-ones bytes: NaN in every float view of them
+        return empty(self, shape, dtype).fill_(255 if dtype == torch.uint8 else float("nan"))
+
+    monkeypatch.setattr(Copier, "host_empty", garbage)
+    model = _model()
+    batch = _batch(LENGTHS, mask_prob=0.3, seed=5)
+    reference_loss(model, batch).backward()
+    want = grads(model)
+    scale = max(g.abs().max() for g in want.values())
+    model.zero_grad(set_to_none=True)
+    ChunkFlowEngine(model, chunk_size=7, k=1, attention_backend=BACKENDS[backend],
+                    offload="state").forward_backward(batch)
+    for name, g in grads(model).items():
+        assert (g - want[name]).abs().max() / scale <= 1e-10, name
+
+
+@pytest.mark.parametrize("backend", ["cpu-flash", "varlen"])
+def test_only_rows_in_use_move(backend, monkeypatch):
+    """A fetch moves the rows the host holds that are still read, not the buffer's capacity:
+    keys/values written so far, gradients added so far, none from the start of the lowest
+    chunk whose backward has read its gradients (nothing reads those again)."""
+    written, live, checked = {}, {}, []
+    write, own_grads = OffloadedChainState.write, OffloadedChainState.own_grads
+    to_device = Copier.to_device
+
+    def spy_write(self, layer, start, k, v):
+        write(self, layer, start, k, v)  # (its fetch sees the rows written before)
+        written[layer] = max(written.get(layer, 0), min(start + k.shape[2], self.capacity))
+
+    def spy_own_grads(self, layer, start, n):
+        out = own_grads(self, layer, start, n)
+        live[layer] = min(live.get(layer, self.capacity), start)
+        return out
+
+    def spy_to_device(self, host, what, layer, **kwargs):
+        if what in ("k", "v"):
+            c = model.config
+            rows = host.nbytes // (c.num_key_value_heads * c.head_dim * host.element_size())
+            want = min(written[layer], live.get(layer, written[layer]))
+            checked.append((layer, rows, want))
+        return to_device(self, host, what, layer, **kwargs)
+
+    monkeypatch.setattr(OffloadedChainState, "write", spy_write)
+    monkeypatch.setattr(OffloadedChainState, "own_grads", spy_own_grads)
+    monkeypatch.setattr(Copier, "to_device", spy_to_device)
+    model = _model()
+    engine = ChunkFlowEngine(model, chunk_size=8, k=1, offload="state",
+                             attention_backend=BACKENDS[backend])
+    engine.forward_backward(_batch([32], mask_prob=0.0, seed=6))  # one chain of 4 chunks
+    assert checked and all(rows == want for _, rows, want in checked), checked
+    # the first fetch of every layer's keys is chunk 0's 8 rows, not the buffer's capacity
+    first = {}
+    for layer, rows, _ in checked:
+        first.setdefault(layer, rows)
+    assert first == dict.fromkeys(range(LAYERS), 8)
