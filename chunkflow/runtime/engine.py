@@ -40,6 +40,7 @@ from torch import nn
 
 from chunkflow.plan import Action, ActionKind, Chunk, ChunkPlan, build_chunks, schedule
 from chunkflow.runtime.attention import KeptAttention, get_kernel
+from chunkflow.runtime.attention.select import model_heads
 from chunkflow.runtime.chunk_call import ChunkAttention, Segment, SequenceShard
 from chunkflow.runtime.devices import normalize_device
 from chunkflow.runtime.head_loss import head_loss
@@ -134,6 +135,7 @@ class ChunkFlowEngine:
         self.logits_budget = o.logits_budget
         self.recompute, self.offload = o.recompute, o.offload
         self._copier: Copier | None = None
+        self._kernels: dict[tuple, Any] = {}  # (backend, device, dtype, heads) -> kernel
         self._action_hooks: dict[object, Any] = {}
         if o.activation_checkpointing and hasattr(model, "enable_activation_checkpointing"):
             model.enable_activation_checkpointing()
@@ -166,11 +168,19 @@ class ChunkFlowEngine:
 
     def _kernel(self, device: torch.device):
         """The attention kernel of this step: the dtype its q/k/v will have (the autocast dtype
-        under autocast) decides what ``auto`` picks."""
+        under autocast) and the model's head shape decide what ``auto`` picks. Kept across
+        steps: a new one would self-check again and copy its chunk boundaries to the device
+        again."""
         dtype = self._param().dtype
         if torch.is_autocast_enabled(device.type) and dtype != torch.float64:
             dtype = torch.get_autocast_dtype(device.type)
-        return get_kernel(self.attention_backend, device, dtype)
+        backend, heads = self.attention_backend, model_heads(self.config)
+        if not isinstance(backend, str):
+            return backend  # a kernel object
+        key = (backend, normalize_device(device), dtype, heads)
+        if key not in self._kernels:
+            self._kernels[key] = get_kernel(backend, device, dtype, heads=heads)
+        return self._kernels[key]
 
     # -- input ------------------------------------------------------------------------------
 

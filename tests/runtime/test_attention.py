@@ -165,21 +165,17 @@ def test_self_check_passes_a_correct_kernel_and_catches_a_wrong_one(dtype):
 def test_the_private_torch_ops_chunkflow_calls_still_exist():
     """The CPU flash kernel and varlen's backward are private torch ops: a release that renames
     them must fail here, not in a user's run."""
-    import inspect
-
     assert hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
     assert hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
     from chunkflow.runtime.attention.varlen import _backward_op, torch_varlen_ops
 
     op, names = _backward_op()
     assert op is torch.ops.torch_attn._varlen_attn_backward
-    from torch.nn.attention import varlen
-
     assert names[:12] == ["grad_out", "query", "key", "value", "out", "lse", "cu_seq_q",
                           "cu_seq_k", "max_q", "max_k", "is_causal", "rng_state"], names
     ops = torch_varlen_ops()
     assert not isinstance(ops, str), ops
-    assert ops.gqa == ("enable_gqa" in inspect.signature(varlen.varlen_attn).parameters)
+    assert ops.gqa  # grouped heads go to the kernel, with or without enable_gqa
 
 
 def test_self_check_works_under_no_grad_and_inference_mode():
@@ -209,7 +205,7 @@ def test_the_torch_binding_runs_on_fake_cuda_tensors():
         q, k, v = empty(40, 4, 64), empty(88, 2, 64), empty(88, 2, 64)
         cu_q = torch.tensor([0, 24, 29, 40], dtype=torch.int32, device="cuda")
         cu_k = torch.tensor([0, 72, 77, 88], dtype=torch.int32, device="cuda")
-        out, lse = ops.forward(q, k, v, cu_q, cu_k, 24, 72, scale=0.125, gqa=ops.gqa)
+        out, lse = ops.forward(q, k, v, cu_q, cu_k, 24, 72, scale=0.125)
         assert out.shape == (40, 4, 64) and lse.dtype == torch.float32
         dq, dk, dv = ops.backward(out, q, k, v, out, lse, cu_q, cu_k, 24, 72, scale=0.125)
         assert (dq.shape, dk.shape, dv.shape) == ((40, 4, 64), (88, 2, 64), (88, 2, 64))
@@ -238,11 +234,11 @@ def test_older_varlen_signatures_are_detected(monkeypatch):
     monkeypatch.setattr(varlen, "varlen_attn", old_varlen_attn)
     monkeypatch.setattr(cf_varlen, "_backward_op", lambda: (old_backward, names))
     ops = cf_varlen.torch_varlen_ops()
-    assert not isinstance(ops, str) and ops.gqa is False
+    assert not isinstance(ops, str) and ops.gqa is True
     q = torch.zeros(6, 2, 16)
-    ops.forward(q, q, q, None, None, 6, 6, scale=0.25, gqa=False)  # 1/sqrt(16): the default
+    ops.forward(q, q, q, None, None, 6, 6, scale=0.25)  # 1/sqrt(16): the default
     assert calls["forward"]["is_causal"] is True
     with pytest.raises(ValueError, match="has no scale argument"):
-        ops.forward(q, q, q, None, None, 6, 6, scale=0.5, gqa=False)
+        ops.forward(q, q, q, None, None, 6, 6, scale=0.5)
     ops.backward(q, q, q, q, q, None, None, None, 6, 6, scale=0.25)
     assert len(calls["backward"]) == 12 and calls["backward"][10] is True  # is_causal

@@ -7,13 +7,20 @@ FlashAttention's varlen kernels, not from the adapter:
   give each sequence's rows; ``max_q`` / ``max_k`` bound their lengths;
 * causal attention aligned bottom-right: with n_q queries over n_k keys, query j sees keys
   0 .. j + n_k - n_q;
-* grouped-query attention (``enable_gqa``): query head h reads key/value head h // (H / G);
+* grouped-query attention: query head h reads key/value head h // (H / G). FlashAttention's
+  varlen forward and backward take G < H natively; torch >= 2.12's ``varlen_attn`` asks for it
+  with ``enable_gqa=True`` (and refuses G < H without it), torch 2.11's has no ``enable_gqa``
+  and hands k/v to FlashAttention as they are (:func:`torch_varlen_functions` models both);
 * the log-sum-exp is returned as (H, total queries) in float32 (or wider for float64 inputs);
 * the backward is FlashAttention's, from the saved output and log-sum-exp:
   P = exp(scale * q k^T - lse), dS = P * (dO v^T - rowsum(dO * out)) * scale.
 
 It checks its inputs as the kernels do (last dimension contiguous, int32 boundaries that end at
 the totals, equal dtypes, head counts), so a layout mistake in the adapter fails here.
+
+:func:`reference_ops` is the contract as :class:`VarlenOps`; :func:`torch_varlen_functions` is it
+behind torch's own ``varlen_attn`` signatures (2.11 and 2.12+) and backward op, for running
+:func:`chunkflow.runtime.attention.varlen.torch_varlen_ops`'s binding on CPU.
 """
 
 from __future__ import annotations
@@ -52,11 +59,11 @@ def _expand(x, h):
 
 
 def reference_ops(*, gqa: bool = True) -> VarlenOps:
-    """The contract on CPU; ``gqa=False`` stands for torch releases without ``enable_gqa``."""
+    """The contract on CPU; ``gqa=False`` stands for a kernel that takes only as many
+    key/value heads as query heads (the adapter then expands them)."""
 
-    def forward(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, gqa: bool):
-        assert gqa is False or reference.gqa, "enable_gqa passed to a build without it"
-        q_lens, k_lens = _check(q, k, v, cu_q, cu_k, max_q, max_k, gqa=gqa)
+    def forward(q, k, v, cu_q, cu_k, max_q, max_k, *, scale):
+        q_lens, k_lens = _check(q, k, v, cu_q, cu_k, max_q, max_k, gqa=reference.gqa)
         acc = torch.promote_types(q.dtype, torch.float32)
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[1], q.shape[0], dtype=acc)
@@ -69,7 +76,7 @@ def reference_ops(*, gqa: bool = True) -> VarlenOps:
         return out, lse
 
     def backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, *, scale):
-        q_lens, _ = _check(q, k, v, cu_q, cu_k, max_q, max_k, gqa=True)
+        q_lens, _ = _check(q, k, v, cu_q, cu_k, max_q, max_k, gqa=reference.gqa)
         assert dout.shape == out.shape == q.shape and lse.shape == (q.shape[1], q.shape[0])
         acc = torch.promote_types(q.dtype, torch.float32)
         h, g = q.shape[1], k.shape[1]
@@ -92,3 +99,49 @@ def reference_ops(*, gqa: bool = True) -> VarlenOps:
 
     reference = VarlenOps(forward, backward, gqa, name=f"cpu-reference(gqa={gqa})")
     return reference
+
+
+BACKWARD_ARGUMENTS = ["grad_out", "query", "key", "value", "out", "lse", "cu_seq_q", "cu_seq_k",
+                      "max_q", "max_k", "is_causal", "rng_state", "scale", "window_size"]
+"""torch's ``_varlen_attn_backward`` schema (2.11 through 2.13)."""
+
+
+def torch_varlen_functions(*, enable_gqa_argument: bool, calls: list | None = None):
+    """(``varlen_attn``, backward op) with torch's signatures over the reference: with
+    ``enable_gqa_argument`` as torch >= 2.12 (fewer key/value heads only with
+    ``enable_gqa=True``), without as torch 2.11 (no such argument; k/v go to FlashAttention as
+    they are, which groups heads natively). Each call appends (name, q/k/v shapes) to
+    ``calls``."""
+    from torch.nn.attention.varlen import AuxRequest
+
+    ops = reference_ops(gqa=True)
+    calls = [] if calls is None else calls
+
+    def attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, return_aux, scale,
+               window_size, enable_gqa):
+        calls.append(("forward", query.shape, key.shape, value.shape))
+        if enable_gqa_argument and not enable_gqa:
+            assert query.shape[1] == key.shape[1], "fewer key/value heads without enable_gqa"
+        assert tuple(window_size) == (-1, 0) and isinstance(return_aux, AuxRequest)
+        scale = query.shape[-1] ** -0.5 if scale is None else scale
+        out, lse = ops.forward(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale)
+        return (out, lse) if return_aux.lse else out
+
+    def varlen_attn_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *,
+                         return_aux=None, scale=None, window_size=(-1, -1)):
+        return attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, return_aux, scale,
+                      window_size, False)
+
+    def varlen_attn_2_12(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *,
+                         return_aux=None, scale=None, window_size=(-1, -1), enable_gqa=False):
+        return attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, return_aux, scale,
+                      window_size, enable_gqa)
+
+    def backward(grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, max_q, max_k,
+                 is_causal, rng_state, scale=None, window_size=None):
+        calls.append(("backward", query.shape, key.shape, value.shape))
+        assert is_causal and list(window_size) == [-1, 0]
+        return ops.backward(grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, max_q,
+                            max_k, scale=scale)
+
+    return (varlen_attn_2_12 if enable_gqa_argument else varlen_attn_2_11), backward

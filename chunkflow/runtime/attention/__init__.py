@@ -24,6 +24,11 @@ attention output and log-sum-exp; its recompute then returns the kept output ins
 the kernel, and the backward is the kernel's usual one (which reads q, k, v, out and the LSE),
 so the recompute skips the attention forward and the gradients do not change.
 
+q/k/v and dout reach the kernel in the memory layout it reads (its ``state_layout``): ``bhsd``
+contiguous (1, H, L, D), or ``thd``, (1, H, L, D) views of token-major (L, H, D) memory, which
+is what the models' ``(1, L, H, D).transpose(1, 2)`` already is: at most one copy per tensor,
+none where the layout already fits.
+
 Backends (:mod:`.cpu_flash`, :mod:`.tiled`, :mod:`.varlen`) implement :class:`ChunkKernel`;
 :func:`get_kernel` picks one by name, or by ``"auto"`` for the device and dtype (see
 :mod:`.select`).
@@ -74,7 +79,8 @@ class ChunkView:
 class ChunkKernel(Protocol):
     name: str
     state_layout: str
-    """The chain state layout it reads (:data:`chunkflow.runtime.kv_state.LAYOUTS`)."""
+    """The chain state layout it reads (:data:`chunkflow.runtime.kv_state.LAYOUTS`), and the
+    memory layout its q/k/v and dout are handed over in (see :func:`arrange`)."""
 
     def state_capacity(self, seq_len: int, chunk_size: int) -> int:
         """Key/value rows a chain state needs (``seq_len``: its prefix positions)."""
@@ -187,7 +193,8 @@ class _ChunkAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         view = ctx.view
         with torch.autocast(dout.device.type, enabled=False):
-            dq, dk, dv = ctx.kernel.backward(dout.contiguous(), q, k, v, out, lse, view)
+            dout = arrange(dout, ctx.kernel.state_layout)
+            dq, dk, dv = ctx.kernel.backward(dout, q, k, v, out, lse, view)
             c = view.chain
             if c is not None and c.has_successor:
                 n = view.segments[0][1]
@@ -204,8 +211,17 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, view: Chu
     """Attention of a whole chunk: q (1, H, L, D), own k/v (1, G, L, D) -> (1, H, L, D).
     ``kept``: keep this layer's output and LSE in it, or, once reusing, return the kept ones
     without running the kernel."""
-    return _ChunkAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), view, kernel,
-                                 layer_idx, kept)
+    layout = kernel.state_layout
+    return _ChunkAttention.apply(arrange(q, layout), arrange(k, layout), arrange(v, layout),
+                                 view, kernel, layer_idx, kept)
+
+
+def arrange(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """(1, H, L, D) ``x`` in a kernel's memory layout: "bhsd", contiguous; "thd", a view of
+    token-major (L, H, D) memory. ``x`` itself where it already is, else one copy."""
+    if layout == "thd":
+        return x[0].transpose(0, 1).contiguous().transpose(0, 1)[None]
+    return x.contiguous()
 
 
 from chunkflow.runtime.attention.select import ATTENTION_BACKENDS, get_kernel  # noqa: E402

@@ -1,16 +1,19 @@
-"""Which attention kernel runs: by name, or ``"auto"`` for the device and dtype.
+"""Which attention kernel runs: by name, or ``"auto"`` for the device, dtype and head shape.
 
 * ``cpu-flash``: PyTorch's CPU flash kernel, segment by segment (CPU only; ``sdpa`` is its old
   name);
-* ``varlen``: ``torch.nn.attention.varlen.varlen_attn``, one call per chunk (CUDA, bf16/fp16);
+* ``varlen``: ``torch.nn.attention.varlen.varlen_attn``, one call per chunk (CUDA, bf16/fp16,
+  a head dim that is a multiple of 8 and at most 256: FlashAttention 2's limits);
 * ``math``: tiled plain PyTorch, any device and dtype;
-* ``auto``: ``cpu-flash`` on CPU. On CUDA ``varlen`` where this torch build has it and the
-  dtype is bf16 or fp16, after a once-per-process self-check against ``math`` on a small random
-  chunk with a prefix and packed segments, forward and backward; otherwise ``math``, with a
-  warning that names what is missing.
+* ``auto``: ``cpu-flash`` on CPU. On CUDA ``varlen`` where this torch build has it, the dtype
+  is bf16 or fp16 and the head dim fits, after a once-per-process self-check against ``math``
+  on a small random chunk with a prefix and packed segments at the model's heads (H, G, D),
+  forward and backward; otherwise ``math``, with a warning that names what is missing.
 
 A kernel object (anything with the :class:`~chunkflow.runtime.attention.ChunkKernel` methods)
-may be passed instead of a name.
+may be passed instead of a name. ``heads``: the model's (query heads, key/value heads, head
+dim), :func:`model_heads` of its config; None where unknown (no head-dim gate, and the
+self-check runs at (4, 2, 64)).
 """
 
 from __future__ import annotations
@@ -20,13 +23,31 @@ import warnings
 
 import torch
 
+from chunkflow.runtime.devices import normalize_device
+
 ATTENTION_BACKENDS = ("auto", "cpu-flash", "varlen", "math", "sdpa")
 _FLASH_DTYPES = (torch.bfloat16, torch.float16)
-_SELF_CHECKS: dict[tuple[str, torch.dtype], str | None] = {}  # (device, dtype) -> failure
+_FLASH_MAX_HEAD_DIM = 256  # FlashAttention 2: head dims up to 256, in multiples of 8
+_CHECK_HEADS = (4, 2, 64)  # the self-check's (H, G, D) where the model's are unknown
+_SELF_CHECKS: dict[tuple, str | None] = {}  # (device, dtype, heads, ops) -> failure
 
 
-def get_kernel(name, device: torch.device, dtype: torch.dtype):
-    """The kernel called ``name`` for chunks of ``dtype`` on ``device`` (see the module doc)."""
+def model_heads(config) -> tuple[int, int, int] | None:
+    """(query heads, key/value heads, head dim) of a chunkflow or transformers model config,
+    as transformers derives them (no ``num_key_value_heads``: plain multi-head; no
+    ``head_dim``: hidden size / heads); None where the config does not say."""
+    h = getattr(config, "num_attention_heads", None)
+    if not isinstance(h, int) or h < 1:
+        return None
+    g = getattr(config, "num_key_value_heads", None) or h
+    d = getattr(config, "head_dim", None) or getattr(config, "hidden_size", 0) // h
+    return (h, g, d) if d else None
+
+
+def get_kernel(name, device: torch.device, dtype: torch.dtype, *,
+               heads: tuple[int, int, int] | None = None):
+    """The kernel called ``name`` for chunks of ``dtype`` on ``device`` of a model with
+    ``heads`` (see the module doc)."""
     from chunkflow.runtime.attention.cpu_flash import CPUFlashKernel
     from chunkflow.runtime.attention.tiled import TiledMathKernel
 
@@ -35,12 +56,12 @@ def get_kernel(name, device: torch.device, dtype: torch.dtype):
     if name == "auto":
         if device.type == "cpu":
             return CPUFlashKernel()
-        kernel, why_not = _cuda_varlen(device, dtype)
-        if kernel is None:
-            warnings.warn(f"chunkflow: attention on {device} in {dtype} runs the tiled 'math' "
-                          f"kernel, which is slow: {why_not}", stacklevel=3)
-            return TiledMathKernel()
-        return kernel
+        if device.type != "cuda":
+            return _math_because(device, dtype, f"no fast kernel for device type "
+                                                f"{device.type!r}")
+        from chunkflow.runtime.attention.varlen import torch_varlen_ops
+
+        return auto_varlen(device, dtype, heads, torch_varlen_ops())
     if name in ("cpu-flash", "sdpa"):
         if device.type != "cpu":
             raise ValueError(f"attention backend {name!r} (the CPU flash kernel) needs a CPU "
@@ -53,6 +74,10 @@ def get_kernel(name, device: torch.device, dtype: torch.dtype):
         if isinstance(ops, str):
             raise ValueError(f"attention backend 'varlen' is not available: {ops}; valid: "
                              f"'auto' or 'math'")
+        bad_head_dim = _head_dim_refusal(heads)
+        if bad_head_dim:
+            raise ValueError(f"attention backend 'varlen' cannot run this model: "
+                             f"{bad_head_dim}; valid: 'auto' or 'math'")
         if device.type != "cuda" or dtype not in _FLASH_DTYPES:
             raise ValueError(f"attention backend 'varlen' (FlashAttention) needs CUDA and "
                              f"bf16/fp16, got {device} and {dtype}; valid: bf16 autocast "
@@ -64,42 +89,68 @@ def get_kernel(name, device: torch.device, dtype: torch.dtype):
                      f"{', '.join(ATTENTION_BACKENDS)}")
 
 
-def _cuda_varlen(device: torch.device, dtype: torch.dtype):
-    """(varlen kernel, None) when it applies and passed its self-check, else (None, why)."""
-    from chunkflow.runtime.attention.varlen import VarlenKernel, torch_varlen_ops
+def _head_dim_refusal(heads) -> str | None:
+    if heads is None:
+        return None
+    d = heads[2]
+    if d % 8 or d > _FLASH_MAX_HEAD_DIM:
+        return (f"FlashAttention takes a head dim that is a multiple of 8 and at most "
+                f"{_FLASH_MAX_HEAD_DIM}, the model's is {d}")
+    return None
 
-    if device.type != "cuda":
-        return None, f"no fast kernel for device type {device.type!r}"
+
+def _math_because(device, dtype, why: str):
+    from chunkflow.runtime.attention.tiled import TiledMathKernel
+
+    warnings.warn(f"chunkflow: attention on {device} in {dtype} runs the tiled 'math' kernel, "
+                  f"which is slow: {why}", stacklevel=4)
+    return TiledMathKernel()
+
+
+def auto_varlen(device: torch.device, dtype: torch.dtype, heads, ops):
+    """``auto`` on an accelerator: a varlen kernel over ``ops`` (a :class:`VarlenOps`, or why
+    there is none) where dtype and head dim fit and it passes its self-check at ``heads``
+    (once per process for each device, dtype, heads and ops), else ``math`` with a warning
+    that says why."""
+    from chunkflow.runtime.attention.varlen import VarlenKernel
+
     if dtype not in _FLASH_DTYPES:
-        return None, (f"varlen_attn (FlashAttention) takes bf16/fp16, not {dtype}; train "
-                      f"with bf16 autocast (--train.autocast=bf16)")
-    ops = torch_varlen_ops()
-    if isinstance(ops, str):
-        return None, ops
+        return _math_because(device, dtype, f"varlen_attn (FlashAttention) takes bf16/fp16, "
+                                            f"not {dtype}; train with bf16 autocast "
+                                            f"(--train.autocast=bf16)")
+    why = ops if isinstance(ops, str) else _head_dim_refusal(heads)
+    if why:
+        return _math_because(device, dtype, why)
     kernel = VarlenKernel(ops)
-    key = (str(device), dtype)
+    heads = heads or _CHECK_HEADS
+    key = (normalize_device(device), dtype, heads, ops.name)
     if key not in _SELF_CHECKS:
-        _SELF_CHECKS[key] = self_check(kernel, device, dtype)
+        _SELF_CHECKS[key] = self_check(kernel, device, dtype, heads=heads)
     failure = _SELF_CHECKS[key]
-    return (None, f"varlen failed its self-check ({failure})") if failure else (kernel, None)
+    if failure:
+        return _math_because(device, dtype, f"varlen failed its self-check at (heads, kv "
+                                            f"heads, head dim) {heads} ({failure})")
+    return kernel
 
 
-def self_check(kernel, device: torch.device, dtype: torch.dtype, *, seed: int = 0) -> str | None:
+def self_check(kernel, device: torch.device, dtype: torch.dtype, *,
+               heads: tuple[int, int, int] = _CHECK_HEADS, seed: int = 0) -> str | None:
     """Compare ``kernel`` with ``math`` on a small random chunk (a chain segment with a prefix,
-    then two packed segments; GQA), forward and backward, prefix gradients included. Returns
-    what differs beyond ``dtype``'s tolerance, or None. Runs with autograd on whatever the
-    caller's mode (an evaluation runs under ``no_grad``)."""
+    then two packed segments) with ``heads`` (H query heads, G key/value heads, head dim D:
+    the model's, so grouped heads and its head dim are what is checked), forward and backward,
+    prefix gradients included. Returns what differs beyond ``dtype``'s tolerance, or None.
+    Runs with autograd on whatever the caller's mode (an evaluation runs under ``no_grad``)."""
     from chunkflow.runtime.attention.tiled import TiledMathKernel
 
     g = torch.Generator(device="cpu").manual_seed(seed)
-    heads, kv_heads, d, prefix, segments = 4, 2, 64, 48, ((0, 24), (24, 5), (29, 11))
+    (num_heads, kv_heads, d), prefix, segments = heads, 48, ((0, 24), (24, 5), (29, 11))
     length = sum(n for _, n in segments)
 
     def rand(*shape):
         return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
 
-    chunk = (rand(1, heads, length, d), rand(1, kv_heads, length, d),
-             rand(1, kv_heads, length, d), rand(1, heads, length, d))        # q, k, v, dout
+    chunk = (rand(1, num_heads, length, d), rand(1, kv_heads, length, d),
+             rand(1, kv_heads, length, d), rand(1, num_heads, length, d))  # q, k, v, dout
     state = (rand(1, kv_heads, prefix, d), rand(1, kv_heads, prefix, d),
              rand(1, kv_heads, segments[0][1], d), rand(1, kv_heads, segments[0][1], d))
     results = {}
