@@ -1,34 +1,55 @@
-"""The prepared device check (``make gpu-check``): one script, a few minutes on one H100/H200.
+"""The prepared device check (``make gpu-check``): one script, at most 8 minutes on one H100/H200.
 
-    PYTHONPATH=. python3 benchmarks/gpu_check.py            # on the GPU machine (its own torch)
-    PYTHONPATH=. python3 benchmarks/gpu_check.py --smoke    # the same code paths on CPU, tiny
+    PYTHONPATH=. python3 benchmarks/gpu_check.py [--budget-s 480]  # on the GPU machine
+    PYTHONPATH=. python3 benchmarks/gpu_check.py --smoke           # the same code paths on CPU
+
+A Qwen2.5-0.5B-shaped model in bf16 autocast, chunk 8K, each batch one long sequence and 15
+long-tailed short ones. Sections, in order:
 
 1. the ``gpu``-marked tests (real ``varlen_attn`` and the tiled math kernel against references);
-2. a bf16 (autocast) training step of a Qwen2.5-0.5B-shaped model: chunkflow's loss and gradient
-   norm against plain unchunked training of the same batch (within bf16 tolerance);
-3. chunkflow's peak memory at chunk 8K for longest sequences of 32K and 128K (flat: at most 1.15x);
-4. tokens/s and MFU of chunkflow against plain unchunked training of the same model with
-   ``varlen_attn`` (the ideal: one packed chunk, nothing recomputed) and against Hugging Face
-   transformers on ``DataCollatorWithFlattening`` batches (SDPA).
+2. the attention kernel's self-check with the model's heads (on failure the check stops rather
+   than time the slow fallback at 128K);
+3. a step at 16K against plain unchunked training (loss, gradient norm); also the run's warm-up;
+4. peak memory at 32K and 128K (K=1), judged twice: the peak minus the chain's KV state (which
+   grows with the length by design) flat within ``FLAT_BOUND``, and each peak against
+   :func:`chunkflow.plan.memory.estimate_peak_memory` (``memory_range``, ``MODEL_TOLERANCE``);
+5. K=2 at both lengths;
+6. tokens/s and MFU at 16K: chunkflow, the ideal (one packed varlen chunk, nothing recomputed)
+   and Hugging Face on ``DataCollatorWithFlattening`` batches (SDPA; the image has no
+   flash-attn); 16K, not 32K, so that the unchunked baselines fit in 80 GB;
+7. recompute modes and offload at 128K.
+
+Notable:
+
+* every section is guarded: out of memory (or any error) is a row, memory is freed, and the
+  script goes on; the table is rewritten after every row, so a run cut short keeps its rows;
+* one warm-up for the run (section 3); after it each configuration is timed once, peaks reset
+  with ``reset_peak_memory_stats`` and the allocator's cache kept (no cudaMalloc in the timing
+  once the cache has grown);
+* a time budget (``--budget-s``): each section is estimated from the rates measured so far and
+  skipped, with a row saying so, if it would not finish in what is left;
+* MFU against the exact product's dense bf16 peak (``PEAK_BF16``); an unknown GPU's MFU is
+  reported unknown.
 
 Tensor parallelism is not part of it: one GPU cannot hold two NCCL ranks. Its CUDA-specific
 piece, attention over a sequence-parallel chunk's padding rows, is among the ``gpu`` tests.
-
-It prints one table and saves it, with the GPU's name, torch's version and the date, as
-``benchmarks/results/gpu_check-<gpu>-<date>.{md,json}``. A configuration that runs out of memory
-is reported as such, not as a failure of the check.
+Saves ``benchmarks/results/gpu_check-<gpu>-<date>.{md,json}``.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import math
 import platform
+import random
 import subprocess
 import sys
 import time
+import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,16 +59,60 @@ sys.path.insert(0, str(ROOT))
 
 from chunkflow import ChunkFlowEngine  # noqa: E402
 from chunkflow.models import Transformer, get_preset  # noqa: E402
+from chunkflow.plan import build_chunks  # noqa: E402
 from chunkflow.plan.cost import ModelShape, forward_flops  # noqa: E402
+from chunkflow.plan.lengths import sample_lengths  # noqa: E402
+from chunkflow.plan.memory import estimate_peak_memory, kv_state_bytes  # noqa: E402
+from chunkflow.runtime.head_loss import LOGITS_BUDGET  # noqa: E402
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s
+# ---- GPU peaks (MFU's denominator)
+
+PEAK_BF16: dict[str, tuple[float, str]] = {
+    # exact torch.cuda.get_device_name() -> (dense bf16 FLOP/s, source). Datasheets quote
+    # "with sparsity" (2:4) figures; the dense peak is half of those.
+    "NVIDIA H100 80GB HBM3": (989.4e12, "NVIDIA H100 datasheet, H100 SXM5: 1,979 TF with "
+                                        "sparsity; 132 SMs x 4,096 FLOP/clock x 1.83 GHz"),
+    "NVIDIA H100 PCIe": (756.5e12, "NVIDIA H100 datasheet, H100 PCIe: 1,513 TF with sparsity"),
+    "NVIDIA H100 NVL": (835.5e12, "NVIDIA H100 datasheet, H100 NVL: 1,671 TF with sparsity"),
+    "NVIDIA H200": (989.4e12, "NVIDIA H200 datasheet, H200 SXM: 1,979 TF with sparsity "
+                              "(H100 SXM5's compute)"),
+    "NVIDIA H200 NVL": (835.5e12, "NVIDIA H200 datasheet, H200 NVL: 1,671 TF with sparsity"),
+    "NVIDIA A100-SXM4-80GB": (312e12, "NVIDIA A100 datasheet: 312 TF (624 with sparsity)"),
+    "NVIDIA A100-SXM4-40GB": (312e12, "NVIDIA A100 datasheet: 312 TF (624 with sparsity)"),
+    "NVIDIA A100 80GB PCIe": (312e12, "NVIDIA A100 datasheet: 312 TF (624 with sparsity)"),
+    "NVIDIA A100-PCIE-40GB": (312e12, "NVIDIA A100 datasheet: 312 TF (624 with sparsity)"),
+    "NVIDIA L40S": (362.05e12, "NVIDIA L40S datasheet: 362.05 TF (733 with sparsity)"),
+    "NVIDIA L4": (121e12, "NVIDIA L4 datasheet: 121 TF (242 with sparsity)"),
+    "NVIDIA A10": (125e12, "NVIDIA A10 datasheet: 125 TF (250 with sparsity)"),
+}
+
+
+def peak_bf16(gpu_name: str) -> tuple[float, str] | None:
+    """(dense bf16 FLOP/s, source) of exactly this product, or None: no guessing from a
+    substring ("H100" is 989 TF as SXM5, 756 as PCIe)."""
+    return PEAK_BF16.get(gpu_name.strip())
+
+
+# ---- sizes and batches
+
+
+@dataclass(frozen=True)
+class Sizes:
+    chunk_size: int
+    baseline_len: int
+    """Longest sequence of the step against plain training and of the ideal/HF baselines:
+    unchunked, they must fit in 80 GB (the ideal at 32K is 34K tokens in one graph, 65-80 GB)."""
+    memory_lens: tuple[int, int]
+    """Longest sequences of the memory check (and of K=2; recompute modes at the second)."""
+    num_short: int = 15
+
+
+FULL = Sizes(chunk_size=8192, baseline_len=16384, memory_lens=(32768, 131072))
+SMOKE = Sizes(chunk_size=64, baseline_len=128, memory_lens=(256, 1024))
 
 
 def lengths_for(max_len: int, num_short: int, *, seed: int) -> list[int]:
     """One sequence of ``max_len`` tokens and ``num_short`` long-tailed short ones."""
-    from chunkflow.plan.lengths import sample_lengths
-    import random
-
     return [max_len, *sample_lengths(random.Random(seed), num_short, max_len=max(64, max_len // 8))]
 
 
@@ -67,55 +132,217 @@ def model_flops(shape: ModelShape, lengths) -> float:
     return sum(3 * sum(forward_flops(shape, [n])) for n in lengths)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+# ---- the memory verdicts
+
+ACTIVATION_BYTES = 2
+"""bf16 autocast: keys/values (and the matmuls' outputs) in bf16, their gradients in float32."""
+FLAT_BOUND = 1.15
+"""Peak minus KV state, longest over shortest: what chunk size and K fix may grow this much
+(the short sequences beside the longest grow with it; allocator rounding)."""
+MODEL_TOLERANCE = 0.10
+"""Measured peak within the estimate's range (all activations bf16 .. all float32: autocast
+keeps the residual stream and norms in float32) widened by 10% either way."""
 
 
-def peak_reset(device):
+def chain_state_positions(lengths, chunk_size: int) -> int:
+    """Positions of KV state a chain holds at its peak, largest over chains: those before its
+    last chunk, as chunkflow.plan.memory counts them (0 without a chain)."""
+    plan = build_chunks(lengths, chunk_size=chunk_size)
+    return max((plan.chunks[c.chunk_ids[-1]].segments[0].start for c in plan.chains), default=0)
+
+
+def kv_state(config, lengths, chunk_size: int) -> int:
+    """Bytes of the chains' KV state (and its gradients) at the step's peak."""
+    return kv_state_bytes(config, chain_state_positions(lengths, chunk_size),
+                          activation_bytes=ACTIVATION_BYTES)
+
+
+def fused_logits_overcount(config, num_tokens: int, chunk_size: int) -> int:
+    """What estimate_peak_memory counts and the runtime does not hold: the float32
+    log-probabilities of ``num_tokens`` tokens, when a chunk's logits exceed the head's
+    ``LOGITS_BUDGET`` and the fused linear cross-entropy (which keeps none) takes over."""
+    fused = chunk_size * config.vocab_size * 4 > LOGITS_BUDGET
+    return num_tokens * 4 * config.vocab_size if fused else 0
+
+
+def memory_range(config, lengths, *, chunk_size: int, k: int, static: bool) -> tuple[int, int]:
+    """(low, high) estimated peak bytes: activations all bf16 .. all float32. ``static``: add
+    weights and gradients (float32, no optimizer: what CUDA's allocator sees in this step);
+    without it, the CPU meter's part (saved activations + KV state)."""
+    plan = build_chunks(lengths, chunk_size=chunk_size)
+    bounds = []
+    for activation_bytes in (ACTIVATION_BYTES, 4):
+        est = estimate_peak_memory(config, plan, k=k, param_bytes=4,
+                                   activation_bytes=activation_bytes, optimizer="sgd")
+        total = est.total if static else est.step
+        bounds.append(total - fused_logits_overcount(config, est.peak_tokens, chunk_size))
+    return bounds[0], bounds[1]
+
+
+def flat_verdict(peaks: tuple[int, int], kv: tuple[int, int]) -> tuple[str, float]:
+    """("ok" or "NOT FLAT", ratio of peak minus KV state, longest over shortest)."""
+    ratio = (peaks[1] - kv[1]) / (peaks[0] - kv[0])
+    return ("ok" if ratio <= FLAT_BOUND else "NOT FLAT"), ratio
+
+
+def model_verdict(measured: int, low: int, high: int) -> str:
+    ok = low * (1 - MODEL_TOLERANCE) <= measured <= high * (1 + MODEL_TOLERANCE)
+    return "ok" if ok else "OFF MODEL"
+
+
+# ---- the table, the budget, the guard
+
+SKIPPED = "skipped: would not finish within the budget"
+OUT_OF_MEMORY = "out of memory"
+FAILURES = ("MISMATCH", "NOT FLAT", "OFF MODEL", "FAILED")
+
+
+@dataclass
+class Report:
+    """The table so far, rewritten after every row (a run cut short keeps what it had)."""
+
+    stem: Path
+    title: str
+    header: str
+    meta: dict = field(default_factory=dict)
+    """The machine and run, for the JSON file."""
+    rows: list[tuple[str, ...]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, *cells: str) -> None:
+        cells = [str(c).replace("|", "/").replace("\n", " ") for c in cells]
+        self.rows.append(tuple(cells + [""] * (5 - len(cells))))
+        print(" | ".join(c for c in self.rows[-1] if c), flush=True)
+        self.save()
+
+    def text(self) -> str:
+        table = "| check | result | | | |\n|---|---|---|---|---|\n" + "\n".join(
+            "| " + " | ".join(r) + " |" for r in self.rows)
+        notes = "\n\n" + "\n".join(f"* {n}" for n in self.notes) if self.notes else ""
+        return f"# {self.title}\n\n{self.header}\n\n{table}{notes}\n"
+
+    def save(self) -> None:
+        self.stem.with_suffix(".md").write_text(self.text())
+        self.stem.with_suffix(".json").write_text(json.dumps(
+            {**self.meta, "title": self.title, "header": self.header, "rows": self.rows,
+             "notes": self.notes}, indent=1))
+
+    def failed(self) -> bool:
+        return any(r[1].startswith(FAILURES) for r in self.rows)
+
+
+class Budget:
+    """Seconds left of the run, and the seconds per model FLOP measured so far, by kind of
+    step (chunkflow, plain, ideal, hf, ...)."""
+
+    MARGIN = 1.25
+
+    def __init__(self, seconds: float, *, clock=time.perf_counter):
+        self.seconds, self.clock, self.start = seconds, clock, clock()
+        self.rates: dict[str, float] = {}
+
+    def left(self) -> float:
+        return self.seconds - (self.clock() - self.start)
+
+    def record(self, kind: str, flops: float, seconds: float) -> None:
+        self.rates[kind] = seconds / flops
+
+    def estimate(self, kind: str | None, flops: float | None) -> float | None:
+        """Seconds a step of ``flops`` would take, with a margin: this kind's last rate, else
+        the slowest kind's; None before anything was measured."""
+        if kind is None or flops is None or not self.rates:
+            return None
+        return self.rates.get(kind, max(self.rates.values())) * flops * self.MARGIN
+
+
+@dataclass
+class Check:
+    """One run: device, model, table and budget; ``section`` runs a guarded piece of it."""
+
+    device: torch.device
+    report: Report
+    budget: Budget
+    peak: tuple[float, str] | None
+    model: torch.nn.Module | None = None
+
+    def section(self, label: str, fn, *, kind: str | None = None, flops: float | None = None):
+        """``fn()``, unless it is estimated not to fit in the budget (a row says so); out of
+        memory or an error becomes a row and the run goes on. Returns fn's value or None."""
+        left, estimate = self.budget.left(), self.budget.estimate(kind, flops)
+        if left <= 0 or (estimate is not None and estimate > left):
+            guess = f"estimated {estimate:.0f} s" if estimate is not None else "not estimated"
+            self.report.add(label, SKIPPED, f"{guess}, {max(left, 0):.0f} s left")
+            return None
+        try:
+            return fn()
+        except torch.cuda.OutOfMemoryError:
+            outcome = OUT_OF_MEMORY
+        except Exception as e:  # one broken section must not cost the rest of the GPU's time
+            traceback.print_exc()
+            outcome = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        finally:
+            if self.model is not None:
+                self.model.zero_grad(set_to_none=True)
+        self.report.add(label, outcome)
+        free_memory(self.device)  # outside the except: its traceback no longer holds tensors
+        return None
+
+    def timing_row(self, label: str, *, num_tokens: int, seconds: float, peak: int | None,
+                   flops: float, kind: str, extra: str = "") -> None:
+        """A throughput row; the rate goes to the budget's estimates."""
+        self.budget.record(kind, flops, seconds)
+        mfu = f"MFU {flops / seconds / self.peak[0]:.1%}" if self.peak else "MFU unknown"
+        self.report.add(label, f"{num_tokens / seconds:,.0f} tok/s", memory(peak),
+                        f"{mfu}, {seconds:.2f} s", extra)
+
+
+def free_memory(device) -> None:
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
 
 
-def peak(device, result=None) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return (result.peak_memory_bytes if result is not None else 0) / 2**30
+def size(num_bytes: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if num_bytes >= scale / 4:
+            return f"{num_bytes / scale:.2f} {unit}"
+    return f"{num_bytes / 2**10:.1f} KiB"
+
+
+def memory(num_bytes: int | None) -> str:
+    return "peak n/a (CPU)" if num_bytes is None else f"{size(num_bytes)} peak"
 
 
 def tokens(n: int) -> str:
     return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
-def memory(gib: float) -> str:
-    return f"{gib:.1f} GiB peak" if gib >= 1 else f"{gib * 1024:.1f} MiB peak"
+# ---- steps
 
 
-def grad_norm(model) -> float:
-    return math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in model.parameters()
-                         if p.grad is not None))
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def run_gpu_tests(smoke: bool) -> str:
-    if smoke:
-        return "skipped (--smoke)"
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/gpu",
-                          "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True)
-    tail = (out.stdout.strip().splitlines() or ["(no output: failed)"])[-1]
-    print(out.stdout[-3000:], out.stderr[-2000:], sep="\n")
-    return tail if out.returncode == 0 else f"FAILED: {tail}"
-
-
-def step(engine, batch, device):
-    """One chunkflow step under bf16 autocast: (loss, seconds, peak GiB)."""
-    peak_reset(device)
+def timed(device, fn):
+    """(fn(), seconds, peak bytes on CUDA else None). Peaks are reset, the cache is kept."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     sync(device)
     t0 = time.perf_counter()
     with torch.autocast(device.type, dtype=torch.bfloat16):
-        result = engine.forward_backward(batch)
+        out = fn()
     sync(device)
-    return float(result.loss), time.perf_counter() - t0, peak(device, result)
+    seconds = time.perf_counter() - t0
+    return out, seconds, (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                          else None)
+
+
+def chunkflow_step(engine, batch, device):
+    """One chunkflow step: (loss, seconds, peak bytes: CUDA's allocator or the CPU meter)."""
+    result, seconds, peak = timed(device, lambda: engine.forward_backward(batch))
+    return float(result.loss), seconds, peak if peak is not None else result.peak_memory_bytes
 
 
 def plain_loss(model, batch) -> torch.Tensor:
@@ -132,18 +359,18 @@ def plain_loss(model, batch) -> torch.Tensor:
 
 
 def plain_step(model, batch, device):
-    peak_reset(device)
-    sync(device)
-    t0 = time.perf_counter()
-    with torch.autocast(device.type, dtype=torch.bfloat16):
+    def run():
         loss = plain_loss(model, batch)
         loss.backward()
-    sync(device)
-    return float(loss), time.perf_counter() - t0, peak(device)
+        return loss.detach()
+
+    loss, seconds, peak = timed(device, run)
+    return float(loss), seconds, peak
 
 
 def hf_step(model, batch, device, micro_batch: int):
-    """transformers' way: DataCollatorWithFlattening micro-batches, summed token-mean loss."""
+    """transformers' way: DataCollatorWithFlattening micro-batches, summed token-mean loss.
+    (seconds, peak bytes or None)."""
     import transformers
 
     from chunkflow.models.hf_checkpoint import config_to_hf
@@ -156,26 +383,138 @@ def hf_step(model, batch, device, micro_batch: int):
     hf.train()
     collator = transformers.DataCollatorWithFlattening(return_position_ids=True)
     num_items = sum(int((b["labels"][1:] != -100).sum()) for b in batch)
-    peak_reset(device)
-    sync(device)
-    t0 = time.perf_counter()
-    for s in range(0, len(batch), micro_batch):
-        inputs = collator([{"input_ids": b["input_ids"].tolist(), "labels": b["labels"].tolist()}
-                           for b in batch[s:s + micro_batch]], return_tensors="pt")
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+
+    def run():
+        for s in range(0, len(batch), micro_batch):
+            inputs = collator([{"input_ids": b["input_ids"].tolist(),
+                                "labels": b["labels"].tolist()} for b in batch[s:s + micro_batch]],
+                              return_tensors="pt")
             out = hf(**{k: v.to(device) for k, v in inputs.items()}, num_items_in_batch=num_items)
-        out.loss.backward()
-    sync(device)
-    seconds = time.perf_counter() - t0
-    del hf
-    return seconds, peak(device)
+            out.loss.backward()
+
+    try:
+        _, seconds, peak = timed(device, run)
+    finally:
+        del hf
+    return seconds, peak
+
+
+def grad_norm(model) -> float:
+    return math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in model.parameters()
+                         if p.grad is not None))
+
+
+# ---- sections
+
+
+def run_gpu_tests(smoke: bool, timeout_s: float) -> str:
+    if smoke:
+        return "skipped (--smoke)"
+    try:
+        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/gpu",
+                              "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return f"timed out after {timeout_s:.0f} s"
+    tail = (out.stdout.strip().splitlines() or ["(no output: failed)"])[-1]
+    print(out.stdout[-3000:], out.stderr[-2000:], sep="\n")
+    return tail if out.returncode == 0 else f"FAILED: {tail}"
+
+
+def self_check_kernel(device, config):
+    """The kernel by name (varlen on CUDA, cpu-flash on CPU) and what its self-check found."""
+    from chunkflow.runtime.attention import get_kernel
+    from chunkflow.runtime.attention.select import self_check
+
+    heads = (config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+    kernel = get_kernel("varlen" if device.type == "cuda" else "cpu-flash", device,
+                        torch.bfloat16)
+    return kernel, self_check(kernel, device, torch.bfloat16, heads=heads)
+
+
+def bf16_vs_plain(check: Check, batch, *, chunk_size: int, kernel, flops: float) -> None:
+    """chunkflow against plain training on one batch; also the run's warm-up (its rates are
+    the budget's first, pessimistic, estimates)."""
+    model, device = check.model, check.device
+    engine = ChunkFlowEngine(model, chunk_size=chunk_size, k=1, attention_backend=kernel)
+    loss_c, seconds, _ = chunkflow_step(engine, batch, device)
+    check.budget.record("chunkflow", flops, seconds)
+    norm_c = grad_norm(model)
+    model.zero_grad(set_to_none=True)
+    loss_p, seconds, _ = plain_step(model, batch, device)
+    check.budget.record("plain", flops, seconds)
+    norm_p = grad_norm(model)
+    ok = abs(loss_c - loss_p) <= 1e-2 * abs(loss_p) and abs(norm_c - norm_p) <= 3e-2 * norm_p
+    check.report.add("bf16 step vs plain", "ok" if ok else "MISMATCH",
+                     f"loss {loss_c:.4f} vs {loss_p:.4f}",
+                     f"grad norm {norm_c:.3f} vs {norm_p:.3f}", "")
+
+
+def timed_chunkflow(check: Check, label: str, batch, *, flops: float, kind: str = "chunkflow",
+                    **options) -> int:
+    """One timed chunkflow step with ``options`` (ChunkFlowEngine's); a row; its peak bytes.
+    With recompute/offload options, also the recomputes' time and the bytes sent to the host."""
+    engine = ChunkFlowEngine(check.model, **options)
+    device, acc = check.device, {"seconds": 0.0, "start": 0.0}
+
+    def time_recompute(action, phase):
+        if action.kind.value == "R":
+            sync(device)
+            if phase == "start":
+                acc["start"] = time.perf_counter()
+            else:
+                acc["seconds"] += time.perf_counter() - acc["start"]
+
+    hooked = "recompute" in options
+    handle = engine.register_action_hook(time_recompute) if hooked else None
+    try:
+        _, seconds, peak = chunkflow_step(engine, batch, device)
+    finally:
+        if handle is not None:
+            handle.remove()
+    extra = ""
+    if hooked:
+        extra = f"R actions {acc['seconds']:.2f} s"
+        if options.get("offload", "none") != "none":
+            extra += f", {size(engine.copier(device).bytes_to_host)} to host"
+    check.timing_row(label, num_tokens=sum(len(b["input_ids"]) for b in batch), seconds=seconds,
+                     peak=peak, flops=flops, kind=kind, extra=extra)
+    return peak
+
+
+def memory_rows(check: Check, config, lens: dict[int, list[int]], peaks: dict[int, int], *,
+                chunk_size: int) -> None:
+    """The two memory verdicts from the K=1 peaks at both lengths (see the module doc)."""
+    static = check.device.type == "cuda"  # CUDA's allocator sees weights and gradients
+    for n, peak in peaks.items():
+        low, high = memory_range(config, lens[n], chunk_size=chunk_size, k=1, static=static)
+        check.report.add(f"peak vs memory model {tokens(n)}", model_verdict(peak, low, high),
+                         f"measured {size(peak)}",
+                         f"model {size(low)} .. {size(high)} (bf16 .. fp32 activations)",
+                         f"tolerance {MODEL_TOLERANCE:.0%} either way")
+    if len(peaks) < 2:
+        check.report.add("peak minus KV state, flat", "not judged: a length did not run")
+        return
+    short, long = sorted(peaks)
+    kv = (kv_state(config, lens[short], chunk_size), kv_state(config, lens[long], chunk_size))
+    verdict, ratio = flat_verdict((peaks[short], peaks[long]), kv)
+    check.report.add(f"peak minus KV state {tokens(long)} / {tokens(short)}", verdict,
+                     f"{ratio:.2f}x (bound {FLAT_BOUND}x)",
+                     f"KV state {size(kv[0])} -> {size(kv[1])}",
+                     f"peak {peaks[long] / peaks[short]:.2f}x")
+
+
+# ---- main
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny, on CPU: the code paths only")
+    parser.add_argument("--budget-s", type=float, default=480.0,
+                        help="seconds for the whole check; sections that would not fit are skipped")
     parser.add_argument("--output-dir", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
+    budget = Budget(args.budget_s)
     smoke = args.smoke
     device = torch.device("cpu" if smoke or not torch.cuda.is_available() else "cuda")
     if device.type == "cpu" and not smoke:
@@ -183,169 +522,114 @@ def main(argv=None) -> int:
         return 2
     gpu = (torch.cuda.get_device_name(device) if device.type == "cuda"
            else f"CPU {platform.machine()}")
-    config = get_preset("qwen2.5-0.5b")
-    chunk = 8192
-    lengths_long = (32768, 131072)
+    config, sizes = get_preset("qwen2.5-0.5b"), FULL
     if smoke:
         config = config.replace(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
                                 head_dim=16)
-        chunk, lengths_long = 64, (256, 1024)
-    shape = ModelShape.from_config(config)
-    rows, notes = [], []
-    print(f"device check on {gpu}, torch {torch.__version__}", flush=True)
+        sizes = SMOKE
+    shape, chunk = ModelShape.from_config(config), sizes.chunk_size
     date = datetime.date.today().isoformat()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"gpu_check-{'smoke' if smoke else gpu.replace(' ', '_')}-{date}"
+    peak = peak_bf16(gpu)
+    report = Report(
+        stem=out / f"gpu_check-{'smoke' if smoke else gpu.replace(' ', '_')}-{date}",
+        title=f"Device check: {gpu}, torch {torch.__version__}, {date}",
+        header=(f"Qwen2.5-0.5B shape ({config.num_hidden_layers} layers, hidden "
+                f"{config.hidden_size}, vocab {config.vocab_size}), bf16 autocast, chunk "
+                f"{tokens(chunk)}, {sizes.num_short} long-tailed short sequences beside the "
+                f"longest; budget {args.budget_s:.0f} s."),
+        meta={"device": gpu, "torch": torch.__version__, "date": date, "smoke": smoke,
+              "budget_s": args.budget_s, "peak_bf16_flops": peak[0] if peak else None})
+    check = Check(device=device, report=report, budget=budget, peak=peak)
+    print(f"device check on {gpu}, torch {torch.__version__}", flush=True)
+    report.add("MFU peak", f"{peak[0] / 1e12:.1f} TF dense bf16" if peak else "unknown",
+               peak[1] if peak else f"{gpu!r} is not in PEAK_BF16: MFU not reported")
 
-    def save() -> str:
-        """The table so far (rewritten after every row: a run cut short keeps what it had)."""
-        header = (f"# Device check: {gpu}, torch {torch.__version__}, {date}\n\n"
-                  f"Qwen2.5-0.5B shape ({config.num_hidden_layers} layers, hidden "
-                  f"{config.hidden_size}, vocab {config.vocab_size}), bf16 autocast, chunk "
-                  f"{chunk}, 15 long-tailed short sequences beside the longest.\n\n")
-        table = "| check | result | | | |\n|---|---|---|---|---|\n" + "\n".join(
-            "| " + " | ".join(r) + " |" for r in rows)
-        text = header + table + ("\n\n" + "\n".join(f"* {n}" for n in notes)
-                                 if notes else "") + "\n"
-        (out / f"{stem}.md").write_text(text)
-        (out / f"{stem}.json").write_text(json.dumps(
-            {"device": gpu, "torch": torch.__version__, "date": date, "rows": rows}, indent=1))
-        return text
+    def finish() -> int:
+        report.notes += [
+            "peak: torch.cuda.max_memory_allocated after reset_peak_memory_stats, cache kept "
+            "(CPU smoke: the step meter, saved activations + KV state)",
+            "one warm-up for the run (the bf16 comparison); every other row is one timed step",
+            "R actions: the recomputes' time with a device sync around each; selective ones "
+            "skip the attention kernel",
+        ]
+        report.save()
+        print(report.text())
+        print(f"saved {report.stem}.md")
+        return 1 if report.failed() else 0
 
-    def finish(code: int) -> int:
-        print(save())
-        print(f"saved {out / stem}.md")
-        return code
+    # 1. the gpu tests: at most a quarter of the budget
+    tests = check.section("gpu tests", lambda: run_gpu_tests(smoke, budget.left() / 4))
+    if tests is not None:
+        report.add("gpu tests", tests)
 
-    tests = run_gpu_tests(smoke)
-    rows.append(("gpu tests", tests, "", "", ""))
-    save()
-
+    # 2. the kernel by name, after its self-check
+    checked = check.section("attention self-check", lambda: self_check_kernel(device, config))
+    if checked is None:
+        return finish()
+    kernel, failure = checked
+    report.add(f"{kernel.name} self-check", "ok" if failure is None else f"FAILED: {failure}")
+    if failure is not None:
+        return finish()
     torch.manual_seed(0)
-    model = Transformer(config).to(device)
-    kernel = "auto"
-    if device.type == "cuda":
-        # varlen by name: if it cannot run, say so and stop, rather than time the slow math
-        # fallback at 128K for an hour
-        from chunkflow.runtime.attention import get_kernel
-        from chunkflow.runtime.attention.select import self_check
+    check.model = Transformer(config).to(device)
 
-        try:
-            kernel = get_kernel("varlen", device, torch.bfloat16)
-            failure = self_check(kernel, device, torch.bfloat16)
-        except ValueError as e:
-            failure = str(e)
-        rows.append(("varlen self-check", "ok" if failure is None else f"FAILED: {failure}",
-                     "", "", ""))
-        save()
-        if failure is not None:
-            return finish(1)
-    # 2. one bf16 step against plain training
-    batch = make_batch(lengths_for(lengths_long[0] // 2, 15, seed=1), config.vocab_size, device)
-    engine = ChunkFlowEngine(model, chunk_size=chunk, k=1, attention_backend=kernel)
-    loss_c, _, _ = step(engine, batch, device)
-    norm_c = grad_norm(model)
-    model.zero_grad(set_to_none=True)
-    loss_p, _, _ = plain_step(model, batch, device)
-    norm_p = grad_norm(model)
-    model.zero_grad(set_to_none=True)
-    ok = abs(loss_c - loss_p) <= 1e-2 * abs(loss_p) and abs(norm_c - norm_p) <= 3e-2 * norm_p
-    rows.append(("bf16 step vs plain", "ok" if ok else "MISMATCH",
-                 f"loss {loss_c:.4f} vs {loss_p:.4f}", f"grad norm {norm_c:.3f} vs {norm_p:.3f}",
-                 ""))
-    save()
+    # 3. against plain training; the warm-up
+    lens = lengths_for(sizes.baseline_len, sizes.num_short, seed=1)
+    batch = make_batch(lens, config.vocab_size, device)
+    check.section("bf16 step vs plain", lambda: bf16_vs_plain(
+        check, batch, chunk_size=chunk, kernel=kernel, flops=model_flops(shape, lens)),
+        kind="plain", flops=model_flops(shape, lens))
 
-    # 3. peak memory vs longest sequence, 4. throughput against the ideal and HF
+    # 4. peak memory at both lengths, K=1, then 5. K=2
+    lens_at = {n: lengths_for(n, sizes.num_short, seed=2) for n in sizes.memory_lens}
+    batches = {n: make_batch(lens_at[n], config.vocab_size, device, seed=3)
+               for n in sizes.memory_lens}
     peaks = {}
-    for max_len in lengths_long:
-        lens = lengths_for(max_len, 15, seed=2)
-        batch = make_batch(lens, config.vocab_size, device, seed=3)
-        flops = model_flops(shape, lens)
-        for name, chunk_size, k in (("chunkflow", chunk, 1), ("chunkflow", chunk, 2),
-                                    ("ideal (one packed varlen chunk)", sum(lens), 1)):
-            if name.startswith("ideal") and max_len != lengths_long[0]:
-                continue  # unchunked at the longest length does not fit
-            engine = ChunkFlowEngine(model, chunk_size=chunk_size, k=k, attention_backend=kernel)
-            try:
-                step(engine, batch, device)  # warm-up (and the self-check, on the first)
-                model.zero_grad(set_to_none=True)
-                _, seconds, gib = step(engine, batch, device)
-            except torch.cuda.OutOfMemoryError:
-                rows.append((f"{name} {tokens(max_len)}", "out of memory", "", "", ""))
-                continue
-            finally:
-                model.zero_grad(set_to_none=True)
-            if name == "chunkflow" and k == 1:
-                peaks[max_len] = gib
-            label = f"{name} {tokens(max_len)}" + (f" chunk {tokens(chunk_size)} K={k}"
-                                                    if name == "chunkflow" else "")
-            mfu = flops / seconds / PEAK_BF16[next(g for g in PEAK_BF16 if g in gpu)] \
-                if any(g in gpu for g in PEAK_BF16) else float("nan")
-            rows.append((label, f"{sum(lens) / seconds:,.0f} tok/s", memory(gib),
-                         f"MFU {mfu:.1%}" if mfu == mfu else "MFU n/a", f"{seconds:.2f} s"))
-            save()
-        if max_len == lengths_long[0]:
-            try:
-                seconds, gib = hf_step(model, batch, device, micro_batch=4)
-                rows.append((f"HF flattened (mbs 4, SDPA, no flash-attn) {tokens(max_len)}",
-                             f"{sum(lens) / seconds:,.0f} tok/s", memory(gib), "",
-                             f"{seconds:.2f} s"))
-            except torch.cuda.OutOfMemoryError:
-                rows.append((f"HF flattened {tokens(max_len)}", "out of memory", "", "", ""))
-            model.zero_grad(set_to_none=True)
-    if len(peaks) == 2:
-        ratio = peaks[lengths_long[1]] / peaks[lengths_long[0]]
-        verdict = ("not judged (--smoke: the KV state dominates tiny models)" if smoke
-                   else "ok" if ratio <= 1.15 else "NOT FLAT")
-        rows.append((f"peak memory {tokens(lengths_long[1])} / {tokens(lengths_long[0])}",
-                     verdict, f"{ratio:.2f}x (bound 1.15x)", "", ""))
-        notes.append("peak: torch.cuda.max_memory_allocated (CPU smoke: the step meter)")
+    for k in (1, 2):
+        for n in sizes.memory_lens:
+            flops = model_flops(shape, lens_at[n])
+            label = f"chunkflow {tokens(n)} chunk {tokens(chunk)} K={k}"
+            got = check.section(label, lambda: timed_chunkflow(
+                check, label, batches[n], flops=flops, chunk_size=chunk, k=k,
+                attention_backend=kernel), kind="chunkflow", flops=flops)
+            if k == 1 and got is not None:
+                peaks[n] = got
+        if k == 1:
+            memory_rows(check, config, lens_at, peaks, chunk_size=chunk)
 
-    # 5. recompute modes and offload at the longest length (issue 15): step time, peak, the
-    # recompute actions' time (through the engine's action hook), bytes copied to the host
-    lens = lengths_for(lengths_long[1], 15, seed=2)
-    batch = make_batch(lens, config.vocab_size, device, seed=3)
+    # 6. throughput against the ideal and HF, at a length where unchunked training fits
+    flops = model_flops(shape, lens)
+    n = tokens(sizes.baseline_len)
+    for label, kind, options in (
+            (f"chunkflow {n} chunk {tokens(chunk)} K=1", "chunkflow", dict(chunk_size=chunk)),
+            (f"ideal (one packed varlen chunk) {n}", "ideal", dict(chunk_size=sum(lens)))):
+        check.section(label, lambda: timed_chunkflow(
+            check, label, batch, flops=flops, kind=kind, k=1, attention_backend=kernel,
+            **options), kind=kind, flops=flops)
+    label = f"HF flattened (mbs 4, SDPA, no flash-attn) {n}"
+
+    def hf_row():
+        seconds, hf_peak = hf_step(check.model, batch, device, micro_batch=4)
+        check.timing_row(label, num_tokens=sum(lens), seconds=seconds, peak=hf_peak,
+                         flops=flops, kind="hf")
+
+    check.section(label, hf_row, kind="hf", flops=flops)
+
+    # 7. recompute modes and offload at the longest length (issue 15)
+    n = sizes.memory_lens[1]
+    flops = model_flops(shape, lens_at[n])
     for recompute, offload in (("full", "none"), ("selective", "none"), ("full", "state"),
                                ("selective", "all")):
-        engine = ChunkFlowEngine(model, chunk_size=chunk, k=1, attention_backend=kernel,
-                                 recompute=recompute, offload=offload)
-        recomputing = {"seconds": 0.0, "start": 0.0}
-
-        def time_recompute(action, phase, acc=recomputing):
-            if action.kind.value != "R":
-                return
-            sync(device)
-            if phase == "start":
-                acc["start"] = time.perf_counter()
-            else:
-                acc["seconds"] += time.perf_counter() - acc["start"]
-
-        handle = engine.register_action_hook(time_recompute)
-        try:
-            step(engine, batch, device)  # warm-up
-            model.zero_grad(set_to_none=True)
-            recomputing["seconds"] = 0.0
-            _, seconds, gib = step(engine, batch, device)
-        except torch.cuda.OutOfMemoryError:
-            rows.append((f"K=1 {recompute}, offload {offload} {tokens(lengths_long[1])}",
-                         "out of memory", "", "", ""))
-            continue
-        finally:
-            handle.remove()
-            model.zero_grad(set_to_none=True)
-        moved = (f"{engine.copier(device).bytes_to_host / 2**30:.2f} GiB to host"
-                 if offload != "none" else "")
-        rows.append((f"K=1 {recompute} recompute, offload {offload} {tokens(lengths_long[1])}",
-                     f"{sum(lens) / seconds:,.0f} tok/s", memory(gib),
-                     f"R actions {recomputing['seconds']:.2f} s of {seconds:.2f} s", moved))
-        save()
-    notes.append("R actions: the recomputes' time with a device sync around each; selective "
-                 "ones skip the attention kernel")
-
-    failed = any(r[1] in ("MISMATCH", "NOT FLAT") or r[1].startswith("FAILED") for r in rows)
-    return finish(1 if failed else 0)
+        label = f"K=1 {recompute} recompute, offload {offload} {tokens(n)}"
+        kind = f"{recompute}/{offload}"
+        check.section(label, lambda: timed_chunkflow(
+            check, label, batches[n], flops=flops, kind=kind, chunk_size=chunk, k=1,
+            attention_backend=kernel, recompute=recompute, offload=offload),
+            kind=kind, flops=flops)
+    return finish()
 
 
 if __name__ == "__main__":
