@@ -17,6 +17,7 @@ Loss and gradients equal one process training on the whole global batch.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -104,6 +105,8 @@ class ParallelEngine:
         param = next(iter(model.parameters()))
         self.io = P2PStageIO(ctx, hidden_size=model.config.hidden_size, dtype=param.dtype,
                              shard=shard)
+        if ctx.pp > 1 and os.environ.get("CHUNKFLOW_CHECK_MESSAGES", "0") == "1":
+            self.io.record()  # every step's messages replayed under NCCL's rules
 
     @property
     def chunk_size(self) -> int:
@@ -152,6 +155,7 @@ class ParallelEngine:
         try:
             local = self.engine.evaluate(local_batch, plan=sub, io=self.io)
             self.io.wait()
+            self.io.check_recorded()
         except RuntimeError as e:
             raise RuntimeError(f"rank {self.ctx.rank} (replica {self.ctx.dp_rank}, stage "
                                f"{self.ctx.stage}) failed in an evaluation: {e}") from e
@@ -181,6 +185,7 @@ class ParallelEngine:
             local = self.engine.forward_backward(local_batch, plan=sub, actions=actions,
                                                  io=self.io, sync=self.sync, chunk_ids=chunk_ids)
             self.io.wait()
+            self.io.check_recorded()
         except RuntimeError as e:  # say which rank; a peer's failure shows up here as a
             # closed connection, a silent peer as a timeout (parallel.timeout_s)
             raise RuntimeError(f"rank {self.ctx.rank} (replica {self.ctx.dp_rank}, stage "

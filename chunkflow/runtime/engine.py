@@ -273,6 +273,7 @@ class ChunkFlowEngine:
             chain = plan.chain_of(chunk)
             if chain is not None and chunk.chain_idx == 0:
                 state = self._new_state(step, chain, with_grads=False)
+            io.start(Action(ActionKind.FORWARD, chunk_id))
             graph = self._forward(step, chunk, state if chain is not None else None,
                                   io.recv_forward(chunk), grad=False, with_loss=is_last_stage)
             if is_last_stage:
@@ -309,6 +310,7 @@ class ChunkFlowEngine:
         try:
             with hooks:
                 for i, action in enumerate(actions):
+                    io.start(action)
                     chunk = plan.chunks[action.chunk_id]
                     chain = plan.chain_of(chunk)
                     if chain is not None and chain.chain_id not in states:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from chunkflow.plan import Chunk
+from chunkflow.plan import Action, Chunk
 
 
 class StageIO:
@@ -15,6 +15,10 @@ class StageIO:
     ``chunkflow.parallel`` implements it with point-to-point communication. Hidden states are
     (1, L, E) for a chunk of L tokens; under sequence parallelism, this rank's rows of it
     (1, ceil(L / tp), E)."""
+
+    def start(self, action: Action) -> None:
+        """Every action of a step begins here, before its receive (a stage posts the previous
+        action's sends together with it)."""
 
     def recv_forward(self, chunk: Chunk) -> torch.Tensor | None:
         """The previous stage's output for ``chunk`` (1, L, E); None on the first stage."""

@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 
 from chunkflow.parallel import ParallelEngine, init_distributed
 from tests.conftest import grads, reference_loss, tiny_model
+from tests.parallel.rendezvous import RendezvousTransport
 
 # Chains (37, 70, 25 at chunk 16) and packed short sequences; prompts masked on some.
 LENGTHS = (37, 5, 12, 70, 3, 16, 9, 25, 2, 14)
@@ -77,6 +78,15 @@ def make_batch(lengths, *, seed: int = 1, vocab: int = 53) -> list[dict]:
     return batch
 
 
+def nccl_rules(engine) -> None:
+    """Pipeline stages exchange messages under NCCL's rendezvous (a send waits for its receive,
+    posts run in order) and replay each step's recorded op order under NCCL's rules
+    (``P2PStageIO.check_recorded``, which the engine calls after every step)."""
+    if engine.ctx.pp > 1:
+        engine.io.transport = RendezvousTransport(engine.ctx.pp_group)
+        engine.io.record()
+
+
 def check_gradients(rank, world_size, cases):
     """Each case: one (or two) ParallelEngine steps vs plain unchunked training in float64
     (``dtype``: the distributed model's; float32 is compared to 1e-5)."""
@@ -99,6 +109,7 @@ def check_gradients(rank, world_size, cases):
                                    if "logits_budget" in case else {}),
                                 offload=case.get("offload", "none"))
         check_vocab_split(engine, case)
+        nccl_rules(engine)
         rows = []  # rows of the chunk each decoder layer ran: 1/tp of them, sequence parallel
         first = next(iter(engine.model.model.layers.values()))
         first.register_forward_hook(lambda m, i, out: rows.append(out.shape[1]))
@@ -154,6 +165,23 @@ def fail_one_rank(rank, world_size, dp, pp, how):
             return forward(*args, **kwargs)
 
         engine.engine._forward = broken
+    engine.forward_backward(make_batch(LENGTHS))
+
+
+def eager_order_on_gloo(rank, world_size, timeout_s):
+    """The stage I/O's earlier order (every send posted at once, each receive alone): a step
+    passes on gloo, which buffers sends; under the rendezvous transport (NCCL's rules) the next
+    one must fail within ``timeout_s`` with the transport's message."""
+    from types import MethodType
+
+    from tests.parallel.stage_messages import eager_send
+
+    ctx = init_distributed(dp=1, pp=2, device=torch.device("cpu"))
+    engine = ParallelEngine(tiny_model(num_hidden_layers=2), ctx, chunk_size=16, k=1)
+    engine.io._send = MethodType(eager_send, engine.io)
+    engine.forward_backward(make_batch(LENGTHS))
+    dist.barrier()
+    engine.io.transport = RendezvousTransport(ctx.pp_group, timeout_s=timeout_s)
     engine.forward_backward(make_batch(LENGTHS))
 
 
@@ -214,6 +242,7 @@ def check_hf(rank, world_size, cases):
                                 sequence_parallel=case.get("sp", True),
                                 vocab_parallel=case.get("vp", True))
         check_vocab_split(engine, case)
+        nccl_rules(engine)
         rows = []  # rows of the chunk each decoder layer ran: 1/tp of them, sequence parallel
         next(iter(engine.model.get_decoder().layers)).register_forward_hook(
             lambda m, i, out: rows.append((out[0] if isinstance(out, tuple) else out).shape[1]))
