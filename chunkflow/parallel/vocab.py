@@ -33,7 +33,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
 from chunkflow.parallel.mesh import ParallelContext
-from chunkflow.runtime.head_loss import LOGITS_BUDGET, _cast, _logits
+from chunkflow.runtime.head_loss import LOGITS_BUDGET, _add_matmul, _logits, _low
 from chunkflow.runtime.loss import IGNORE_INDEX
 
 
@@ -129,12 +129,15 @@ def vocab_parallel_head_loss(hidden: torch.Tensor, head: nn.Module, targets: tor
         hidden = DTensor.from_local(hidden, mesh, [Replicate()], run_check=False).to_local(
             grad_placements=[Partial()])
     weight = head.weight
+    local = weight.to_local() if isinstance(weight, DTensor) else weight  # (Vr, E)
     device = hidden.device.type
+    low = local.detach()  # the rows the matmuls read
     if torch.is_autocast_enabled(device) and hidden.dtype != torch.float64:
         dtype = torch.get_autocast_dtype(device)  # what autocast makes of a linear layer
-        # the parameter, cast once per step (its local view is a new object on every call)
-        hidden, weight = hidden.to(dtype), _cast(weight, dtype, cast_cache)
-    local = weight.to_local() if isinstance(weight, DTensor) else weight  # (Vr, E)
+        # the parameter, cast once per step (its local view is a new object on every call);
+        # its gradient is accumulated and returned in its own dtype, not the matmuls'
+        hidden, low = hidden.to(dtype), _low(weight, dtype, cast_cache)
+        low = low.to_local() if isinstance(low, DTensor) else low
     acc = torch.promote_types(hidden.dtype, torch.float32)
     # blocks sized by the largest part of the vocabulary: the same on every rank, so that
     # their all-reduces match (the last ranks hold fewer rows when tp does not divide V)
@@ -142,24 +145,27 @@ def vocab_parallel_head_loss(hidden: torch.Tensor, head: nn.Module, targets: tor
     rows = max(1, logits_budget // (widest * acc.itemsize))
     with torch.autocast(device, enabled=False):
         start = vocab_rows(weight.shape[0], ctx.tp, ctx.tp_rank).start
-        ce = _VocabParallelCrossEntropy.apply(hidden, local, targets, start, rows, ctx.tp_group)
+        ce = _VocabParallelCrossEntropy.apply(hidden, local, low, targets, start, rows,
+                                              ctx.tp_group)
     return (ce * weights.to(ce.dtype)).sum()
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Per-token cross-entropy (0 at ignored targets) of ``hidden @ weight.T`` where ``weight``
     is this rank's vocabulary rows ``[start, start + Vr)``, ``rows`` tokens at a time; every rank
-    returns the whole (L,) result. Backward: this rank's part of the hidden states' gradient
-    (a partial sum over the group) and its weight rows' whole gradient."""
+    returns the whole (L,) result. ``low``: ``weight`` detached, in the matmuls' dtype (its
+    bf16 copy under autocast). Backward: this rank's part of the hidden states' gradient (a
+    partial sum over the group) and its weight rows' whole gradient, accumulated over the
+    blocks in float32 (or wider) and returned in the weight's dtype."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, start, rows, group):
+    def forward(ctx, hidden, weight, low, targets, start, rows, group):
         acc = torch.promote_types(hidden.dtype, torch.float32)
         lse = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
         target_logit = torch.zeros_like(lse)
         local_t, mine = _local_targets(targets, start, weight.shape[0], acc)
         for a in range(0, hidden.shape[0], rows):
-            logits = _logits(hidden[a:a + rows], weight, None, acc)  # (rows, Vr)
+            logits = _logits(hidden[a:a + rows], low, None, acc)  # (rows, Vr)
             top = logits.max(-1).values
             dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
             sum_exp = (logits - top[:, None]).exp().sum(-1)
@@ -169,28 +175,29 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             target_logit[a:a + rows] = picked
         dist.all_reduce(target_logit, group=group)
         kept = targets != IGNORE_INDEX
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.start, ctx.rows = start, rows
+        ctx.save_for_backward(hidden, low, targets, lse)
+        ctx.start, ctx.rows, ctx.weight_dtype = start, rows, weight.dtype
         return (lse - target_logit) * kept
 
     @staticmethod
     def backward(ctx, grad_ce):
-        hidden, weight, targets, lse = ctx.saved_tensors
+        hidden, low, targets, lse = ctx.saved_tensors
         acc = lse.dtype
-        local_t, mine = _local_targets(targets, ctx.start, weight.shape[0], acc)
+        local_t, mine = _local_targets(targets, ctx.start, low.shape[0], acc)
         g_out = grad_ce.to(acc) * (targets != IGNORE_INDEX)
         dh = torch.empty_like(hidden)
-        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        dw = torch.zeros(low.shape, dtype=torch.promote_types(acc, ctx.weight_dtype),
+                         device=low.device)
         for a in range(0, hidden.shape[0], ctx.rows):
             h = hidden[a:a + ctx.rows]
-            logits = _logits(h, weight, None, acc)
+            logits = _logits(h, low, None, acc)
             g = (logits - lse[a:a + ctx.rows, None]).exp() * g_out[a:a + ctx.rows, None]
             g.scatter_add_(1, local_t[a:a + ctx.rows, None],
                            -(g_out[a:a + ctx.rows] * mine[a:a + ctx.rows])[:, None])
             g_in = g.to(hidden.dtype)
-            dh[a:a + ctx.rows] = g_in @ weight
-            dw += (g_in.transpose(0, 1) @ h).to(acc)
-        return dh, dw.to(weight.dtype), None, None, None, None
+            dh[a:a + ctx.rows] = g_in @ low
+            _add_matmul(dw, g.transpose(0, 1), g_in.transpose(0, 1), h)  # unrounded
+        return dh, dw.to(ctx.weight_dtype), None, None, None, None, None
 
 
 def _local_targets(targets: torch.Tensor, start: int, size: int, dtype: torch.dtype):

@@ -8,8 +8,8 @@ evaluation loss against the unchunked token mean.
 
 import torch
 
-from tests.parallel.workers import (check_autocast, check_gradients, check_hf, spawn,
-                                    train_lora)
+from tests.parallel.workers import (check_autocast, check_gradients, check_hf,
+                                    check_vocab_loss_weight_gradient, spawn, train_lora)
 
 
 def test_two_ranks_data_parallel_and_pipeline():
@@ -51,6 +51,10 @@ def test_two_ranks_data_parallel_and_pipeline():
 
 def test_two_ranks_tensor_parallel_under_bf16_autocast():
     spawn(check_autocast, 2)
+
+
+def test_vocabulary_parallel_loss_keeps_the_head_gradient_in_float32_under_bf16():
+    spawn(check_vocab_loss_weight_gradient, 2)
 
 
 def test_four_ranks_pipeline_and_data_x_pipeline():
