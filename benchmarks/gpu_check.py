@@ -524,7 +524,8 @@ def main(argv=None) -> int:
            else f"CPU {platform.machine()}")
     config, sizes = get_preset("qwen2.5-0.5b"), FULL
     if smoke:
-        config = config.replace(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        # 3 layers: more than the 2 an offloaded state keeps on the device, so it moves
+        config = config.replace(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
                                 head_dim=16)
         sizes = SMOKE

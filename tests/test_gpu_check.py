@@ -52,6 +52,11 @@ def test_gpu_check_smoke_runs_every_section_and_saves_a_table(gc, tmp_path):
                   "K=1 selective recompute, offload all 1K"):
         assert rows[label][0].endswith("tok/s"), (label, rows[label])
         assert "MFU unknown" in rows[label][2]  # a CPU is not in the table: no guess
+    # the offloaded state moves (the smoke model has more layers than stay on the device)
+    for label in ("K=1 full recompute, offload state 1K",
+                  "K=1 selective recompute, offload all 1K"):
+        moved = rows[label][3].rsplit(",", 1)[1].split()  # e.g. 4.22 MiB to host
+        assert moved[2:] == ["to", "host"] and float(moved[0]) > 0, (label, moved)
     assert (tmp_path / next(tmp_path.glob("*.md")).name).with_suffix(".json").exists()
 
 
