@@ -26,8 +26,10 @@ bench: $(BIN)/chunkflow
 	$(BIN)/chunkflow bench
 
 # On a GPU machine, with its own python3 and torch (no venv, nothing installed): the gpu tests,
-# a bf16 step against plain training, peak memory at 32K/128K, tokens/s and MFU against the
-# ideal and HF; saves benchmarks/results/gpu_check-<gpu>-<date>.md. A few minutes on an H100.
+# a bf16 step against plain training, peak memory at 32K/128K (less the KV state: flat; against
+# the memory model), tokens/s and MFU against the ideal and HF; saves
+# benchmarks/results/gpu_check-<gpu>-<date>.md. At most 8 minutes on one 80 GB H100 (--budget-s
+# skips, with a row, what would not fit).
 gpu-check:
 	PYTHONPATH=. python3 benchmarks/gpu_check.py
 
