@@ -59,6 +59,8 @@ def _plan(args: argparse.Namespace, unknown: list[str]) -> int:
 
     configured = dict(recompute=chunking.recompute, offload=chunking.offload,
                       activation_checkpointing=chunking.activation_checkpointing)
+    # offload runs on CUDA, where 16-bit runs' states hold a chunk more rows (varlen's layout)
+    extra_rows = chunking.state_extra_rows("cuda", activation_bytes)
 
     def describe(lengths: list[int]) -> str:
         plan = build_chunks(lengths, chunk_size=chunking.chunk_size,
@@ -67,6 +69,7 @@ def _plan(args: argparse.Namespace, unknown: list[str]) -> int:
         def estimate(**options):
             return estimate_peak_memory(shape, plan, k=chunking.k, param_bytes=param_bytes,
                                         activation_bytes=activation_bytes,
+                                        state_extra_rows=extra_rows,
                                         **{**configured, **options})
 
         mine = estimate()

@@ -29,6 +29,29 @@ def test_plan_shows_what_recompute_offload_and_checkpointing_change(capsys):
     assert "schedule (k=1): s0 s1 s2 s3 F4 B4 r3 B3 r2 B2 r1 B1 r0 B0" in out
 
 
+def test_plan_prices_an_offloaded_state_in_the_cuda_kernel_s_layout(capsys):
+    """16-bit compute runs varlen on CUDA, whose chain state holds a chunk of rows past its
+    prefix: the host figure of an offloaded state counts them; float32 (the math kernel) not."""
+    from chunkflow.plan import build_chunks
+    from chunkflow.plan.memory import estimate_peak_memory
+    from chunkflow.train.build import model_shape
+    from chunkflow.train.config import TrainConfig
+
+    shape = model_shape(TrainConfig())  # the default model, as plan builds it
+    plan = build_chunks([9000, 300, 120], chunk_size=2048)
+    hosts = []
+    for extra, options, bytes_ in ((2048, ["--train.autocast=bf16"], 2), (0, [], 4)):
+        assert main(["plan", "--lengths", "9000,300,120", "--chunking.chunk_size=2048",
+                     "--chunking.offload=state", *options]) == 0
+        line = capsys.readouterr().out.splitlines()[1]
+        est = estimate_peak_memory(shape, plan, k=1, param_bytes=4, activation_bytes=bytes_,
+                                   offload="state", state_extra_rows=extra)
+        assert line.endswith(est.summary()), (line, est.summary())
+        hosts.append((est.host, estimate_peak_memory(
+            shape, plan, k=1, param_bytes=4, activation_bytes=bytes_, offload="state").host))
+    assert hosts[0][0] > hosts[0][1] and hosts[1][0] == hosts[1][1]
+
+
 def test_plan_of_configured_data(tmp_path, capsys):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"input_ids": list(range(n))}) + "\n"

@@ -91,14 +91,16 @@ def choose_settings(model, batches: Sequence[Sequence[int]], *, memory_budget: i
                     profile: GPUProfile, param_bytes: int = 4, activation_bytes: int | None = None,
                     optimizer: str = "adamw", max_length: int | None = None,
                     offload: bool = False, pack_chain_tails: bool = True,
-                    chunk_sizes: Sequence[int] = CHUNK_SIZES, ks: Sequence[int] = KS
-                    ) -> list[Choice]:
+                    chunk_sizes: Sequence[int] = CHUNK_SIZES, ks: Sequence[int] = KS,
+                    varlen_state: bool = False) -> list[Choice]:
     """Candidates whose estimated peak fits ``memory_budget`` bytes, fastest first.
 
     ``model``: a :class:`~chunkflow.plan.cost.ModelShape` (or anything with its fields and
     ``num_params``); ``batches``: sequence lengths of sample global batches; ``max_length``: the
     longest sequence the data may hold (default: the longest sampled); ``offload``: whether
-    offload candidates are tried (CUDA). Raises ``ValueError`` naming the smallest peak found
+    offload candidates are tried (CUDA); ``varlen_state``: chain states hold a chunk of rows
+    past their prefix (the CUDA varlen kernel's layout), which an offloaded state's host
+    memory holds too. Raises ``ValueError`` naming the smallest peak found
     when nothing fits.
     """
     memory_budget = check_positive_int("memory_budget", memory_budget)
@@ -130,7 +132,8 @@ def choose_settings(model, batches: Sequence[Sequence[int]], *, memory_budget: i
                                        param_bytes=param_bytes,
                                        activation_bytes=activation_bytes, optimizer=optimizer,
                                        recompute=s.recompute, offload=s.offload,
-                                       activation_checkpointing=s.activation_checkpointing)
+                                       activation_checkpointing=s.activation_checkpointing,
+                                       state_extra_rows=s.chunk_size if varlen_state else 0)
             with_margin = est.total + round(MODEL_MARGIN * (est.step + est.transient))
             if with_margin > peak:
                 peak, host = with_margin, est.host

@@ -88,7 +88,9 @@ def choose_chunking(cfg: TrainConfig, dataset, device: torch.device, *, activati
                                   profile=device_profile(device), param_bytes=param_bytes,
                                   activation_bytes=activation_bytes, max_length=max_length,
                                   offload=device.type == "cuda",
-                                  pack_chain_tails=cfg.chunking.pack_chain_tails)
+                                  pack_chain_tails=cfg.chunking.pack_chain_tails,
+                                  varlen_state=cfg.chunking.state_extra_rows(
+                                      device.type, activation_bytes) > 0)
     except ValueError as e:
         raise ValueError(f"--chunking.auto=true (budget from {source}): {e}") from None
     best = choices[0].settings

@@ -51,6 +51,26 @@ def test_offload_only_when_it_is_needed_to_fit():
     assert tight.settings.offload != "none"
 
 
+def test_an_offloaded_varlen_state_is_priced_with_its_extra_chunk_of_host_rows():
+    """The CUDA varlen kernel's chain state holds a chunk of rows past its prefix; offloaded,
+    they are pinned host memory too."""
+    from chunkflow.plan import build_chunks
+    from chunkflow.plan.memory import estimate_peak_memory
+
+    shape, h100 = get_model_shape("qwen2.5-7b"), GPU_PROFILES["h100-80gb"]
+    lengths = [131072, 2000, 500]
+    plain, varlen = (choose_settings(shape, [lengths], memory_budget=80 << 30, profile=h100,
+                                     param_bytes=2, offload=True, varlen_state=v)[0]
+                     for v in (False, True))
+    s = varlen.settings
+    assert s == plain.settings and s.offload != "none"
+    est = estimate_peak_memory(shape, build_chunks(lengths, chunk_size=s.chunk_size), k=s.k,
+                               param_bytes=2, recompute=s.recompute, offload=s.offload,
+                               activation_checkpointing=s.activation_checkpointing,
+                               state_extra_rows=s.chunk_size)
+    assert varlen.host_bytes == est.host > plain.host_bytes
+
+
 def test_nothing_fits_names_the_smallest_peak():
     with pytest.raises(ValueError, match=r"no chunk settings fit a memory budget of 8\.0 MiB: "
                                          r"the smallest estimated peak is .*chunk_size=256"):
