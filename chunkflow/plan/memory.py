@@ -57,7 +57,8 @@ starting on a full graph) that is two layers' keys/values and one layer's gradie
 ``state_extra_rows`` more rows, gradients ``T``), as the CUDA runtime allocates it: pinned, in
 a few pieces (:func:`host_pieces`), each of which torch's caching host allocator rounds up to a
 power of two (:func:`pinned_block_bytes`). ``offload="all"`` moves the kept attention outputs
-there too (their sum, without that rounding).
+there too, each chunk's in pieces of its own, rounded the same way
+(:func:`kept_attention_host_bytes`).
 
 Activation checkpointing (``activation_checkpointing=True``): a chunk graph keeps, per layer and
 token, the layer's input only, ``b * E``, plus the head as above. While a chunk runs backward one
@@ -108,7 +109,9 @@ class MemoryEstimate:
     kept_attention: int = 0
     """Attention outputs kept on the device for selective recomputes, at the peak."""
     host: int = 0
-    """What offload keeps in host memory at that moment (not part of ``total``)."""
+    """The most that offload keeps in host memory at any moment of the step (not part of
+    ``total``; with ``offload="all"`` that moment is not the device's peak: the kept outputs
+    are all on the host after a chain's last forward)."""
     transient: int = 0
     """Activation checkpointing: one layer recomputed in a chunk's backward."""
 
@@ -225,6 +228,19 @@ def offloaded_state_host_bytes(model, num_positions: int, *, activation_bytes: i
     return sum(pinned_block_bytes(n) if pinned else n for _, n in pieces)
 
 
+def kept_attention_host_bytes(model, num_tokens: int, *, activation_bytes: int,
+                              pinned: bool = True) -> int:
+    """Host memory one chunk's kept attention outputs take under ``offload="all"``: every
+    layer's output and float32+ LSE, in order, laid out in pieces (:func:`host_pieces`) as the
+    runtime allocates them, each rounded as the pinned allocator does."""
+    if num_tokens <= 0:
+        return 0
+    b, a = activation_bytes, max(activation_bytes, 4)
+    h = model.num_attention_heads
+    buffers = [num_tokens * h * model.head_dim * b, num_tokens * h * a] * model.num_hidden_layers
+    return sum(pinned_block_bytes(n) if pinned else n for _, n in host_pieces(buffers))
+
+
 def kv_state_bytes(model, num_positions: int, *, activation_bytes: int) -> int:
     """Key/value state of ``num_positions`` positions (all layers) plus its float32+ gradients."""
     b, a = activation_bytes, max(activation_bytes, 4)
@@ -268,19 +284,19 @@ def estimate_peak_memory(model, plan: ChunkPlan, *, k: int, param_bytes: int = 4
     if not isinstance(plan, ChunkPlan):
         raise ValueError(f"plan must be a ChunkPlan from build_chunks, got {type(plan).__name__}")
 
-    # Candidate moments of the step: (tokens of live graphs, positions of live KV state,
-    # tokens whose attention outputs are kept for a selective recompute).
+    # Candidate moments of the step: (tokens of live graphs, positions of live KV state, the
+    # chunks whose attention outputs are kept for a selective recompute, by token count).
     selective = recompute == "selective"
-    moments = [(c.num_tokens, 0, 0) for c in plan.chunks if c.chain_id is None]
+    moments = [(c.num_tokens, 0, ()) for c in plan.chunks if c.chain_id is None]
     for chain in plan.chains:
         tokens = [plan.chunks[i].num_tokens for i in chain.chunk_ids]
         state = plan.chunks[chain.chunk_ids[-1]].segments[0].start  # before the last chunk
         num_kept = min(k, len(tokens))
-        recomputed = tokens[:-num_kept]
-        kept = sum(recomputed) if selective else 0
-        moments.append((sum(tokens[-num_kept:]), state, kept))  # after the last F
+        recomputed = tuple(tokens[:-num_kept])
+        moments.append((sum(tokens[-num_kept:]), state,
+                        recomputed if selective else ()))  # after the last F
         for j, n in enumerate(recomputed):  # each R j: one graph, the outputs of 0..j-1
-            moments.append((n, state, sum(recomputed[:j]) if selective else 0))
+            moments.append((n, state, recomputed[:j] if selective else ()))
 
     per_token = activation_bytes_per_token(model, activation_bytes=activation_bytes,
                                            activation_checkpointing=activation_checkpointing)
@@ -296,17 +312,20 @@ def estimate_peak_memory(model, plan: ChunkPlan, *, k: int, param_bytes: int = 4
     def parts(m) -> tuple[int, int, int, int]:
         """(activations, device state, device kept outputs, host) of a moment."""
         state = kv_state_bytes(model, m[1], activation_bytes=activation_bytes)
-        kept = m[2] * kept_per_token
+        kept = sum(m[2]) * kept_per_token
         on_device = round(state * state_share)
         host = (offloaded_state_host_bytes(model, m[1], activation_bytes=activation_bytes,
                                            extra_rows=state_extra_rows)
                 if offload != "none" else 0)
-        if offload == "all":
-            host, kept = host + kept, 0
+        if offload == "all":  # each kept chunk's outputs in their own pinned pieces
+            host += sum(kept_attention_host_bytes(model, n, activation_bytes=activation_bytes)
+                        for n in m[2])
+            kept = 0
         return m[0] * per_token, on_device, kept, host
 
     peak = max(moments, key=lambda m: sum(parts(m)[:3]))
-    activations, kv_state, kept, host = parts(peak)
+    activations, kv_state, kept, _ = parts(peak)
+    host = max(parts(m)[3] for m in moments)
     num_params = model.num_params
     return MemoryEstimate(
         weights=num_params * param_bytes,

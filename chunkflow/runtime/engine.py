@@ -345,7 +345,8 @@ class ChunkFlowEngine:
                         if action.selective and kind is ActionKind.STATE_FORWARD:
                             copier = (self.copier(step.kernel_device) if self.offload == "all"
                                       else None)
-                            keep = kept[chunk.chunk_id] = KeptAttention(self.meter, copier)
+                            keep = kept[chunk.chunk_id] = KeptAttention(
+                                self.meter, copier, self.model.layer_ids)
                         elif action.selective:
                             keep = kept.pop(chunk.chunk_id)
                             keep.start_reuse()

@@ -226,6 +226,33 @@ class Copier:
             self._stream.synchronize()
 
 
+def host_buffers(copier: Copier, specs) -> tuple[dict, list[torch.Tensor], int]:
+    """Uninitialised host buffers ``(key, shape, dtype)``, in order, as views of a few
+    allocations (:func:`~chunkflow.plan.memory.host_pieces`: pinned on CUDA, where torch's
+    caching host allocator rounds each up to a power of two; the planner prices the same
+    pieces). Returns (views by key, the allocations, the bytes the host allocator holds)."""
+    sizes = [dtype.itemsize * _numel(shape) for _, shape, dtype in specs]
+    views, pieces, held, first = {}, [], 0, 0
+    for count, nbytes in host_pieces(sizes):
+        piece = copier.host_empty((nbytes,), torch.uint8)
+        pieces.append(piece)
+        held += pinned_block_bytes(nbytes) if copier.cuda else nbytes
+        offset = 0
+        for (key, shape, dtype), size in zip(specs[first:first + count],
+                                             sizes[first:first + count]):
+            views[key] = piece[offset:offset + size].view(dtype).view(shape)
+            offset += -(-size // HOST_ALIGN) * HOST_ALIGN
+        first += count
+    return views, pieces, held
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def _check_pinned(host: torch.Tensor, what: str, layer: int) -> None:
     """A CUDA copy to or from pageable host memory would be synchronous: the Copier's host
     buffers come from :meth:`Copier.host_empty`, and anything else is a bug."""
@@ -297,27 +324,16 @@ class OffloadedChainState:
         """Every layer's host buffers, in the order and pieces the planner prices."""
         self._like = (like.shape[1], like.shape[3], like.dtype)
         grad_dtype = torch.promote_types(like.dtype, torch.float32)
-        specs = []  # (layer, name, rows, dtype)
+        specs = []  # ((layer, name), shape, dtype)
         for layer in self.layer_ids:
-            specs += [(layer, "k", self.capacity, like.dtype),
-                      (layer, "v", self.capacity, like.dtype)]
+            specs += [((layer, "k"), self._shape(self.capacity), like.dtype),
+                      ((layer, "v"), self._shape(self.capacity), like.dtype)]
             if self.with_grads:
-                specs += [(layer, "gk", self.seq_len, grad_dtype),
-                          (layer, "gv", self.seq_len, grad_dtype)]
-        row = like.shape[1] * like.shape[3]
-        sizes = [rows * row * dtype.itemsize for _, _, rows, dtype in specs]
-        first = 0
-        for count, nbytes in host_pieces(sizes):
-            piece = self.copier.host_empty((nbytes,), torch.uint8)
-            self._pieces.append(piece)
-            self.host_bytes += pinned_block_bytes(nbytes) if self.copier.cuda else nbytes
-            offset = 0
-            for (layer, name, rows, dtype), size in zip(specs[first:first + count],
-                                                        sizes[first:first + count]):
-                view = piece[offset:offset + size].view(dtype).view(self._shape(rows))
-                self._host.setdefault(layer, {})[name] = view
-                offset += -(-size // HOST_ALIGN) * HOST_ALIGN
-            first += count
+                specs += [((layer, "gk"), self._shape(self.seq_len), grad_dtype),
+                          ((layer, "gv"), self._shape(self.seq_len), grad_dtype)]
+        views, self._pieces, self.host_bytes = host_buffers(self.copier, specs)
+        for (layer, name), view in views.items():
+            self._host.setdefault(layer, {})[name] = view
 
     # -- residency ----------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from chunkflow.plan.memory import (
     activation_bytes_per_token,
     estimate_peak_memory,
     host_pieces,
+    kept_attention_host_bytes,
     kv_state_bytes,
     offloaded_state_buffers,
     offloaded_state_host_bytes,
@@ -257,6 +258,41 @@ def test_offloaded_host_memory_is_what_the_state_allocates(backend, seq_lens, ch
     exact = kv_state_bytes(config, engine_state_positions(seq_lens, chunk_size),
                            activation_bytes=4) + 2 * 4 * kv_heads * config.head_dim * extra * 4
     assert exact <= est.host < 1.25 * exact  # the pieces' rounding wastes little
+
+
+def test_kept_outputs_host_memory_is_what_offload_all_allocates(monkeypatch):
+    """offload="all": each kept chunk's attention outputs and LSEs, every layer's, are made in
+    a few pinned pieces at its first layer; the planner prices those pieces, rounded (it was
+    their sum, unrounded, with one pinned allocation per layer and tensor)."""
+    from chunkflow.runtime.attention import KeptAttention
+
+    kept = []
+    init = KeptAttention.__init__
+
+    def recording(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        kept.append(self)
+
+    monkeypatch.setattr(KeptAttention, "__init__", recording)
+    config = ModelConfig(vocab_size=256, hidden_size=128, intermediate_size=352,
+                         num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2)
+    torch.manual_seed(0)
+    engine = ChunkFlowEngine(Transformer(config), chunk_size=64, k=1, recompute="selective",
+                             offload="all")
+    engine.forward_backward([torch.randint(0, 256, (300,))])  # chunks of 64 x 4 + 44
+    assert len(kept) == 4
+    for keep in kept:
+        assert len(keep._pieces) <= (2 * 6).bit_length() + 1  # a few, not 2 per layer
+        assert keep.host_bytes == kept_attention_host_bytes(config, 64, activation_bytes=4,
+                                                            pinned=False)
+        assert sum(pinned_block_bytes(p.nbytes) for p in keep._pieces) == \
+            kept_attention_host_bytes(config, 64, activation_bytes=4)
+    plan = build_chunks([300], chunk_size=64)
+    state, everything = (estimate_peak_memory(config, plan, k=1, recompute="selective",
+                                              offload=o) for o in ("state", "all"))
+    per_chunk = kept_attention_host_bytes(config, 64, activation_bytes=4)
+    # after the chain's last forward: the state and the 4 recomputed chunks' outputs
+    assert everything.host == state.host + 4 * per_chunk
 
 
 def engine_state_positions(seq_lens, chunk_size):

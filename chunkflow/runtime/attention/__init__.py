@@ -44,7 +44,7 @@ from typing import Protocol
 
 import torch
 
-from chunkflow.runtime.kv_state import ChainState
+from chunkflow.runtime.kv_state import ChainState, host_buffers
 
 
 @dataclass(frozen=True)
@@ -101,22 +101,35 @@ class KeptAttention:
 
     With a ``copier`` (:class:`chunkflow.runtime.kv_state.Copier`, ``--chunking.offload=all``)
     they are kept in host memory instead: copied out as each layer produces them, and copied
-    back a layer ahead of the recompute that reads them."""
+    back a layer ahead of the recompute that reads them. The host buffers of every layer in
+    ``layer_ids`` are made at the first ``keep``, in the few pinned pieces
+    :func:`chunkflow.plan.memory.kept_attention_host_bytes` prices (``host_bytes``)."""
 
-    def __init__(self, meter=None, copier=None):
+    def __init__(self, meter=None, copier=None, layer_ids=()):
         self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.reusing = False
-        self.nbytes = 0
-        self._meter, self._copier = meter, copier
+        self.nbytes = self.host_bytes = 0
+        self._meter, self._copier, self._layer_ids = meter, copier, sorted(layer_ids)
+        self._host: dict = {}  # (layer, "out" | "lse") -> host buffer
         self._fetched: dict[int, tuple] = {}  # offloaded layers on their way back
+
+    def _host_pair(self, layer_idx: int, out: torch.Tensor, lse: torch.Tensor):
+        if not self._host:
+            layers = self._layer_ids or [layer_idx]
+            specs = [spec for layer in layers for spec in (
+                ((layer, "out"), out.shape, out.dtype), ((layer, "lse"), lse.shape, lse.dtype))]
+            self._host, self._pieces, self.host_bytes = host_buffers(self._copier, specs)
+        if (layer_idx, "out") not in self._host:
+            raise RuntimeError(f"layer {layer_idx}: attention outputs kept for a layer outside "
+                               f"the model's layers {self._layer_ids}")
+        return self._host[layer_idx, "out"], self._host[layer_idx, "lse"]
 
     def keep(self, layer_idx: int, out: torch.Tensor, lse: torch.Tensor) -> None:
         if layer_idx in self.outputs:  # a chunk's layer runs once per forward
             raise RuntimeError(f"layer {layer_idx}: attention outputs kept twice for one chunk")
         out, lse = out.detach(), lse.detach()
         if self._copier is not None:
-            host = (self._copier.host_empty(out.shape, out.dtype),
-                    self._copier.host_empty(lse.shape, lse.dtype))
+            host = self._host_pair(layer_idx, out, lse)
             self._copier.to_host(host[0], out, "attention_out", layer_idx)
             self._copier.to_host(host[1], lse, "attention_lse", layer_idx)
             self.outputs[layer_idx] = host
