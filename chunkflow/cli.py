@@ -34,7 +34,7 @@ def _train(args: argparse.Namespace, unknown: list[str]) -> int:
 
 def _plan(args: argparse.Namespace, unknown: list[str]) -> int:
     from chunkflow.plan import build_chunks, format_schedule, schedule
-    from chunkflow.plan.memory import estimate_peak_memory
+    from chunkflow.plan.memory import estimate_peak_memory, state_extra_rows
     from chunkflow.train.build import model_label, model_shape
     from chunkflow.train.arguments import config_from_args
 
@@ -60,7 +60,8 @@ def _plan(args: argparse.Namespace, unknown: list[str]) -> int:
     configured = dict(recompute=chunking.recompute, offload=chunking.offload,
                       activation_checkpointing=chunking.activation_checkpointing)
     # offload runs on CUDA, where 16-bit runs' states hold a chunk more rows (varlen's layout)
-    extra_rows = chunking.state_extra_rows("cuda", activation_bytes)
+    extra_rows = state_extra_rows(chunking.attention_backend, "cuda", activation_bytes,
+                                  chunking.chunk_size)
 
     def describe(lengths: list[int]) -> str:
         plan = build_chunks(lengths, chunk_size=chunking.chunk_size,

@@ -228,6 +228,17 @@ def offloaded_state_host_bytes(model, num_positions: int, *, activation_bytes: i
     return sum(pinned_block_bytes(n) if pinned else n for _, n in pieces)
 
 
+def state_extra_rows(attention_backend: str, device_type: str, activation_bytes: int,
+                     chunk_size: int) -> int:
+    """Key/value rows a chain state holds past its prefix, ``estimate_peak_memory``'s
+    ``state_extra_rows``: a chunk in the CUDA varlen kernel's layout (its ``state_capacity``),
+    which runs 16-bit compute by name (``varlen``) or by ``auto`` (where the build and the head
+    dim allow it: counted there), else 0."""
+    varlen = (device_type == "cuda" and activation_bytes == 2
+              and attention_backend in ("auto", "varlen"))
+    return chunk_size if varlen else 0
+
+
 def kept_attention_host_bytes(model, num_tokens: int, *, activation_bytes: int,
                               pinned: bool = True) -> int:
     """Host memory one chunk's kept attention outputs take under ``offload="all"``: every

@@ -63,6 +63,7 @@ def choose_chunking(cfg: TrainConfig, dataset, device: torch.device, *, activati
                     log=print) -> str:
     """Pick the chunk settings, write them into ``cfg.chunking``; return the printed table."""
     from chunkflow.plan.auto import choose_settings, format_choices
+    from chunkflow.plan.memory import state_extra_rows
     from chunkflow.train.batching import global_batches
     from chunkflow.train.build import model_shape
     from chunkflow.train.data import DataPosition, DataStats, FileDataset
@@ -89,8 +90,9 @@ def choose_chunking(cfg: TrainConfig, dataset, device: torch.device, *, activati
                                   activation_bytes=activation_bytes, max_length=max_length,
                                   offload=device.type == "cuda",
                                   pack_chain_tails=cfg.chunking.pack_chain_tails,
-                                  varlen_state=cfg.chunking.state_extra_rows(
-                                      device.type, activation_bytes) > 0)
+                                  varlen_state=bool(state_extra_rows(
+                                      cfg.chunking.attention_backend, device.type,
+                                      activation_bytes, cfg.chunking.chunk_size)))
     except ValueError as e:
         raise ValueError(f"--chunking.auto=true (budget from {source}): {e}") from None
     best = choices[0].settings

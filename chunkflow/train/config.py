@@ -164,15 +164,6 @@ class ChunkingSection:
               "CUDA: the device's free memory less a tenth of its total (allocator fragmentation, "
               "CUDA context, NCCL buffers, kernel workspaces); required on CPU.")
 
-    def state_extra_rows(self, device_type: str, activation_bytes: int) -> int:
-        """Key/value rows a chain state holds past its prefix (``state_extra_rows`` of
-        :func:`chunkflow.plan.memory.estimate_peak_memory`): a chunk in the CUDA varlen
-        kernel's layout (16-bit compute, ``varlen`` or ``auto``, which picks it where the build
-        and the head dim allow: this counts it there), else 0."""
-        varlen = (device_type == "cuda" and activation_bytes == 2
-                  and self.attention_backend in ("auto", "varlen"))
-        return self.chunk_size if varlen else 0
-
     def options(self):
         """The engine's :class:`~chunkflow.runtime.options.ChunkingOptions` of these settings
         (built once, handed to the engine unchanged)."""

@@ -109,14 +109,16 @@ class KeptAttention:
         self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.reusing = False
         self.nbytes = self.host_bytes = 0
+        if copier is not None and not layer_ids:
+            raise ValueError("KeptAttention with a copier needs the model's layer_ids")
         self._meter, self._copier, self._layer_ids = meter, copier, sorted(layer_ids)
         self._host: dict = {}  # (layer, "out" | "lse") -> host buffer
+        self._pieces: list[torch.Tensor] = []  # the pinned allocations _host views
         self._fetched: dict[int, tuple] = {}  # offloaded layers on their way back
 
     def _host_pair(self, layer_idx: int, out: torch.Tensor, lse: torch.Tensor):
         if not self._host:
-            layers = self._layer_ids or [layer_idx]
-            specs = [spec for layer in layers for spec in (
+            specs = [spec for layer in self._layer_ids for spec in (
                 ((layer, "out"), out.shape, out.dtype), ((layer, "lse"), lse.shape, lse.dtype))]
             self._host, self._pieces, self.host_bytes = host_buffers(self._copier, specs)
         if (layer_idx, "out") not in self._host:
