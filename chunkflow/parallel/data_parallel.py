@@ -15,6 +15,11 @@ per chunk: every collective must be issued the same number of times on every ran
   the last backward ran, the accumulated gradients are reduce-scattered (summed) and parameters
   resharded. At rest (optimizer step, checkpoints) parameters, gradients and AdamW state are
   sharded over the replicas; during a step a replica holds its full stage, like ZeRO-2.
+  Under bf16 autocast with float32 weights (``mixed_precision``), FSDP2 gathers bf16 copies
+  and reduce-scatters float32 gradients (``MixedPrecisionPolicy(param_dtype=bfloat16,
+  reduce_dtype=float32)``, as torchtitan does): the float32 master weights and the optimizer
+  state stay sharded, and the gathered stage is half the size. The gradients a step accumulates
+  before its one reduce-scatter are float32 (FSDP2 upcasts them to the reduce dtype).
 
 The two private torch hooks this needs live in :mod:`chunkflow.parallel.internals`.
 
@@ -31,7 +36,8 @@ import math
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import (FSDPModule, MixedPrecisionPolicy, fully_shard,
+                                    register_fsdp_forward_method)
 from torch.nn.parallel import DistributedDataParallel
 
 from chunkflow.parallel.internals import arm_ddp_for_backward, finish_fsdp_backward
@@ -42,8 +48,9 @@ DATA_PARALLEL = ("ddp", "fsdp")
 
 
 def _sum_hook(group, bucket):
-    fut = dist.all_reduce(bucket.buffer(), group=group, async_op=True).get_future()
-    return fut.then(lambda f: f.value()[0])
+    buffer = bucket.buffer()
+    fut = dist.all_reduce(buffer, group=group, async_op=True).get_future()
+    return fut.then(lambda _: buffer)  # summed in place (a fake process group's work has no value)
 
 
 def apply_ddp(model: nn.Module, ctx: ParallelContext) -> DistributedDataParallel:
@@ -55,12 +62,16 @@ def apply_ddp(model: nn.Module, ctx: ParallelContext) -> DistributedDataParallel
     return ddp
 
 
-def apply_fsdp(model: nn.Module, ctx: ParallelContext) -> nn.Module:
+def apply_fsdp(model: nn.Module, ctx: ParallelContext, *, mixed_precision: bool = False
+               ) -> nn.Module:
     """``fully_shard`` every decoder layer, then the rest (embedding, final norm, head) as one
     group (FSDP2's root), over "dp". ``model``: a stage of chunkflow's reference model or of a
-    transformers causal LM; returned sharded in place."""
+    transformers causal LM; returned sharded in place. ``mixed_precision`` (the run is under
+    bf16 autocast): float32 weights are gathered as bf16, gradients reduced in float32."""
     check_fsdp(model)
     dtype = next(model.parameters()).dtype
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if mixed_precision and dtype == torch.float32 else MixedPrecisionPolicy())
     if (not hasattr(FSDPModule, "set_force_sum_reduction_for_comms")
             and dist.get_backend(ctx.dp_group) == "gloo" and dtype != torch.float64):
         # Without it FSDP2 reduce-scatters float32/bf16 gradients with ReduceOp.PREMUL_SUM,
@@ -72,13 +83,13 @@ def apply_fsdp(model: nn.Module, ctx: ParallelContext) -> nn.Module:
     mesh = ctx.mesh["dp"]
     if hasattr(model, "hidden_states"):  # chunkflow's reference model
         for layer in model.model.layers.values():
-            fully_shard(layer, mesh=mesh, reshard_after_forward=False)
-        fully_shard(model, mesh=mesh, reshard_after_forward=False)
+            fully_shard(layer, mesh=mesh, reshard_after_forward=False, mp_policy=policy)
+        fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=policy)
         # The engine calls hidden_states() and lm_head, not forward(): hidden_states gathers
         # the root's parameters, and they stay gathered for lm_head.
         register_fsdp_forward_method(model, "hidden_states")
     else:
-        _fully_shard_hf(model, mesh)
+        _fully_shard_hf(model, mesh, policy)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)  # sum, like the single process's one backward
@@ -111,7 +122,7 @@ def check_fsdp(model: nn.Module) -> None:
                          f"--parallel.data_parallel=ddp (experts summed by one all-reduce)")
 
 
-def _fully_shard_hf(model: nn.Module, mesh) -> None:
+def _fully_shard_hf(model: nn.Module, mesh, policy: MixedPrecisionPolicy) -> None:
     """:func:`apply_fsdp` of a transformers causal LM, from outside its code. The engine runs
     the decoder and reads the head's weight, never the causal LM's own forward; so the causal
     LM (FSDP2's root: embedding, final norm, head) gets a forward method that runs its decoder
@@ -121,8 +132,8 @@ def _fully_shard_hf(model: nn.Module, mesh) -> None:
 
     decoder = model.get_decoder()
     for layer in decoder.layers:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=False)
-    fully_shard(model, mesh=mesh, reshard_after_forward=False)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=False, mp_policy=policy)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=policy)
     setattr(model, DECODER_FORWARD, decoder.__call__)  # a bound method: not a submodule
     register_fsdp_forward_method(model, DECODER_FORWARD)
 

@@ -83,9 +83,11 @@ class ParallelEngine:
 
     def __init__(self, model: nn.Module, ctx: ParallelContext | LocalContext,
                  options: ChunkingOptions | None = None, *, data_parallel: str = "ddp",
-                 sequence_parallel: bool = True, vocab_parallel: bool = True, **kwargs):
+                 sequence_parallel: bool = True, vocab_parallel: bool = True,
+                 mixed_precision: bool = False, **kwargs):
         """``options``: a :class:`~chunkflow.runtime.options.ChunkingOptions`, or its fields as
-        keyword arguments."""
+        keyword arguments. ``mixed_precision``: steps run under bf16 autocast (FSDP2 then
+        gathers bf16 copies of float32 weights)."""
         if options is None:
             options = ChunkingOptions(**kwargs)
         elif kwargs:
@@ -94,7 +96,8 @@ class ParallelEngine:
         self.ctx, self.data_parallel = ctx, data_parallel
         self.shape = model_shape(model.config)
         parts = parallelize(model, ctx, data_parallel=data_parallel,
-                            sequence_parallel=sequence_parallel, vocab_parallel=vocab_parallel)
+                            sequence_parallel=sequence_parallel, vocab_parallel=vocab_parallel,
+                            mixed_precision=mixed_precision)
         model, shard = parts.model, parts.sequence_shard
         self.model, self.wrapped, self.sequence_shard = model, parts.wrapped, shard
         self.loss_replicated = parts.loss_replicated

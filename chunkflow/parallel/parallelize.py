@@ -56,9 +56,10 @@ class Parallelized:
 
 def parallelize(model: nn.Module, ctx: ParallelContext | LocalContext, *,
                 data_parallel: str = "ddp", sequence_parallel: bool = True,
-                vocab_parallel: bool = True) -> Parallelized:
+                vocab_parallel: bool = True, mixed_precision: bool = False) -> Parallelized:
     """``model`` (chunkflow's reference model or a transformers causal LM, identical on every
-    rank) as this rank's part of ``ctx``'s layout (see the module docstring)."""
+    rank) as this rank's part of ``ctx``'s layout (see the module docstring).
+    ``mixed_precision``: the step runs under bf16 autocast (FSDP2 gathers bf16 weights)."""
     if data_parallel not in DATA_PARALLEL:
         raise ValueError(f"data_parallel={data_parallel!r}; valid: {', '.join(DATA_PARALLEL)}")
     if ctx.pp > 1:
@@ -84,7 +85,7 @@ def parallelize(model: nn.Module, ctx: ParallelContext | LocalContext, *,
         out.loss_replicated = vocab_parallel or not sequence_parallel
     family = families.FAMILIES.get(getattr(model.config, "model_type", None))
     if ctx.dp > 1 and data_parallel == "fsdp":
-        out.wrapped = apply_fsdp(model, ctx)
+        out.wrapped = apply_fsdp(model, ctx, mixed_precision=mixed_precision)
     elif ctx.dp > 1 and ctx.tp == 1 and not (family is not None and family.experts):
         out.wrapped = apply_ddp(model, ctx)
     elif ctx.dp > 1:

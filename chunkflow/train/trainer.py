@@ -138,7 +138,8 @@ class Trainer:
         self.engine = ParallelEngine(self.model, ctx, cfg.chunking.options(),
                                      data_parallel=cfg.parallel.data_parallel,
                                      sequence_parallel=cfg.parallel.sequence_parallel,
-                                     vocab_parallel=cfg.parallel.vocab_parallel)
+                                     vocab_parallel=cfg.parallel.vocab_parallel,
+                                     mixed_precision=self.autocast)
         self.params = self.engine.parameters()
         module = self.engine.state_module
         self.layout = layout_of(ctx, cfg.parallel.data_parallel)
