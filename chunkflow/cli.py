@@ -34,17 +34,24 @@ def _train(args: argparse.Namespace, unknown: list[str]) -> int:
 
 def _plan(args: argparse.Namespace, unknown: list[str]) -> int:
     from chunkflow.plan import build_chunks, format_schedule, schedule
+    from chunkflow.plan.lengths import parse_lengths
     from chunkflow.plan.memory import estimate_peak_memory, state_extra_rows
     from chunkflow.train.build import model_label, model_shape
     from chunkflow.train.arguments import config_from_args
 
     if args.auto:
         return _autotune(args, unknown)
+    if args.dry_run:
+        return _dry_run(args, unknown)
+    if args.json or args.full_step:
+        flag = "--json FILE" if args.json else "--full-step"
+        raise ValueError(f"{flag} is a dry run's option; valid: with --dry-run")
     ignored = [f"--{name.replace('_', '-')}" for name, default in _AUTO_DEFAULTS.items()
                if getattr(args, name) != default]
     if ignored:
         print(f"chunkflow: warning: {', '.join(ignored)} only apply with --auto; ignored",
               file=sys.stderr)
+    args.batches = 3 if args.batches is None else args.batches
     if args.batches < 1:
         raise ValueError(f"--batches={args.batches}: must be a positive integer")
     cfg = config_from_args(args, unknown)
@@ -83,7 +90,7 @@ def _plan(args: argparse.Namespace, unknown: list[str]) -> int:
                 f"  {_alternatives(estimate, mine, configured)}"), plan
 
     if args.lengths:
-        lengths = _parse_lengths(args.lengths)
+        lengths = parse_lengths(args.lengths)
         text, plan = describe(lengths)
         print(text)
         for chunk in plan.chunks:
@@ -131,12 +138,69 @@ def _alternatives(estimate, mine, configured: dict) -> str:
     return "other settings: " + ("; ".join(parts) if parts else "the same peak")
 
 
-def _parse_lengths(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--lengths {text!r}: expected comma-separated integers, like "
-                         f"9000,300,120") from None
+def _dry_run(args: argparse.Namespace, unknown: list[str]) -> int:
+    """plan --dry-run: the real step on fake tensors, per rank role (:mod:`chunkflow.dryrun`)."""
+    import time
+
+    from chunkflow.dryrun.run import check_layout, dry_run
+    from chunkflow.plan.gpus import get_gpu_spec
+    from chunkflow.plan.lengths import parse_lengths
+    from chunkflow.train.arguments import config_from_args
+
+    cfg = config_from_args(args, unknown)
+    gpu = get_gpu_spec(args.gpu)
+    gpus = args.gpus if args.gpus is not None else cfg.parallel.pp * cfg.parallel.tp
+    check_layout(cfg, gpus)
+    if args.lengths:
+        batches = [parse_lengths(args.lengths)]
+    else:
+        num = 1 if args.batches is None else args.batches
+        if num < 1:
+            raise ValueError(f"--batches={num}: must be a positive integer")
+        _, first = _data_batches(cfg, num)
+        batches = [[len(ex) for ex in batch] for batch, _ in first]
+    t0 = time.perf_counter()
+    report = dry_run(cfg, batches, gpu, gpus=gpus, full=args.full_step,
+                     log=lambda line: print(line, file=sys.stderr))
+    print(report.format())
+    print(f"(the dry run took {time.perf_counter() - t0:.1f} s on this machine)")
+    if args.json:
+        report.write_json(args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _confirm(cfg, candidates, batch: list[int], gpu: str, gpus: int, *, fsdp: bool):
+    """``plan --auto --dry-run``: the first candidate whose dry run (every rank role) fits
+    (the pick, or the next ones, saying so)."""
+    import dataclasses
+    import time
+
+    from chunkflow.dryrun.run import dry_run
+    from chunkflow.plan.gpus import get_gpu_spec
+    from chunkflow.sim.tune import format_size
+
+    spec = get_gpu_spec(gpu)
+    for cand in candidates:
+        run = dataclasses.replace(
+            cfg, chunking=dataclasses.replace(cfg.chunking, chunk_size=cand.chunk_size,
+                                              k=cand.k),
+            parallel=dataclasses.replace(cfg.parallel, tp=cand.tp, pp=cand.pp,
+                                         data_parallel="fsdp" if fsdp else "ddp"))
+        t0 = time.perf_counter()
+        report = dry_run(run, [batch], spec, gpus=gpus)
+        took = time.perf_counter() - t0
+        verdict = "fits" if report.fits else "does NOT fit"
+        print(f"dry run of chunk {cand.chunk_size}, K={cand.k}, {cand.layout}: peak "
+              f"{format_size(report.peak_device_bytes)} per GPU {verdict} in "
+              f"{format_size(spec.usable_bytes)} (predicted {format_size(cand.peak_memory_bytes)})"
+              f"; step {report.predicted_step_s:.3g} s at the roofline; the dry run took "
+              f"{took:.0f} s")
+        if report.fits:
+            return cand
+        print("  next candidate")
+    raise ValueError(f"none of the {len(candidates)} best candidates fits by a dry run on "
+                     f"{spec.name}; valid: more GPUs, a larger --top, or a smaller --max-len")
 
 
 def _data_batches(cfg, num_batches: int, *, vocab_size: int | None = None):
@@ -156,7 +220,7 @@ def _data_batches(cfg, num_batches: int, *, vocab_size: int | None = None):
 
 
 # plan --auto's options and defaults (other plan runs warn when one of them is changed)
-_AUTO_DEFAULTS = {"model": None, "gpu": "h100-80gb", "gpus": 16, "max_len": "256K",
+_AUTO_DEFAULTS = {"model": None, "gpu": "h100-80gb", "gpus": None, "max_len": "256K",
                   "memory_budget": "80GiB", "global_batch": 256, "top": 5}
 
 
@@ -172,6 +236,8 @@ def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
     from chunkflow.train.arguments import config_from_args
 
     cfg = config_from_args(args, unknown)  # the run's options (same as chunkflow train)
+    args.gpus = 16 if args.gpus is None else args.gpus
+    args.batches = 3 if args.batches is None else args.batches
     given = {name for name in vars(args) if "." in name}
     own_model = args.config is not None or given & {"model.path", "model.preset"}
     if own_model and args.model is not None:
@@ -222,6 +288,17 @@ def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
                           **options)
     print(format_candidates(candidates, top=args.top))
     best = candidates[0]
+    if args.dry_run:
+        import dataclasses
+        import random
+
+        from chunkflow.plan.lengths import sample_lengths
+
+        batch = (options["batches"][0] if "batches" in options else
+                 sample_lengths(random.Random(args.seed), args.global_batch, max_len=max_len))
+        run_cfg = cfg if own_model else dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, preset=args.model or "qwen2.5-7b"))
+        best = _confirm(run_cfg, candidates[:args.top], batch, args.gpu, args.gpus, fsdp=fsdp)
     run = run_options(args.config, {name: getattr(args, name) for name in given}) \
         if own_model else " ..."
     launch = launch_command(best, gpus=args.gpus, run=run, fsdp=fsdp,
@@ -352,19 +429,33 @@ def build_parser() -> argparse.ArgumentParser:
         description="Chunk statistics of the first global batches of the configured data (or "
                     "of --lengths), with an estimate of peak memory. Takes the same "
                     "configuration as `chunkflow train`.")
-    plan.add_argument("--batches", type=int, default=3, help="global batches to show, or (with "
-                      "--auto and the run's data) to tune on (default 3)")
+    plan.add_argument("--batches", type=int, default=None, help="global batches to show, or (with "
+                      "--auto and the run's data) to tune on (default 3), or to dry-run "
+                      "(default 1)")
     plan.add_argument("--lengths", help="comma-separated sequence lengths of one batch instead "
                                         "of the configured data; prints each chunk and the "
                                         "schedule")
+    dry = plan.add_argument_group("dry run (--dry-run)")
+    dry.add_argument("--dry-run", action="store_true", help="run the real step on fake tensors "
+                     "(no GPU, no weights) on --gpus of --gpu, once per rank role: peak memory "
+                     "by category, host pinned memory, FLOPs, roofline step time, MFU, fits; "
+                     "with --auto: confirm the pick so, else take the next candidate that fits")
+    dry.add_argument("--json", metavar="FILE", help="also write the dry run's findings here")
+    dry.add_argument("--full-step", action="store_true", help="run every decoder layer and "
+                     "chunk (by default a stage of more than 4 alike layers is extrapolated "
+                     "from its steps with 2, 3 and 4, and on one GPU a chain of more than 6 "
+                     "chunks from chains of 3 to 6, where the step is polynomial in them, "
+                     "which the extra probe checks)")
     auto = plan.add_argument_group("auto-tuning (--auto)")
     d = _AUTO_DEFAULTS
     auto.add_argument("--auto", action="store_true", help="choose (chunk_size, K) and the "
                       "parallel layout with the fastest predicted iteration within the budget")
     auto.add_argument("--model", default=d["model"], help="qwen2.5-7b (default)|14b|32b|72b or "
                       "a preset (tiny, qwen2.5-0.5b); or give the run's --model.path")
-    auto.add_argument("--gpu", default=d["gpu"], help="h100-80gb or a100-80gb")
-    auto.add_argument("--gpus", type=int, default=d["gpus"], help="GPUs in all (default 16)")
+    auto.add_argument("--gpu", default=d["gpu"], help="h100-80gb or a100-80gb (--dry-run: "
+                      "any GPU of chunkflow.plan.gpus, e.g. H200)")
+    auto.add_argument("--gpus", type=int, default=d["gpus"], help="GPUs in all (default 16; "
+                      "--dry-run: pp x tp)")
     auto.add_argument("--max-len", default=d["max_len"], help="longest sequence, e.g. 256K")
     auto.add_argument("--memory-budget", default=d["memory_budget"], help="per GPU, e.g. 80GiB")
     auto.add_argument("--global-batch", type=int, default=d["global_batch"])

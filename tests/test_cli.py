@@ -80,9 +80,10 @@ def test_report_writes_a_png(tmp_path, capsys):
 
 def test_bad_input_is_a_clear_error(capsys):
     assert main(["plan", "--lengths", "10,0", "--chunking.chunk_size=8"]) == 2
-    assert "seq_lens[1] must be a positive integer" in capsys.readouterr().err
+    assert "--lengths '10,0': '0' is not a positive length or LENGTHxCOUNT" in \
+        capsys.readouterr().err
     assert main(["plan", "--lengths", "5,x"]) == 2
-    assert "--lengths '5,x': expected comma-separated integers" in capsys.readouterr().err
+    assert "--lengths '5,x': 'x' is not a positive length" in capsys.readouterr().err
     assert main(["plan", "--lengths", "5", "--batches=0"]) == 2
     assert "--batches=0: must be a positive integer" in capsys.readouterr().err
 

@@ -151,9 +151,10 @@ def unsupported_reason(config) -> str | None:
     return "; ".join(reasons) or None
 
 
-def check_model_dir(path: str, *, option: str = "--model.path") -> Path:
-    """``path`` as a local Hugging Face model directory (config.json and safetensors weights),
-    or a ValueError saying what is missing. Nothing is looked up on the network."""
+def check_model_dir(path: str, *, option: str = "--model.path", weights: bool = True) -> Path:
+    """``path`` as a local Hugging Face model directory (config.json and safetensors weights;
+    config.json only with ``weights=False``, for planning), or a ValueError saying what is
+    missing. Nothing is looked up on the network."""
     where = Path(path)
     valid = "valid: a local directory with config.json and safetensors weights"
     if not where.exists():
@@ -163,7 +164,8 @@ def check_model_dir(path: str, *, option: str = "--model.path") -> Path:
         raise ValueError(f"{option}={path!r} is a file, not a directory; {valid}")
     if not (where / "config.json").is_file():
         raise ValueError(f"{option}={path!r} has no config.json; {valid}")
-    if not any(where.glob("*.safetensors")) and not any(where.glob("*.safetensors.index.json")):
+    if weights and not any(where.glob("*.safetensors")) \
+            and not any(where.glob("*.safetensors.index.json")):
         pickles = sorted(p.name for p in where.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
         found = f"only pickle weights ({', '.join(pickles)}), which can run code on load" \
             if pickles else "no *.safetensors weights"

@@ -30,3 +30,20 @@ def sample_lengths(rng: random.Random, num: int, *, max_len: int, min_len: int =
         hi_len = max(lo_len, int(hi * max_len))
         lengths.append(int(math.exp(rng.uniform(math.log(lo_len), math.log(hi_len + 1)))))
     return [min(max(n, min_len), max_len) for n in lengths]
+
+
+def parse_lengths(text: str) -> list[int]:
+    """``--lengths``: ``9000,300,120``; ``LENGTHxCOUNT`` repeats a length (``262144,3000x255``)."""
+    lengths = []
+    for item in text.split(","):
+        length, _, count = item.strip().partition("x")
+        try:
+            length, count = int(length), int(count) if count else 1
+        except ValueError:
+            length = count = 0
+        if length < 1 or count < 1:
+            raise ValueError(f"--lengths {text!r}: {item.strip()!r} is not a positive length or "
+                             f"LENGTHxCOUNT; valid: comma-separated, like 9000,300,120 or "
+                             f"262144,3000x255")
+        lengths += [length] * count
+    return lengths

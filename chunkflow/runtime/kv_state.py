@@ -110,6 +110,7 @@ class ChainState:
         for buffers, dtype, rows in parts:
             for layer_idx in buffers:
                 buffers[layer_idx] = torch.zeros(shape(rows), dtype=dtype, device=like.device)
+                self._meter.tag(buffers[layer_idx], "kv_state")
                 self._nbytes += buffers[layer_idx].nbytes
         self._meter.add(self._nbytes)
 
@@ -355,9 +356,12 @@ class OffloadedChainState:
 
         a, b = rows
         if a == b:
-            return make(), None
-        return self.copier.to_device(self._rows(host, a, b), what, layer,
-                                     into=(make, lambda t: self._rows(t, a, b)))
+            out, event = make(), None
+        else:
+            out, event = self.copier.to_device(self._rows(host, a, b), what, layer,
+                                               into=(make, lambda t: self._rows(t, a, b)))
+        self._meter.tag(out, "kv_state")
+        return out, event
 
     def _fetch(self, layer: int) -> dict:
         """Start bringing ``layer``'s keys/values to the device (no wait)."""

@@ -88,7 +88,7 @@ def model_shape(config: TrainConfig):
 
     from chunkflow.models.hf import check_model_dir
 
-    check_model_dir(config.model.path)
+    check_model_dir(config.model.path, weights=False)
     try:
         hf = AutoConfig.from_pretrained(config.model.path, local_files_only=True)
     except Exception as e:  # OSError, ValueError, KeyError, ... from transformers

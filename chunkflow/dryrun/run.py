@@ -1,0 +1,518 @@
+"""Run the real training step on fake tensors, once per rank role, at real scale.
+
+:func:`dry_run` builds what ``chunkflow train`` builds (the model from its config, with no
+weights read; ``parallelize``: TP, the pipeline stage, FSDP2/DDP under a fake process group of
+the layout's world size; the engine; AdamW with its state) and runs one global batch through
+the engine's forward and backward, the gradient clipping and the optimizer step, inside
+:class:`~chunkflow.dryrun.tracker.StepTracker`. It runs what CUDA would run: the varlen
+attention kernel (its fake implementation), bf16 autocast where the run would use it, the same
+loss. The device it runs on is a fake CPU (this CPU build of torch cannot index fake CUDA
+tensors, and FSDP2 asks the CUDA runtime for streams); the accounting does not depend on it.
+
+Rank roles: each pipeline stage of the data-parallel replica with the most work (the cost model's
+FLOPs, as :func:`chunkflow.plan.balance_chunks` places units), as tensor-parallel rank 0 (TP
+ranks hold equal shards). A long stage and, on one GPU, a long chain are extrapolated from
+shorter steps (:mod:`chunkflow.dryrun.fit`), checked, and run whole where the check fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from chunkflow.parallel.fake import (ddp_without_verification, fake_mode, fake_process_group,
+                                    real_device_meshes)
+from chunkflow.dryrun.fit import PROBE_CHUNKS, PROBE_LAYERS, extrapolate, fitted, host_at
+from chunkflow.dryrun.tracker import CATEGORIES, CountingKernel, OpCost, StepTracker
+from chunkflow.plan.gpus import GPUSpec
+
+_DEVICE = torch.device("cpu")
+
+
+@dataclass
+class RoleResult:
+    """One rank role's step."""
+
+    name: str
+    rank: int
+    peak_device_bytes: int
+    breakdown: dict
+    host_pinned_bytes: int
+    cost: OpCost
+    host_copy_bytes: int
+    action_s: dict = field(default_factory=dict)
+    """(action kind, chunk id) -> roofline seconds, for the pipeline simulation."""
+    wall_s: float = 0.0
+    most: dict = field(default_factory=dict)
+    """category -> the most it held at any time of the step."""
+    step_memory_peak_bytes: int = 0
+    """The most activations + KV state held at once (what the trainer's
+    ``peak_memory_bytes`` measures on CPU)."""
+    host_requested_bytes: int = 0
+    """``host_pinned_bytes`` before the pinned allocator rounds each piece up."""
+    host_calls: list = field(default_factory=list)
+    """The bytes of each host buffer an offloaded state asked for, per allocation call."""
+    layers_run: tuple = ()
+    """Decoder layers per stage of the steps this one is extrapolated from; () if run as is."""
+    chunks_run: tuple = ()
+    """Chunks of the long chains of the steps this one is extrapolated from; () if as is."""
+
+
+# ---- the model, with no weights ----------------------------------------------------------------
+
+def _meta_model(cfg, layers: int | None) -> nn.Module:
+    """The configured model on the meta device (shapes and dtypes only)."""
+    dtype = getattr(torch, cfg.model.dtype)
+    from chunkflow.train.build import _check_lora
+
+    _check_lora(cfg)
+    if cfg.model.path is None:
+        from chunkflow.models import Transformer
+
+        config = cfg.model.model_config()
+        if layers is not None:
+            config = dataclasses.replace(config, num_hidden_layers=layers)
+        return Transformer(config).to(dtype=dtype)
+    from chunkflow.models.hf import check_model_dir
+
+    path = check_model_dir(cfg.model.path, weights=False)
+    if cfg.model.implementation == "reference":
+        from chunkflow.models import Transformer
+        from chunkflow.models.hf_checkpoint import CONFIG_NAME, config_from_hf
+
+        config = config_from_hf(json.loads((path / CONFIG_NAME).read_text()),
+                                source=str(path / CONFIG_NAME))
+        if layers is not None:
+            config = dataclasses.replace(config, num_hidden_layers=layers)
+        return Transformer(config).to(dtype=dtype)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from chunkflow.models.hf import HFChunkModel, unsupported_reason
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # OSError, ValueError, KeyError, ... from transformers
+        raise ValueError(f"--model.path={cfg.model.path!r}: config.json is not a transformers "
+                         f"model config ({type(e).__name__}: {e})") from None
+    if layers is not None:
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:1] * layers
+        config.num_hidden_layers = layers
+    reason = unsupported_reason(config)
+    if reason is not None:
+        raise ValueError(f"--model.path={cfg.model.path!r} ({type(config).__name__}) cannot be "
+                         f"trained with chunkflow: {reason}")
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    HFChunkModel(model)
+    if cfg.lora.rank > 0:
+        from chunkflow.train.lora import apply_lora
+
+        model = apply_lora(model, cfg.lora, model_path=cfg.model.path)
+    return model
+
+
+def materialize(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model``'s meta parameters and buffers as (fake) tensors on ``device``, ties kept."""
+    made: dict[int, torch.Tensor] = {}
+
+    def make(t: torch.Tensor, param: bool) -> torch.Tensor:
+        if id(t) not in made:
+            new = torch.empty_like(t, device=device)
+            made[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if param else new
+        return made[id(t)]
+
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                module._parameters[name] = make(p, True)
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = make(b, False)
+    return model.train()
+
+
+def meta_model(cfg, layers: int | None = None) -> nn.Module:
+    """The configured model on the meta device (with ``layers`` decoder layers instead of its
+    own, when given); build it outside the fake mode."""
+    with torch.device("meta"):
+        return _meta_model(cfg, layers)
+
+
+def num_layers(cfg) -> int:
+    return meta_model(cfg).config.num_hidden_layers
+
+
+def uniform_layers(cfg) -> bool:
+    """Whether every decoder layer is alike (one attention kind), so that a step's per-layer
+    bytes and FLOPs are the same for each."""
+    config = meta_model(cfg).config
+    kinds = set(getattr(config, "layer_types", None) or ())
+    return len(kinds) <= 1 and not getattr(config, "use_sliding_window", False)
+
+
+# ---- what the step runs -------------------------------------------------------------------------
+
+def target(cfg) -> str:
+    """The device type the dry run predicts: CUDA, unless ``--train.device=cpu``."""
+    return "cpu" if cfg.train.device == "cpu" else "cuda"
+
+
+def uses_autocast(cfg) -> bool:
+    """Whether ``chunkflow train`` on the target device runs this config under bf16 autocast
+    (``--train.autocast=auto``: on CUDA)."""
+    return cfg.model.dtype != "float64" and (
+        cfg.train.autocast == "bf16" or (cfg.train.autocast == "auto" and target(cfg) == "cuda"))
+
+
+def target_kernel(cfg, model_config):
+    """The attention kernel ``--chunking.attention_backend`` picks for this run on the target
+    device (on CUDA, ``auto`` is ``varlen`` where it applies: its self-check is assumed to
+    pass, as it does where the kernel is correct)."""
+    from chunkflow.runtime.attention.select import _FLASH_MAX_HEAD_DIM, get_kernel, model_heads
+    from chunkflow.runtime.attention.tiled import TiledMathKernel
+    from chunkflow.runtime.attention.varlen import VarlenKernel, torch_varlen_ops
+
+    name = cfg.chunking.attention_backend
+    if target(cfg) == "cpu":
+        return get_kernel(name, _DEVICE, getattr(torch, cfg.model.dtype),
+                          heads=model_heads(model_config))
+    sixteen = uses_autocast(cfg) or cfg.model.dtype == "bfloat16"
+    heads = model_heads(model_config)
+    fits = heads is None or (heads[2] % 8 == 0 and heads[2] <= _FLASH_MAX_HEAD_DIM)
+    ops = torch_varlen_ops()
+    if name == "varlen" or (name == "auto" and sixteen and fits and not isinstance(ops, str)):
+        if isinstance(ops, str):
+            raise ValueError(f"--chunking.attention_backend=varlen: {ops}")
+        return VarlenKernel(ops)
+    if name in ("cpu-flash", "sdpa"):
+        raise ValueError(f"--chunking.attention_backend={name} runs on CPU only; a dry run "
+                         f"predicts a GPU; valid: auto, varlen, math")
+    return TiledMathKernel()
+
+
+def _batch_inputs(lengths: list[int]) -> list[dict]:
+    """A batch of these lengths (token 0 everywhere: a dry run sees shapes, not tokens)."""
+    return [{"input_ids": torch.zeros(n, dtype=torch.long),
+             "labels": torch.zeros(n, dtype=torch.long)} for n in lengths]
+
+
+def busiest_replica(cfg, lengths: list[int], shape, dp: int) -> int:
+    """The data-parallel rank whose units cost the most (as the engine places them)."""
+    from chunkflow.plan import balance_chunks, build_chunks
+
+    plan = build_chunks(lengths, chunk_size=cfg.chunking.chunk_size,
+                        pack_chain_tails=cfg.chunking.pack_chain_tails)
+    costs = balance_chunks(plan, dp, k=cfg.chunking.k, shape=shape).costs
+    return max(range(dp), key=lambda r: (costs[r], -r))
+
+
+def _process_group(layout, rank: int):
+    if layout.world_size == 1:
+        return contextlib.nullcontext()
+    return fake_process_group(rank=rank, world_size=layout.world_size)
+
+
+def _fake_world(ctx):
+    """``ctx`` whose reductions of Python values (the engine's loss sums, its checks that every
+    rank agrees) treat every rank as this one: a fake process group carries no data, and a
+    tensor built under the fake mode has none to read."""
+    from chunkflow.parallel.mesh import ParallelContext
+
+    class FakeWorldContext(ParallelContext):
+        def all_sum(self, values):
+            return [float(v) for v in values]
+
+        def all_max(self, value):
+            return value
+
+        def broadcast_object(self, obj=None):
+            return obj
+
+        def all_gather_object(self, obj):
+            return [obj] * self.layout.world_size
+
+    return FakeWorldContext(ctx.layout, ctx.mesh, ctx.device)
+
+
+def run_role(cfg, batch: list[dict], gpu: GPUSpec, *, layout, rank: int, name: str,
+             layers: int | None = None) -> RoleResult:
+    """One rank's step of ``cfg`` on ``batch`` (a global batch), tracked; with ``layers``
+    decoder layers in the whole model instead of its own, when given."""
+    from chunkflow.parallel import LocalContext, init_distributed
+
+    t0 = time.perf_counter()
+    tracker = StepTracker(peak_flops=gpu.peak_bf16_flops, memory_bytes_per_s=gpu.memory_bytes_per_s)
+    model = meta_model(cfg, layers)
+    with _process_group(layout, rank):
+        # the mesh outside the fake mode: building it reads real rank tensors
+        ctx = (LocalContext(_DEVICE) if layout.world_size == 1 else
+               _fake_world(init_distributed(pp=layout.pp, tp=layout.tp, dp=layout.dp,
+                                            device=_DEVICE)))
+        result = _in_thread(_tracked_step, cfg, batch, model, ctx, tracker)
+    return RoleResult(name=name, rank=rank, peak_device_bytes=tracker.peak,
+                      breakdown={c: tracker.peak_breakdown[c] for c in CATEGORIES},
+                      host_pinned_bytes=tracker.host_peak, cost=tracker.cost,
+                      host_copy_bytes=tracker.host_copy_bytes, action_s=result,
+                      wall_s=time.perf_counter() - t0, most=dict(tracker.most),
+                      step_memory_peak_bytes=tracker.step_peak,
+                      host_requested_bytes=tracker.host_requested_peak,
+                      host_calls=tracker.host_calls)
+
+
+def _in_thread(fn, *args):
+    """``fn(*args)`` in a new thread. DTensor caches its sharding plans per thread, keyed by
+    meshes that compare equal across process groups (and by thread): a role run in the thread
+    of an earlier role would reuse that role's meshes, whose groups are gone."""
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = fn(*args)
+        except BaseException as e:  # re-raised in the caller
+            out["error"] = e
+
+    thread = threading.Thread(target=run, name="chunkflow-dry-run")
+    thread.start()
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def _tracked_step(cfg, batch, model, ctx, tracker) -> dict:
+    with fake_mode(), tracker, tracker.resizes(), ddp_without_verification(), \
+            real_device_meshes(), _recording_host_buffers(tracker):
+        return _step(cfg, batch, model, ctx, tracker)
+
+
+@contextlib.contextmanager
+def _recording_host_buffers(tracker):
+    """Record the bytes of each host buffer an offloaded state asks for, per call (the pieces
+    they are laid out in are what the tracker sees)."""
+    from chunkflow.runtime import kv_state
+
+    original = kv_state.host_buffers
+
+    def host_buffers(copier, specs):
+        tracker.host_calls.append([dtype.itemsize * math.prod(shape) for _, shape, dtype in specs])
+        return original(copier, specs)
+
+    tracker.host_calls = []
+    kv_state.host_buffers = host_buffers
+    try:
+        yield
+    finally:
+        kv_state.host_buffers = original
+
+
+def _step(cfg, batch, model, ctx, tracker) -> dict:
+    """One step under the fake mode and the tracker; (action kind, chunk id) -> roofline s."""
+    from chunkflow.parallel.engine import ParallelEngine
+
+    action_s: dict = {}
+    with tracker.phase("weights"):
+        model = materialize(model, _DEVICE)
+    options = cfg.chunking.options()
+    kernel = CountingKernel(target_kernel(cfg, model.config), tracker)
+    options = dataclasses.replace(options, attention_backend=kernel)
+    par = cfg.parallel
+    with tracker.phase("communication"):
+        engine = ParallelEngine(model, ctx, options, data_parallel=par.data_parallel,
+                                sequence_parallel=par.sequence_parallel,
+                                vocab_parallel=par.vocab_parallel,
+                                mixed_precision=uses_autocast(cfg))
+    tracker.tag_module(engine.model)
+    inner = engine.engine
+    inner.meter = tracker.meter()
+    copier = inner.copier(_DEVICE)
+    copier.host_empty = tracker.host_allocator(copier.host_empty)
+    params = engine.parameters()
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr,
+                                  betas=(cfg.optim.beta1, cfg.optim.beta2),
+                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    with tracker.phase("optimizer"):  # the state a second step starts with
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    tracker.tag_optimizer(optimizer)
+    tracker.watch_parameters(engine.model)
+    tracker.peak, tracker.peak_breakdown = tracker.total, dict(tracker.by_category)
+    tracker.most, tracker.step_peak = dict(tracker.by_category), 0
+    tracker.cost = OpCost()
+
+    started: dict = {}
+
+    def on_action(action, phase):
+        key = (action.kind.name, action.chunk_id)
+        if phase == "start":
+            tracker.sweep()
+            started[key] = tracker.cost.roofline_s
+        else:
+            action_s[key] = action_s.get(key, 0.0) + tracker.cost.roofline_s - started[key]
+
+    handle = inner.register_action_hook(on_action)
+    autocast = (torch.autocast(_DEVICE.type, dtype=torch.bfloat16) if uses_autocast(cfg)
+                else contextlib.nullcontext())
+    with autocast:
+        engine.forward_backward(batch)
+    handle.remove()
+    tracker.tag_grads(params)
+    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+    engine.clip_grad_norm(max_norm)
+    optimizer.step()
+    return action_s
+
+
+# ---- the whole layout --------------------------------------------------------------------------
+
+def check_layout(cfg, gpus: int):
+    """The (dp, pp, tp) layout of ``gpus`` GPUs under ``cfg.parallel``; a ValueError says what
+    would divide."""
+    from chunkflow.parallel.mesh import Layout
+    from chunkflow.plan.chunks import check_positive_int
+
+    gpus = check_positive_int("gpus", gpus)
+    pp, tp = cfg.parallel.pp, cfg.parallel.tp
+    if gpus % (pp * tp):
+        raise ValueError(f"--gpus {gpus} is not a multiple of --parallel.pp={pp} x "
+                         f"--parallel.tp={tp} = {pp * tp}; valid: a multiple of {pp * tp}")
+    return Layout(dp=gpus // (pp * tp), pp=pp, tp=tp)
+
+
+def stage_role(cfg, batch, gpu, *, layout, rank: int, name: str, full: bool = False,
+               log=None, nonlinear: set | None = None) -> RoleResult:
+    """:func:`run_role` of a pipeline stage: its step run as is, or, for a stage of more than
+    :data:`PROBE_LAYERS`' layers of alike layers (unless ``full``), extrapolated from steps
+    with fewer (:func:`extrapolate`); run as is where that is not linear (and, ``nonlinear``
+    holding the rank, from then on: the set remembers)."""
+    from chunkflow.parallel.pipeline import stage_layer_ranges
+
+    stage = layout.coords(rank)[1]
+    layers = len(stage_layer_ranges(num_layers(cfg), layout.pp)[stage])
+    nonlinear = set() if nonlinear is None else nonlinear
+    if (not full and rank not in nonlinear and layers > PROBE_LAYERS[-1]
+            and uniform_layers(cfg)):
+        probes = [run_role(cfg, batch, gpu, layout=layout, rank=rank, name=name,
+                           layers=n * layout.pp) for n in PROBE_LAYERS]
+        out, why = extrapolate(probes, PROBE_LAYERS, layers)
+        if out is not None:
+            return fitted(probes, out, layers_run=PROBE_LAYERS)
+        nonlinear.add(rank)
+        if log:
+            log(f"dry run: {name}: the step is not linear in its layers ({why}); running all "
+                f"{layers} layers")
+    return run_role(cfg, batch, gpu, layout=layout, rank=rank, name=name)
+
+
+def _long_chains(cfg, lengths: list[int]) -> tuple[int, int] | None:
+    """(chunks, length) of the batch's long sequences when all of them are alike and longer
+    than :data:`PROBE_CHUNKS`' chains; else None."""
+    size = cfg.chunking.chunk_size
+    long = {n for n in lengths if -(-n // size) > PROBE_CHUNKS[-1]}
+    if len(long) != 1:
+        return None
+    n, = long
+    return -(-n // size), n
+
+
+def replica_role(cfg, lengths, gpu, *, layout, rank, name, full=False, log=None) -> RoleResult:
+    """:func:`stage_role` of this batch; for one replica of one stage whose batch holds long
+    chains of one length (the 1M-token case), extrapolated from steps whose long chains are
+    :data:`PROBE_CHUNKS` chunks (each cut by whole chunks from its front, so its tail packs as
+    before): bytes linear in the chunks, FLOPs, bytes moved and time quadratic."""
+    chains = None if full or layout.dp > 1 or layout.pp > 1 else _long_chains(cfg, lengths)
+    if chains is not None:
+        chunks, length = chains
+        size = cfg.chunking.chunk_size
+        probes, nonlinear = [], set()
+        for m in PROBE_CHUNKS:
+            cut = [n - (chunks - m) * size if n == length else n for n in lengths]
+            probes.append(stage_role(cfg, _batch_inputs(cut), gpu, layout=layout, rank=rank,
+                                     name=name, log=log, nonlinear=nonlinear))
+        out, why = extrapolate(probes, PROBE_CHUNKS, chunks,
+                               quadratic=("cost", "by_op", "host_copy"))
+        if out is not None:
+            result = fitted(probes, out, chunks_run=PROBE_CHUNKS)
+            host = host_at(probes, PROBE_CHUNKS, chunks, pinned=target(cfg) == "cuda")
+            if host is not None:
+                result.host_pinned_bytes = host
+            return result
+        if log:
+            log(f"dry run: {name}: the step is not polynomial in its chain's chunks ({why}); "
+                f"running all {chunks}")
+    return stage_role(cfg, _batch_inputs(lengths), gpu, layout=layout, rank=rank, name=name,
+                      full=full, log=log)
+
+
+def dry_run(cfg, batches: list[list[int]], gpu: GPUSpec, *, gpus: int = 1, log=None,
+            full: bool = False):
+    """The dry run of ``cfg`` on each global batch (its sequence lengths) on ``gpus`` of
+    ``gpu``: a :class:`~chunkflow.dryrun.report.DryRunReport` of the worst batch per role.
+    ``full``: run every decoder layer and chunk (else long stages and long chains are
+    extrapolated, see :func:`stage_role` and :func:`replica_role`)."""
+    from chunkflow.dryrun.report import DryRunReport
+    from chunkflow.parallel.engine import model_shape
+
+    layout = check_layout(cfg, gpus)
+    shape = model_shape(meta_model(cfg).config)
+    roles: dict[int, RoleResult] = {}
+    steps = []
+    for lengths in batches:
+        dp_rank = busiest_replica(cfg, lengths, shape, layout.dp)
+        results = []
+        for stage in range(layout.pp):
+            name = (f"stage {stage}" if layout.pp > 1 else "rank") + \
+                   (f" (replica {dp_rank}, tp rank 0)" if layout.world_size > 1 else "")
+            result = replica_role(cfg, lengths, gpu, layout=layout,
+                                  rank=layout.rank(dp_rank, stage), name=name, full=full,
+                                  log=log)
+            if log:
+                log(f"dry run: {name}: {result.wall_s:.1f}s")
+            results.append(result)
+            if stage not in roles or result.peak_device_bytes > roles[stage].peak_device_bytes:
+                roles[stage] = result
+        steps.append(_step_time(cfg, lengths, shape, layout, dp_rank, results))
+    step_s, model_flops, executed = max(steps)
+    return DryRunReport(cfg=cfg, gpu=gpu, layout=layout, roles=[roles[s] for s in sorted(roles)],
+                        target=target(cfg),
+                        predicted_step_s=step_s, model_flops=model_flops,
+                        flops_per_step=executed, batches=len(batches))
+
+
+def _step_time(cfg, lengths, shape, layout, dp_rank, results):
+    """(roofline seconds of the step, its model FLOPs over all GPUs, the FLOPs it executes over
+    all GPUs) for one batch: the busiest replica's time (its pipeline simulated with each
+    action's roofline time); model FLOPs: forward + backward of every chunk once (6N per token
+    plus causal attention), MFU's numerator."""
+    from chunkflow.plan import balance_chunks, build_chunks, state_aware_1f1b, subplan
+    from chunkflow.plan.cost import chunk_segments, forward_flops
+    from chunkflow.sim import simulate
+
+    ch = cfg.chunking
+    plan = build_chunks(lengths, chunk_size=ch.chunk_size, pack_chain_tails=ch.pack_chain_tails)
+    sharding = balance_chunks(plan, layout.dp, k=ch.k, shape=shape)
+    model_flops = 0.0
+    for chunk in plan.chunks:
+        segments, prefix = chunk_segments(chunk)
+        model_flops += 3 * sum(forward_flops(shape, segments, prefix_len=prefix))
+    replica = sum(r.cost.flops for r in results) * layout.tp
+    mean = sum(sharding.costs) / len(sharding.costs)
+    executed = replica * layout.dp * (mean / max(sharding.costs) if max(sharding.costs) else 1)
+    if layout.pp == 1:
+        return results[0].cost.roofline_s, model_flops, executed
+    sub, _ = subplan(plan, sharding.chunk_ids[dp_rank])
+    stages = state_aware_1f1b(sub, layout.pp, k=ch.k, recompute=ch.recompute)
+    sim = simulate(stages, duration=lambda s, a: results[s].action_s.get(
+        (a.kind.name, a.chunk_id), 0.0))
+    # what runs outside the actions (clipping, the optimizer step) after the pipeline drains
+    rest = max(r.cost.roofline_s - sum(r.action_s.values()) for r in results)
+    return sim.makespan + rest, model_flops, executed
