@@ -28,7 +28,7 @@ Notable:
   once the cache has grown);
 * a time budget (``--budget-s``): each section is estimated from the rates measured so far and
   skipped, with a row saying so, if it would not finish in what is left;
-* MFU against the exact product's dense bf16 peak (``PEAK_BF16``); an unknown GPU's MFU is
+* MFU against the exact product's dense bf16 peak (``chunkflow.plan.gpus``); an unknown GPU's MFU is
   reported unknown.
 
 Tensor parallelism is not part of it: one GPU cannot hold two NCCL ranks. Its CUDA-specific
@@ -63,34 +63,17 @@ from chunkflow.plan import build_chunks  # noqa: E402
 from chunkflow.plan.cost import ModelShape, forward_flops  # noqa: E402
 from chunkflow.plan.lengths import sample_lengths  # noqa: E402
 from chunkflow.plan.memory import estimate_peak_memory, kv_state_bytes  # noqa: E402
+from chunkflow.plan.gpus import spec_for_device  # noqa: E402
 from chunkflow.runtime.head_loss import LOGITS_BUDGET  # noqa: E402
 
 # ---- GPU peaks (MFU's denominator)
 
-PEAK_BF16: dict[str, tuple[float, str]] = {
-    # exact torch.cuda.get_device_name() -> (dense bf16 FLOP/s, source). Datasheets quote
-    # "with sparsity" (2:4) figures; the dense peak is half of those.
-    "NVIDIA H100 80GB HBM3": (989.4e12, "NVIDIA H100 datasheet, H100 SXM5: 1,979 TF with "
-                                        "sparsity; 132 SMs x 4,096 FLOP/clock x 1.83 GHz"),
-    "NVIDIA H100 PCIe": (756.5e12, "NVIDIA H100 datasheet, H100 PCIe: 1,513 TF with sparsity"),
-    "NVIDIA H100 NVL": (835.5e12, "NVIDIA H100 datasheet, H100 NVL: 1,671 TF with sparsity"),
-    "NVIDIA H200": (989.4e12, "NVIDIA H200 datasheet, H200 SXM: 1,979 TF with sparsity "
-                              "(H100 SXM5's compute)"),
-    "NVIDIA H200 NVL": (835.5e12, "NVIDIA H200 datasheet, H200 NVL: 1,671 TF with sparsity"),
-    "NVIDIA A100-SXM4-80GB": (312e12, "NVIDIA A100 datasheet: 312 TF (624 with sparsity)"),
-    "NVIDIA A100-SXM4-40GB": (312e12, "NVIDIA A100 datasheet: 312 TF (624 with sparsity)"),
-    "NVIDIA A100 80GB PCIe": (312e12, "NVIDIA A100 datasheet: 312 TF (624 with sparsity)"),
-    "NVIDIA A100-PCIE-40GB": (312e12, "NVIDIA A100 datasheet: 312 TF (624 with sparsity)"),
-    "NVIDIA L40S": (362.05e12, "NVIDIA L40S datasheet: 362.05 TF (733 with sparsity)"),
-    "NVIDIA L4": (121e12, "NVIDIA L4 datasheet: 121 TF (242 with sparsity)"),
-    "NVIDIA A10": (125e12, "NVIDIA A10 datasheet: 125 TF (250 with sparsity)"),
-}
-
-
 def peak_bf16(gpu_name: str) -> tuple[float, str] | None:
-    """(dense bf16 FLOP/s, source) of exactly this product, or None: no guessing from a
-    substring ("H100" is 989 TF as SXM5, 756 as PCIe)."""
-    return PEAK_BF16.get(gpu_name.strip())
+    """(dense bf16 FLOP/s, source) of exactly this product (``chunkflow.plan.gpus``, the table
+    ``plan --dry-run`` prices with), or None: no guessing from a substring ("H100" is 989 TF as
+    SXM5, 756 as PCIe)."""
+    spec = spec_for_device(gpu_name)
+    return None if spec is None else (spec.peak_bf16_flops, spec.source)
 
 
 # ---- sizes and batches
@@ -546,7 +529,7 @@ def main(argv=None) -> int:
     check = Check(device=device, report=report, budget=budget, peak=peak)
     print(f"device check on {gpu}, torch {torch.__version__}", flush=True)
     report.add("MFU peak", f"{peak[0] / 1e12:.1f} TF dense bf16" if peak else "unknown",
-               peak[1] if peak else f"{gpu!r} is not in PEAK_BF16: MFU not reported")
+               peak[1] if peak else f"{gpu!r} is not in chunkflow.plan.gpus: MFU not reported")
 
     def finish() -> int:
         report.notes += [

@@ -139,7 +139,7 @@ def test_smoke_with_no_budget_skips_every_section(gc, tmp_path):
     assert code == 0
     skipped = [gc.SKIPPED, "not estimated, 0 s left", "", ""]
     cpu = f"CPU {platform.machine()}"
-    assert rows == {"MFU peak": ["unknown", f"{cpu!r} is not in PEAK_BF16: MFU not reported",
+    assert rows == {"MFU peak": ["unknown", f"{cpu!r} is not in chunkflow.plan.gpus: MFU not reported",
                                  "", ""],
                     "gpu tests": skipped, "attention self-check": skipped}
 
