@@ -105,8 +105,9 @@ def host_at(probes: list, xs: tuple, x: int, *, pinned: bool) -> int | None:
     out in pieces and rounded as the runtime and the pinned allocator do; None otherwise (the
     fitted figure then carries the largest probe's rounding)."""
     calls = [r.host_calls for r in probes]
-    if any(len(call) != 1 or len(call[0]) != len(calls[-1][0]) for call in calls):
-        return None  # not one offloaded chain, alike in every probe: left as fitted
+    if any(r.layers_run for r in probes) or any(
+            len(call) != 1 or len(call[0]) != len(calls[-1][0]) for call in calls):
+        return None  # not one offloaded chain, alike in every whole probe: left as fitted
 
     (x0, x1), last = xs[-2:], probes[-1]
     total = last.host_pinned_bytes
