@@ -17,7 +17,8 @@ long-tailed short ones. Sections, in order:
 6. tokens/s and MFU at 16K: chunkflow, the ideal (one packed varlen chunk, nothing recomputed)
    and Hugging Face on ``DataCollatorWithFlattening`` batches (SDPA; the image has no
    flash-attn); 16K, not 32K, so that the unchunked baselines fit in 80 GB;
-7. recompute modes and offload at 128K.
+7. recompute modes and offload at 128K;
+8. ``plan --dry-run``'s prediction (peak, roofline time) of the K=1 steps of 4, beside them.
 
 Notable:
 
@@ -247,6 +248,8 @@ class Check:
     budget: Budget
     peak: tuple[float, str] | None
     model: torch.nn.Module | None = None
+    measured: dict = field(default_factory=dict)
+    """label -> (peak bytes, seconds, lengths, engine options) of each chunkflow row."""
 
     def section(self, label: str, fn, *, kind: str | None = None, flops: float | None = None):
         """``fn()``, unless it is estimated not to fit in the budget (a row says so); out of
@@ -455,6 +458,7 @@ def timed_chunkflow(check: Check, label: str, batch, *, flops: float, kind: str 
     finally:
         if handle is not None:
             handle.remove()
+    check.measured[label] = (peak, seconds, [len(b["input_ids"]) for b in batch], options)
     extra = ""
     if hooked:
         extra = f"R actions {acc['seconds']:.2f} s"
@@ -463,6 +467,28 @@ def timed_chunkflow(check: Check, label: str, batch, *, flops: float, kind: str 
     check.timing_row(label, num_tokens=sum(len(b["input_ids"]) for b in batch), seconds=seconds,
                      peak=peak, flops=flops, kind=kind, extra=extra)
     return peak
+
+
+def dry_run_row(check: Check, label: str, config) -> None:
+    """The dry run's peak and roofline time of a measured chunkflow row's step (on fake
+    tensors, on this machine's CPU), beside the measurement: the first GPU run calibrates it."""
+    from chunkflow.dryrun.run import predict_engine_step
+    from chunkflow.plan.gpus import get_gpu_spec
+
+    peak, seconds, lengths, options = check.measured[label]
+    # the kernel CUDA runs (the smoke run's CPU kernel has no CUDA counterpart: auto's pick)
+    options = {**options, "attention_backend": "varlen" if check.device.type == "cuda"
+               else "auto"}
+    gpu = (spec_for_device(torch.cuda.get_device_name()) if check.device.type == "cuda"
+           else None) or get_gpu_spec("H100-80GB")
+    t0 = time.perf_counter()
+    predicted, roofline = predict_engine_step(config, lengths, gpu, **options)
+    what = "device peak" if check.device.type == "cuda" else "CPU smoke: the step meter"
+    check.report.add(f"dry run vs {label}", f"predicted {size(predicted)}, {roofline:.3g} s",
+                     f"measured {size(peak)} ({what}), {seconds:.2f} s",
+                     f"measured / predicted: peak {peak / predicted:.2f}x, time "
+                     f"{seconds / roofline:.2f}x (roofline on {gpu.name})",
+                     f"dry run took {time.perf_counter() - t0:.0f} s")
 
 
 def memory_rows(check: Check, config, lens: dict[int, list[int]], peaks: dict[int, int], *,
@@ -613,6 +639,14 @@ def main(argv=None) -> int:
             check, label, batches[n], flops=flops, kind=kind, chunk_size=chunk, k=1,
             attention_backend=kernel, recompute=recompute, offload=offload),
             kind=kind, flops=flops)
+
+    # 8. plan --dry-run's prediction of the same steps, beside what they measured (the smoke
+    # run: the shorter one only, its code path)
+    lengths = sizes.memory_lens[:1] if smoke else sizes.memory_lens
+    for label in [f"chunkflow {tokens(n)} chunk {tokens(chunk)} K=1" for n in lengths]:
+        if label in check.measured:
+            check.section(f"dry run: {label}", lambda: dry_run_row(check, label, config),
+                          kind="dry run")
     return finish()
 
 

@@ -372,6 +372,43 @@ def _step(cfg, batch, model, ctx, tracker) -> dict:
     return action_s
 
 
+def predict_engine_step(model_config, lengths: list[int], gpu: GPUSpec, *, autocast: bool = True,
+                        **options) -> tuple[int, float]:
+    """(peak device bytes, roofline seconds) of one ``ChunkFlowEngine(model,
+    **options).forward_backward`` of chunkflow's reference model of ``model_config`` (float32
+    weights, bf16 autocast when ``autocast``) on a batch of ``lengths``, on CUDA: what ``make
+    gpu-check`` measures, predicted on fake tensors. ``options["attention_backend"]``: a name
+    (``varlen``, ``math``, ``auto``)."""
+    from chunkflow.models import Transformer
+    from chunkflow.runtime.engine import ChunkFlowEngine
+    from chunkflow.train.config import load_config
+
+    with torch.device("meta"):
+        model = Transformer(model_config)
+    cfg = load_config(None, {"chunking.attention_backend": options.pop("attention_backend",
+                                                                        "auto"),
+                             "train.autocast": "bf16" if autocast else "none"})
+    tracker = StepTracker(peak_flops=gpu.peak_bf16_flops, memory_bytes_per_s=gpu.memory_bytes_per_s)
+
+    def step():
+        with fake_mode(), tracker, _recording_host_buffers(tracker):
+            with tracker.phase("weights"):
+                fake = materialize(model, _DEVICE)
+            kernel = CountingKernel(target_kernel(cfg, fake.config), tracker)
+            engine = ChunkFlowEngine(fake, attention_backend=kernel, **options)
+            engine.meter = tracker.meter()
+            copier = engine.copier(_DEVICE)
+            copier.host_empty = tracker.host_allocator(copier.host_empty)
+            tracker.tag_module(fake)
+            tracker.watch_parameters(fake)
+            tracker.peak, tracker.peak_breakdown = tracker.total, dict(tracker.by_category)
+            with torch.autocast(_DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
+                engine.forward_backward(_batch_inputs(lengths))
+
+    _in_thread(step)
+    return tracker.peak, tracker.cost.roofline_s
+
+
 # ---- the whole layout --------------------------------------------------------------------------
 
 def check_layout(cfg, gpus: int):

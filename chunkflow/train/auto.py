@@ -60,8 +60,10 @@ def device_profile(device: torch.device):
 
 
 def choose_chunking(cfg: TrainConfig, dataset, device: torch.device, *, activation_bytes: int,
-                    log=print) -> str:
-    """Pick the chunk settings, write them into ``cfg.chunking``; return the printed table."""
+                    log=print, confirm: bool | None = None) -> str:
+    """Pick the chunk settings, write them into ``cfg.chunking``; return the printed table.
+    ``confirm`` (default: on CUDA): check the pick with a dry run of the step on fake tensors
+    (:mod:`chunkflow.dryrun`) and take the next choice that fits the budget if it does not."""
     from chunkflow.plan.auto import choose_settings, format_choices
     from chunkflow.plan.memory import state_extra_rows
     from chunkflow.train.batching import global_batches
@@ -95,6 +97,9 @@ def choose_chunking(cfg: TrainConfig, dataset, device: torch.device, *, activati
                                       activation_bytes, cfg.chunking.chunk_size)))
     except ValueError as e:
         raise ValueError(f"--chunking.auto=true (budget from {source}): {e}") from None
+    confirmed = ""
+    if device.type == "cuda" if confirm is None else confirm:
+        choices, confirmed = _confirm(cfg, choices, batches, max_length, budget, device, log)
     best = choices[0].settings
     c = cfg.chunking
     c.chunk_size, c.k, c.recompute = best.chunk_size, best.k, best.recompute
@@ -102,8 +107,51 @@ def choose_chunking(cfg: TrainConfig, dataset, device: torch.device, *, activati
     c.auto = False  # the saved config is the run as it trains; a resume keeps these settings
     return (f"chunking.auto: {best} (memory budget {_fmt(budget)}: {source}; "
             f"{len(batches)} sample global batches, longest sequence planned for "
-            f"{max_length or max(max(b) for b in batches)} tokens)\n"
+            f"{max_length or max(max(b) for b in batches)} tokens){confirmed}\n"
             f"{format_choices(choices)}")
+
+
+CONFIRM_CHOICES = 5
+"""How many of the best choices a dry run may try before giving up."""
+
+
+def _confirm(cfg: TrainConfig, choices: list, batches: list[list[int]], max_length: int | None,
+             budget: int, device: torch.device, log) -> tuple[list, str]:
+    """The choices from the first whose dry run (the real step on fake tensors, on the sample
+    batch holding the most tokens, its longest sequence stretched to ``max_length``) peaks
+    within ``budget``, and a line saying how it went."""
+    import copy
+    import time
+
+    from chunkflow.dryrun.run import dry_run
+    from chunkflow.plan.gpus import GPUSpec, spec_for_device
+
+    lengths = list(max(batches, key=sum))
+    if max_length is not None and max_length > max(lengths):
+        lengths[lengths.index(max(lengths))] = max_length
+    gpu = spec_for_device(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    if gpu is None:  # a device not in the table: its capacity; speed is not asked here
+        total = (torch.cuda.get_device_properties(device).total_memory
+                 if device.type == "cuda" else budget)
+        gpu = GPUSpec("this device", 1e15, 1e12, total, (), "torch.cuda.get_device_properties")
+    for i, choice in enumerate(choices[:CONFIRM_CHOICES]):
+        trial = copy.deepcopy(cfg)
+        s = choice.settings
+        c = trial.chunking
+        c.chunk_size, c.k, c.recompute = s.chunk_size, s.k, s.recompute
+        c.activation_checkpointing, c.offload = s.activation_checkpointing, s.offload
+        t0 = time.perf_counter()
+        peak = dry_run(trial, [lengths], gpu).peak_device_bytes
+        took = time.perf_counter() - t0
+        if peak <= budget:
+            return choices[i:], (f"; confirmed by a dry run: peak {_fmt(peak)}, "
+                                 f"{took:.0f} s{f', after {i} that did not fit' if i else ''}")
+        log(f"chunking.auto: {s} does not fit by a dry run (peak {_fmt(peak)} against the "
+            f"budget {_fmt(budget)}, {took:.0f} s): trying the next choice")
+    raise ValueError(f"--chunking.auto=true: none of the {min(len(choices), CONFIRM_CHOICES)} "
+                     f"best choices fits {_fmt(budget)} by a dry run of the step; valid: a "
+                     f"larger --chunking.memory_budget, --data.max_length, or settings of "
+                     f"your own (chunkflow plan --dry-run shows their peak)")
 
 
 def _fmt(num_bytes: int) -> str:

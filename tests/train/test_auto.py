@@ -52,3 +52,45 @@ def test_offload_on_cpu_warns_that_it_saves_nothing(tmp_path, capsys):
     assert main(["train", *args(tmp_path / "run", **{"chunking.offload": "state",
                                                      "train.steps": "1"})]) == 0
     assert "--chunking.offload=state on cpu" in capsys.readouterr().out
+
+
+def _auto_inputs(tmp_path):
+    from chunkflow.train.build import build_tokenizer, model_shape
+    from chunkflow.train.data import build_dataset
+    from tests.train.test_trainer import config
+
+    cfg = config(tmp_path, **{"chunking.auto": "true", "chunking.memory_budget": "64MiB"})
+    dataset = build_dataset(cfg.data, vocab_size=model_shape(cfg).vocab_size,
+                            seed=cfg.train.seed, tokenizer=build_tokenizer(cfg),
+                            model_path=cfg.model.path)
+    return cfg, dataset
+
+
+def test_the_pick_is_confirmed_by_a_dry_run(tmp_path):
+    from chunkflow.train.auto import choose_chunking
+
+    cfg, dataset = _auto_inputs(tmp_path)
+    text = choose_chunking(cfg, dataset, torch.device("cpu"), activation_bytes=4, confirm=True)
+    assert "confirmed by a dry run: peak" in text.splitlines()[0]
+
+
+def test_a_pick_the_dry_run_finds_too_big_gives_way_to_the_next(tmp_path, monkeypatch):
+    import chunkflow.dryrun.run as run
+    from chunkflow.train.auto import choose_chunking
+
+    real, tried = run.dry_run, []
+
+    def first_too_big(cfg, batches, gpu, **kw):
+        report = real(cfg, batches, gpu, **kw)
+        tried.append(cfg.chunking.chunk_size)
+        if len(tried) == 1:
+            report.roles[0].peak_device_bytes = 2**40
+        return report
+
+    monkeypatch.setattr(run, "dry_run", first_too_big)
+    cfg, dataset = _auto_inputs(tmp_path)
+    lines = []
+    text = choose_chunking(cfg, dataset, torch.device("cpu"), activation_bytes=4, confirm=True,
+                           log=lines.append)
+    assert len(tried) == 2 and "does not fit by a dry run" in lines[0]
+    assert "after 1 that did not fit" in text.splitlines()[0]
