@@ -142,7 +142,7 @@ def _dry_run(args: argparse.Namespace, unknown: list[str]) -> int:
     """plan --dry-run: the real step on fake tensors, per rank role (:mod:`chunkflow.dryrun`)."""
     import time
 
-    from chunkflow.dryrun.run import check_layout, dry_run
+    from chunkflow.dryrun.layout import check_layout, dry_run
     from chunkflow.plan.gpus import get_gpu_spec
     from chunkflow.plan.lengths import parse_lengths
     from chunkflow.train.arguments import config_from_args
@@ -168,39 +168,6 @@ def _dry_run(args: argparse.Namespace, unknown: list[str]) -> int:
         report.write_json(args.json)
         print(f"wrote {args.json}")
     return 0
-
-
-def _confirm(cfg, candidates, batch: list[int], gpu: str, gpus: int, *, fsdp: bool):
-    """``plan --auto --dry-run``: the first candidate whose dry run (every rank role) fits
-    (the pick, or the next ones, saying so)."""
-    import dataclasses
-    import time
-
-    from chunkflow.dryrun.run import dry_run
-    from chunkflow.plan.gpus import get_gpu_spec
-    from chunkflow.sim.tune import format_size
-
-    spec = get_gpu_spec(gpu)
-    for cand in candidates:
-        run = dataclasses.replace(
-            cfg, chunking=dataclasses.replace(cfg.chunking, chunk_size=cand.chunk_size,
-                                              k=cand.k),
-            parallel=dataclasses.replace(cfg.parallel, tp=cand.tp, pp=cand.pp,
-                                         data_parallel="fsdp" if fsdp else "ddp"))
-        t0 = time.perf_counter()
-        report = dry_run(run, [batch], spec, gpus=gpus)
-        took = time.perf_counter() - t0
-        verdict = "fits" if report.fits else "does NOT fit"
-        print(f"dry run of chunk {cand.chunk_size}, K={cand.k}, {cand.layout}: peak "
-              f"{format_size(report.peak_device_bytes)} per GPU {verdict} in "
-              f"{format_size(spec.usable_bytes)} (predicted {format_size(cand.peak_memory_bytes)})"
-              f"; step {report.predicted_step_s:.3g} s at the roofline; the dry run took "
-              f"{took:.0f} s")
-        if report.fits:
-            return cand
-        print("  next candidate")
-    raise ValueError(f"none of the {len(candidates)} best candidates fits by a dry run on "
-                     f"{spec.name}; valid: more GPUs, a larger --top, or a smaller --max-len")
 
 
 def _data_batches(cfg, num_batches: int, *, vocab_size: int | None = None):
@@ -292,13 +259,14 @@ def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
         import dataclasses
         import random
 
+        from chunkflow.dryrun.layout import first_that_fits
         from chunkflow.plan.lengths import sample_lengths
 
         batch = (options["batches"][0] if "batches" in options else
                  sample_lengths(random.Random(args.seed), args.global_batch, max_len=max_len))
         run_cfg = cfg if own_model else dataclasses.replace(
             cfg, model=dataclasses.replace(cfg.model, preset=args.model or "qwen2.5-7b"))
-        best = _confirm(run_cfg, candidates[:args.top], batch, args.gpu, args.gpus, fsdp=fsdp)
+        best = first_that_fits(run_cfg, candidates[:args.top], batch, args.gpu, args.gpus, fsdp=fsdp)
     run = run_options(args.config, {name: getattr(args, name) for name in given}) \
         if own_model else " ..."
     launch = launch_command(best, gpus=args.gpus, run=run, fsdp=fsdp,

@@ -5,8 +5,8 @@ state, saved activations and KV state, and runs the same ops: every byte and FLO
 is a + b x layers as long as the step's peak falls at the same point. A chain of n chunks holds
 a KV state linear in n and runs attention over prefixes whose FLOPs, bytes and time are
 quadratic in n. :func:`extrapolate` fits each value through the last probes and checks the fit
-on the others; :mod:`chunkflow.dryrun.run` decides where to probe and falls back to running the
-whole step where a check fails.
+on the others; :mod:`chunkflow.dryrun.layout` decides where to probe and falls back to
+running the whole step where a check fails.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Run the real training step on fake tensors, once per rank role, at real scale.
+"""One rank's real training step on fake tensors, at real scale.
 
-:func:`dry_run` builds what ``chunkflow train`` builds (the model from its config, with no
+:func:`run_role` builds what ``chunkflow train`` builds (the model from its config, with no
 weights read; ``parallelize``: TP, the pipeline stage, FSDP2/DDP under a fake process group of
 the layout's world size; the engine; AdamW with its state) and runs one global batch through
 the engine's forward and backward, the gradient clipping and the optimizer step, inside
@@ -9,10 +9,8 @@ attention kernel (its fake implementation), bf16 autocast where the run would us
 loss. The device it runs on is a fake CPU (this CPU build of torch cannot index fake CUDA
 tensors, and FSDP2 asks the CUDA runtime for streams); the accounting does not depend on it.
 
-Rank roles: each pipeline stage of the data-parallel replica with the most work (the cost model's
-FLOPs, as :func:`chunkflow.plan.balance_chunks` places units), as tensor-parallel rank 0 (TP
-ranks hold equal shards). A long stage and, on one GPU, a long chain are extrapolated from
-shorter steps (:mod:`chunkflow.dryrun.fit`), checked, and run whole where the check fails.
+Which ranks to run, and how their steps make the layout's figures:
+:mod:`chunkflow.dryrun.layout`.
 """
 
 from __future__ import annotations
@@ -30,7 +28,6 @@ from torch import nn
 
 from chunkflow.parallel.fake import (ddp_without_verification, fake_mode, fake_process_group,
                                     real_device_meshes)
-from chunkflow.dryrun.fit import PROBE_CHUNKS, PROBE_LAYERS, extrapolate, fitted, host_at
 from chunkflow.dryrun.tracker import CATEGORIES, CountingKernel, OpCost, StepTracker
 from chunkflow.plan.gpus import GPUSpec
 
@@ -198,20 +195,10 @@ def target_kernel(cfg, model_config):
     return TiledMathKernel()
 
 
-def _batch_inputs(lengths: list[int]) -> list[dict]:
+def batch_inputs(lengths: list[int]) -> list[dict]:
     """A batch of these lengths (token 0 everywhere: a dry run sees shapes, not tokens)."""
     return [{"input_ids": torch.zeros(n, dtype=torch.long),
              "labels": torch.zeros(n, dtype=torch.long)} for n in lengths]
-
-
-def busiest_replica(cfg, lengths: list[int], shape, dp: int) -> int:
-    """The data-parallel rank whose units cost the most (as the engine places them)."""
-    from chunkflow.plan import balance_chunks, build_chunks
-
-    plan = build_chunks(lengths, chunk_size=cfg.chunking.chunk_size,
-                        pack_chain_tails=cfg.chunking.pack_chain_tails)
-    costs = balance_chunks(plan, dp, k=cfg.chunking.k, shape=shape).costs
-    return max(range(dp), key=lambda r: (costs[r], -r))
 
 
 def _process_group(layout, rank: int):
@@ -313,6 +300,16 @@ def _recording_host_buffers(tracker):
         kv_state.host_buffers = original
 
 
+def _instrument(engine, model: nn.Module, tracker: StepTracker) -> None:
+    """Point a ChunkFlowEngine's memory meter and offload copier at ``tracker``; count
+    ``model``'s parameters and buffers as weights and its gradients as they appear."""
+    engine.meter = tracker.meter()
+    copier = engine.copier(_DEVICE)
+    copier.host_empty = tracker.host_allocator(copier.host_empty)
+    tracker.tag_module(model)
+    tracker.watch_parameters(model)
+
+
 def _step(cfg, batch, model, ctx, tracker) -> dict:
     """One step under the fake mode and the tracker; (action kind, chunk id) -> roofline s."""
     from chunkflow.parallel.engine import ParallelEngine
@@ -329,11 +326,8 @@ def _step(cfg, batch, model, ctx, tracker) -> dict:
                                 sequence_parallel=par.sequence_parallel,
                                 vocab_parallel=par.vocab_parallel,
                                 mixed_precision=uses_autocast(cfg))
-    tracker.tag_module(engine.model)
     inner = engine.engine
-    inner.meter = tracker.meter()
-    copier = inner.copier(_DEVICE)
-    copier.host_empty = tracker.host_allocator(copier.host_empty)
+    _instrument(inner, engine.model, tracker)
     params = engine.parameters()
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr,
                                   betas=(cfg.optim.beta1, cfg.optim.beta2),
@@ -344,10 +338,7 @@ def _step(cfg, batch, model, ctx, tracker) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     tracker.tag_optimizer(optimizer)
-    tracker.watch_parameters(engine.model)
-    tracker.peak, tracker.peak_breakdown = tracker.total, dict(tracker.by_category)
-    tracker.most, tracker.step_peak = dict(tracker.by_category), 0
-    tracker.cost = OpCost()
+    tracker.start_step()
 
     started: dict = {}
 
@@ -360,9 +351,7 @@ def _step(cfg, batch, model, ctx, tracker) -> dict:
             action_s[key] = action_s.get(key, 0.0) + tracker.cost.roofline_s - started[key]
 
     handle = inner.register_action_hook(on_action)
-    autocast = (torch.autocast(_DEVICE.type, dtype=torch.bfloat16) if uses_autocast(cfg)
-                else contextlib.nullcontext())
-    with autocast:
+    with torch.autocast(_DEVICE.type, dtype=torch.bfloat16, enabled=uses_autocast(cfg)):
         engine.forward_backward(batch)
     handle.remove()
     tracker.tag_grads(params)
@@ -396,160 +385,10 @@ def predict_engine_step(model_config, lengths: list[int], gpu: GPUSpec, *, autoc
                 fake = materialize(model, _DEVICE)
             kernel = CountingKernel(target_kernel(cfg, fake.config), tracker)
             engine = ChunkFlowEngine(fake, attention_backend=kernel, **options)
-            engine.meter = tracker.meter()
-            copier = engine.copier(_DEVICE)
-            copier.host_empty = tracker.host_allocator(copier.host_empty)
-            tracker.tag_module(fake)
-            tracker.watch_parameters(fake)
-            tracker.peak, tracker.peak_breakdown = tracker.total, dict(tracker.by_category)
+            _instrument(engine, fake, tracker)
+            tracker.start_step()
             with torch.autocast(_DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
-                engine.forward_backward(_batch_inputs(lengths))
+                engine.forward_backward(batch_inputs(lengths))
 
     _in_thread(step)
     return tracker.peak, tracker.cost.roofline_s
-
-
-# ---- the whole layout --------------------------------------------------------------------------
-
-def check_layout(cfg, gpus: int):
-    """The (dp, pp, tp) layout of ``gpus`` GPUs under ``cfg.parallel``; a ValueError says what
-    would divide."""
-    from chunkflow.parallel.mesh import Layout
-    from chunkflow.plan.chunks import check_positive_int
-
-    gpus = check_positive_int("gpus", gpus)
-    pp, tp = cfg.parallel.pp, cfg.parallel.tp
-    if gpus % (pp * tp):
-        raise ValueError(f"--gpus {gpus} is not a multiple of --parallel.pp={pp} x "
-                         f"--parallel.tp={tp} = {pp * tp}; valid: a multiple of {pp * tp}")
-    return Layout(dp=gpus // (pp * tp), pp=pp, tp=tp)
-
-
-def stage_role(cfg, batch, gpu, *, layout, rank: int, name: str, full: bool = False,
-               log=None, nonlinear: set | None = None) -> RoleResult:
-    """:func:`run_role` of a pipeline stage: its step run as is, or, for a stage of more than
-    :data:`PROBE_LAYERS`' layers of alike layers (unless ``full``), extrapolated from steps
-    with fewer (:func:`extrapolate`); run as is where that is not linear (and, ``nonlinear``
-    holding the rank, from then on: the set remembers)."""
-    from chunkflow.parallel.pipeline import stage_layer_ranges
-
-    stage = layout.coords(rank)[1]
-    layers = len(stage_layer_ranges(num_layers(cfg), layout.pp)[stage])
-    nonlinear = set() if nonlinear is None else nonlinear
-    if (not full and rank not in nonlinear and layers > PROBE_LAYERS[-1]
-            and uniform_layers(cfg)):
-        probes = [run_role(cfg, batch, gpu, layout=layout, rank=rank, name=name,
-                           layers=n * layout.pp) for n in PROBE_LAYERS]
-        out, why = extrapolate(probes, PROBE_LAYERS, layers)
-        if out is not None:
-            return fitted(probes, out, layers_run=PROBE_LAYERS)
-        nonlinear.add(rank)
-        if log:
-            log(f"dry run: {name}: the step is not linear in its layers ({why}); running all "
-                f"{layers} layers")
-    return run_role(cfg, batch, gpu, layout=layout, rank=rank, name=name)
-
-
-def _long_chains(cfg, lengths: list[int]) -> tuple[int, int] | None:
-    """(chunks, length) of the batch's long sequences when all of them are alike and longer
-    than :data:`PROBE_CHUNKS`' chains; else None."""
-    size = cfg.chunking.chunk_size
-    long = {n for n in lengths if -(-n // size) > PROBE_CHUNKS[-1]}
-    if len(long) != 1:
-        return None
-    n, = long
-    return -(-n // size), n
-
-
-def replica_role(cfg, lengths, gpu, *, layout, rank, name, full=False, log=None) -> RoleResult:
-    """:func:`stage_role` of this batch; for one replica of one stage whose batch holds long
-    chains of one length (the 1M-token case), extrapolated from steps whose long chains are
-    :data:`PROBE_CHUNKS` chunks (each cut by whole chunks from its front, so its tail packs as
-    before): bytes linear in the chunks, FLOPs, bytes moved and time quadratic."""
-    chains = None if full or layout.dp > 1 or layout.pp > 1 else _long_chains(cfg, lengths)
-    if chains is not None:
-        chunks, length = chains
-        size = cfg.chunking.chunk_size
-        probes, nonlinear = [], set()
-        for m in PROBE_CHUNKS:
-            cut = [n - (chunks - m) * size if n == length else n for n in lengths]
-            probes.append(stage_role(cfg, _batch_inputs(cut), gpu, layout=layout, rank=rank,
-                                     name=name, log=log, nonlinear=nonlinear))
-        out, why = extrapolate(probes, PROBE_CHUNKS, chunks,
-                               quadratic=("cost", "by_op", "host_copy"))
-        if out is not None:
-            result = fitted(probes, out, chunks_run=PROBE_CHUNKS)
-            host = host_at(probes, PROBE_CHUNKS, chunks, pinned=target(cfg) == "cuda")
-            if host is not None:
-                result.host_pinned_bytes = host
-            return result
-        if log:
-            log(f"dry run: {name}: the step is not polynomial in its chain's chunks ({why}); "
-                f"running all {chunks}")
-    return stage_role(cfg, _batch_inputs(lengths), gpu, layout=layout, rank=rank, name=name,
-                      full=full, log=log)
-
-
-def dry_run(cfg, batches: list[list[int]], gpu: GPUSpec, *, gpus: int = 1, log=None,
-            full: bool = False):
-    """The dry run of ``cfg`` on each global batch (its sequence lengths) on ``gpus`` of
-    ``gpu``: a :class:`~chunkflow.dryrun.report.DryRunReport` of the worst batch per role.
-    ``full``: run every decoder layer and chunk (else long stages and long chains are
-    extrapolated, see :func:`stage_role` and :func:`replica_role`)."""
-    from chunkflow.dryrun.report import DryRunReport
-    from chunkflow.parallel.engine import model_shape
-
-    layout = check_layout(cfg, gpus)
-    shape = model_shape(meta_model(cfg).config)
-    roles: dict[int, RoleResult] = {}
-    steps = []
-    for lengths in batches:
-        dp_rank = busiest_replica(cfg, lengths, shape, layout.dp)
-        results = []
-        for stage in range(layout.pp):
-            name = (f"stage {stage}" if layout.pp > 1 else "rank") + \
-                   (f" (replica {dp_rank}, tp rank 0)" if layout.world_size > 1 else "")
-            result = replica_role(cfg, lengths, gpu, layout=layout,
-                                  rank=layout.rank(dp_rank, stage), name=name, full=full,
-                                  log=log)
-            if log:
-                log(f"dry run: {name}: {result.wall_s:.1f}s")
-            results.append(result)
-            if stage not in roles or result.peak_device_bytes > roles[stage].peak_device_bytes:
-                roles[stage] = result
-        steps.append(_step_time(cfg, lengths, shape, layout, dp_rank, results))
-    step_s, model_flops, executed = max(steps)
-    return DryRunReport(cfg=cfg, gpu=gpu, layout=layout, roles=[roles[s] for s in sorted(roles)],
-                        target=target(cfg),
-                        predicted_step_s=step_s, model_flops=model_flops,
-                        flops_per_step=executed, batches=len(batches))
-
-
-def _step_time(cfg, lengths, shape, layout, dp_rank, results):
-    """(roofline seconds of the step, its model FLOPs over all GPUs, the FLOPs it executes over
-    all GPUs) for one batch: the busiest replica's time (its pipeline simulated with each
-    action's roofline time); model FLOPs: forward + backward of every chunk once (6N per token
-    plus causal attention), MFU's numerator."""
-    from chunkflow.plan import balance_chunks, build_chunks, state_aware_1f1b, subplan
-    from chunkflow.plan.cost import chunk_segments, forward_flops
-    from chunkflow.sim import simulate
-
-    ch = cfg.chunking
-    plan = build_chunks(lengths, chunk_size=ch.chunk_size, pack_chain_tails=ch.pack_chain_tails)
-    sharding = balance_chunks(plan, layout.dp, k=ch.k, shape=shape)
-    model_flops = 0.0
-    for chunk in plan.chunks:
-        segments, prefix = chunk_segments(chunk)
-        model_flops += 3 * sum(forward_flops(shape, segments, prefix_len=prefix))
-    replica = sum(r.cost.flops for r in results) * layout.tp
-    mean = sum(sharding.costs) / len(sharding.costs)
-    executed = replica * layout.dp * (mean / max(sharding.costs) if max(sharding.costs) else 1)
-    if layout.pp == 1:
-        return results[0].cost.roofline_s, model_flops, executed
-    sub, _ = subplan(plan, sharding.chunk_ids[dp_rank])
-    stages = state_aware_1f1b(sub, layout.pp, k=ch.k, recompute=ch.recompute)
-    sim = simulate(stages, duration=lambda s, a: results[s].action_s.get(
-        (a.kind.name, a.chunk_id), 0.0))
-    # what runs outside the actions (clipping, the optimizer step) after the pipeline drains
-    rest = max(r.cost.roofline_s - sum(r.action_s.values()) for r in results)
-    return sim.makespan + rest, model_flops, executed

@@ -187,6 +187,13 @@ class StepTracker(TorchDispatchMode):
         self.sweep = lambda: watch(model.parameters())
         self.sweep()
 
+    def start_step(self) -> None:
+        """Measure from here: the peak and the maxima start at what is live now (the weights,
+        the optimizer state), the cost at zero."""
+        self.peak, self.peak_breakdown = self.total, dict(self.by_category)
+        self.most, self.step_peak = dict(self.by_category), 0
+        self.cost = OpCost()
+
     def meter(self) -> "TaggingMeter":
         return TaggingMeter(self)
 

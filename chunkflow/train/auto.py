@@ -123,7 +123,7 @@ def _confirm(cfg: TrainConfig, choices: list, batches: list[list[int]], max_leng
     import copy
     import time
 
-    from chunkflow.dryrun.run import dry_run
+    from chunkflow.dryrun.layout import dry_run
     from chunkflow.plan.gpus import GPUSpec, spec_for_device
 
     lengths = list(max(batches, key=sum))

@@ -32,7 +32,8 @@ def _rounded(tensors) -> int:
 
 
 @pytest.mark.parametrize("extra", [{}, {"chunking.recompute": "selective"},
-                                   {"chunking.offload": "state"}, {"chunking.offload": "all", "chunking.recompute": "selective"}],
+                                   {"chunking.offload": "state"},
+                                   {"chunking.offload": "all", "chunking.recompute": "selective"}],
                          ids=["plain", "selective", "offload-state", "offload-all"])
 def test_dry_run_matches_the_first_real_cpu_step(tmp_path, capsys, extra):
     options = {**JOB, **extra}

@@ -4,6 +4,7 @@ import pytest
 
 from chunkflow import cli
 from chunkflow.plan.lengths import parse_lengths
+from tests.dryrun.helpers import first_dry_run_too_big
 
 
 def test_lengths_take_counts():
@@ -23,18 +24,7 @@ def test_auto_confirms_its_pick_by_a_dry_run(capsys):
 
 
 def test_auto_takes_the_next_candidate_the_dry_run_fits(monkeypatch, capsys):
-    import chunkflow.dryrun.run as run
-
-    real, calls = run.dry_run, []
-
-    def first_does_not_fit(cfg, batches, gpu, **kw):
-        report = real(cfg, batches, gpu, **kw)
-        calls.append(cfg.chunking.chunk_size)
-        if len(calls) == 1:
-            report.roles[0].peak_device_bytes = gpu.capacity_bytes
-        return report
-
-    monkeypatch.setattr(run, "dry_run", first_does_not_fit)
+    calls = first_dry_run_too_big(monkeypatch)
     argv = ["plan", "--auto", "--model=tiny", "--gpus=2", "--max-len=4K", "--global-batch=8",
             "--top=2", "--dry-run"]
     assert cli.main(argv) == 0

@@ -75,19 +75,10 @@ def test_the_pick_is_confirmed_by_a_dry_run(tmp_path):
 
 
 def test_a_pick_the_dry_run_finds_too_big_gives_way_to_the_next(tmp_path, monkeypatch):
-    import chunkflow.dryrun.run as run
     from chunkflow.train.auto import choose_chunking
+    from tests.dryrun.helpers import first_dry_run_too_big
 
-    real, tried = run.dry_run, []
-
-    def first_too_big(cfg, batches, gpu, **kw):
-        report = real(cfg, batches, gpu, **kw)
-        tried.append(cfg.chunking.chunk_size)
-        if len(tried) == 1:
-            report.roles[0].peak_device_bytes = 2**40
-        return report
-
-    monkeypatch.setattr(run, "dry_run", first_too_big)
+    tried = first_dry_run_too_big(monkeypatch)
     cfg, dataset = _auto_inputs(tmp_path)
     lines = []
     text = choose_chunking(cfg, dataset, torch.device("cpu"), activation_bytes=4, confirm=True,
