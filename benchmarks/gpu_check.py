@@ -151,7 +151,8 @@ def fused_logits_overcount(config, num_tokens: int, chunk_size: int) -> int:
 
 def memory_range(config, lengths, *, chunk_size: int, k: int, static: bool) -> tuple[int, int]:
     """(low, high) estimated peak bytes: activations all bf16 .. all float32. ``static``: add
-    weights and gradients (float32, no optimizer: what CUDA's allocator sees in this step);
+    weights and gradients (float32, no optimizer: what CUDA's allocator sees in this step;
+    the low bound with autocast's bf16 weight copies);
     without it, the CPU meter's part (saved activations + KV state)."""
     plan = build_chunks(lengths, chunk_size=chunk_size)
     bounds = []

@@ -36,7 +36,7 @@ def _plan(args: argparse.Namespace, unknown: list[str]) -> int:
     from chunkflow.plan import build_chunks, format_schedule, schedule
     from chunkflow.plan.lengths import parse_lengths
     from chunkflow.plan.memory import estimate_peak_memory, state_extra_rows
-    from chunkflow.train.build import model_label, model_shape
+    from chunkflow.train.build import model_label, model_shape, trainable_params
     from chunkflow.train.arguments import config_from_args
 
     if args.auto:
@@ -57,6 +57,7 @@ def _plan(args: argparse.Namespace, unknown: list[str]) -> int:
     cfg = config_from_args(args, unknown)
     chunking = cfg.chunking
     shape = model_shape(cfg)
+    trainable = trainable_params(cfg)
     param_bytes = {"float32": 4, "bfloat16": 2, "float64": 8}[cfg.model.dtype]
     # bf16 autocast stores activations in bf16 (plan does not probe for a GPU: "auto" counts as
     # autocast only when the device is named cuda).
@@ -78,6 +79,7 @@ def _plan(args: argparse.Namespace, unknown: list[str]) -> int:
             return estimate_peak_memory(shape, plan, k=chunking.k, param_bytes=param_bytes,
                                         activation_bytes=activation_bytes,
                                         state_extra_rows=extra_rows,
+                                        trainable_params=trainable,
                                         **{**configured, **options})
 
         mine = estimate()
@@ -85,7 +87,8 @@ def _plan(args: argparse.Namespace, unknown: list[str]) -> int:
                              if value not in ("full", "none", False))
         return (f"{plan.summary()}; longest sequence {max(lengths)} tokens\n"
                 f"  estimated peak memory ({model_label(cfg)}, {cfg.model.dtype}"
-                f"{', bf16 autocast' if activation_bytes == 2 != param_bytes else ''}, "
+                f"{', bf16 autocast' if activation_bytes == 2 != param_bytes else ''}"
+                f"{f', LoRA ({trainable:,} trained parameters)' if trainable else ''}, "
                 f"k={chunking.k}{', ' + settings if settings else ''}): {mine.summary()}\n"
                 f"  {_alternatives(estimate, mine, configured)}"), plan
 

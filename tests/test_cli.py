@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from chunkflow.cli import main
 
 
@@ -141,6 +143,29 @@ def test_plan_counts_with_the_model_directorys_tokenizer(tmp_path, capsys):
     tokens = sum(len(tok.encode(t, add_special_tokens=False)) for t in texts) + 1  # text: EOS
     assert f"global batch 1: 3 sequences, {tokens} tokens" in out
     assert f"estimated peak memory ({model} (hf), float32" in out and "(tiny" not in out
+
+
+def test_plan_prices_lora_by_its_trained_parameters(tmp_path, capsys):
+    """``chunkflow plan --lora.rank`` priced a full fine-tune (gradients and AdamW state for
+    every frozen weight); it now counts the adapters peft builds."""
+    import re
+
+    pytest.importorskip("peft")
+    from tests.train.test_trainer_hf import model_dir
+
+    model = model_dir(tmp_path, tied=False)
+    base = ["plan", f"--model.path={model}", "--lengths=200,50", "--chunking.chunk_size=64"]
+    assert main([*base, "--lora.rank=4"]) == 0
+    lora = capsys.readouterr().out
+    assert main(base) == 0
+    full = capsys.readouterr().out
+    trained = int(re.search(r"LoRA \(([\d,]+) trained parameters\)", lora)[1].replace(",", ""))
+    # per layer: rank 4 x (in + out) of q, k, v, o, gate, up, down (hidden 32, q 32, kv 16,
+    # MLP 48), two layers
+    assert trained == 2 * 4 * ((32 + 32) + 2 * (32 + 16) + (32 + 32) + 2 * (32 + 48) + (48 + 32))
+    grads = re.compile(r"grads ([\d.]+) (KiB|MiB)")
+    assert grads.search(full)[1] != grads.search(lora)[1]
+    assert "LoRA" not in full
 
 
 def test_plan_auto_tunes_the_users_own_run(tmp_path, capsys):

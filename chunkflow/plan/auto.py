@@ -92,7 +92,8 @@ def choose_settings(model, batches: Sequence[Sequence[int]], *, memory_budget: i
                     optimizer: str = "adamw", max_length: int | None = None,
                     offload: bool = False, pack_chain_tails: bool = True,
                     chunk_sizes: Sequence[int] = CHUNK_SIZES, ks: Sequence[int] = KS,
-                    varlen_state: bool = False) -> list[Choice]:
+                    varlen_state: bool = False,
+                    trainable_params: int | None = None) -> list[Choice]:
     """Candidates whose estimated peak fits ``memory_budget`` bytes, fastest first.
 
     ``model``: a :class:`~chunkflow.plan.cost.ModelShape` (or anything with its fields and
@@ -100,7 +101,8 @@ def choose_settings(model, batches: Sequence[Sequence[int]], *, memory_budget: i
     longest sequence the data may hold (default: the longest sampled); ``offload``: whether
     offload candidates are tried (CUDA); ``varlen_state``: chain states hold a chunk of rows
     past their prefix (the CUDA varlen kernel's layout), which an offloaded state's host
-    memory holds too. Raises ``ValueError`` naming the smallest peak found
+    memory holds too; ``trainable_params``: LoRA's trained parameters (``None``: all, a full
+    fine-tune). Raises ``ValueError`` naming the smallest peak found
     when nothing fits.
     """
     memory_budget = check_positive_int("memory_budget", memory_budget)
@@ -133,7 +135,8 @@ def choose_settings(model, batches: Sequence[Sequence[int]], *, memory_budget: i
                                        activation_bytes=activation_bytes, optimizer=optimizer,
                                        recompute=s.recompute, offload=s.offload,
                                        activation_checkpointing=s.activation_checkpointing,
-                                       state_extra_rows=s.chunk_size if varlen_state else 0)
+                                       state_extra_rows=s.chunk_size if varlen_state else 0,
+                                       trainable_params=trainable_params)
             with_margin = est.total + round(MODEL_MARGIN * (est.step + est.transient))
             if with_margin > peak:
                 peak, host = with_margin, est.host

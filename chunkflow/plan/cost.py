@@ -35,7 +35,11 @@ activations.
 Static memory (Megatron mixed precision): bf16 weights (2 bytes/param) + float32 main gradients
 (4) + float32 master weights and Adam moments (12), the last sharded over the data-parallel
 replicas with the distributed optimizer (Megatron's ``--use-distributed-optimizer``, default
-here): ``6 + 12 / dp`` bytes per parameter, else 18.
+here): ``6 + 12 / dp`` bytes per parameter, else 18. chunkflow's bf16 runs come to the same
+bytes: float32 weights (4), their bf16 autocast copies (2), float32 gradients (4) and AdamW's
+moments (8), 18 in all; under FSDP2 the bf16 weights and float32 gradients gathered (6), the
+float32 weights and moments sharded (12 / dp). Its gradients appear with the first backward
+(:meth:`CostModel.grad_bytes`).
 
 Not modelled (each small against the terms above at the paper's scale): embedding lookup, the
 loss's elementwise work, the head's extra all-gather, optimizer step time, CUDA context and
@@ -50,7 +54,7 @@ from types import SimpleNamespace
 from typing import NamedTuple, Sequence
 
 from chunkflow.plan.chunks import Chunk, check_positive_int
-from chunkflow.plan.memory import activation_bytes_per_token, kv_state_bytes
+from chunkflow.plan.memory import activation_bytes_per_token, fused_head, kv_state_bytes
 
 RECOMPUTE = ("none", "selective", "full")
 """Megatron-LM's layer recompute: none, ``selective`` (core attention), ``full`` (all layers)."""
@@ -387,18 +391,25 @@ class CostModel:
         fields.update(num_hidden_layers=num_layers, num_key_value_heads=kv_heads, num_params=0)
         return SimpleNamespace(**fields)
 
-    def _token_bytes(self) -> tuple[float, float]:
-        """(one decoder layer, head) activation bytes of a token over the TP group, no recompute."""
+    def _token_bytes(self, num_tokens: int | None = None) -> tuple[float, float]:
+        """(one decoder layer, head) activation bytes of a token over the TP group, no
+        recompute; the head without log-probabilities in a chunk of ``num_tokens`` whose logits
+        (on this rank's vocabulary shard) take the runtime's fused cross-entropy."""
         kv_heads = self.kv_heads_per_gpu * self.tp  # replicated heads count once per GPU
         head = activation_bytes_per_token(self._namespace(0, kv_heads),
                                           activation_bytes=self.activation_bytes)
         layer = activation_bytes_per_token(self._namespace(1, kv_heads),
                                            activation_bytes=self.activation_bytes) - head
+        vocab = self.shape.vocab_size // (self.tp if self.vocab_parallel else 1)
+        if num_tokens is not None and fused_head(num_tokens, vocab, self.activation_bytes):
+            head -= max(self.activation_bytes, 4) * self.shape.vocab_size
         return layer, head
 
-    def activation_bytes_per_token(self, stage_idx: int = 0) -> float:
-        """Bytes a micro-batch keeps per token from its forward to its backward on the stage."""
-        layer, head = self._token_bytes()
+    def activation_bytes_per_token(self, stage_idx: int = 0,
+                                   num_tokens: int | None = None) -> float:
+        """Bytes a micro-batch (a chunk of ``num_tokens``: its size decides the head's path)
+        keeps per token from its forward to its backward on the stage."""
+        layer, head = self._token_bytes(num_tokens)
         if self.recompute == "full":
             layer = self.activation_bytes * self.shape.hidden_size  # the layer's input only
         layers = self.stage_layers[stage_idx]
@@ -447,3 +458,15 @@ class CostModel:
         """bf16 weights + float32 grads + float32 master/Adam moments (see module docstring)."""
         optimizer = 12 / (self.dp if self.distributed_optimizer else 1)
         return self.stage_params(stage_idx) * (2 + 4 + optimizer)
+
+    def grad_bytes(self, stage_idx: int = 0) -> float:
+        """The float32 gradients in :meth:`static_bytes`: Megatron allocates them with the
+        model; chunkflow as its first backward produces them (torch's ``.grad``, FSDP2's
+        unsharded accumulators), so a peak before any backward does not hold them."""
+        return self.stage_params(stage_idx) * 4
+
+    def optimizer_step_bytes(self, stage_idx: int = 0) -> float:
+        """chunkflow's optimizer step, on top of :meth:`static_bytes`: AdamW's foreach
+        temporaries, one float32 tensor the size of the parameters it updates (FSDP2: its
+        shard)."""
+        return self.grad_bytes(stage_idx) / (self.dp if self.distributed_optimizer else 1)

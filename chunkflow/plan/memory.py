@@ -7,10 +7,25 @@ planning layer may not import the models.
 
 The estimate has two parts. The *static* part depends only on the parameter count ``P``:
 weights ``P * param_bytes``, gradients ``P * param_bytes``, optimizer state (AdamW: two moments
-in the parameter dtype, as ``torch.optim.AdamW`` keeps them, ``2 * P * param_bytes``). The *step* part is what the runtime's CPU meter
-(``StepResult.peak_memory_bytes``) counts: tensors saved for backward plus the chains' key/value
-state. Invariant: ``activations + kv_state`` is that meter's peak, up to the approximations below,
-and ``total`` is the sum of all five parts.
+in the parameter dtype, as ``torch.optim.AdamW`` keeps them, ``2 * P * param_bytes``). With LoRA
+(``trainable_params=T``) the ``P`` weights are frozen and the ``T`` adapter parameters train in
+float32 (or wider): weights ``P * param_bytes + 4T``, gradients ``4T``, AdamW ``8T``. The *step*
+part is what the runtime's CPU meter (``StepResult.peak_memory_bytes``) counts: tensors saved
+for backward plus the chains' key/value state. Invariant: ``activations + kv_state`` is that
+meter's peak, up to the approximations below.
+
+``total``, the device's peak, is the largest of these moments (as the dry run on fake tensors,
+``chunkflow plan --dry-run``, finds them):
+
+* a chunk moment below: the static parts, the moment's step part and ``transient``; the
+  gradients only from the step's first backward on (torch allocates ``.grad`` as a backward
+  produces it), so a plan's first chunk (a chain's: its last forward) peaks without them;
+* bf16 autocast (``activation_bytes < param_bytes``) adds 16-bit copies of the matmul weights
+  (all but an untied embedding): once per step for trained weights (autocast caches those
+  casts for the step), once per live graph for LoRA's frozen ones (cast at every use, each
+  kept by the graph that saved it for the input gradient);
+* the optimizer step: weights, gradients, optimizer state and AdamW's foreach temporaries,
+  one trained-parameter-sized tensor in the state dtype.
 
 Activations, per token of a live chunk graph, with ``b = activation_bytes``, ``a = max(b, 4)``
 (the float32-or-wider accumulation dtype), E hidden, H/G query/key-value heads, D head dim,
@@ -28,6 +43,9 @@ and once per token for the head and the chunk's inputs::
     b * (3E + 2D) + a * (V + 2) + 16
     (final norm as above, RoPE cos/sin shared by all layers, log-probabilities of the
     cross-entropy, final rsqrt, loss weight, int64 input id and target)
+
+less the log-probabilities (``a * V``) in a chunk whose logits exceed ``LOGITS_BUDGET``: the
+runtime's fused linear cross-entropy keeps none (:func:`fused_head`).
 
 RoPE saves nothing per layer (the multiplications by cos/sin need only cos/sin), and nothing
 grows with prefix x chunk (the runtime's attention never builds such a tensor).
@@ -51,9 +69,11 @@ last ``F`` all its ``N-K`` recomputed chunks' outputs are alive, and at the ``r`
 those of chunks 0..j-1.
 
 Offload (``offload="state"``): the chain's state lives in host memory and two layers of it on
-the device, the one in use and the one prefetched behind it; at the step's peak (a backward
-starting on a full graph) that is two layers' keys/values and one layer's gradients,
-``2 * G * D * T * (2b + a)``. ``host`` is the whole state (every layer; keys/values with
+the device, the one in use and the one prefetched behind it; at the step's peak, the end of a
+chain's last forward, that is two layers' keys/values, ``2 * G * D * T * 2b``. (A backward
+brings gradient buffers too, but later: the dry run, ``chunkflow plan --dry-run``, of a 7B
+LoRA step on one 1M-token sequence peaks with 4.0 GiB of state on the device, this figure,
+with and without activation checkpointing.) ``host`` is the whole state (every layer; keys/values with
 ``state_extra_rows`` more rows, gradients ``T``), as the CUDA runtime allocates it: pinned, in
 a few pieces (:func:`host_pieces`), each of which torch's caching host allocator rounds up to a
 power of two (:func:`pinned_block_bytes`). ``offload="all"`` moves the kept attention outputs
@@ -77,7 +97,11 @@ Assumptions and known errors (all small against the totals):
 * transient buffers inside one operator (attention scores of a block, backward temporaries) and
   allocator overhead are not counted, as the CPU meter does not count them either;
 * the optimizer state is ``torch.optim.AdamW``'s (moments in the parameter dtype); a
-  mixed-precision optimizer with float32 master weights and moments needs more.
+  mixed-precision optimizer with float32 master weights and moments needs more;
+* LoRA's activations are a full fine-tune's: an adapter saves its input for its own weight
+  gradient where the frozen projection no longer does, plus ``rank`` values per token and
+  adapted projection (not counted, under 0.2% at rank 16); adapters on some projections
+  only keep less (the estimate is an upper bound there).
 """
 
 from __future__ import annotations
@@ -95,7 +119,9 @@ _MODEL_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_a
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes at the step's peak, by part. ``step`` is the runtime meter's peak."""
+    """Bytes of the step by part: the static parts, and the chunk moment where the runtime
+    meter peaks (``step``). ``total`` is the device's peak, which may come at another moment
+    (``peak_at``): before any gradient exists, or at the optimizer step."""
 
     weights: int
     grads: int
@@ -114,6 +140,16 @@ class MemoryEstimate:
     are all on the host after a chain's last forward)."""
     transient: int = 0
     """Activation checkpointing: one layer recomputed in a chunk's backward."""
+    weight_copies: int = 0
+    """bf16 autocast's 16-bit copies of the weights at the step's peak (in ``weights`` on the
+    dry run's breakdown)."""
+    optimizer_transient: int = 0
+    """The optimizer step's temporaries (``torch.optim.AdamW``'s foreach step: one
+    trained-parameter-sized tensor in the state dtype)."""
+    peak_bytes: int = 0
+    """The device's peak over the step's moments (``total``); 0: the sum of the parts."""
+    peak_at: str = "a chunk's backward"
+    """The moment of ``total``."""
 
     @property
     def step(self) -> int:
@@ -123,33 +159,52 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return self.weights + self.grads + self.optimizer_state + self.step + self.transient
+        return self.peak_bytes or (self.weights + self.weight_copies + self.grads
+                                   + self.optimizer_state + self.step + self.transient)
 
     def summary(self) -> str:
         kept = (f" + kept attention {_fmt(self.kept_attention)}" if self.kept_attention else "")
         kept += (f" + recomputed layer {_fmt(self.transient)}" if self.transient else "")
+        copies = (f" (+ {_fmt(self.weight_copies)} bf16 copies)" if self.weight_copies else "")
         host = f"; in host memory {_fmt(self.host)}" if self.host else ""
-        return (f"peak {_fmt(self.total)} = weights {_fmt(self.weights)} + grads "
-                f"{_fmt(self.grads)} + optimizer {_fmt(self.optimizer_state)} + activations "
-                f"{_fmt(self.activations)} ({self.peak_tokens} tokens) + KV state "
-                f"{_fmt(self.kv_state)}{kept}{host}")
+        return (f"peak {_fmt(self.total)} at {self.peak_at}: weights {_fmt(self.weights)}"
+                f"{copies}, grads {_fmt(self.grads)}, optimizer {_fmt(self.optimizer_state)}; "
+                f"the step's most: activations {_fmt(self.activations)} ({self.peak_tokens} "
+                f"tokens) + KV state {_fmt(self.kv_state)}{kept}{host}")
 
 
-def _token_parts(model, activation_bytes: int) -> tuple[int, int]:
-    """Saved-for-backward bytes of one token: (one decoder layer, head and inputs)."""
+LOGITS_BUDGET = 256 * 2**20
+"""Bytes of logits (and as much for their gradient) a chunk's loss may hold at once; above it
+the runtime's head (``chunkflow.runtime.head_loss``) runs a fused linear cross-entropy in row
+blocks, which keeps no log-probabilities."""
+
+
+def fused_head(num_tokens: int, vocab_size: int, activation_bytes: int) -> bool:
+    """Whether a chunk of ``num_tokens`` takes the fused linear cross-entropy: its float32 (or
+    wider) logits over ``vocab_size`` would exceed :data:`LOGITS_BUDGET`."""
+    return num_tokens * vocab_size * max(activation_bytes, 4) > LOGITS_BUDGET
+
+
+def _token_parts(model, activation_bytes: int, num_tokens: int | None = None) -> tuple[int, int]:
+    """Saved-for-backward bytes of one token: (one decoder layer, head and inputs). The head
+    keeps no log-probabilities in a chunk of ``num_tokens`` that takes the fused head."""
     b, a = activation_bytes, max(activation_bytes, 4)
     e, i, d = model.hidden_size, model.intermediate_size, model.head_dim
     h, g = model.num_attention_heads, model.num_key_value_heads
     per_layer = b * (6 * e + 3 * h * d + 2 * g * d + 4 * i) + a * (h + 2)
-    head = b * (3 * e + 2 * d) + a * (model.vocab_size + 2) + 16
+    fused = num_tokens is not None and fused_head(num_tokens, model.vocab_size, b)
+    head = b * (3 * e + 2 * d) + a * ((0 if fused else model.vocab_size) + 2) + 16
     return per_layer, head
 
 
 def activation_bytes_per_token(model, *, activation_bytes: int,
-                               activation_checkpointing: bool = False) -> int:
+                               activation_checkpointing: bool = False,
+                               num_tokens: int | None = None) -> int:
     """Saved-for-backward bytes of one token of a chunk graph: all layers plus the head;
-    with ``activation_checkpointing`` each layer keeps its input only."""
-    per_layer, head = _token_parts(model, activation_bytes)
+    with ``activation_checkpointing`` each layer keeps its input only. ``num_tokens``: the
+    chunk's, whose size decides the head's path (:func:`fused_head`); ``None``: the plain
+    path, with log-probabilities."""
+    per_layer, head = _token_parts(model, activation_bytes, num_tokens)
     if activation_checkpointing:
         per_layer = activation_bytes * model.hidden_size
     return model.num_hidden_layers * per_layer + head
@@ -268,15 +323,18 @@ def estimate_peak_memory(model, plan: ChunkPlan, *, k: int, param_bytes: int = 4
                          optimizer: str = "adamw", recompute: str = "full",
                          offload: str = "none",
                          activation_checkpointing: bool = False,
-                         state_extra_rows: int = 0) -> MemoryEstimate:
+                         state_extra_rows: int = 0,
+                         trainable_params: int | None = None) -> MemoryEstimate:
     """Peak memory of one step of ``plan`` with ``k`` retained chunk graphs (see module docstring).
 
     ``param_bytes``: bytes per parameter (and gradient) element; ``activation_bytes``: bytes per
-    activation element, default ``param_bytes``; ``optimizer``: a key of ``OPTIMIZER_STATES``;
-    ``recompute``/``offload``/``activation_checkpointing``: the engine's options of the same
-    names. ``state_extra_rows``: key/value rows a chain state holds past its prefix, the
-    attention kernel's ``state_capacity`` less the prefix (``chunk_size`` for the CUDA varlen
-    kernel, 0 for the others); priced in ``host`` only.
+    activation element, default ``param_bytes`` (fewer: bf16 autocast); ``optimizer``: a key of
+    ``OPTIMIZER_STATES``; ``recompute``/``offload``/``activation_checkpointing``: the engine's
+    options of the same names. ``state_extra_rows``: key/value rows a chain state holds past its
+    prefix, the attention kernel's ``state_capacity`` less the prefix (``chunk_size`` for the
+    CUDA varlen kernel, 0 for the others); priced in ``host`` only. ``trainable_params``: LoRA's
+    trained parameters (adapters, in float32 or wider, on top of ``model.num_params`` frozen
+    ones); ``None``: every parameter trains.
     """
     k = check_positive_int("k", k)
     if recompute not in RECOMPUTE_MODES:
@@ -295,30 +353,39 @@ def estimate_peak_memory(model, plan: ChunkPlan, *, k: int, param_bytes: int = 4
     if not isinstance(plan, ChunkPlan):
         raise ValueError(f"plan must be a ChunkPlan from build_chunks, got {type(plan).__name__}")
 
-    # Candidate moments of the step: (tokens of live graphs, positions of live KV state, the
-    # chunks whose attention outputs are kept for a selective recompute, by token count).
+    # Candidate moments of the step: (tokens of each live graph, positions of live KV state,
+    # the chunks whose attention outputs are kept for a selective recompute, by token count,
+    # whether a backward ran before it). The first chunk of the plan (a chain: its last
+    # forward) runs before any backward, so before any gradient exists.
     selective = recompute == "selective"
-    moments = [(c.num_tokens, 0, ()) for c in plan.chunks if c.chain_id is None]
+    first = plan.chunks[0] if plan.chunks else None
+    moments = [((c.num_tokens,), 0, (), c is not first) for c in plan.chunks
+               if c.chain_id is None]
     for chain in plan.chains:
         tokens = [plan.chunks[i].num_tokens for i in chain.chunk_ids]
         state = plan.chunks[chain.chunk_ids[-1]].segments[0].start  # before the last chunk
         num_kept = min(k, len(tokens))
         recomputed = tuple(tokens[:-num_kept])
-        moments.append((sum(tokens[-num_kept:]), state,
-                        recomputed if selective else ()))  # after the last F
+        kept = tuple(tokens[-num_kept:])
+        moments.append((kept, state, recomputed if selective else (),
+                        first.chain_id != chain.chain_id))  # after the last F
+        for i in range(num_kept - 1, 0, -1):  # each later B of a kept chunk: gradients exist
+            moments.append((kept[:i], state, recomputed if selective else (), True))
         for j, n in enumerate(recomputed):  # each R j: one graph, the outputs of 0..j-1
-            moments.append((n, state, recomputed[:j] if selective else ()))
+            moments.append(((n,), state, recomputed[:j] if selective else (), True))
 
-    per_token = activation_bytes_per_token(model, activation_bytes=activation_bytes,
-                                           activation_checkpointing=activation_checkpointing)
+    def graph_bytes(num_tokens: int) -> int:
+        return num_tokens * activation_bytes_per_token(
+            model, activation_bytes=activation_bytes,
+            activation_checkpointing=activation_checkpointing, num_tokens=num_tokens)
+
     transient = (_token_parts(model, activation_bytes)[0] * max(c.num_tokens for c in plan.chunks)
                  if activation_checkpointing else 0)
     kept_per_token = kept_attention_bytes_per_token(model, activation_bytes=activation_bytes)
     layers = model.num_hidden_layers
     b, a = activation_bytes, max(activation_bytes, 4)
-    # offloaded: 2 layers of keys/values and 1 of gradients on the device (module docstring)
-    state_share = ((min(2, layers) * b + a) / (layers * (b + a)) if offload != "none"
-                   else 1.0)
+    # offloaded: 2 layers of keys/values on the device (module docstring)
+    state_share = min(2, layers) * b / (layers * (b + a)) if offload != "none" else 1.0
 
     def parts(m) -> tuple[int, int, int, int]:
         """(activations, device state, device kept outputs, host) of a moment."""
@@ -332,22 +399,57 @@ def estimate_peak_memory(model, plan: ChunkPlan, *, k: int, param_bytes: int = 4
             host += sum(kept_attention_host_bytes(model, n, activation_bytes=activation_bytes)
                         for n in m[2])
             kept = 0
-        return m[0] * per_token, on_device, kept, host
+        return sum(graph_bytes(n) for n in m[0]), on_device, kept, host
 
     peak = max(moments, key=lambda m: sum(parts(m)[:3]))
     activations, kv_state, kept, _ = parts(peak)
     host = max(parts(m)[3] for m in moments)
+
+    # Static parts. LoRA: frozen weights in the parameter dtype, adapters (and their gradients
+    # and optimizer state) in float32 or wider, as peft keeps them.
     num_params = model.num_params
+    lora = trainable_params is not None
+    trained_bytes = max(param_bytes, 4) if lora else param_bytes
+    trained = trainable_params if lora else num_params
+    weights = num_params * param_bytes + (trained * trained_bytes if lora else 0)
+    grads = trained * trained_bytes
+    optimizer_state = trained * OPTIMIZER_STATES[optimizer] * trained_bytes
+    optimizer_transient = trained * trained_bytes if OPTIMIZER_STATES[optimizer] else 0
+    # bf16 autocast casts every matmul's weight (the head's, not the embedding lookup's):
+    # trained weights once per step (autocast caches the casts of leaves that need a
+    # gradient), frozen ones at every use, each kept by the graph that saved it.
+    cast = 0
+    if activation_bytes < param_bytes:
+        embedding = 0 if getattr(model, "tie_word_embeddings", False) else (
+            model.vocab_size * model.hidden_size)
+        cast = (num_params - embedding) * activation_bytes
+
+    def device(m) -> int:
+        """The device's bytes at a moment: static parts, its step parts and transient."""
+        copies = cast * (len(m[0]) if lora else 1)
+        return (weights + copies + (grads if m[3] else 0) + optimizer_state
+                + sum(parts(m)[:3]) + transient)
+
+    at = max(moments, key=device)
+    peak_bytes, peak_at = device(at), ("a chunk's backward" if at[3] else
+                                       "the first chunk's backward, before any gradient exists")
+    at_optimizer = weights + grads + optimizer_state + optimizer_transient
+    if at_optimizer > peak_bytes:
+        peak_bytes, peak_at = at_optimizer, "the optimizer step"
     return MemoryEstimate(
-        weights=num_params * param_bytes,
-        grads=num_params * param_bytes,
-        optimizer_state=num_params * OPTIMIZER_STATES[optimizer] * param_bytes,
+        weights=weights,
+        grads=grads,
+        optimizer_state=optimizer_state,
         activations=activations,
         kv_state=kv_state,
-        peak_tokens=peak[0],
+        peak_tokens=sum(peak[0]),
         kept_attention=kept,
         host=host,
         transient=transient,
+        weight_copies=cast * (len(at[0]) if lora else 1),
+        optimizer_transient=optimizer_transient,
+        peak_bytes=peak_bytes,
+        peak_at=peak_at,
     )
 
 

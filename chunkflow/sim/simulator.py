@@ -8,7 +8,9 @@ lasts ``duration(stage, action)`` seconds (from a cost model, or tokens for the 
 Memory per stage, when ``graph_bytes``/``state_bytes`` are given: a chunk's graph is held from its
 ``F``/``R`` until its ``B`` ends; its key/value state from its ``F``/``S`` until its ``B`` ends
 (later chunks of the chain read it until then); with ``kept_bytes``, what a selective ``s``
-keeps (attention outputs) from the ``s`` until its ``r``, where it becomes part of the graph.
+keeps (attention outputs) from the ``s`` until its ``r``, where it becomes part of the graph;
+with ``grad_bytes``, the stage's parameter gradients from the end of its first ``B`` on (a
+runtime that allocates them as its first backward produces them, as torch's ``.grad`` is).
 The peak is taken over action boundaries.
 
 bubble ratio = 1 - (sum of busy time over stages) / (stages x makespan).
@@ -49,7 +51,8 @@ class SimResult:
 def simulate(stages: Stages, *, duration: Callable[[int, Action], float], p2p: float = 0,
              graph_bytes: Callable[[int, int], float] | None = None,
              state_bytes: Callable[[int, int], float] | None = None,
-             kept_bytes: Callable[[int, int], float] | None = None) -> SimResult:
+             kept_bytes: Callable[[int, int], float] | None = None,
+             grad_bytes: Callable[[int], float] | None = None) -> SimResult:
     """Simulate ``stages``; raises ``ScheduleError`` (with the grid) if the lists deadlock."""
     times = run_pipeline(stages, duration=duration, p2p=p2p)
     events = [Event(s, a, start, end) for s, acts in enumerate(stages)
@@ -57,17 +60,18 @@ def simulate(stages: Stages, *, duration: Callable[[int, Action], float], p2p: f
     makespan = max((e.end for e in events), default=0)
     busy = [sum(end - start for start, end in t) for t in times]
     bubble = 1 - sum(busy) / (len(stages) * makespan) if makespan > 0 else 0.0
-    peaks = [_peak_memory(s, acts, graph_bytes, state_bytes, kept_bytes)
+    peaks = [_peak_memory(s, acts, graph_bytes, state_bytes, kept_bytes, grad_bytes)
              for s, acts in enumerate(stages)]
     return SimResult(makespan=makespan, busy=busy, bubble_ratio=bubble, peak_memory=peaks,
                      events=events)
 
 
 def _peak_memory(stage: int, acts: list[Action], graph_bytes, state_bytes,
-                 kept_bytes=None) -> float:
+                 kept_bytes=None, grad_bytes=None) -> float:
     graph = (lambda c: graph_bytes(stage, c)) if graph_bytes else (lambda c: 0.0)
     state = (lambda c: state_bytes(stage, c)) if state_bytes else (lambda c: 0.0)
     kept = (lambda c: kept_bytes(stage, c)) if kept_bytes else (lambda c: 0.0)
+    grads = grad_bytes(stage) if grad_bytes else 0.0
     current = peak = 0.0
     for a in acts:
         if a.selective:  # kept by s, handed to the graph by r
@@ -78,7 +82,8 @@ def _peak_memory(stage: int, acts: list[Action], graph_bytes, state_bytes,
             current += graph(a.chunk_id)
         peak = max(peak, current)  # held through the action, a backward included
         if a.kind is ActionKind.BACKWARD:
-            current -= graph(a.chunk_id) + state(a.chunk_id)
+            current -= graph(a.chunk_id) + state(a.chunk_id) - grads
+            grads = 0.0  # allocated once, by the first backward
     return peak
 
 

@@ -12,7 +12,9 @@ plus the static memory, the largest over stages and replicas.
   transient is added to the stage's peak (an upper bound: as if it coincided with the peak).
 * chunkflow: sequences are balanced over replicas (longest serial time first, to the least
   loaded replica), each replica's share is chunked with ``build_chunks`` and run with
-  state-aware 1F1B; a chunk's KV state is held from its forward until its backward.
+  state-aware 1F1B; a chunk's KV state is held from its forward until its backward; the
+  gradients exist from a stage's first backward on; the optimizer step (static memory and
+  AdamW's temporaries) may be a stage's peak.
 
 :func:`autotune` searches chunk size, K and the <TP, PP, DP> layouts of a GPU count for the
 fastest predicted iteration within a memory budget.
@@ -52,8 +54,11 @@ class Prediction:
 
 
 def _simulate(cost: CostModel, stages, items: dict[int, tuple[list[int], int]],
-              state_tokens: dict[int, int] | None = None):
-    """Simulate ``stages`` whose chunk ids map to (segment lengths, prefix) in ``items``."""
+              state_tokens: dict[int, int] | None = None, *, chunkflow: bool = False):
+    """Simulate ``stages`` whose chunk ids map to (segment lengths, prefix) in ``items``.
+    ``chunkflow``: chunkflow's runtime, whose gradients exist from the first backward on (not
+    from the start: Megatron's gradient buffer), whose head keeps no log-probabilities where
+    it fuses the cross-entropy, and whose optimizer step may peak."""
 
     fwd, bwd, sel = {}, {}, {}
     for s in range(cost.pp):
@@ -70,18 +75,26 @@ def _simulate(cost: CostModel, stages, items: dict[int, tuple[list[int], int]],
             return sel[s, a.chunk_id]
         return fwd[s, a.chunk_id]
 
-    per_token = [cost.activation_bytes_per_token(s) for s in range(cost.pp)]
     tokens = {cid: sum(lens) for cid, (lens, _) in items.items()}
+    # megatron's micro-batches keep their log-probabilities; chunkflow's head fuses large ones
+    per_token = {(s, n): cost.activation_bytes_per_token(s, n if chunkflow else None)
+                 for s in range(cost.pp) for n in set(tokens.values())}
     state_tokens = state_tokens or {}
     result = simulate(
         stages, duration=duration,
         p2p=cost.p2p_seconds(sum(tokens.values()) / len(tokens)),
-        graph_bytes=lambda s, c: tokens[c] * per_token[s],
+        graph_bytes=lambda s, c: tokens[c] * per_token[s, tokens[c]],
         state_bytes=lambda s, c: (cost.kv_state_bytes(state_tokens[c], s)
                                   if c in state_tokens else 0.0),
-        kept_bytes=lambda s, c: cost.kept_attention_bytes(tokens[c], s))
+        kept_bytes=lambda s, c: cost.kept_attention_bytes(tokens[c], s),
+        grad_bytes=cost.grad_bytes if chunkflow else None)
     transient = [cost.backward_transient_bytes(max(tokens.values()), s) for s in range(cost.pp)]
-    peaks = [cost.static_bytes(s) + result.peak_memory[s] + transient[s] for s in range(cost.pp)]
+    static = [cost.static_bytes(s) - (cost.grad_bytes(s) if chunkflow else 0)
+              for s in range(cost.pp)]
+    peaks = [static[s] + result.peak_memory[s] + transient[s] for s in range(cost.pp)]
+    if chunkflow:  # chunkflow: the optimizer step's temporaries may peak higher
+        peaks = [max(peak, cost.static_bytes(s) + cost.optimizer_step_bytes(s))
+                 for s, peak in enumerate(peaks)]
     return result, peaks
 
 
@@ -132,10 +145,14 @@ def plan_items(plan: ChunkPlan) -> tuple[dict[int, tuple[list[int], int]], dict[
 def predict_chunkflow(cost: CostModel, seq_lens: Sequence[int], *, chunk_size: int, k: int,
                       recompute: str = "full") -> Prediction:
     """chunkflow: chunks of ``chunk_size``, state-aware 1F1B keeping ``k`` graphs per chain;
-    ``recompute``: how the other chunks are recomputed ("full" or "selective")."""
-    if cost.recompute != "none":
-        raise ValueError(f"recompute={cost.recompute!r}: chunkflow recomputes through its "
-                         f"S/R actions (k), run its cost model with recompute='none'")
+    ``recompute``: how the other chunks are recomputed ("full" or "selective"). The cost
+    model's ``recompute="full"`` (each layer keeps its input, one is recomputed in backward)
+    is chunkflow's ``--chunking.activation_checkpointing``."""
+    if cost.recompute == "selective":
+        raise ValueError("recompute='selective' (Megatron's core-attention recompute): chunkflow "
+                         "recomputes through its S/R actions (k) and, with "
+                         "--chunking.activation_checkpointing, whole layers: run its cost "
+                         "model with recompute='none' or 'full'")
     runs, num_chunks = [], 0
     for share in split_sequences(cost, seq_lens):
         if not share:
@@ -143,7 +160,7 @@ def predict_chunkflow(cost: CostModel, seq_lens: Sequence[int], *, chunk_size: i
         plan = build_chunks(share, chunk_size=chunk_size)
         items, state = plan_items(plan)
         runs.append(_simulate(cost, state_aware_1f1b(plan, cost.pp, k=k, recompute=recompute),
-                              items, state))
+                              items, state, chunkflow=True))
         num_chunks += plan.num_chunks
     return _combine(cost, runs, num_chunks)
 

@@ -67,14 +67,9 @@ def choose_chunking(cfg: TrainConfig, dataset, device: torch.device, *, activati
     from chunkflow.plan.auto import choose_settings, format_choices
     from chunkflow.plan.memory import state_extra_rows
     from chunkflow.train.batching import global_batches
-    from chunkflow.train.build import model_shape
+    from chunkflow.train.build import model_shape, trainable_params
     from chunkflow.train.data import DataPosition, DataStats, FileDataset
 
-    if cfg.lora.rank:
-        raise ValueError("--chunking.auto=true with --lora.rank: the memory model prices full "
-                         "fine-tuning (gradients and AdamW state for every parameter) and "
-                         "would refuse or under-use the device; valid: set --chunking.* "
-                         "yourself (chunkflow plan shows their peak)")
     budget, source = memory_budget(cfg, device)
     batches = [[len(ex) for ex in batch] for batch, _, _ in itertools.islice(
         global_batches(dataset, cfg.data, DataPosition(), DataStats()), SAMPLE_BATCHES)]
@@ -91,6 +86,7 @@ def choose_chunking(cfg: TrainConfig, dataset, device: torch.device, *, activati
                                   profile=device_profile(device), param_bytes=param_bytes,
                                   activation_bytes=activation_bytes, max_length=max_length,
                                   offload=device.type == "cuda",
+                                  trainable_params=trainable_params(cfg),
                                   pack_chain_tails=cfg.chunking.pack_chain_tails,
                                   varlen_state=bool(state_extra_rows(
                                       cfg.chunking.attention_backend, device.type,

@@ -95,3 +95,16 @@ def model_shape(config: TrainConfig):
         raise ValueError(f"--model.path={config.model.path!r}: config.json is not a "
                          f"transformers model config ({type(e).__name__}: {e})") from None
     return shape_of(hf.get_text_config())
+
+
+def trainable_params(config: TrainConfig) -> int | None:
+    """LoRA's trained parameters (its adapters and ``modules_to_save``), counted on the model
+    built on the meta device (no weights read), for the memory model's
+    ``trainable_params``; ``None`` without LoRA (every parameter trains)."""
+    if config.lora.rank == 0:
+        return None
+    _check_lora(config)
+    from chunkflow.dryrun.run import meta_model
+
+    params = {id(p): p for p in meta_model(config).parameters() if p.requires_grad}
+    return sum(p.numel() for p in params.values())

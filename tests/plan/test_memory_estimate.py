@@ -116,8 +116,12 @@ def test_static_parts_closed_form():
     assert (bf16.weights, bf16.grads, bf16.optimizer_state) == (2_000_000, 2_000_000, 4_000_000)
     sgd = estimate_peak_memory(model, plan, k=1, optimizer="sgd")
     assert sgd.optimizer_state == 0
-    assert est.total == (est.weights + est.grads + est.optimizer_state + est.activations
-                         + est.kv_state)
+    # one 10-token chunk, whose activations weigh less than the gradients: the device peaks
+    # at the optimizer step, AdamW's with its foreach temporaries (one parameter-sized
+    # tensor), SGD's with none
+    assert est.optimizer_transient == 4_000_000 and est.peak_at == "the optimizer step"
+    assert est.total == est.weights + est.grads + est.optimizer_state + 4_000_000
+    assert sgd.optimizer_transient == 0 and sgd.total == sgd.weights + sgd.grads
     # Activations default to the parameter width; overriding them leaves the static parts alone.
     half = estimate_peak_memory(model, plan, k=1, activation_bytes=2)
     assert half.weights == est.weights and half.activations < est.activations
@@ -210,8 +214,8 @@ def test_recompute_and_offload_estimates_match_cpu_meter(recompute, offload, che
     assert (est.kept_attention > 0) == (recompute == "selective" and offload != "all")
     assert (est.host > 0) == (offload != "none")
     if offload != "none":
-        # two of four layers' keys/values and one layer's gradients (all float32 here)
-        assert est.kv_state * 8 == full.kv_state * 3
+        # two of four layers' keys/values, no gradients: a quarter of the state (all float32)
+        assert est.kv_state * 4 == full.kv_state
         assert est.total < full.total + est.kept_attention + est.transient
     # the layer a checkpointed backward recomputes: one layer of the largest (64-token) chunk
     per_layer = (activation_bytes_per_token(config, activation_bytes=4)
@@ -325,3 +329,54 @@ def test_host_pieces_waste_less_than_a_buffer_each():
                 assert pinned_block_bytes(nbytes) - nbytes < bufs[first]
         assert len(pieces) <= len(bufs).bit_length() + 1
     assert [pinned_block_bytes(n) for n in (1, 2, 3, 4096, 4097)] == [1, 2, 4, 4096, 8192]
+
+
+def _shape(num_params: int, **fields):
+    base = {f: getattr(GQA, f) for f in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                         "num_attention_heads", "num_key_value_heads",
+                                         "head_dim", "vocab_size")}
+    return SimpleNamespace(**{**base, **fields}, num_params=num_params)
+
+
+def test_gradients_exist_from_the_first_backward_on():
+    """A plan's first chunk runs before any gradient exists; every later moment holds them."""
+    model = _shape(10_000)  # small static parts: the chunk moments set the peak
+    per_token = activation_bytes_per_token(model, activation_bytes=4)
+    static = 4 * 10_000 * (1 + 2)  # weights, AdamW's two moments
+    alone = estimate_peak_memory(model, build_chunks([64], chunk_size=64), k=1)
+    assert "before any gradient" in alone.peak_at
+    assert alone.total == static + 64 * per_token
+    # a second, smaller chunk after it: the first still peaks when its activations outweigh
+    # the second's plus the gradients
+    grads = 4 * 10_000
+    two = estimate_peak_memory(model, build_chunks([64, 10], chunk_size=64), k=1)
+    assert two.total == static + max(64 * per_token, 10 * per_token + grads)
+    # a chain's recompute moments come after its kept chunks' backward: gradients included
+    chain = estimate_peak_memory(model, build_chunks([192], chunk_size=64), k=1)
+    state = kv_state_bytes(model, 128, activation_bytes=4)
+    assert chain.peak_at == "a chunk's backward"
+    assert chain.total == static + grads + 64 * per_token + state
+
+
+def test_lora_trains_adapters_only_and_keeps_frozen_weight_casts_per_graph():
+    """LoRA: frozen weights in their dtype; adapters, their gradients and AdamW state in
+    float32. Under bf16 autocast every live graph keeps its own 16-bit cast of the frozen
+    matmul weights; a full fine-tune's trained weights are cast once per step."""
+    model = _shape(1_000_000, vocab_size=1000, hidden_size=100)  # an untied 100K embedding
+    plan = build_chunks([4096], chunk_size=1024)  # a 4-chunk chain
+    full = estimate_peak_memory(model, plan, k=2, param_bytes=4, activation_bytes=2)
+    lora = estimate_peak_memory(model, plan, k=2, param_bytes=4, activation_bytes=2,
+                                trainable_params=5_000)
+    assert (lora.weights, lora.grads, lora.optimizer_state) == (
+        4_000_000 + 20_000, 20_000, 40_000)
+    assert lora.activations == full.activations and lora.kv_state == full.kv_state
+    cast = 2 * (1_000_000 - 100_000)  # all but the embedding lookup's weight
+    assert full.weight_copies == cast  # the step's peak: the 2 kept graphs, one cached copy
+    assert lora.weight_copies == 2 * cast  # each kept graph its own
+    assert "before any gradient" in lora.peak_at  # the chain's kept chunks, run first
+    assert lora.total == lora.weights + lora.weight_copies + lora.optimizer_state + lora.step
+    bf16 = estimate_peak_memory(model, plan, k=2, param_bytes=2, trainable_params=5_000)
+    assert bf16.weight_copies == 0 and bf16.weights == 2_000_000 + 20_000  # no casts
+    tied = estimate_peak_memory(_shape(1_000_000, tie_word_embeddings=True), plan, k=1,
+                                param_bytes=4, activation_bytes=2)
+    assert tied.weight_copies == 2 * 1_000_000  # the head multiplies by the embedding

@@ -2,6 +2,7 @@
 
 import dataclasses
 import random
+from types import SimpleNamespace
 
 import pytest
 
@@ -67,17 +68,52 @@ def test_megatron_pipeline_of_equal_micro_batches_has_1f1b_bubbles():
 
 
 def test_chunkflow_memory_on_one_gpu_matches_the_step_estimate():
+    """The simulator's peak is the step estimate's: the same moments, gradients from the first
+    backward on (a k=2 chain's kept chunks run first and peak without them)."""
     cost = CostModel(SHAPE, H100)
-    for lens, k in [([20000], 1), ([20000], 2), ([9000, 3000, 500], 1)]:
-        plan = build_chunks(lens, chunk_size=4096)
-        pred = predict_chunkflow(cost, lens, chunk_size=4096, k=k)
-        est = estimate_peak_memory(SHAPE, plan, k=k, param_bytes=2)
-        assert pred.peak_memory_bytes - cost.static_bytes(0) == est.activations + est.kv_state
+    grads = cost.grad_bytes(0)
+    # the step estimate with float32-sized gradients only (bf16 "parameters" of half the
+    # count, SGD): its peak less its weights is the moments' step parts, with gradients
+    # where they exist
+    grads_only = SimpleNamespace(**dataclasses.asdict(SHAPE), num_params=int(grads) // 2)
+    peaks_at = set()
+    for lens, k, size in [([20000], 1, 4096), ([20000], 2, 4096), ([9000, 3000, 500], 1, 4096),
+                          ([16384], 4, 4096), ([16384], 2, 8192)]:
+        plan = build_chunks(lens, chunk_size=size)
+        pred = predict_chunkflow(cost, lens, chunk_size=size, k=k)
+        est = estimate_peak_memory(grads_only, plan, k=k, param_bytes=2, optimizer="sgd")
+        assert est.grads == grads
+        chunks = cost.static_bytes(0) - grads + est.total - est.weights
+        optimizer_step = cost.static_bytes(0) + cost.optimizer_step_bytes(0)
+        assert optimizer_step == cost.static_bytes(0) + grads  # AdamW's temporaries, unsharded
+        assert pred.peak_memory_bytes == max(chunks, optimizer_step)
+        peaks_at.add(est.peak_at)
+    assert len(peaks_at) == 2  # both kinds of chunk moment were the chunks' peak
 
 
-def test_chunkflow_rejects_layer_recompute():
-    with pytest.raises(ValueError, match="recompute"):
-        predict_chunkflow(CostModel(SHAPE, H100, recompute="full"), [10], chunk_size=8, k=1)
+def test_chunkflow_rejects_core_attention_recompute():
+    with pytest.raises(ValueError, match="recompute='selective'"):
+        predict_chunkflow(CostModel(SHAPE, H100, recompute="selective"), [10], chunk_size=8,
+                          k=1)
+
+
+def test_chunkflow_layer_recompute_is_activation_checkpointing():
+    """The cost model's full layer recompute prices chunkflow's activation checkpointing as the
+    step estimate does: each layer's input kept, one layer recomputed in a backward."""
+    cost = CostModel(SHAPE, H100, recompute="full", distributed_optimizer=False)
+    grads = cost.grad_bytes(0)
+    grads_only = SimpleNamespace(**dataclasses.asdict(SHAPE), num_params=int(grads) // 2)
+    peaks = []
+    for lens, k, size in [([20000], 1, 4096), ([262144], 2, 16384)]:
+        pred = predict_chunkflow(cost, lens, chunk_size=size, k=k)
+        est = estimate_peak_memory(grads_only, build_chunks(lens, chunk_size=size), k=k,
+                                   param_bytes=2, optimizer="sgd",
+                                   activation_checkpointing=True)
+        chunks = cost.static_bytes(0) - grads + est.total - est.weights
+        assert est.transient > 0
+        assert pred.peak_memory_bytes == max(chunks, cost.static_bytes(0) + grads)
+        peaks.append(pred.peak_memory_bytes == chunks)
+    assert peaks == [False, True]  # the 256K chain's state outweighs the optimizer step's
 
 
 def test_sequences_are_balanced_over_replicas():

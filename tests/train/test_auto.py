@@ -39,13 +39,46 @@ def test_auto_on_cpu_needs_a_budget_and_one_that_fits(tmp_path, capsys):
     assert main(["train", *args(tmp_path / "c", **{"chunking.auto": "true",
                                                    "chunking.memory_budget": "lots"})]) == 2
     assert "--chunking.memory_budget='lots': cannot read size" in capsys.readouterr().err
-    from chunkflow.train.auto import choose_chunking
-    from tests.train.test_trainer import config
 
-    lora = config(tmp_path / "e", **{"chunking.auto": "true", "lora.rank": "4",
-                                     "chunking.memory_budget": "1GiB"})
-    with pytest.raises(ValueError, match="the memory model prices full fine-tuning"):
-        choose_chunking(lora, None, torch.device("cpu"), activation_bytes=4)
+
+def test_lora_is_priced_by_its_trained_parameters(tmp_path):
+    """--chunking.auto with LoRA: the frozen weights take no gradients or AdamW state, so a
+    budget that no full fine-tune of the model fits still gets settings."""
+    from chunkflow.train.auto import choose_chunking
+    from chunkflow.train.build import build_tokenizer, model_shape, trainable_params
+    from chunkflow.train.config import load_config
+    from chunkflow.train.data import build_dataset
+    from tests.train.test_resume import chat_job
+    from tests.train.test_trainer_hf import model_dir
+
+    pytest.importorskip("peft")
+    model, data = model_dir(tmp_path, tied=True), chat_job(tmp_path)
+
+    def cfg(rank: int, budget: int):
+        return load_config(None, {"model.path": model, "data.path": str(data),
+                                  "lora.rank": str(rank), "chunking.auto": "true",
+                                  "chunking.memory_budget": str(budget),
+                                  "train.output_dir": str(tmp_path / "run")})
+
+    lora = cfg(4, 1)
+    trained = trainable_params(lora)
+    shape = model_shape(lora)
+    assert 0 < trained < shape.num_params
+    dataset = build_dataset(lora.data, vocab_size=shape.vocab_size, seed=0,
+                            tokenizer=build_tokenizer(lora), model_path=model)
+    # the smallest budget each fits, in steps of an eighth: LoRA's is lower
+    fits = {}
+    for rank in (0, 4):
+        for budget in (2**16 * 9**i // 8**i for i in range(200)):
+            try:
+                choose_chunking(cfg(rank, budget), dataset, torch.device("cpu"),
+                                activation_bytes=4, confirm=False)
+            except ValueError as e:
+                assert "no chunk settings fit" in str(e)
+                continue
+            fits[rank] = budget
+            break
+    assert fits[4] < fits[0]
 
 
 def test_offload_on_cpu_warns_that_it_saves_nothing(tmp_path, capsys):
