@@ -5,7 +5,9 @@
 Exit status: 0 done; 2 a user error (``chunkflow: error: ...``: a bad option, file or record,
 named); 1 training stopped (a diverged loss, too many empty batches); 3 a checkpoint did not fit
 on the disk (one line with the directory and the bytes needed; older checkpoints are intact);
-130 interrupted (Ctrl-C, after saving a checkpoint).
+128 + the signal's number when a signal stopped the run after saving a checkpoint: 130 Ctrl-C
+(SIGINT), 143 SIGTERM, 138 SIGUSR1 (a second signal during a step aborts without saving:
+130).
 
 chunkflow never downloads anything: Hugging Face libraries run offline (``HF_HUB_OFFLINE=1``
 unless set otherwise), and model and tokenizer paths must be local directories.
@@ -24,12 +26,13 @@ EXIT_USER_ERROR, EXIT_STOPPED, EXIT_DISK_FULL, EXIT_INTERRUPTED = 2, 1, 3, 130
 
 def _train(args: argparse.Namespace, unknown: list[str]) -> int:
     from chunkflow.train.arguments import config_from_args
+    from chunkflow.train.process import exit_code
     from chunkflow.train.trainer import train
 
     # Under torchrun every rank parses the same arguments; rank 0 speaks for them.
     log = print if os.environ.get("RANK", "0") == "0" else None
     summary = train(config_from_args(args, unknown, log=log))
-    return EXIT_INTERRUPTED if summary.interrupted else 0
+    return exit_code(summary.stop_signal) if summary.interrupted else 0
 
 
 def _plan(args: argparse.Namespace, unknown: list[str]) -> int:

@@ -30,7 +30,7 @@ def resume_base(overrides: dict[str, Any]) -> tuple[TrainConfig | None, str | No
     and checkpoint options are this run's). So the README's ``chunkflow train
     --train.output_dir=RUN --resume`` continues the run as it was configured, and any option
     given on the command line changes it (and is checked like any other resumed setting)."""
-    resume = str(overrides.get("checkpoint.resume", "false")).lower() in _TRUE
+    resume = str(overrides.get("checkpoint.resume", "false")).lower() in (*_TRUE, "auto")
     output_dir, resume_from = (overrides.get("train.output_dir"),
                                overrides.get("checkpoint.resume_from"))
     if resume and output_dir is not None and resume_from is None:
@@ -59,8 +59,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, resume: bool = True
     grouped by section."""
     parser.add_argument("--config", metavar="FILE.toml", help="TOML file with [section] tables")
     if resume:
-        parser.add_argument("--resume", action="store_true",
-                            help="continue from the newest checkpoint in --train.output_dir")
+        parser.add_argument("--resume", nargs="?", const="true", default=None,
+                            metavar="auto",
+                            help="continue from the newest checkpoint in --train.output_dir; "
+                                 "--resume=auto: if it holds one, else start the run")
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(f"[{section}]")
         for f in dataclasses.fields(cls):
@@ -85,8 +87,8 @@ def config_from_args(args: argparse.Namespace, unknown: list[str], *,
         raise ValueError(f"unknown option {arg!r}{suggest(name, FIELDS)}"
                          if arg.startswith("--") else f"unexpected argument {arg!r}")
     overrides = {name: value for name, value in vars(args).items() if name in FIELDS}
-    if getattr(args, "resume", False):
-        overrides["checkpoint.resume"] = "true"
+    if getattr(args, "resume", None) is not None:
+        overrides["checkpoint.resume"] = args.resume
     base = None
     if args.config is None:
         base, source = resume_base(overrides)

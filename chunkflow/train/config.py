@@ -122,7 +122,8 @@ class DataSection:
     overlong: Literal["truncate", "drop"] = _f("truncate", "What happens to sequences longer "
                                                "than max_length (counted and reported).")
     role_map: str | None = _f(None, "Rename chat roles before rendering, comma-separated "
-                                    "from=to pairs (ShareGPT: 'human=user,gpt=assistant'). "
+                                    "from=to pairs (e.g. 'bot=assistant'; ShareGPT's human "
+                                    "and gpt are read as user and assistant without it). "
                                     "Roles must end up in system, user, assistant, tool.")
     shuffle_buffer: int = _f(1000, "Records in the streaming shuffle buffer; 0 = file order.")
     skip_invalid: bool = _f(False, "Skip malformed records (counted and reported) instead of "
@@ -218,8 +219,10 @@ class CheckpointSection:
     interval: int = _f(50, "Save a checkpoint every N steps (and always at the end); 0 = only "
                            "at the end.")
     keep_last: int = _f(3, "Checkpoints kept; older ones are deleted after a new one is saved.")
-    resume: bool = _f(False, "Continue from the newest checkpoint in train.output_dir "
-                             "(same as --resume).")
+    resume: bool | Literal["auto"] = _f(
+        False, "Continue from the newest checkpoint in train.output_dir (same as --resume); "
+               "auto: continue if it holds one, else start (same as --resume=auto: one "
+               "command for a job that may be requeued).")
     resume_from: str | None = _f(None, "Continue from this checkpoint directory.")
 
 
@@ -396,6 +399,15 @@ def suggest(name: str, valid) -> str:
 def _convert(name: str, value: Any, annotation: Any, *, from_text: bool) -> Any:
     """Check ``value`` against ``annotation``; parse it first when it came from the command line."""
     args = typing.get_args(annotation)
+    if bool in args:  # bool | Literal[...]: a choice by name, else true or false
+        (choices,) = [a for a in args if typing.get_origin(a) is Literal]
+        if value in typing.get_args(choices):
+            return value
+        try:
+            return _convert(name, value, bool, from_text=from_text)
+        except ValueError:
+            raise ValueError(f"--{name}={value!r}: valid values are true, false, "
+                             f"{', '.join(repr(a) for a in typing.get_args(choices))}") from None
     if type(None) in args:  # X | None
         if value is None or (from_text and str(value).lower() in ("none", "null")):
             return None

@@ -120,6 +120,15 @@ def to_inputs(batch: list[Example]) -> list[dict]:
             for ex in batch]
 
 
+SHAREGPT_FIELD = "conversations"
+"""Where ShareGPT records keep their turns: read when a record has no --data.messages_field."""
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "system": "system", "tool": "tool"}
+"""ShareGPT speaker names (``from``) and the chat roles they are, unless --data.role_map maps
+them otherwise."""
+
+
 class DataError(ValueError):
     """Unusable data or data configuration; the message names the file and line."""
 
@@ -286,20 +295,31 @@ class FileDataset:
         path, fmt = self.files[file_idx]
         return f"{path}:{num}" if fmt == "jsonl" else f"{path}:row {num}"  # both 1-based
 
-    def _roles(self, messages: Any) -> Any:
+    def _roles(self, messages: Any, field: str) -> Any:
         """Messages with --data.role_map applied; a role outside CHAT_ROLES is refused, so a
-        ShareGPT "gpt" turn is never trained as context (or a "human" one as a reply)."""
+        ShareGPT "gpt" turn is never trained as context (or a "human" one as a reply).
+        ShareGPT turns (``{"from": ..., "value": ...}``) become ``{role, content}`` messages,
+        their usual speaker names mapped by ``SHAREGPT_ROLES`` after --data.role_map."""
+        if isinstance(messages, list):
+            messages = [self._sharegpt_turn(m) for m in messages]
         check_messages(messages)
         if self.role_map:
             messages = [dict(m, role=self.role_map.get(m["role"], m["role"])) for m in messages]
         unknown = sorted({m["role"] for m in messages} - set(CHAT_ROLES))
         if unknown:
             hint = ", ".join(f"{r}=" for r in unknown)
-            raise _Invalid(f"{self.cfg.messages_field!r}: unknown role(s) {', '.join(map(repr, unknown))}; "
+            raise _Invalid(f"{field!r}: unknown role(s) {', '.join(map(repr, unknown))}; "
                            f"valid roles: {', '.join(CHAT_ROLES)}. Map others with "
-                           f"--data.role_map (e.g. '{hint}user' or ShareGPT's "
-                           f"'human=user,gpt=assistant')")
+                           f"--data.role_map (e.g. '{hint}user'); ShareGPT turns "
+                           f"({{from, value}}) read human and gpt as user and assistant")
         return messages
+
+    def _sharegpt_turn(self, m: Any) -> Any:
+        if not (isinstance(m, dict) and "from" in m and "role" not in m and "content" not in m):
+            return m
+        speaker = m["from"]
+        role = self.role_map.get(speaker) or SHAREGPT_ROLES.get(speaker, speaker)
+        return {"role": role, "content": m.get("value")}
 
     def _example(self, raw: Any, where: str) -> tuple[Example, str]:
         """The record as an example, and its kind: "token", "chat" or "text"."""
@@ -320,14 +340,17 @@ class FileDataset:
             if labels is not None:
                 _check_labels(labels, len(ids), cfg.labels_field, self.vocab_size)
             return Example(ids, labels, where), "token"
-        if raw.get(cfg.messages_field) is not None:
+        field = cfg.messages_field
+        if raw.get(field) is None and raw.get(SHAREGPT_FIELD) is not None:
+            field = SHAREGPT_FIELD  # ShareGPT as distributed: {"conversations": [...]}
+        if raw.get(field) is not None:
             try:
-                messages = self._roles(raw[cfg.messages_field])
+                messages = self._roles(raw[field], field)
                 ids, labels = encode_chat(self.tokenizer, messages, train_on=cfg.train_on)
             except ChatTemplateError as e:  # the tokenizer's fault, not the record's: no skipping
                 raise DataError(f"{where}: {e}") from None
             except ValueError as e:
-                raise _Invalid(f"{cfg.messages_field!r}: {e}") from None
+                raise _Invalid(f"{field!r}: {e}") from None
             if cfg.train_on == "assistant" and all(x == IGNORE_INDEX for x in labels):
                 roles = sorted({m["role"] for m in messages})
                 raise _Invalid(f"no message has role 'assistant' (roles: {', '.join(roles)}), so "
@@ -338,11 +361,12 @@ class FileDataset:
             text = raw[cfg.text_field]
             if not isinstance(text, str):
                 raise _Invalid(f"{cfg.text_field!r} must be a string, got {_json_type(text)}")
-            ids = self.tokenizer.encode(text)
-            if not ids:
+            ids = list(self.tokenizer.encode_document(text))
+            if not text or not ids:
                 raise _Invalid(f"{cfg.text_field!r} is empty")
-            if cfg.add_eos and self.tokenizer.eos_token_id is not None:
-                ids.append(self.tokenizer.eos_token_id)
+            eos = self.tokenizer.eos_token_id
+            if cfg.add_eos and eos is not None and ids[-1] != eos:
+                ids.append(eos)
             return Example(ids, None, where), "text"
         expected = ", ".join(repr(f) for f in (cfg.input_ids_field, cfg.messages_field,
                                                  cfg.text_field))
@@ -421,12 +445,36 @@ def _format_of(path: str, fmt: str) -> str:
     return "parquet" if path.lower().endswith(".parquet") else "jsonl"
 
 
+_GZIP_MAGIC, _ZSTD_MAGIC = b"\x1f\x8b", b"\x28\xb5\x2f\xfd"
+
+
 def _jsonl_lines(path: str) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw line) for each non-blank line; parsing waits for the consumer."""
-    with open(path, "rb") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                yield line_no, line
+    """(1-based line number, raw line) for each non-blank line; parsing waits for the consumer.
+    A gzip (``.jsonl.gz``) or zstd (``.jsonl.zst``, with the ``zstandard`` module) file is
+    decompressed on the fly, recognised by its first bytes whatever its name says."""
+    import gzip
+    import io
+
+    with open(path, "rb") as raw:
+        magic = raw.peek(4)[:4]  # a pipe may show fewer: read as plain text then
+        stream = raw
+        if magic.startswith(_GZIP_MAGIC):
+            stream = gzip.GzipFile(fileobj=raw)
+        elif magic == _ZSTD_MAGIC:
+            try:
+                import zstandard
+            except ImportError:
+                raise DataError(f"{path}: zstd-compressed, and the zstandard module is not "
+                                f"installed; valid: pip install zstandard, or decompress it "
+                                f"(zstd -d)") from None
+            stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
+        try:
+            for line_no, line in enumerate(stream, 1):
+                if line.strip():
+                    yield line_no, line
+        except (OSError, EOFError) as e:  # a truncated or corrupt compressed file
+            raise DataError(f"{path}: cannot be read to the end ({type(e).__name__}: {e}); "
+                            f"valid: an intact file") from None
 
 
 def _parquet_rows(path: str, fields: tuple[str, ...]) -> Iterator[tuple[int, dict]]:

@@ -42,28 +42,63 @@ def init_parallel(cfg: TrainConfig):
                             timeout_s=cfg.parallel.timeout_s)
 
 
+STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGUSR1: "SIGUSR1"}
+"""Signals that stop a run after its step, with a checkpoint: Ctrl-C, SIGTERM (what SLURM and
+Kubernetes send before they kill a job) and SIGUSR1 (what ``sbatch --signal`` sends)."""
+
+
+def exit_code(signum: int) -> int:
+    """A run stopped by ``signum`` (after saving) exits with the shell's code for it,
+    128 + the signal's number: 130 after Ctrl-C, 143 after SIGTERM, 138 after SIGUSR1."""
+    return 128 + signum
+
+
 class StopRequest:
-    """First Ctrl-C: finish the step, save, exit. Second: stop at once (KeyboardInterrupt)."""
+    """The first stop signal (:data:`STOP_SIGNALS`): finish the step, save, exit. A second one
+    while the step runs stops at once (KeyboardInterrupt); while a checkpoint is being written
+    (:meth:`saving`) it waits for the checkpoint, which is then complete, and stops after it."""
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+        self._saving = False
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame):
+        name = STOP_SIGNALS.get(signum, f"signal {signum}")
         if self.requested:
+            if self._saving:
+                print(f"\nchunkflow: {name} while saving a checkpoint: it is finished first",
+                      file=sys.stderr, flush=True)
+                return
             raise KeyboardInterrupt
-        self.requested = True
-        print("\nchunkflow: interrupted; finishing this step and saving a checkpoint "
-              "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+        self.signum = signum
+        again = "Ctrl-C" if signum == signal.SIGINT else name
+        print(f"\nchunkflow: {name}; finishing this step and saving a checkpoint ({again} "
+              f"again to abort without saving)", file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def saving(self):
+        """A checkpoint is written inside: a second signal does not cut it short."""
+        self._saving = True
+        try:
+            yield
+        finally:
+            self._saving = False
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
 
 
 @contextlib.contextmanager

@@ -7,6 +7,11 @@ verifies (a truncated or corrupt newer one is skipped with a warning that names 
 creates nothing for a start that is refused, and :meth:`RunDir.remove_if_unused` removes a
 directory this start created when the run fails before its first step.
 
+The run holds its directory's lock (:mod:`chunkflow.train.lock`) from here to its end: a second
+run on the directory is refused before it touches anything. ``--resume=auto`` resumes when the
+directory holds a checkpoint and starts the run otherwise (one command for a job that may be
+requeued).
+
 ``check_resumed_config`` refuses a resume that would be a different run (model, data, seed,
 layout, adapters) and lists the settings that did change.
 """
@@ -26,6 +31,7 @@ from chunkflow.train.checkpoint import (
     verify_checkpoint,
 )
 from chunkflow.train.config import PATH_FIELDS, TrainConfig, absolute_path_option
+from chunkflow.train.lock import RunLock
 
 
 @dataclass
@@ -37,6 +43,13 @@ class RunDir:
     warnings: list[str] = field(default_factory=list)
     newer: bool = False
     """Checkpoints past the one resumed from exist: this run replaces their history."""
+    lock: RunLock | None = None
+    """The directory's lock, held by rank 0 until the run ends (:meth:`release`)."""
+    notes: list[str] = field(default_factory=list)
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
     def remove_if_unused(self) -> None:
         """After a failed start: remove the directory if this start created it and no step was
@@ -61,11 +74,32 @@ def prepare_run_dir(config: TrainConfig, *, hashes: bool = True) -> RunDir:
     run_dir = Path(output_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"--train.output_dir={output_dir!r} is a file; valid: a directory")
+    lock = RunLock(run_dir).acquire() if run_dir.is_dir() else None
+    try:
+        run = _prepare(config, run_dir, hashes=hashes, lock=lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    if lock is not None and lock.warning:
+        run.warnings.insert(0, lock.warning)
+    return run
+
+
+def _prepare(config: TrainConfig, run_dir: Path, *, hashes: bool,
+             lock: RunLock | None) -> RunDir:
+    output_dir = str(run_dir)
     existing = list_checkpoints(run_dir)
+    resume, notes = config.checkpoint.resume, []
+    if resume == "auto":
+        resume = bool(existing) and config.checkpoint.resume_from is None
+        notes.append(f"--resume=auto: {'resuming' if resume else 'starting'} ("
+                     + (f"{existing[-1][1].name} is the newest checkpoint in {output_dir}"
+                        if existing else f"no checkpoint in {output_dir}") + ")")
     resume_from, warnings, newer = None, [], []
     if config.checkpoint.resume_from is not None:
         resume_from = Path(config.checkpoint.resume_from)
-        if config.checkpoint.resume:
+        if resume:
             raise ValueError(f"both --resume and --checkpoint.resume_from={str(resume_from)!r}; "
                              f"valid: one of them")
         verify_checkpoint(resume_from, hashes=hashes)
@@ -83,7 +117,7 @@ def prepare_run_dir(config: TrainConfig, *, hashes: bool = True) -> RunDir:
             warnings.append(f"resuming {run_dir} from its step {step}: the newer checkpoints "
                             f"{', '.join(newer)} will be moved to {run_dir / 'superseded'} (not "
                             f"deleted) when this run saves over their steps")
-    elif config.checkpoint.resume:
+    elif resume:
         if not existing:
             raise ValueError(f"--resume: no checkpoint (step-* directory) in {str(run_dir)!r}")
         skipped = []
@@ -105,12 +139,25 @@ def prepare_run_dir(config: TrainConfig, *, hashes: bool = True) -> RunDir:
                               f"their steps)")
     elif existing:
         raise ValueError(f"{str(run_dir)!r} already holds checkpoints ({existing[-1][1].name}); "
-                         f"pass --resume to continue that run, or choose another "
-                         f"--train.output_dir")
+                         f"pass --resume to continue that run (--resume=auto: whether or not "
+                         f"it has one), or choose another --train.output_dir")
     created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--train.output_dir={output_dir!r}: cannot create it ({e.strerror}"
+                         f"{': ' + e.filename if e.filename and e.filename != output_dir else ''}"
+                         f"); valid: a directory this user can write") from None
+    run = RunDir(run_dir, resume_from, created, warnings, newer=bool(newer), notes=notes)
+    if lock is None:  # the directory is new: lock it before anything is written in it
+        try:
+            lock = RunLock(run_dir).acquire()
+        except BaseException:
+            run.remove_if_unused()
+            raise
+    run.lock = lock
     remove_partial_checkpoints(run_dir)
-    return RunDir(run_dir, resume_from, created, warnings, newer=bool(newer))
+    return run
 
 
 # Settings a resumed run may change; any other change would make it a different run (model,

@@ -1,7 +1,9 @@
 """Tokenizers for training data, and chat records turned into input ids and labels.
 
 Two tokenizers share one small interface (``vocab_size``, ``eos_token_id``, ``name``,
-``encode(text)``, ``render_chat(messages, add_generation_prompt=...)``):
+``encode(text)`` for rendered chats, ``encode_document(text)`` for text records (with the
+tokenizer's own special tokens, such as a BOS), ``render_chat(messages,
+add_generation_prompt=...)``):
 
 - ``ByteTokenizer``: UTF-8 bytes, 256 ids, no special tokens, and a plain-text chat template
   (``<|user|>\\n...\\n``, ``<|assistant|>\\n...<|end|>\\n``). Needs nothing installed to
@@ -35,6 +37,8 @@ class Tokenizer(Protocol):
     name: str
 
     def encode(self, text: str) -> list[int]: ...
+
+    def encode_document(self, text: str) -> list[int]: ...
 
     def render_chat(self, messages: list[dict], *, add_generation_prompt: bool) -> str: ...
 
@@ -93,6 +97,9 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
+    def encode_document(self, text: str) -> list[int]:
+        return self.encode(text)  # no special tokens
+
     def render_chat(self, messages: list[dict], *, add_generation_prompt: bool) -> str:
         # The end marker closes assistant turns only: it is what the model learns to emit to stop.
         parts = [f"<|{m['role']}|>\n{m['content']}" +
@@ -122,9 +129,15 @@ class HFTokenizer:
         self._tok.save_pretrained(str(path))
 
     def encode(self, text: str) -> list[int]:
-        # No BOS/EOS here: the chat template writes its own special tokens into the text, and
-        # text records get EOS from the data layer (--data.add_eos).
+        # No BOS/EOS here: the chat template writes its own special tokens into the text (as
+        # apply_chat_template(tokenize=True) encodes it).
         return self._tok.encode(text, add_special_tokens=False)
+
+    def encode_document(self, text: str) -> list[int]:
+        """A text record as ``tokenizer(text)`` encodes it: with the special tokens the
+        tokenizer's post-processor adds (a Llama-style ``<bos>``; none for Qwen's). EOS comes
+        from the data layer (--data.add_eos) unless the post-processor already ends with it."""
+        return self._tok(text, add_special_tokens=True)["input_ids"]
 
     def render_chat(self, messages: list[dict], *, add_generation_prompt: bool) -> str:
         if not getattr(self._tok, "chat_template", None):
@@ -165,7 +178,8 @@ def check_messages(messages: Any) -> None:
                              f"{type(m).__name__}")
         for key in ("role", "content"):
             if not isinstance(m.get(key), str):
-                got = "missing" if m.get(key) is None else type(m[key]).__name__
+                got = ("missing" if key not in m else "null" if m[key] is None
+                       else type(m[key]).__name__)
                 raise ValueError(f"message {i}: {key!r} must be a string, got {got}")
 
 

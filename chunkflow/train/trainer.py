@@ -15,8 +15,9 @@ data stream and engine from the config, resumes from a checkpoint when asked, an
 
 Exact resume: a checkpoint holds everything the next step reads (weights or adapter, optimizer
 moments, step, data position and counters, RNG states), so on CPU a resumed run's weights equal
-an uninterrupted run's bit for bit. The first Ctrl-C finishes the current step and saves a
-checkpoint; a NaN/inf loss stops before the optimizer step, so the last checkpoint stays good.
+an uninterrupted run's bit for bit. The first Ctrl-C, SIGTERM or SIGUSR1 (a scheduler's
+warning before it kills the job) finishes the current step and saves a checkpoint (every rank
+at the same step); a bad record met mid-stream saves the steps taken before it; a NaN/inf loss stops before the optimizer step, so the last checkpoint stays good.
 A start that fails before its first step leaves no run directory behind.
 """
 
@@ -66,7 +67,12 @@ class TrainSummary:
     steps_done: int
     first_loss: float | None = None
     last_loss: float | None = None
-    interrupted: bool = False
+    stop_signal: int | None = None
+    """The signal that stopped the run after a checkpoint (the largest number any rank got)."""
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stop_signal is not None
     checkpoint: Path | None = None
     data: dict[str, Any] = field(default_factory=dict)
     eval_loss: float | None = None
@@ -110,10 +116,13 @@ class Trainer:
         except BaseException:
             if self.is_main:
                 self.run_info.remove_if_unused()
+                self.run_info.release()
             raise
 
     def _build(self) -> None:
         cfg, ctx = self.cfg, self.ctx
+        for note in self.run_info.notes:
+            self._print(note)
         for warning in self.run_info.warnings:
             self._print(f"warning: {warning}")
         self.tokenizer = build_tokenizer(cfg)
@@ -227,6 +236,12 @@ class Trainer:
         if self.is_main:
             print(text, flush=True)
 
+    def close(self) -> None:
+        """Release the run directory's lock (:meth:`run` does when it ends): for a trainer
+        built and not run."""
+        if self.is_main:
+            self.run_info.release()
+
     # -- checkpoints ------------------------------------------------------------------------
 
     def save(self, *, final: bool = False) -> Path:
@@ -236,13 +251,30 @@ class Trainer:
                  "consecutive_empty": self.consecutive_empty, "config": cfg.to_dict()}
         merged = self.files.lora and (cfg.lora.merge_on_save or final)
         needed = self.files.num_bytes(merged=merged) + state_bytes(self.optimizer.state_dict())
-        path, notes = self.checkpoints.save(self.run_dir, step=self.step, state=state,
-                                            merged=merged, keep_last=cfg.checkpoint.keep_last,
-                                            needed_bytes=needed)
+        stop = getattr(self, "_stop", None)  # a second signal must not cut a save short
+        with stop.saving() if stop is not None else contextlib.nullcontext():
+            path, notes = self.checkpoints.save(self.run_dir, step=self.step, state=state,
+                                                merged=merged,
+                                                keep_last=cfg.checkpoint.keep_last,
+                                                needed_bytes=needed)
         for note in notes:
             self._print(f"note: {note}")
         self.last_checkpoint, self.saved_step = path, self.step
         return path
+
+    def _save_before_data_error(self, error: ValueError) -> ValueError:
+        """A record the stream cannot use stops the run: save the steps taken since the last
+        checkpoint first (every rank reads the same stream, so every rank gets here), and say
+        how to go on."""
+        if self.step == 0 or self.saved_step == self.step:
+            return error
+        steps = self.step - (self.saved_step or 0)
+        path = self.save()
+        launcher = "torchrun ... -m chunkflow" if self.distributed else "chunkflow"
+        return ValueError(f"{error}\n(the {steps} step{'s' * (steps != 1)} "
+                          f"since the last checkpoint are saved in {path}; fix the record, or "
+                          f"skip such records with --data.skip_invalid=true, and continue with: "
+                          f"{launcher} train --train.output_dir {self.run_dir} --resume)")
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -252,6 +284,8 @@ class Trainer:
         if self.step >= total:
             self._print(f"nothing to do: the checkpoint is at step {self.step} and the run "
                         f"has {total} steps")
+            if self.is_main:
+                self.run_info.release()
             return summary
         # Only rank 0 logs; every rank trains, saves its part and stops together.
         metrics = (MetricsLog(self.run_dir, resume_step=self.step, tensorboard=cfg.log.tensorboard,
@@ -263,8 +297,12 @@ class Trainer:
         warned_skips = self.stats.skipped > 0
         try:
             with StopRequest() as stop, deterministic(cfg.train.deterministic):
+                self._stop = stop
                 while self.step < total:
-                    item = next(batches, None)
+                    try:
+                        item = next(batches, None)
+                    except ValueError as e:  # a bad record: keep the steps taken so far
+                        raise self._save_before_data_error(e) from None
                     if item is None:  # --train.epochs: the data is used up
                         break
                     batch, position, stats = item
@@ -287,18 +325,19 @@ class Trainer:
                         bar.write(f"warning: skipping invalid records (--data.skip_invalid); "
                                   f"first: {self.stats.first_skip_reason}")
                     interval = cfg.checkpoint.interval
-                    stopping = stop.requested
-                    # A signal may reach ranks a step apart: agree.
-                    stopping = self.ctx.all_sum([float(stopping)])[0] > 0
+                    # A signal may reach ranks a step apart, or only some: agree on the step
+                    # and on the signal (the largest number any rank got).
+                    signum = self.ctx.all_max(stop.signum or 0)
+                    stopping = signum > 0
                     if stopping or failed is not None or (
                             interval and self.step % interval == 0 and self.step < total):
                         self.save()
                     if failed is not None:
                         raise failed
                     if stopping:
-                        summary.interrupted = True
+                        summary.stop_signal = signum
                         break
-                if not summary.interrupted and self.step > 0:
+                if summary.stop_signal is None and self.step > 0:
                     if self.saved_step != self.step:
                         self.save(final=True)
                     if self.eval_dataset is not None:  # after the save: it can fail alone
@@ -308,11 +347,13 @@ class Trainer:
                             metrics.log(record)
                         self._print(f"step {self.step}: {format_eval(record)}")
         finally:
+            self._stop = None
             bar.close()
             if metrics is not None:
                 metrics.close()
             if self.is_main:
                 self.run_info.remove_if_unused()
+                self.run_info.release()
         self._finish(summary, total)
         return summary
 

@@ -3,8 +3,11 @@ exactly on its layout and to rounding on another (DP with DDP and FSDP2, PP, TP 
 products; one process is a layout too)."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -200,3 +203,38 @@ def test_torchrun_fails_on_a_stage_message_order_that_deadlocks_under_nccl(tmp_p
     assert out.returncode != 0
     assert "deadlock under NCCL's point-to-point rules" in out.stderr, out.stderr[-3000:]
     assert "unmatched in flight: post" in out.stderr and ">>" in out.stderr
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.parametrize("target", ["agent", "one rank"])
+def test_torchrun_sigterm_saves_at_one_step_on_every_rank_and_resumes_bitwise(tmp_path, target):
+    """SIGTERM to torchrun (which passes it to every rank, at slightly different moments) or to
+    one rank only: every rank stops after the same step, one whole checkpoint is saved, and the
+    resumed run ends bitwise where an uninterrupted one does."""
+    steps = {"train.steps": "12", "checkpoint.interval": "3", **DP2}
+    launch(2, tmp_path / "full", steps)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "chunkflow", "train", *args(run, **steps)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=ENV)
+    deadline = time.monotonic() + 240
+    while not (run / "step-00000003").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    workers = _children(proc.pid)
+    assert len(workers) == 2
+    os.kill(proc.pid if target == "agent" else workers[1], signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    checkpoints = sorted(p.name for p in run.glob("step-*"))
+    done = int(checkpoints[-1][len("step-"):])
+    assert 3 < done < 12, (checkpoints, out, err)  # stopped early, after a save of its own
+    assert not list(run.glob(".step-*")), "a partial checkpoint was left"
+    assert f"interrupted: step {done}/12" in out, out + err
+    launch(2, run, steps, **{"checkpoint.resume": "true"})
+    final, again = weights(tmp_path / "full" / "step-00000012"), weights(run / "step-00000012")
+    for name in final:
+        assert torch.equal(again[name], final[name]), name

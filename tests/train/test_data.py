@@ -462,3 +462,64 @@ def test_position_and_stats_round_trip():
                                           "a.jsonl:7: x); 2 truncated to max_length 4096; "
                                           "5 dropped as longer than max_length 4096")
     assert DataStats(examples=3).summary() == "3 examples"
+
+
+def test_sharegpt_as_distributed_trains_like_its_plain_chat(tmp_path):
+    """{"conversations": [{"from": "human", "value": ...}]}: read with no option, the usual
+    speakers mapped, --data.role_map for others; the same tokens and labels as the chat."""
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "a"}]
+    share = [{"from": "system", "value": "be brief"}, {"from": "human", "value": "q"},
+             {"from": "gpt", "value": "a"}]
+    path = write_jsonl(tmp_path / "a.jsonl", [
+        {"messages": chat}, {"conversations": share},
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}]}])
+    ds, _ = dataset(path)
+    plain, shared = take(ds, 2)
+    assert plain.input_ids == shared.input_ids and plain.labels == shared.labels
+    with pytest.raises(DataError, match=re.escape(
+            f"{path}:3: 'conversations': unknown role(s) 'bot'; valid roles: system, user, "
+            f"assistant, tool. Map others with --data.role_map (e.g. 'bot=user')")):
+        take(ds, 3)
+    ds, _ = dataset(path, role_map="bot=assistant")
+    assert take(ds, 3)[2].labels == plain.labels[-len(take(ds, 3)[2].labels):]
+
+
+def test_a_null_content_is_named_null_not_missing(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [
+        {"messages": [{"role": "user", "content": None}]},
+        {"messages": [{"role": "user"}]}])
+    ds, _ = dataset(path)
+    with pytest.raises(DataError, match=r":1: 'messages': message 0: 'content' must be a "
+                                        r"string, got null"):
+        take(ds, 1)
+    path = write_jsonl(tmp_path / "b.jsonl", [{"messages": [{"role": "user"}]}])
+    with pytest.raises(DataError, match=r"'content' must be a string, got missing"):
+        take(dataset(path)[0], 1)
+
+
+def test_compressed_jsonl_is_read_streamed_by_content(tmp_path):
+    """.jsonl.gz (and a gzip file named .jsonl) read as the plain file; a truncated one is an
+    error naming it; zstd needs the zstandard module, and says so."""
+    import gzip
+
+    records = [{"text": f"record {i} " + "x" * i} for i in range(50)]
+    plain = write_jsonl(tmp_path / "a.jsonl", records)
+    raw = open(plain, "rb").read()
+    for name in ("a.jsonl.gz", "misnamed.jsonl"):
+        (tmp_path / name).write_bytes(gzip.compress(raw))
+        assert texts(take(dataset(tmp_path / name)[0], 50)) == texts(take(dataset(plain)[0], 50))
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(raw)[:200])
+    with pytest.raises(DataError, match="cut.jsonl.gz: cannot be read to the end"):
+        take(dataset(tmp_path / "cut.jsonl.gz")[0], 50)
+    zst = tmp_path / "a.jsonl.zst"
+    try:
+        import zstandard
+    except ImportError:
+        zst.write_bytes(b"\x28\xb5\x2f\xfd" + b"\0" * 16)
+        with pytest.raises(DataError, match="zstd-compressed, and the zstandard module is not "
+                                            "installed; valid: pip install zstandard"):
+            take(dataset(zst)[0], 1)
+    else:
+        zst.write_bytes(zstandard.ZstdCompressor().compress(raw))
+        assert texts(take(dataset(zst)[0], 50)) == texts(take(dataset(plain)[0], 50))

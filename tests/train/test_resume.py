@@ -255,6 +255,7 @@ def test_a_checkpoint_from_before_sharded_optimizer_state_still_resumes_bitwise(
         files[name] = {"bytes": (old / name).stat().st_size,
                        "sha256": hashlib.sha256((old / name).read_bytes()).hexdigest()}
     (old / "manifest.json").write_text(json.dumps(dict(manifest, files=files)))
+    trainer.close()  # the run directory's lock
 
     assert main(["train", *args(part, **{"train.steps": "4"}), "--resume"]) == 0
     assert_bitwise_equal(weights(part / "step-00000004"), weights(full / "step-00000004"))

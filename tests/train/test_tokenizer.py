@@ -186,3 +186,48 @@ def test_load_tokenizer_errors(tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps({"not": "a tokenizer"}))
     with pytest.raises(ValueError, match=f"{tmp_path}'?: cannot load a tokenizer"):
         load_tokenizer(str(tmp_path))
+
+
+def _bos_tokenizer(path, *, with_eos: bool) -> str:
+    """A Llama-style tokenizer: its post-processor adds <s> (and, ``with_eos``, </s>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["hello there", "general kenobi"] * 5, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+    single = "<s> $A </s>" if with_eos else "<s> $A"
+    tok.post_processor = processors.TemplateProcessing(
+        single=single, special_tokens=[("<s>", bos), ("</s>", eos)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>",
+                            eos_token="</s>").save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("with_eos", [False, True])
+def test_text_records_keep_the_tokenizers_bos_and_get_one_eos(tmp_path, with_eos):
+    """Continued pretraining on a Llama-style tokenizer: a text record is encoded as
+    tokenizer(text) encodes it, <s> first, and ends with exactly one </s>."""
+    import itertools
+
+    import transformers
+
+    from chunkflow.train.config import DataSection
+    from chunkflow.train.data import DataPosition, DataStats, build_dataset
+
+    tok_dir = _bos_tokenizer(tmp_path / "tok", with_eos=with_eos)
+    hf = transformers.AutoTokenizer.from_pretrained(tok_dir)
+    data = tmp_path / "a.jsonl"
+    data.write_text('{"text": "hello there"}\n')
+    ds = build_dataset(DataSection(path=str(data), tokenizer=tok_dir, shuffle_buffer=0),
+                       vocab_size=len(hf), seed=0)
+    (example, _), = itertools.islice(ds.examples(DataPosition(), DataStats()), 1)
+    expected = hf("hello there")["input_ids"]
+    assert expected[0] == hf.bos_token_id
+    if not with_eos:
+        expected = expected + [hf.eos_token_id]
+    assert example.input_ids == expected and example.input_ids.count(hf.eos_token_id) == 1

@@ -1,6 +1,7 @@
 """The training loop: metrics, checkpoints, exact resume (also after SIGKILL), Ctrl-C, NaN."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -146,8 +147,12 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0):
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM,
+                                 signal.SIGUSR1])
 def test_killed_run_resumes_bitwise_and_ctrl_c_saves(tmp_path, sig):
+    """SIGKILL loses the steps since the last checkpoint; Ctrl-C, SIGTERM (what SLURM and
+    Kubernetes send before a kill) and SIGUSR1 (sbatch --signal) finish the step, save it and
+    exit with 128 + the signal's number."""
     steps = {"train.steps": "12", "checkpoint.interval": "3"}
     assert main(["train", *args(tmp_path / "a", **steps)]) == 0
 
@@ -159,14 +164,44 @@ def test_killed_run_resumes_bitwise_and_ctrl_c_saves(tmp_path, sig):
     out, err = proc.communicate(timeout=120)
     done = metrics(run)[-1]["step"]
     assert done < 12, "the run finished before the signal: the test proved nothing"
-    if sig == signal.SIGINT:  # Ctrl-C: finish the step, save it, exit 130
-        assert proc.returncode == 130, err
-        assert "interrupted" in err and (run / f"step-{done:08d}").is_dir()
+    if sig != signal.SIGKILL:  # finish the step, save it, exit 128 + signal
+        assert proc.returncode == 128 + sig, err
+        name = {signal.SIGINT: "Ctrl-C"}.get(sig, signal.Signals(sig).name)
+        assert f"chunkflow: {name}; finishing this step and saving" in err
+        assert f"interrupted: step {done}/12" in out and (run / f"step-{done:08d}").is_dir()
+        assert f"continue with: chunkflow train --train.output_dir {run} --resume" in out
     else:
         assert proc.returncode == -signal.SIGKILL
     assert main(["train", *args(run, **steps), "--resume"]) == 0
     assert_bitwise_equal(weights(tmp_path / "a" / "step-00000012"),
                          weights(run / "step-00000012"))
+
+
+def test_a_second_signal_during_the_save_leaves_a_complete_checkpoint(tmp_path, capsys):
+    """SIGTERM, then SIGTERM again while the checkpoint is written (a scheduler that signals
+    twice): the save finishes, the run stops after it, and the checkpoint resumes."""
+    trainer = Trainer(config(tmp_path, **{"train.steps": "6", "checkpoint.interval": "0"}))
+    train_step, save = trainer.train_step, trainer.checkpoints.save
+
+    def step(*batch):
+        record = train_step(*batch)
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return record
+
+    def save_signalled(*a, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled before the save goes on
+        return save(*a, **kw)
+
+    trainer.train_step, trainer.checkpoints.save = step, save_signalled
+    summary = trainer.run()
+    assert summary.stop_signal == signal.SIGTERM and summary.steps_done == 2
+    assert "while saving a checkpoint: it is finished first" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith((".step", "step"))] == [
+        "step-00000002"]
+    resumed = Trainer(config(tmp_path, **{"train.steps": "6", "checkpoint.interval": "0",
+                                          "checkpoint.resume": "true"}))
+    assert resumed.step == 2
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys):
