@@ -1,4 +1,4 @@
-"""Command line: ``chunkflow train | plan | simulate | bench | report``.
+"""Command line: ``chunkflow train | data check | plan | simulate | bench | report``.
 
 ``train`` and ``plan`` take the same configuration: ``--config FILE.toml`` and
 ``--section.field=value`` overrides (see ``chunkflow train --help`` for every field).
@@ -33,6 +33,15 @@ def _train(args: argparse.Namespace, unknown: list[str]) -> int:
     log = print if os.environ.get("RANK", "0") == "0" else None
     summary = train(config_from_args(args, unknown, log=log))
     return exit_code(summary.stop_signal) if summary.interrupted else 0
+
+
+def _data_check(args: argparse.Namespace, unknown: list[str]) -> int:
+    from chunkflow.train.arguments import config_from_args
+    from chunkflow.train.data_check import check_data
+
+    if args.show < 0:
+        raise ValueError(f"--show={args.show}: must be 0 or more")
+    return check_data(config_from_args(args, unknown), show=args.show)
 
 
 def _plan(args: argparse.Namespace, unknown: list[str]) -> int:
@@ -396,6 +405,22 @@ def build_parser() -> argparse.ArgumentParser:
                     "(--config) as [section] field = value; the command line wins.")
     add_config_arguments(train)
     train.set_defaults(func=_train)
+
+    data = sub.add_parser(
+        "data", help="check the training data before a run (chunkflow data check ...)")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    check = data_sub.add_parser(
+        "check", allow_abbrev=False,
+        help="read all of --data.path (and --eval.path) once: every bad record with its file "
+             "and line, tokens and length statistics; exit 2 if any record is bad",
+        description="Read every record of --data.path (and --eval.path) as chunkflow train "
+                    "would, streamed; list the bad ones (file and line) and the tokens and "
+                    "lengths of the rest. Takes chunkflow train's options.")
+    check.add_argument("--show", type=int, default=20, metavar="N",
+                       help="bad records listed one by one before the rest are counted "
+                            "(default: 20)")
+    add_config_arguments(check, resume=False)
+    check.set_defaults(func=_data_check)
 
     plan = sub.add_parser(
         "plan", allow_abbrev=False, help="chunk statistics and estimated peak memory of the "
