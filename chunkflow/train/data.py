@@ -31,7 +31,7 @@ from typing import Any, Iterator
 from chunkflow.train.config import CHAT_ROLES, DataSection, parse_role_map
 from chunkflow.train.synthetic import MarkovSource, sample_lengths
 from chunkflow.train.tokenizer import (IGNORE_INDEX, ChatTemplateError, check_messages,
-                                       encode_chat, load_tokenizer)
+                                       encode_chat, load_tokenizer, text_content)
 
 _SKIP_HINT = "; --data.skip_invalid=true skips such records"
 # Synthetic Markov symbol s becomes byte 64 + s ('@', 'A'..'Z', '[', ...): printable, and inside
@@ -119,6 +119,9 @@ def to_inputs(batch: list[Example]) -> list[dict]:
              "labels": torch.tensor(ex.labels if ex.labels is not None else ex.input_ids)}
             for ex in batch]
 
+
+TOOLS_FIELD = "tools"
+"""A chat record's tool definitions (OpenAI's format), passed to the chat template."""
 
 SHAREGPT_FIELD = "conversations"
 """Where ShareGPT records keep their turns: read when a record has no --data.messages_field."""
@@ -301,7 +304,7 @@ class FileDataset:
         ShareGPT turns (``{"from": ..., "value": ...}``) become ``{role, content}`` messages,
         their usual speaker names mapped by ``SHAREGPT_ROLES`` after --data.role_map."""
         if isinstance(messages, list):
-            messages = [self._sharegpt_turn(m) for m in messages]
+            messages = text_content([self._sharegpt_turn(m) for m in messages])
         check_messages(messages)
         if self.role_map:
             messages = [dict(m, role=self.role_map.get(m["role"], m["role"])) for m in messages]
@@ -346,7 +349,12 @@ class FileDataset:
         if raw.get(field) is not None:
             try:
                 messages = self._roles(raw[field], field)
-                ids, labels = encode_chat(self.tokenizer, messages, train_on=cfg.train_on)
+                tools = raw.get(TOOLS_FIELD)
+                if tools is not None and not (isinstance(tools, list) and tools):
+                    raise _Invalid(f"{TOOLS_FIELD!r} must be a non-empty array of tool "
+                                   f"definitions, got {_json_type(tools)}")
+                ids, labels = encode_chat(self.tokenizer, messages, train_on=cfg.train_on,
+                                          tools=tools)
             except ChatTemplateError as e:  # the tokenizer's fault, not the record's: no skipping
                 raise DataError(f"{where}: {e}") from None
             except ValueError as e:
