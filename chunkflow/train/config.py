@@ -37,14 +37,16 @@ PATH_FIELDS = ("model.path", "data.path", "data.tokenizer", "train.output_dir",
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
-def absolute_path_option(name: str, value: str | None) -> str | None:
+def absolute_path_option(name: str, value: str | None, *, base: str | Path | None = None
+                         ) -> str | None:
     """``value`` of the path option ``name`` made absolute (each item of a comma-separated
-    list; globs stay globs; 'auto' and 'byte' tokenizers stay as they are)."""
+    list; globs stay globs; 'auto' and 'byte' tokenizers stay as they are), relative ones
+    against ``base`` (a config file's directory) or the working directory."""
     if value is None or (name == "data.tokenizer" and value in ("auto", "byte")):
         return value
     parts = value.split(",") if name in ("data.path", "eval.path") else [value]
-    return ",".join(os.path.abspath(os.path.expanduser(p.strip())) if p.strip() else p
-                    for p in parts)
+    return ",".join(os.path.abspath(os.path.join(base or "", os.path.expanduser(p.strip())))
+                    if p.strip() else p for p in parts)
 
 
 def parse_role_map(text: str) -> dict[str, str]:
@@ -182,6 +184,9 @@ class OptimSection:
     lr: float = _f(2e-3, "Peak learning rate (AdamW).")
     min_lr_ratio: float = _f(0.1, "Final learning rate of the cosine decay, as a fraction of lr.")
     warmup_steps: int = _f(10, "Linear warmup steps from 0 to lr.")
+    warmup_ratio: float | None = _f(None, "Warmup as a fraction of the run's steps (instead "
+                                          "of warmup_steps). With --model.path and neither "
+                                          "set: 0.03.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     beta1: float = _f(0.9, "AdamW beta1.")
     beta2: float = _f(0.95, "AdamW beta2.")
@@ -321,6 +326,9 @@ class TrainConfig:
         for name in ("optim.beta1", "optim.beta2"):
             if not 0 <= self.get(name) < 1:
                 raise ValueError(f"--{name}={self.get(name)}: must be in [0, 1)")
+        ratio = self.optim.warmup_ratio
+        if ratio is not None and not 0 <= ratio < 1:
+            raise ValueError(f"--optim.warmup_ratio={ratio}: must be in [0, 1)")
         if self.optim.min_lr_ratio > 1:
             raise ValueError(f"--optim.min_lr_ratio={self.optim.min_lr_ratio}: must be in [0, 1]")
         if self.data.synthetic_min_len > self.data.synthetic_max_len:
@@ -463,8 +471,10 @@ def _apply(config: TrainConfig, name: str, value: Any, *, from_text: bool, where
     setattr(getattr(config, section), f.name, value)
 
 
-def read_toml(path: str | Path, config: TrainConfig | None = None) -> TrainConfig:
-    """Apply a TOML file's ``[section] field = value`` entries to ``config`` (or the defaults)."""
+def read_toml(path: str | Path, config: TrainConfig | None = None, *,
+              given: set[str] | None = None) -> TrainConfig:
+    """Apply a TOML file's ``[section] field = value`` entries to ``config`` (or the defaults);
+    relative paths in it are relative to the file. ``given`` collects the names it sets."""
     config = config or TrainConfig()
     path = Path(path)
     try:
@@ -483,7 +493,13 @@ def read_toml(path: str | Path, config: TrainConfig | None = None) -> TrainConfi
         if not isinstance(entries, dict):
             raise ValueError(f"{path}: {section} must be a [{section}] table")
         for key, value in entries.items():
-            _apply(config, f"{section}.{key}", value, from_text=False, where=f"{path}: ")
+            name = f"{section}.{key}"
+            _apply(config, name, value, from_text=False, where=f"{path}: ")
+            if name in PATH_FIELDS:  # relative to the file, wherever it is run from
+                setattr(getattr(config, section), key, absolute_path_option(
+                    name, config.get(name), base=path.absolute().parent))
+            if given is not None:
+                given.add(name)
     return config
 
 
@@ -492,11 +508,37 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     """Defaults (or ``base``), then the TOML file, then ``{"section.field": value}`` overrides
     (text or typed); paths made absolute, values checked."""
     config = base if base is not None else TrainConfig()
+    given: set[str] = set()
     if path is not None:
-        read_toml(path, config)
+        read_toml(path, config, given=given)
     for name, value in (overrides or {}).items():
         _apply(config, name, value, from_text=isinstance(value, str), where="")
+        given.add(name)
+    if base is None:  # a resumed run's saved configuration already holds its values
+        config.notes = pretrained_defaults(config, given)
     return config.resolve_paths().validate()
+
+
+PRETRAINED_LR = {"full": 2e-5, "lora": 2e-4}
+"""The learning rate a pretrained model is fine-tuned with unless --optim.lr says otherwise
+(TRL's SFTTrainer's and PEFT's usual values; the built-in default, 2e-3, is for the
+randomly initialised presets)."""
+PRETRAINED_WARMUP_RATIO = 0.03
+
+
+def pretrained_defaults(config: "TrainConfig", given: set[str]) -> list[str]:
+    """With --model.path, fine-tuning defaults for the options not ``given``: the learning
+    rate, and warmup as a share of the run. Returns what it set, for the banner."""
+    if config.model.path is None:
+        return []
+    notes = []
+    if "optim.lr" not in given:
+        config.optim.lr = PRETRAINED_LR["lora" if config.lora.rank else "full"]
+        notes.append(f"optim.lr={config.optim.lr:g}")
+    if not {"optim.warmup_steps", "optim.warmup_ratio"} & given:
+        config.optim.warmup_ratio = PRETRAINED_WARMUP_RATIO
+        notes.append(f"optim.warmup_ratio={PRETRAINED_WARMUP_RATIO:g}")
+    return notes
 
 
 def config_from_dict(data: dict[str, dict[str, Any]], *, where: str) -> TrainConfig:

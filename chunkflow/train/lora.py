@@ -52,6 +52,16 @@ def apply_lora(model: nn.Module, section: LoraSection, *, model_path: str) -> nn
     elif not targets:
         raise ValueError(f"--lora.target_modules={section.target_modules!r}: name at least one "
                          f"module, or 'all-linear'")
+    if isinstance(targets, list):  # peft trains the names that match, silently skipping typos
+        names = [n for n, _ in model.named_modules() if n]
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+        if missing:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                             if isinstance(m, nn.Linear)})
+            raise ValueError(f"--lora.target_modules={section.target_modules!r}: "
+                             f"{', '.join(map(repr, missing))} match{'es' * (len(missing) == 1)} "
+                             f"no module of the model; valid: its linear layers "
+                             f"{', '.join(linear)}, or 'all-linear'")
     to_save = _names(section.modules_to_save) or None
     extra = {}
     tied = bool(getattr(model.config, "tie_word_embeddings", False))

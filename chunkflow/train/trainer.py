@@ -176,9 +176,21 @@ class Trainer:
             self.consecutive_empty = state.get("consecutive_empty", 0)
             self.last_checkpoint, self.saved_step = resume_path, self.step
         self.total_steps = self._total_steps()
+        ratio = cfg.optim.warmup_ratio
+        self.warmup_steps = (math.ceil(ratio * self.total_steps) if ratio is not None
+                             else cfg.optim.warmup_steps)
         if self.is_main:
             cfg.save(self.run_dir / "config.toml")
         self._print(self._describe(resume_path))
+        notes = getattr(cfg, "notes", [])
+        if notes:
+            self._print(f"fine-tuning defaults for a pretrained model: {', '.join(notes)} "
+                        f"(set the options to choose others)")
+        if self.warmup_steps >= self.total_steps:
+            self._print(f"warning: the warmup ({self.warmup_steps} steps) is not shorter than "
+                        f"the run ({self.total_steps} steps): the learning rate never reaches "
+                        f"--optim.lr={cfg.optim.lr:g}; valid: fewer --optim.warmup_steps, a "
+                        f"--optim.warmup_ratio below 1, or more steps")
 
     def _choose_chunking(self) -> None:
         """--chunking.auto: the settings for this one device."""
@@ -465,9 +477,10 @@ class Trainer:
             raise TrainingError(
                 f"step {step}: loss {loss}, gradient norm {grad_norm}: training diverged and "
                 f"stopped before updating the weights; {kept}. Try a lower --optim.lr (now "
-                f"{cfg.optim.lr}) or more --optim.warmup_steps; the batch holds "
+                f"{cfg.optim.lr}) or a longer warmup (now {self.warmup_steps} steps); the "
+                f"batch holds "
                 f"{batch[0].origin} .. {batch[-1].origin}")
-        lr = lr_at(step, lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps,
+        lr = lr_at(step, lr=cfg.optim.lr, warmup_steps=self.warmup_steps,
                    total_steps=self.total_steps, min_lr_ratio=cfg.optim.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
