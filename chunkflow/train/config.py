@@ -104,8 +104,10 @@ class ModelSection:
 class DataSection:
     path: str | None = _f(None, "JSONL/Parquet files or globs, comma-separated. Unset: the "
                                 "built-in synthetic long-tail data set.")
-    format: Literal["auto", "jsonl", "parquet"] = _f("auto", "File format; auto = by extension "
-                                                     "(.parquet is Parquet, anything else JSONL).")
+    format: Literal["auto", "jsonl", "parquet", "arrow"] = _f(
+        "auto", "File format; auto = by extension (.parquet is Parquet, .arrow Arrow, anything "
+                "else JSONL, gzip/zstd recognised by content). A Hugging Face datasets "
+                "directory (save_to_disk) is read as its Arrow files.")
     tokenizer: str = _f("auto", "'byte' (built-in byte-level tokenizer), a local Hugging Face "
                                 "tokenizer directory (its chat template is used for messages), "
                                 "or 'auto': model.path's tokenizer if set, else byte.")

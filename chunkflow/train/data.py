@@ -210,7 +210,8 @@ class FileDataset:
                 if f.read(4) == b"PAR1":
                     raise DataError(f"{path}: is a Parquet file read as JSONL; valid: the "
                                     f".parquet extension or --data.format=parquet")
-        self.fields = (cfg.input_ids_field, cfg.labels_field, cfg.messages_field, cfg.text_field)
+        self.fields = (cfg.input_ids_field, cfg.labels_field, cfg.messages_field, cfg.text_field,
+                       SHAREGPT_FIELD, TOOLS_FIELD)
 
     def describe(self) -> str:
         num_bytes = sum(os.path.getsize(p) for p, _ in self.files)
@@ -290,7 +291,8 @@ class FileDataset:
     def _raw_items(self) -> Iterator[tuple[int, int, Any]]:
         """(file index, line number or row index, unparsed line / row dict) for every record."""
         for file_idx, (path, fmt) in enumerate(self.files):
-            rows = _jsonl_lines(path) if fmt == "jsonl" else _parquet_rows(path, self.fields)
+            rows = (_jsonl_lines(path) if fmt == "jsonl" else _arrow_rows(path, self.fields)
+                    if fmt == "arrow" else _parquet_rows(path, self.fields))
             for num, raw in rows:
                 yield file_idx, num, raw
 
@@ -437,8 +439,7 @@ def _expand(spec: str, option: str = "--data.path") -> list[str]:
             raise DataError(f"{option}: {pattern!r} does not exist; valid: existing "
                             f"JSONL/Parquet files or globs, comma-separated")
         elif os.path.isdir(pattern):
-            raise DataError(f"{option}: {pattern!r} is a directory; valid: files or a glob "
-                            f"such as '{os.path.join(pattern, '*.jsonl')}'")
+            matches = _saved_dataset_files(pattern, option)
         else:
             matches = [pattern]
         files += matches
@@ -447,10 +448,70 @@ def _expand(spec: str, option: str = "--data.path") -> list[str]:
     return files
 
 
+def _saved_dataset_files(directory: str, option: str) -> list[str]:
+    """The Arrow files of a Hugging Face ``datasets`` directory (``Dataset.save_to_disk``), in
+    the order its ``state.json`` lists them; read without the ``datasets`` package."""
+    state = os.path.join(directory, "state.json")
+    splits = os.path.join(directory, "dataset_dict.json")
+    if os.path.isfile(splits):
+        try:
+            names = json.loads(open(splits).read())["splits"]
+        except (OSError, ValueError, KeyError, TypeError):
+            names = ["train"]
+        raise DataError(f"{option}: {directory!r} holds a DatasetDict (splits "
+                        f"{', '.join(names)}); valid: one split's directory, e.g. "
+                        f"{os.path.join(directory, names[0])!r}")
+    if not os.path.isfile(state):
+        raise DataError(f"{option}: {directory!r} is a directory but not a saved Hugging Face "
+                        f"dataset (no state.json); valid: files, a glob such as "
+                        f"'{os.path.join(directory, '*.jsonl')}', or a Dataset.save_to_disk "
+                        f"directory")
+    try:
+        files = [f["filename"] for f in json.loads(open(state).read())["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{option}: {state} is not a datasets state file ({type(e).__name__}: "
+                        f"{e}); valid: the directory Dataset.save_to_disk wrote") from None
+    missing = [f for f in files if not os.path.isfile(os.path.join(directory, f))]
+    if missing or not files:
+        raise DataError(f"{option}: {directory!r} lists {', '.join(missing) or 'no data files'} "
+                        f"in state.json, not found; valid: a complete save_to_disk directory")
+    return [os.path.join(directory, f) for f in files]
+
+
 def _format_of(path: str, fmt: str) -> str:
     if fmt != "auto":
         return fmt
-    return "parquet" if path.lower().endswith(".parquet") else "jsonl"
+    lower = path.lower()
+    return "parquet" if lower.endswith(".parquet") else "arrow" if lower.endswith(
+        ".arrow") else "jsonl"
+
+
+def _arrow_rows(path: str, fields: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
+    """(1-based row number, row dict) of an Arrow IPC file or stream (what ``datasets`` writes),
+    one record batch in memory at a time."""
+    import pyarrow as pa
+    import pyarrow.ipc
+
+    try:
+        source = pa.memory_map(path)
+        try:
+            reader = pa.ipc.open_stream(source)
+        except pa.ArrowInvalid:
+            source.seek(0)
+            file_reader = pa.ipc.open_file(source)
+            reader = (file_reader.get_batch(i) for i in range(file_reader.num_record_batches))
+    except Exception as e:  # ArrowInvalid, OSError, ...
+        raise DataError(f"{path}: not a readable Arrow file ({e}); valid: an Arrow IPC file "
+                        f"or stream (as datasets' save_to_disk writes), or --data.format=jsonl "
+                        f"for JSONL with another extension") from None
+    names = None
+    num = 0
+    for batch in reader:
+        if names is None:
+            names = [f for f in fields if f in batch.schema.names] or batch.schema.names
+        for row in batch.select(names).to_pylist():
+            num += 1
+            yield num, row
 
 
 _GZIP_MAGIC, _ZSTD_MAGIC = b"\x1f\x8b", b"\x28\xb5\x2f\xfd"

@@ -281,7 +281,8 @@ def test_paths_and_globs(tmp_path):
         dataset(f"{tmp_path}/a.jsonl,{tmp_path}/*.json")
     with pytest.raises(DataError, match=r"--data.path: '.*missing.jsonl' does not exist"):
         dataset(f"{tmp_path}/a.jsonl,{tmp_path}/missing.jsonl")
-    with pytest.raises(DataError, match="is a directory; valid: files or a glob"):
+    with pytest.raises(DataError, match="is a directory but not a saved Hugging Face dataset "
+                                        r"\(no state.json\); valid: files, a glob"):
         dataset(tmp_path)
 
 
@@ -523,3 +524,43 @@ def test_compressed_jsonl_is_read_streamed_by_content(tmp_path):
     else:
         zst.write_bytes(zstandard.ZstdCompressor().compress(raw))
         assert texts(take(dataset(zst)[0], 50)) == texts(take(dataset(plain)[0], 50))
+
+
+def test_a_saved_datasets_directory_and_arrow_files_train_like_jsonl(tmp_path):
+    """Dataset.save_to_disk writes Arrow IPC streams listed in state.json: read in that order,
+    streamed, without the datasets package; rows are named like Parquet's."""
+    import pyarrow as pa
+
+    records = [{"text": f"record {i} " + "y" * i} for i in range(30)]
+    plain = write_jsonl(tmp_path / "a.jsonl", records)
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    files = []
+    for n, part in enumerate((records[:17], records[17:])):
+        name = f"data-{n:05d}-of-00002.arrow"
+        table = pa.Table.from_pylist(part)
+        with pa.ipc.new_stream(str(saved / name), table.schema) as writer:
+            for batch in table.to_batches(max_chunksize=5):
+                writer.write_batch(batch)
+        files.append({"filename": name})
+    (saved / "state.json").write_text(json.dumps({"_data_files": files,
+                                                  "_fingerprint": "x"}))
+    (saved / "dataset_info.json").write_text("{}")
+    expected = texts(take(dataset(plain)[0], 30))
+    assert texts(take(dataset(saved)[0], 30)) == expected
+    assert texts(take(dataset(saved / files[1]["filename"])[0], 13)) == expected[17:]
+    table = pa.Table.from_pylist([{"text": "ok"}, {"text": None, "other": 1}])
+    with pa.ipc.new_stream(str(tmp_path / "c.arrow"), table.schema) as writer:
+        writer.write_table(table)
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'c.arrow'}:row 2: record has "
+                                                  f"none of the fields")):
+        take(dataset(tmp_path / "c.arrow")[0], 2)
+    split = tmp_path / "dict"
+    (split / "train").mkdir(parents=True)
+    (split / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    with pytest.raises(DataError, match=re.escape(
+            f"holds a DatasetDict (splits train, test); valid: one split's directory, e.g. "
+            f"'{split / 'train'}'")):
+        dataset(split)
+    with pytest.raises(DataError, match="is a directory but not a saved Hugging Face dataset"):
+        dataset(tmp_path / "dict" / "train")
