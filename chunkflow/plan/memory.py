@@ -401,9 +401,10 @@ def estimate_peak_memory(model, plan: ChunkPlan, *, k: int, param_bytes: int = 4
             kept = 0
         return sum(graph_bytes(n) for n in m[0]), on_device, kept, host
 
-    peak = max(moments, key=lambda m: sum(parts(m)[:3]))
-    activations, kv_state, kept, _ = parts(peak)
-    host = max(parts(m)[3] for m in moments)
+    of = {id(m): parts(m) for m in moments}  # each moment's parts, computed once
+    peak = max(moments, key=lambda m: sum(of[id(m)][:3]))
+    activations, kv_state, kept, _ = of[id(peak)]
+    host = max(p[3] for p in of.values())
 
     # Static parts. LoRA: frozen weights in the parameter dtype, adapters (and their gradients
     # and optimizer state) in float32 or wider, as peft keeps them.
@@ -428,7 +429,7 @@ def estimate_peak_memory(model, plan: ChunkPlan, *, k: int, param_bytes: int = 4
         """The device's bytes at a moment: static parts, its step parts and transient."""
         copies = cast * (len(m[0]) if lora else 1)
         return (weights + copies + (grads if m[3] else 0) + optimizer_state
-                + sum(parts(m)[:3]) + transient)
+                + sum(of[id(m)][:3]) + transient)
 
     at = max(moments, key=device)
     peak_bytes, peak_at = device(at), ("a chunk's backward" if at[3] else
