@@ -163,7 +163,7 @@ def _dry_run(args: argparse.Namespace, unknown: list[str]) -> int:
     from chunkflow.train.arguments import config_from_args
 
     cfg = config_from_args(args, unknown)
-    gpu = get_gpu_spec(args.gpu)
+    gpu = get_gpu_spec(args.gpu or "h100-80gb")
     gpus = args.gpus if args.gpus is not None else cfg.parallel.pp * cfg.parallel.tp
     check_layout(cfg, gpus)
     if args.lengths:
@@ -202,7 +202,7 @@ def _data_batches(cfg, num_batches: int, *, vocab_size: int | None = None):
 
 
 # plan --auto's options and defaults (other plan runs warn when one of them is changed)
-_AUTO_DEFAULTS = {"model": None, "gpu": "h100-80gb", "gpus": None, "max_len": "256K",
+_AUTO_DEFAULTS = {"model": None, "gpu": None, "gpus": None, "max_len": "256K",
                   "memory_budget": "80GiB", "global_batch": 256, "top": 5}
 
 
@@ -218,13 +218,13 @@ def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
     from chunkflow.train.arguments import config_from_args
 
     cfg = config_from_args(args, unknown)  # the run's options (same as chunkflow train)
-    args.gpus = 16 if args.gpus is None else args.gpus
     args.batches = 3 if args.batches is None else args.batches
     given = {name for name in vars(args) if "." in name}
     own_model = args.config is not None or given & {"model.path", "model.preset"}
     if own_model and args.model is not None:
         raise ValueError(f"--model {args.model} and the run's model ("
                          f"{cfg.model.path or cfg.model.preset}) both given; valid: one of them")
+    devices = _target_gpus(args)
     from chunkflow.train.build import model_label, model_shape
 
     shape, name = ((model_shape(cfg), model_label(cfg)) if own_model
@@ -252,7 +252,8 @@ def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
         max_len = parse_size(args.max_len)
         source = f"max length {args.max_len}, global batch {args.global_batch}"
     print(f"auto-tune: {name} on {args.gpus} x {gpu.name}, {source}, memory budget "
-          f"{args.memory_budget} (predicted by chunkflow.plan.cost + chunkflow.sim)")
+          f"{args.memory_budget} (predicted by chunkflow.plan.cost + chunkflow.sim; the GPUs: "
+          f"{devices})")
     fsdp = not own_model or fsdp_runs(cfg)
     if options["runtime"] == "chunkflow" and shape.tie_word_embeddings:
         options["max_pp"] = 1  # the embedding and the head would be on two stages
@@ -284,6 +285,10 @@ def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
         best = first_that_fits(run_cfg, candidates[:args.top], batch, args.gpu, args.gpus, fsdp=fsdp)
     run = run_options(args.config, {name: getattr(args, name) for name in given}) \
         if own_model else " ..."
+    if own_model and cfg.train.output_dir is not None:
+        # the run's directory may hold checkpoints already (a --config of a run's
+        # config.toml): the line continues it then, and starts it otherwise
+        run += " --resume=auto"
     launch = launch_command(best, gpus=args.gpus, run=run, fsdp=fsdp,
                             vocab_parallel=(cfg.parallel.vocab_parallel
                                             or options["runtime"] != "chunkflow"),
@@ -293,6 +298,31 @@ def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
              "parallelism, which gathers the layers' inputs again in backward where chunkflow "
              "keeps them: plan with the run's --model.* or --config for its own") + ")")
     return 0
+
+
+def _target_gpus(args: argparse.Namespace) -> str:
+    """Fill in ``args.gpus``/``args.gpu`` for ``plan --auto``: as given, else this machine's
+    CUDA devices; a machine without any needs ``--gpus`` (the cluster the run will use).
+    Returns where the figures came from."""
+    if args.gpus is not None:
+        named = args.gpu is not None
+        args.gpu = args.gpu or "h100-80gb"
+        return "as given" if named else "--gpus as given, --gpu h100-80gb by default"
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError("plan --auto plans a GPU layout and this machine has no CUDA device; "
+                         "valid: --gpus N (and --gpu h100-80gb or a100-80gb) for the cluster "
+                         "the run will use")
+    args.gpus = torch.cuda.device_count()
+    if args.gpu is None:
+        device = torch.cuda.get_device_name(0)
+        args.gpu = next((key for key in ("h100-80gb", "a100-80gb")
+                         if key.split("-")[0].upper() in device.upper()), None)
+        if args.gpu is None:
+            raise ValueError(f"plan --auto has no cost profile for this machine's {device!r}; "
+                             f"valid: --gpu h100-80gb or a100-80gb, the closer one")
+    return "this machine's CUDA devices"
 
 
 def _named_shape(name: str):
@@ -453,7 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "a preset (tiny, qwen2.5-0.5b); or give the run's --model.path")
     auto.add_argument("--gpu", default=d["gpu"], help="h100-80gb or a100-80gb (--dry-run: "
                       "any GPU of chunkflow.plan.gpus, e.g. H200)")
-    auto.add_argument("--gpus", type=int, default=d["gpus"], help="GPUs in all (default 16; "
+    auto.add_argument("--gpus", type=int, default=d["gpus"], help="GPUs in all (default: "
+                      "this machine's CUDA devices; needed on a machine without any; "
                       "--dry-run: pp x tp)")
     auto.add_argument("--max-len", default=d["max_len"], help="longest sequence, e.g. 256K")
     auto.add_argument("--memory-budget", default=d["memory_budget"], help="per GPU, e.g. 80GiB")

@@ -238,3 +238,28 @@ def test_plan_auto_launch_command_spells_out_the_layout():
         "--chunking.k=2 --chunking.auto=false --parallel.tp=1 --parallel.pp=1")
     assert "--parallel.tp=2 --parallel.vocab_parallel=false " in launch_command(
         Candidate(512, 1, 2, 1, 2, 1.0, 1.0, 0.0), gpus=4, vocab_parallel=False)
+
+
+def test_plan_auto_plans_for_this_machine_or_asks_for_the_cluster(tmp_path, capsys,
+                                                                   monkeypatch):
+    """Issue 25 §4: on a CPU box plan --auto proposed 16 x H100 for a tiny model; its launch
+    line with a run's config.toml failed ("already holds checkpoints")."""
+    import torch
+
+    assert main(["plan", "--auto", "--model=tiny", "--max-len=4K"]) == 2
+    assert ("this machine has no CUDA device; valid: --gpus N (and --gpu h100-80gb or "
+            "a100-80gb)") in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA A100-SXM4-80GB")
+    assert main(["plan", "--auto", "--model=tiny", "--max-len=4K", "--global-batch=8"]) == 0
+    out = capsys.readouterr().out
+    assert "on 2 x A100-80GB" in out and "the GPUs: this machine's CUDA devices)" in out
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA L4")
+    assert main(["plan", "--auto", "--model=tiny", "--max-len=4K"]) == 2
+    assert "no cost profile for this machine's 'NVIDIA L4'" in capsys.readouterr().err
+    # a run's own configuration: the launch line continues its directory or starts it
+    run = tmp_path / "run"
+    assert main(["plan", "--auto", "--model.preset=tiny", f"--train.output_dir={run}",
+                 "--gpus=2", "--global-batch=8", "--max-len=4K"]) == 0
+    assert f"--train.output_dir={run} --resume=auto" in capsys.readouterr().out
