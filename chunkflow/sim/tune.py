@@ -22,11 +22,13 @@ fastest predicted iteration within a memory budget.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from dataclasses import dataclass
 from typing import Sequence
 
+from chunkflow.plan.balance import balance_chunks, subplan
 from chunkflow.plan.chunks import ChunkPlan, build_chunks, check_positive_int
 from chunkflow.plan.cost import GPUS_PER_NODE, CostModel, GPUProfile, ModelShape, chunk_segments
 from chunkflow.plan.lengths import sample_lengths
@@ -51,6 +53,8 @@ class Prediction:
     """Per stage of the slowest replica: the makespan without any bubble is their maximum."""
     num_microbatches: int
     """Micro-batches (Megatron) or chunks (chunkflow) over all replicas."""
+    idle_replicas: float = 0.0
+    """The share of data-parallel replicas without any work in the batch."""
 
 
 def _simulate(cost: CostModel, stages, items: dict[int, tuple[list[int], int]],
@@ -143,26 +147,40 @@ def plan_items(plan: ChunkPlan) -> tuple[dict[int, tuple[list[int], int]], dict[
 
 
 def predict_chunkflow(cost: CostModel, seq_lens: Sequence[int], *, chunk_size: int, k: int,
-                      recompute: str = "full") -> Prediction:
+                      recompute: str = "full", shard: str = "sequences") -> Prediction:
     """chunkflow: chunks of ``chunk_size``, state-aware 1F1B keeping ``k`` graphs per chain;
     ``recompute``: how the other chunks are recomputed ("full" or "selective"). The cost
     model's ``recompute="full"`` (each layer keeps its input, one is recomputed in backward)
-    is chunkflow's ``--chunking.activation_checkpointing``."""
+    is chunkflow's ``--chunking.activation_checkpointing``. ``shard``: how the batch is split
+    over the data-parallel replicas: ``"sequences"`` balanced before chunking (the paper's
+    analysis), ``"units"`` as chunkflow's runtime does it, chunking the whole batch and
+    placing whole chains and standalone chunks (:func:`chunkflow.plan.balance_chunks`), so a
+    batch of a few short sequences may leave replicas without a chunk
+    (``Prediction.idle_replicas``)."""
+    if shard not in ("sequences", "units"):
+        raise ValueError(f"shard={shard!r}; valid: 'sequences', 'units'")
     if cost.recompute == "selective":
         raise ValueError("recompute='selective' (Megatron's core-attention recompute): chunkflow "
                          "recomputes through its S/R actions (k) and, with "
                          "--chunking.activation_checkpointing, whole layers: run its cost "
                          "model with recompute='none' or 'full'")
+    if shard == "units":
+        whole = build_chunks(seq_lens, chunk_size=chunk_size)
+        ids = balance_chunks(whole, cost.dp, k=k, shape=cost.shape).chunk_ids
+        plans = [subplan(whole, r)[0] if r else None for r in ids]
+    else:
+        plans = [build_chunks(share, chunk_size=chunk_size) if share else None
+                 for share in split_sequences(cost, seq_lens)]
     runs, num_chunks = [], 0
-    for share in split_sequences(cost, seq_lens):
-        if not share:
+    for plan in plans:
+        if plan is None:
             continue
-        plan = build_chunks(share, chunk_size=chunk_size)
         items, state = plan_items(plan)
         runs.append(_simulate(cost, state_aware_1f1b(plan, cost.pp, k=k, recompute=recompute),
                               items, state, chunkflow=True))
         num_chunks += plan.num_chunks
-    return _combine(cost, runs, num_chunks)
+    pred = _combine(cost, runs, num_chunks)
+    return dataclasses.replace(pred, idle_replicas=plans.count(None) / cost.dp)
 
 
 # ---- auto-tuner ------------------------------------------------------------------------------
@@ -180,6 +198,8 @@ class Candidate:
     bubble_ratio: float
     sp: int | None = None
     """Sequence-parallel degree: ``None`` means ``tp`` (Megatron's); 1 means none."""
+    mostly_idle: bool = False
+    """In most of the batches some data-parallel replica gets no chunk."""
 
     @property
     def layout(self) -> str:
@@ -241,6 +261,7 @@ def autotune(shape: ModelShape, gpu: GPUProfile, *, max_len: int, num_gpus: int,
                 "global_batch", global_batch), max_len=max_len)
         batches = [seq_lens]
     batches = [list(b) for b in batches]
+    shard = "units" if runtime == "chunkflow" else "sequences"  # as that runtime shards
     if not batches or not all(batches):
         raise ValueError("autotune needs at least one non-empty batch of sequence lengths")
     found, smallest = [], None
@@ -252,11 +273,14 @@ def autotune(shape: ModelShape, gpu: GPUProfile, *, max_len: int, num_gpus: int,
         for chunk_size in sorted(c for c in chunk_sizes if c <= max_len) or [min(chunk_sizes)]:
             longest = max(-(-n // chunk_size) for b in batches for n in b)
             for k in sorted({min(k, longest) for k in ks}):
-                preds = [predict_chunkflow(cost, b, chunk_size=chunk_size, k=k) for b in batches]
+                preds = [predict_chunkflow(cost, b, chunk_size=chunk_size, k=k, shard=shard)
+                         for b in batches]
+                idle = sum(p.idle_replicas > 0 for p in preds)
                 cand = Candidate(chunk_size, k, tp, pp, dp,
                                  sum(p.iteration_seconds for p in preds) / len(preds),
                                  max(p.peak_memory_bytes for p in preds),
-                                 sum(p.bubble_ratio for p in preds) / len(preds), cost.sp)
+                                 sum(p.bubble_ratio for p in preds) / len(preds), cost.sp,
+                                 mostly_idle=idle > len(preds) / 2)
                 if smallest is None or cand.peak_memory_bytes < smallest.peak_memory_bytes:
                     smallest = cand
                 if cand.peak_memory_bytes <= memory_budget:
@@ -270,7 +294,10 @@ def autotune(shape: ModelShape, gpu: GPUProfile, *, max_len: int, num_gpus: int,
                          f"predicted peak is {format_size(smallest.peak_memory_bytes)} "
                          f"(chunk {format_size(smallest.chunk_size, tokens=True)}, K={smallest.k}, "
                          f"{smallest.layout}); add GPUs or raise the budget")
-    return sorted(found, key=lambda c: (c.iteration_seconds, c.peak_memory_bytes))
+    # a layout whose replicas sit idle in most batches wastes GPUs another layout would use:
+    # only when nothing else fits
+    return sorted(found, key=lambda c: (c.mostly_idle, c.iteration_seconds,
+                                        c.peak_memory_bytes))
 
 
 def format_candidates(cands: Sequence[Candidate], top: int = 5) -> str:

@@ -147,3 +147,27 @@ def test_autotune_tries_each_effective_k_once():
     cands = autotune(SHAPE, H100, max_len=8192, num_gpus=1, memory_budget=float("inf"),
                      seq_lens=[6000, 3000, 100], chunk_sizes=(4096,), ks=(1, 2, 4, 8))
     assert sorted(c.k for c in cands) == [1, 2]  # the longest chain has two chunks
+
+
+def test_chunkflow_replicas_get_whole_units_and_idle_layouts_are_not_chosen():
+    """Issue 25 §4: 8 short chats make one 4K chunk, which the runtime places on one replica;
+    pricing sequences split before chunking made DP=2 look twice as fast, and plan --auto chose
+    it though one replica sat idle in most steps."""
+    chats = [300] * 8
+    dp2 = CostModel(SHAPE, H100, dp=2)
+    runtime = predict_chunkflow(dp2, chats, chunk_size=4096, k=1, shard="units")
+    paper = predict_chunkflow(dp2, chats, chunk_size=4096, k=1)
+    one = predict_chunkflow(CostModel(SHAPE, H100), chats, chunk_size=4096, k=1)
+    assert runtime.idle_replicas == 0.5 and paper.idle_replicas == 0.0
+    assert runtime.stage_busy_seconds[0] > 1.5 * paper.stage_busy_seconds[0]  # 8 chats, not 4
+    assert runtime.num_microbatches == one.num_microbatches == 1
+    # a long sequence and short ones: both replicas busy, balanced as the runtime balances
+    mixed = predict_chunkflow(dp2, [20000, *chats], chunk_size=4096, k=1, shard="units")
+    assert mixed.idle_replicas == 0.0
+    with pytest.raises(ValueError, match="shard='chunks'"):
+        predict_chunkflow(dp2, chats, chunk_size=4096, k=1, shard="chunks")
+    cands = autotune(SHAPE, H100, max_len=4096, num_gpus=2, memory_budget=200 << 30,
+                     batches=[chats] * 5, chunk_sizes=[4096], ks=[1], runtime="chunkflow")
+    assert cands[0].dp == 1 and not cands[0].mostly_idle
+    assert [c.mostly_idle for c in cands if c.dp == 2] == [True]
+    assert cands[-1].dp == 2  # listed, after every layout that uses its GPUs
