@@ -558,10 +558,14 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = build_parser().parse_known_args(argv)
     from chunkflow.train import CheckpointSpaceError, TrainingError
 
+    rank = int(os.environ.get("RANK", "0"))
     try:
         return args.func(args, unknown)
     except ValueError as e:
-        print(f"chunkflow: error: {e}", file=sys.stderr)
+        # Under torchrun every rank runs the same command on the same files and data, so a bad
+        # option, file or record is the same error on each: rank 0 says it once.
+        if rank == 0:
+            print(f"chunkflow: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except CheckpointSpaceError as e:
         print(f"chunkflow: checkpoint not saved: {e}", file=sys.stderr)

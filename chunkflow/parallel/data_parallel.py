@@ -53,11 +53,24 @@ def _sum_hook(group, bucket):
     return fut.then(lambda _: buffer)  # summed in place (a fake process group's work has no value)
 
 
+def _no_forward_buffer_sync() -> dict:
+    """DDP's option not to broadcast buffers before every forward (the buffers, RoPE's
+    frequencies, are equal on every rank): ``forward_sync_buffers=False`` where torch has it
+    (it deprecates ``broadcast_buffers``, with a FutureWarning per rank), else
+    ``broadcast_buffers=False`` (torch 2.11, the GPU image's)."""
+    import inspect
+
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    if "forward_sync_buffers" in params:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
 def apply_ddp(model: nn.Module, ctx: ParallelContext) -> DistributedDataParallel:
     """Wrap ``model`` (the stage) in DDP over the data-parallel group; gradients are summed."""
     ddp = DistributedDataParallel(model, process_group=ctx.dp_group,
                                   device_ids=[ctx.device.index] if ctx.device.type == "cuda"
-                                  else None, broadcast_buffers=False)
+                                  else None, **_no_forward_buffer_sync())
     ddp.register_comm_hook(ctx.dp_group, _sum_hook)
     return ddp
 

@@ -238,3 +238,12 @@ def test_torchrun_sigterm_saves_at_one_step_on_every_rank_and_resumes_bitwise(tm
     final, again = weights(tmp_path / "full" / "step-00000012"), weights(run / "step-00000012")
     for name in final:
         assert torch.equal(again[name], final[name]), name
+
+
+def test_torchrun_prints_a_user_error_once(tmp_path):
+    """Every rank runs the same command, so a bad option is one error, said by rank 0."""
+    out = torchrun(2, tmp_path / "run", **{"chunking.chunk_size": "-5"})
+    assert out.returncode != 0
+    line = "chunkflow: error: --chunking.chunk_size=-5: must be a positive integer"
+    assert (out.stdout + out.stderr).count(line) == 1, out.stderr
+    assert "FutureWarning" not in out.stderr
