@@ -272,17 +272,21 @@ def is_disk_full(e: BaseException, run_dir: Path | None = None, needed_bytes: in
             and shutil.disk_usage(run_dir).free < needed_bytes)
 
 
-def space_error(run_dir: Path, step: int, needed_bytes: int) -> CheckpointSpaceError:
-    """The one-line report of a checkpoint that did not fit on the device."""
+def space_error(run_dir: Path, step: int, needed_bytes: int, *, keep_last: int | None = None
+                ) -> CheckpointSpaceError:
+    """The one-line report of a checkpoint that did not fit on the device. Lowering
+    ``keep_last`` is advised only where older checkpoints are kept beside the newest."""
     free = shutil.disk_usage(run_dir).free if run_dir.is_dir() else 0
     older = list_checkpoints(run_dir)
     kept = (f"the newest saved checkpoint, {older[-1][1].name}, is intact" if older
             else "no checkpoint had been saved yet")
+    fewer = (", lower --checkpoint.keep_last" if keep_last is None or (
+        keep_last > 1 and len(older) > 1) else "")
     return CheckpointSpaceError(
         f"no space left on the device for checkpoint {checkpoint_name(step)} in "
         f"{run_dir.resolve()}: it needs about {_fmt_bytes(needed_bytes)} and "
         f"{_fmt_bytes(free)} are free. The partial checkpoint was removed and {kept}; free "
-        f"space (or raise --checkpoint.interval, lower --checkpoint.keep_last), then continue "
+        f"space (or raise --checkpoint.interval{fewer}), then continue "
         f"with: chunkflow train --train.output_dir {run_dir.resolve()} --resume")
 
 
@@ -350,7 +354,7 @@ def save_distributed_checkpoint(run_dir: Path, *, step: int, ctx,
             shutil.rmtree(tmp, ignore_errors=True)
         ctx.barrier()
         if any(full for _, full in errors):
-            raise space_error(run_dir, step, needed_bytes)
+            raise space_error(run_dir, step, needed_bytes, keep_last=keep_last)
         raise RuntimeError(f"checkpoint {checkpoint_name(step)} was not saved: "
                            + "; ".join(e for e, _ in errors))
 

@@ -197,8 +197,11 @@ class FileDataset:
 
     def __init__(self, cfg: DataSection, *, vocab_size: int, seed: int, tokenizer,
                  path: str | None = None, shuffle_buffer: int | None = None,
-                 option: str = "--data.path"):
+                 option: str = "--data.path", model_path: str | None = None):
         self.cfg, self.vocab_size, self.seed, self.tokenizer = cfg, vocab_size, seed, tokenizer
+        # where the vocabulary's size comes from, for a token id outside it
+        self.vocab_source = ("--model.vocab_size" if model_path is None else
+                             f"the vocabulary of --model.path={model_path}, its config.json")
         self.path = cfg.path if path is None else path
         self.shuffle_buffer = cfg.shuffle_buffer if shuffle_buffer is None else shuffle_buffer
         self.role_map = parse_role_map(cfg.role_map) if cfg.role_map else {}
@@ -340,7 +343,8 @@ class FileDataset:
             raise _Invalid(f"record is a JSON {_json_type(raw)}, not an object")
         # Null counts as absent: Parquet files with mixed record kinds have null columns.
         if raw.get(cfg.input_ids_field) is not None:
-            ids = _check_ids(raw[cfg.input_ids_field], cfg.input_ids_field, self.vocab_size)
+            ids = _check_ids(raw[cfg.input_ids_field], cfg.input_ids_field, self.vocab_size,
+                             self.vocab_source)
             labels = raw.get(cfg.labels_field)
             if labels is not None:
                 _check_labels(labels, len(ids), cfg.labels_field, self.vocab_size)
@@ -385,7 +389,8 @@ class FileDataset:
                        f"--data.messages_field or --data.input_ids_field")
 
 
-def _check_ids(ids: Any, field: str, vocab_size: int) -> list[int]:
+def _check_ids(ids: Any, field: str, vocab_size: int,
+               source: str = "--model.vocab_size") -> list[int]:
     if not isinstance(ids, list):
         raise _Invalid(f"{field!r} must be an array of integers, got {_json_type(ids)}")
     if not ids:
@@ -395,7 +400,7 @@ def _check_ids(ids: Any, field: str, vocab_size: int) -> list[int]:
             raise _Invalid(f"{field!r}[{pos}] = {t!r} is not an integer")
         if not 0 <= t < vocab_size:
             raise _Invalid(f"token id {t} at position {pos} of {field!r} is outside the "
-                           f"vocabulary [0, {vocab_size}) (--model.vocab_size)")
+                           f"vocabulary [0, {vocab_size}) ({source})")
     return ids
 
 
@@ -607,7 +612,8 @@ def build_dataset(cfg: DataSection, *, vocab_size: int, seed: int, tokenizer=Non
                             f"{vocab_size}; valid: --model.vocab_size >= "
                             f"{_SYMBOL_OFFSET + _NUM_SYMBOLS}, or --data.path")
         return SyntheticDataset(cfg, seed=seed, tokenizer=tokenizer)
-    return FileDataset(cfg, vocab_size=vocab_size, seed=seed, tokenizer=tokenizer)
+    return FileDataset(cfg, vocab_size=vocab_size, seed=seed, tokenizer=tokenizer,
+                       model_path=model_path)
 
 
 def build_eval_dataset(cfg: DataSection, path: str, *, vocab_size: int, tokenizer

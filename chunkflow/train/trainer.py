@@ -160,6 +160,7 @@ class Trainer:
         # What a checkpoint must hold beyond weights and optimizer: where the data stream is.
         self.step, self.position, self.stats, self.tokens_seen = 0, DataPosition(), DataStats(), 0
         self.empty_batches = self.consecutive_empty = 0
+        self._small_data = False  # warned that the data is smaller than a global batch
         self.last_checkpoint: Path | None = None
         self.saved_step: int | None = None  # the step of the newest checkpoint of this run
         resume_path = self.run_info.resume_from
@@ -419,6 +420,17 @@ class Trainer:
     def _note_epoch(self, bar, position: DataPosition, stats: DataStats) -> None:
         """Say when the stream has read every record once and starts the next pass."""
         if position.epoch <= self.position.epoch or not self.is_main:
+            return
+        if self.step == 0 and self.position.epoch == 0 or self._small_data:
+            # the first global batch already wraps around: a data set smaller than a batch
+            if not self._small_data:
+                self._small_data = True
+                size = (f"--data.batch_tokens={self.cfg.data.batch_tokens}"
+                        if self.cfg.data.batch_tokens else
+                        f"--data.batch_size={self.cfg.data.batch_size}")
+                bar.write(f"warning: the data holds {stats.epoch_records} usable record(s), "
+                          f"fewer than one global batch takes ({size}): every batch repeats "
+                          f"records; valid: more data, or a smaller batch")
             return
         wrap = ("" if self.cfg.train.epochs is not None else
                 "; the data wraps around (--train.epochs stops after a number of passes)")

@@ -564,3 +564,15 @@ def test_a_saved_datasets_directory_and_arrow_files_train_like_jsonl(tmp_path):
         dataset(split)
     with pytest.raises(DataError, match="is a directory but not a saved Hugging Face dataset"):
         dataset(tmp_path / "dict" / "train")
+
+
+def test_an_id_outside_a_pretrained_models_vocabulary_names_its_config(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"input_ids": [1, 300]}])
+    cfg = DataSection(path=path, shuffle_buffer=0, tokenizer="byte")
+    ds = build_dataset(cfg, vocab_size=256, seed=0, model_path="/models/qwen")
+    with pytest.raises(DataError, match=re.escape(
+            "token id 300 at position 1 of 'input_ids' is outside the vocabulary [0, 256) (the "
+            "vocabulary of --model.path=/models/qwen, its config.json)")):
+        take(ds, 1)
+    with pytest.raises(DataError, match=re.escape("[0, 256) (--model.vocab_size)")):
+        take(dataset(path)[0], 1)

@@ -141,3 +141,26 @@ def test_without_flock_the_lock_files_holder_decides(tmp_path, monkeypatch):
         assert lock_file.read_text() == f"{host} {os.getpid()}"
         lock.release()
         assert lock_file.read_text() == ""
+
+
+def test_the_full_disk_advice_suggests_fewer_kept_checkpoints_only_where_it_helps(tmp_path):
+    from chunkflow.train.checkpoint import space_error
+
+    (tmp_path / "step-00000001").mkdir()
+    alone = str(space_error(tmp_path, 2, 10**15, keep_last=3))
+    assert "step-00000001, is intact" in alone and "keep_last" not in alone  # nothing to drop
+    (tmp_path / "step-00000002").mkdir()
+    assert "keep_last" not in str(space_error(tmp_path, 3, 10**15, keep_last=1))
+    assert ("(or raise --checkpoint.interval, lower --checkpoint.keep_last)"
+            in str(space_error(tmp_path, 3, 10**15, keep_last=2)))
+
+
+def test_data_smaller_than_a_batch_is_warned_about_once(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "tiny.jsonl", 3)
+    assert main(["train", *args(tmp_path / "run", **{"data.path": str(data),
+                                                      "data.batch_size": "8",
+                                                      "train.steps": "3"})]) == 0
+    out = capsys.readouterr().out
+    assert out.count("warning: the data holds 3 usable record(s), fewer than one global batch "
+                     "takes (--data.batch_size=8): every batch repeats records") == 1
+    assert "complete (" not in out  # no epoch line per step
