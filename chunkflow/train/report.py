@@ -1,5 +1,7 @@
 """A run's training curves as one PNG: loss (and held-out loss), learning rate and gradient
-norm, throughput and peak memory against the step.
+norm, throughput, peak memory (the process's max RSS on an axis of its own) and the
+data-parallel balance against the step, with a line where each pass over the data begins and
+the layout in the title.
 
 Reads ``<run_dir>/metrics.jsonl``, which the trainer appends one JSON object per optimizer step
 to (``step``, ``loss``, ``lr``, ``grad_norm``, ``tokens_per_s``, ``peak_memory_bytes``, and
@@ -28,7 +30,40 @@ _PANELS = (
     ("lr", "Learning rate and gradient norm", "learning rate", 1.0, "learning rate"),
     ("tokens_per_s", "Throughput", "tokens / s", 1.0, "throughput"),
     ("peak_memory_bytes", "Peak memory", "MiB", 1 / 2**20, "peak memory"),
+    ("dp_imbalance", "Data-parallel balance", "max / mean replica cost", 1.0, "imbalance"),
 )
+
+
+def _layout(run_dir: Path, records: list[dict[str, Any]]) -> str:
+    """``dp x pp x tp`` of the run (its config.toml and logged replicas), or ""."""
+    dp = max((len(r["dp_chunks"]) for r in records if isinstance(r.get("dp_chunks"), list)),
+             default=None)
+    try:
+        import tomllib
+
+        parallel = tomllib.loads((run_dir / "config.toml").read_text()).get("parallel", {})
+    except (OSError, ValueError):
+        parallel = {}
+    if dp is None and not parallel:
+        return ""
+    return (f"; layout dp={dp or 1} x pp={parallel.get('pp', 1)} x tp={parallel.get('tp', 1)}"
+            + (f" ({parallel['data_parallel']})" if (dp or 1) > 1 and "data_parallel" in
+               parallel else ""))
+
+
+def _epoch_starts(records: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    """(step, pass number) where a new pass over the data begins (``epoch`` is the passes
+    made so far, logged for file data)."""
+    starts, last = [], None
+    for record in records:
+        epoch = record.get("epoch")
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, float)):
+            continue
+        whole = int(epoch)
+        if last is not None and whole > last:
+            starts.append((record["step"], whole + 1))
+        last = whole
+    return starts
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -105,7 +140,7 @@ def write_report(run_dir: str | Path, *, output: Path | None = None) -> Path:
 
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(8, 11), dpi=100, layout="constrained")
+    fig = Figure(figsize=(8, 13), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(_PANELS), 1, sharex=True)
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
@@ -136,15 +171,28 @@ def write_report(run_dir: str | Path, *, output: Path | None = None) -> Path:
         axes[1].legend(handles=handles, loc="best", fontsize=8)
     # On CPU the meter counts what the step holds; the process's max RSS (weights, optimizer,
     # allocator) is logged beside it and shown for comparison when present.
+    # Its own axis: RSS (weights, optimizer, allocator) dwarfs the step's memory and would
+    # flatten it.
+    memory = axes[-2]
     steps, rss = _series(records, "max_rss_bytes", 1 / 2**20, metrics_path)
     if steps:
-        axes[-1].plot(steps, rss, linestyle="--", linewidth=1.0, label="process max RSS")
-        axes[-1].legend(loc="best", fontsize=8)
+        twin = memory.twinx()
+        twin.plot(steps, rss, color="tab:gray", linestyle="--", linewidth=1.0,
+                  label="process max RSS")
+        twin.set_ylabel("process max RSS (MiB)")
+        handles = memory.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+        memory.legend(handles=handles, loc="best", fontsize=8)
+    for step, epoch in _epoch_starts(records):
+        for ax in axes:
+            ax.axvline(step, color="tab:green", linestyle=":", linewidth=1.0)
+        axes[0].annotate(f"epoch {epoch}", (step, 1), xycoords=("data", "axes fraction"),
+                         xytext=(2, -10), textcoords="offset points", fontsize=7,
+                         color="tab:green")
     axes[-1].set_xlabel("step")
 
     name = run_dir.resolve().name or str(run_dir)
     first, last = records[0]["step"], records[-1]["step"]
-    fig.suptitle(f"{name}: {len(records)} steps ({first}..{last})")
+    fig.suptitle(f"{name}: {len(records)} steps ({first}..{last}){_layout(run_dir, records)}")
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, format="png")
     return output

@@ -42,7 +42,7 @@ def test_report_is_a_png_of_sensible_size(tmp_path):
     out = write_report(run_dir)
     assert out == run_dir / "report.png" and out.is_file()
     width, height = _png_size(out)
-    assert (width, height) == (800, 1100)  # figsize (8, 11) at 100 dpi
+    assert (width, height) == (800, 1300)  # figsize (8, 13) at 100 dpi: five panels
     assert 10_000 < out.stat().st_size < 2_000_000  # drawn, not blank
 
 
@@ -50,7 +50,7 @@ def test_custom_output_and_string_run_dir(tmp_path):
     run_dir = _write(tmp_path / "run-b", [_record(1), _record(2)])
     out = write_report(str(run_dir), output=tmp_path / "plots" / "curves.png")
     assert out == tmp_path / "plots" / "curves.png"
-    assert _png_size(out) == (800, 1100)
+    assert _png_size(out) == (800, 1300)
     with pytest.raises(ValueError, match="curves.svg.*PNG"):
         write_report(run_dir, output=tmp_path / "curves.svg")
 
@@ -109,7 +109,7 @@ def test_missing_metrics_and_nulls_still_draw(tmp_path):
     lines = [{"step": s, "loss": None if s == 2 else 1.0 / s, "peak_memory_bytes": 2**20}
              for s in range(1, 5)]
     out = write_report(_write(tmp_path / "sparse", lines))
-    assert _png_size(out) == (800, 1100)
+    assert _png_size(out) == (800, 1300)
 
 
 def test_missing_run_dir(tmp_path):
@@ -147,3 +147,37 @@ def test_non_numeric_metric_is_named(tmp_path):
     run_dir = _write(tmp_path / "run", [_record(1), _record(2, tokens_per_s="fast")])
     with pytest.raises(ValueError, match="step 2: 'tokens_per_s' must be a number, got 'fast'"):
         write_report(run_dir)
+
+
+def test_memory_on_its_own_axes_epochs_marked_dp_balance_and_layout(tmp_path, monkeypatch):
+    """Issue 25 §5: peak memory was flattened against the RSS on one axis; no epoch markers,
+    no data-parallel panel, no layout."""
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    lines = [_record(s, epoch=0.4 * s, dp_imbalance=1.0 + 0.1 * s, dp_chunks=[3, 2])
+             for s in range(1, 7)]  # a new pass begins at steps 3 and 5
+    run_dir = _write(tmp_path / "run", lines)
+    (run_dir / "config.toml").write_text('[parallel]\npp = 2\ntp = 1\n'
+                                         'data_parallel = "fsdp"\n')
+    drawn = {}
+    savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig",
+                        lambda fig, *a, **kw: (drawn.setdefault("fig", fig), savefig(fig, *a,
+                                                                                     **kw))[1])
+    write_report(run_dir)
+    fig = drawn["fig"]
+    axes = [a for a in fig.axes if isinstance(a, Axes)]
+    assert [a.get_title(loc="left") for a in axes[:5]] == [
+        "Loss", "Learning rate and gradient norm", "Throughput", "Peak memory",
+        "Data-parallel balance"]
+    lines_of = {line.get_label(): (a, list(line.get_ydata())) for a in axes
+                for line in a.get_lines()}
+    peak_axes, rss_axes = lines_of["peak memory"][0], lines_of["process max RSS"][0]
+    assert peak_axes is not rss_axes  # each on its own y axis
+    assert lines_of["imbalance"][1] == [1.0 + 0.1 * s for s in range(1, 7)]
+    marks = [line.get_xdata()[0] for line in axes[0].get_lines()
+             if line.get_linestyle() == ":"]
+    assert marks == [3, 5]
+    assert [t.get_text() for t in axes[0].texts] == ["epoch 2", "epoch 3"]
+    assert fig.get_suptitle().endswith("; layout dp=2 x pp=2 x tp=1 (fsdp)")
