@@ -219,6 +219,13 @@ class LogSection:
     interval: int = _f(10, "Print a metrics line every N steps (metrics.jsonl gets every step).")
     progress: bool = _f(True, "Show a progress bar (loss, tokens/s, peak memory, ETA).")
     tensorboard: bool = _f(False, "Also write TensorBoard events to <output_dir>/tensorboard.")
+    wandb: bool = _f(False, "Also log every step to Weights & Biases (pip install wandb); a "
+                            "resumed run continues the same W&B run.")
+    wandb_project: str = _f("chunkflow", "The W&B project.")
+    wandb_name: str | None = _f(None, "The W&B run name. Unset: the run directory's name.")
+    wandb_mode: Literal["auto", "online", "offline"] = _f(
+        "auto", "offline: write the W&B run under <output_dir>/wandb without a network (wandb "
+                "sync uploads it later); auto: wandb's default (WANDB_MODE).")
 
 
 @dataclass

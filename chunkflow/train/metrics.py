@@ -21,9 +21,11 @@ class MetricsLog:
     """metrics.jsonl (one line per step) and, optionally, TensorBoard scalars."""
 
     def __init__(self, run_dir: Path, *, resume_step: int, tensorboard: bool,
-                 set_aside: bool = False):
+                 set_aside: bool = False, wandb=None, config: dict | None = None):
         """``set_aside``: the run replaces a history with checkpoints past ``resume_step``
-        (a resume from an older step): its later lines go to ``superseded/``, not away."""
+        (a resume from an older step): its later lines go to ``superseded/``, not away.
+        ``wandb``: the run's ``[log]`` section when it logs to Weights & Biases
+        (:func:`_wandb_run`), ``config`` the configuration it records."""
         self.path = run_dir / METRICS_FILE
         if self.path.exists():
             # A killed run may have logged steps after its last checkpoint; they will be redone.
@@ -51,20 +53,50 @@ class MetricsLog:
                 raise ValueError(f"--log.tensorboard=true needs the tensorboard package "
                                  f"(pip install tensorboard): {e}") from None
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self.wandb = _wandb_run(wandb, run_dir, config) if wandb is not None else None
 
     def log(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        scalars = {key: value for key, value in record.items() if key != "step"
+                   and isinstance(value, (int, float)) and not isinstance(value, bool)}
         if self.writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) \
-                        and not isinstance(value, bool):
-                    self.writer.add_scalar(key, value, record["step"])
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
 
     def close(self) -> None:
         self.file.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+WANDB_ID_FILE = "wandb-run-id"
+
+
+def _wandb_run(log, run_dir: Path, config: dict | None):
+    """A Weights & Biases run (``wandb.init``) for the run directory: its id is kept in
+    ``RUN/wandb-run-id``, so a resumed chunkflow run continues the same W&B run
+    (``resume="allow"``); files go under ``RUN/wandb``; ``mode`` offline works without a
+    network. (W&B drops a step it has seen, so the steps a resume redoes keep their first
+    values there; metrics.jsonl has the redone ones.)"""
+    try:
+        import wandb
+    except ImportError as e:
+        raise ValueError(f"--log.wandb=true needs the wandb package (pip install wandb): "
+                         f"{e}") from None
+    id_file = run_dir / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if id_file.is_file() else None
+    if not run_id:
+        run_id = wandb.util.generate_id()
+        id_file.write_text(run_id + "\n")
+    (run_dir / "wandb").mkdir(exist_ok=True)
+    options = {} if log.wandb_mode == "auto" else {"mode": log.wandb_mode}
+    return wandb.init(project=log.wandb_project, name=log.wandb_name or run_dir.name,
+                      id=run_id, resume="allow", dir=str(run_dir), config=config, **options)
 
 
 def format_step(record: dict[str, Any], total: int) -> str:

@@ -301,8 +301,16 @@ class Trainer:
                 self.run_info.release()
             return summary
         # Only rank 0 logs; every rank trains, saves its part and stops together.
-        metrics = (MetricsLog(self.run_dir, resume_step=self.step, tensorboard=cfg.log.tensorboard,
-                              set_aside=self.run_info.newer) if self.is_main else None)
+        try:
+            metrics = (MetricsLog(self.run_dir, resume_step=self.step,
+                                  tensorboard=cfg.log.tensorboard, set_aside=self.run_info.newer,
+                                  wandb=cfg.log if cfg.log.wandb else None,
+                                  config=cfg.to_dict())
+                       if self.is_main else None)
+        except BaseException:  # e.g. a logger that is not installed: nothing has run yet
+            self.run_info.remove_if_unused()
+            self.close()
+            raise
         batches = global_batches(self.dataset, cfg.data, self.position, self.stats,
                                  num_epochs=cfg.train.epochs)
         bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True,
