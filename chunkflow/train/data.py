@@ -291,6 +291,32 @@ class FileDataset:
         example = _fit(example, self.cfg, counts)
         return None if example is None else (example, kind)
 
+    def check_chat_template(self, scan: int = 100) -> None:
+        """Before training: when one of the first ``scan`` records is a chat and only assistant
+        turns are supervised, label a two-turn conversation with the tokenizer's template, so
+        a template that cannot be masked is refused now, not at the first such record
+        mid-run (a ChatTemplateError, as a DataError naming the record)."""
+        if self.cfg.train_on != "assistant":
+            return
+        fields = (self.cfg.messages_field, SHAREGPT_FIELD)
+        for file_idx, num, raw in itertools.islice(self._raw_items(), scan):
+            try:
+                record = json.loads(raw) if isinstance(raw, bytes) else raw
+            except (ValueError, UnicodeDecodeError):
+                continue  # a bad record: the stream reports it when it gets there
+            if isinstance(record, dict) and any(record.get(f) is not None for f in fields):
+                probe = [{"role": "user", "content": "Hello."},
+                         {"role": "assistant", "content": "Hi."},
+                         {"role": "user", "content": "How are you?"},
+                         {"role": "assistant", "content": "Fine, thanks."}]
+                try:
+                    encode_chat(self.tokenizer, probe, train_on="assistant")
+                except ChatTemplateError as e:
+                    raise DataError(f"{self._where(file_idx, num)} is a chat, and {e}") from None
+                except ValueError:
+                    pass  # the template refuses this probe's shape, not the masking
+                return
+
     def _raw_items(self) -> Iterator[tuple[int, int, Any]]:
         """(file index, line number or row index, unparsed line / row dict) for every record."""
         for file_idx, (path, fmt) in enumerate(self.files):

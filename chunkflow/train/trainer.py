@@ -130,6 +130,8 @@ class Trainer:
         vocab_size = self.model.config.vocab_size
         self.dataset = build_dataset(cfg.data, vocab_size=vocab_size, seed=cfg.train.seed,
                                      tokenizer=self.tokenizer, model_path=cfg.model.path)
+        if isinstance(self.dataset, FileDataset):
+            self.dataset.check_chat_template()  # a template that cannot be masked: now
         self.eval_dataset = None
         if cfg.eval.path is not None:
             self.eval_dataset = build_eval_dataset(cfg.data, cfg.eval.path,

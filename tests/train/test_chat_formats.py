@@ -109,3 +109,25 @@ def test_openai_tool_calls_and_content_parts_train_like_their_plain_chat(tmp_pat
     with pytest.raises(DataError, match="tool calls and a 'tools' list need the chat template "
                                         "of the model's tokenizer"):
         take(dataset(path)[0], 1)
+
+
+def test_a_template_that_cannot_be_masked_is_refused_before_training(tmp_path, capsys):
+    """A template that drops an earlier assistant turn's text cannot be masked by any method:
+    the run stops at its start, naming the first chat record, not mid-run."""
+    from chunkflow.cli import main
+    from tests.train.test_trainer import args
+
+    drops = ("{%- for m in messages -%}<|im_start|>{{ m.role }}" + NL
+             + "{%- if m.role != 'assistant' or loop.last -%}{{ m.content }}{%- endif -%}"
+             "<|im_end|>" + NL + "{%- endfor -%}"
+             "{%- if add_generation_prompt -%}<|im_start|>assistant" + NL + "{%- endif -%}")
+    tok_dir = make_hf_tokenizer(tmp_path / "tok", chat_template=drops)
+    records = [{"text": "plain"}] * 3 + [{"messages": CHAT}] * 20
+    data = write_jsonl(tmp_path / "a.jsonl", records)
+    assert main(["train", *args(tmp_path / "run", **{
+        "data.path": data, "data.tokenizer": tok_dir, "model.vocab_size": "512",
+        "train.steps": "2"})]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}:4 is a chat, and the chat template of tokenizer" in err
+    assert "is not prefix-stable" in err
+    assert not (tmp_path / "run").exists()
