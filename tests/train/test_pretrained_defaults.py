@@ -33,7 +33,8 @@ def test_fine_tuning_defaults_apply_to_a_pretrained_model_only(tmp_path):
 def test_a_pretrained_run_prints_its_defaults_and_warms_up_over_3_percent(tmp_path, capsys):
     model, data = model_dir(tmp_path, tied=True), chat_job(tmp_path)
     argv = [a for a in hf_args(str(tmp_path / "run"), model, str(data),
-                               **{"train.steps": "40", "checkpoint.interval": "0"})]
+                               **{"train.steps": "40", "checkpoint.interval": "0"})
+            if not a.startswith("--optim.")]  # the defaults under test
     assert main(["train", *argv]) == 0
     out = capsys.readouterr().out
     assert ("fine-tuning defaults for a pretrained model: optim.lr=2e-05, "

@@ -35,6 +35,10 @@ def chat_job(tmp_path: Path) -> Path:
 def hf_args(run: str, model: str, data: str, **extra) -> list[str]:
     options = {"model.path": model, "data.path": data, "chunking.chunk_size": "16",
                "data.batch_size": "3", "train.steps": "6", "checkpoint.interval": "2",
+               # a warmup longer than any of these runs: the learning rate of a step does not
+               # depend on the run's length, so a run stopped early (fewer --train.steps) and
+               # resumed is the longer run (a warmup ratio would stretch with the run)
+               "optim.warmup_steps": "10",
                "log.progress": "false", "train.output_dir": run, **extra}
     return [f"--{k}={v}" for k, v in options.items()]
 
