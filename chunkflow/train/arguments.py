@@ -71,7 +71,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, resume: bool = True
             choices = [a for a in typing.get_args(annotation) if a is not type(None)]
             metavar = ("|".join(choices) if typing.get_origin(annotation) is Literal else
                        getattr(choices[0] if choices else annotation, "__name__", "VALUE").upper())
-            extra = {"nargs": "?", "const": "true"} if annotation is bool else {}
+            takes_bool = annotation is bool or bool in choices
+            if bool in choices:  # bool | Literal[...]: true, false or a named choice
+                named = [a for c in choices if typing.get_origin(c) is Literal
+                         for a in typing.get_args(c)]
+                metavar = "|".join(["BOOL", *named])
+            extra = {"nargs": "?", "const": "true"} if takes_bool else {}
             group.add_argument(f"--{name}", dest=name, metavar=metavar, default=argparse.SUPPRESS,
                                help=f"{f.metadata['help']} (default: {f.default})", **extra)
 
