@@ -96,7 +96,7 @@ def analytic(run: dict, flags: list[str]) -> tuple[float, float]:
     lengths = parse_lengths(args.lengths)
     shape, c = model_shape(cfg), cfg.chunking
     if spec == "one GPU":
-        param_bytes = {"float32": 4, "bfloat16": 2}[cfg.model.dtype]
+        param_bytes = {"float32": 4, "bfloat16": 2}[cfg.param_dtype()]
         plan = build_chunks(lengths, chunk_size=c.chunk_size,
                             pack_chain_tails=c.pack_chain_tails)
         est = estimate_peak_memory(

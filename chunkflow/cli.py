@@ -48,7 +48,8 @@ def _plan(args: argparse.Namespace, unknown: list[str]) -> int:
     from chunkflow.plan import build_chunks, format_schedule, schedule
     from chunkflow.plan.lengths import parse_lengths
     from chunkflow.plan.memory import estimate_peak_memory, state_extra_rows
-    from chunkflow.train.build import model_label, model_shape, trainable_params
+    from chunkflow.train.build import describe_dtypes, model_label, model_shape, trainable_params
+    from chunkflow.train.config import BYTES_PER_ELEMENT
     from chunkflow.train.arguments import config_from_args
 
     if args.auto:
@@ -70,12 +71,13 @@ def _plan(args: argparse.Namespace, unknown: list[str]) -> int:
     chunking = cfg.chunking
     shape = model_shape(cfg)
     trainable = trainable_params(cfg)
-    param_bytes = {"float32": 4, "bfloat16": 2, "float64": 8}[cfg.model.dtype]
+    param_dtype = cfg.param_dtype()
+    param_bytes = BYTES_PER_ELEMENT[param_dtype]
     # bf16 autocast stores activations in bf16 (plan does not probe for a GPU: "auto" counts as
     # autocast only when the device is named cuda).
     autocast = cfg.train.autocast == "bf16" or (cfg.train.autocast == "auto"
                                                 and cfg.train.device == "cuda")
-    activation_bytes = 2 if autocast and cfg.model.dtype != "float64" else param_bytes
+    activation_bytes = 2 if autocast and param_dtype != "float64" else param_bytes
 
     configured = dict(recompute=chunking.recompute, offload=chunking.offload,
                       activation_checkpointing=chunking.activation_checkpointing)
@@ -98,7 +100,7 @@ def _plan(args: argparse.Namespace, unknown: list[str]) -> int:
         settings = ", ".join(f"{name}={value}" for name, value in configured.items()
                              if value not in ("full", "none", False))
         return (f"{plan.summary()}; longest sequence {max(lengths)} tokens\n"
-                f"  estimated peak memory ({model_label(cfg)}, {cfg.model.dtype}"
+                f"  estimated peak memory ({model_label(cfg)}, {describe_dtypes(cfg)}"
                 f"{', bf16 autocast' if activation_bytes == 2 != param_bytes else ''}"
                 f"{f', LoRA ({trainable:,} trained parameters)' if trainable else ''}, "
                 f"k={chunking.k}{', ' + settings if settings else ''}): {mine.summary()}\n"

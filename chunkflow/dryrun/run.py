@@ -67,7 +67,7 @@ class RoleResult:
 
 def _meta_model(cfg, layers: int | None) -> nn.Module:
     """The configured model on the meta device (shapes and dtypes only)."""
-    dtype = getattr(torch, cfg.model.dtype)
+    dtype = getattr(torch, cfg.param_dtype())
     from chunkflow.train.build import _check_lora
 
     _check_lora(cfg)
@@ -165,7 +165,7 @@ def target(cfg) -> str:
 def uses_autocast(cfg) -> bool:
     """Whether ``chunkflow train`` on the target device runs this config under bf16 autocast
     (``--train.autocast=auto``: on CUDA)."""
-    return cfg.model.dtype != "float64" and (
+    return cfg.param_dtype() != "float64" and (
         cfg.train.autocast == "bf16" or (cfg.train.autocast == "auto" and target(cfg) == "cuda"))
 
 
@@ -179,9 +179,9 @@ def target_kernel(cfg, model_config):
 
     name = cfg.chunking.attention_backend
     if target(cfg) == "cpu":
-        return get_kernel(name, _DEVICE, getattr(torch, cfg.model.dtype),
+        return get_kernel(name, _DEVICE, getattr(torch, cfg.param_dtype()),
                           heads=model_heads(model_config))
-    sixteen = uses_autocast(cfg) or cfg.model.dtype == "bfloat16"
+    sixteen = uses_autocast(cfg) or cfg.param_dtype() == "bfloat16"
     heads = model_heads(model_config)
     fits = heads is None or (heads[2] % 8 == 0 and heads[2] <= _FLASH_MAX_HEAD_DIM)
     ops = torch_varlen_ops()

@@ -12,7 +12,10 @@ parallel DTensors), so a checkpoint does not depend on the layout that wrote it:
   writes only its own shards (FSDP2's and tensor parallelism's DTensor shards, one copy of what is
   replicated), and ``dcp.load`` reshards them for the resuming layout. The state is flattened per
   parameter name (``flatten_optimizer_state_dict``, as torchtitan does), so pipeline stages, whose
-  parameter groups hold different parameters, never collide.
+  parameter groups hold different parameters, never collide;
+* float32 master weights (full fine-tuning of a bfloat16 model, whose Hugging Face files are
+  bfloat16) sharded like the optimizer state, in ``master_weights/``, so a resumed run continues
+  from exactly the weights it stopped with.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ from torch.distributed.checkpoint.state_dict import (
 
 OPTIMIZER_DIR = "optimizer"
 """The optimizer's ``torch.distributed.checkpoint`` directory inside a checkpoint."""
+MASTER_DIR = "master_weights"
+"""The master weights' ``torch.distributed.checkpoint`` directory (when the saved weights are in
+a narrower dtype than the trained ones)."""
 
 _TIED = ("model.embed_tokens.weight", "lm_head.weight")
 _FULL = StateDictOptions(full_state_dict=True)
@@ -126,7 +132,32 @@ def save_optimizer(module: torch.nn.Module, optimizer: torch.optim.Optimizer, di
     """Collective over every rank: the optimizer state into ``directory`` with
     ``torch.distributed.checkpoint``. Returns the files this rank wrote, relative to the
     directory's parent (the checkpoint), for its manifest."""
-    state = get_optimizer_state_dict(module, optimizer, options=_OPTIM)
+    return _dcp_save(get_optimizer_state_dict(module, optimizer, options=_OPTIM), directory,
+                     rank=rank)
+
+
+def save_master_weights(module: torch.nn.Module, directory: Path, *, rank: int) -> list[str]:
+    """Collective: this rank's shards of the weights as they are held (float32 master
+    weights), with ``torch.distributed.checkpoint``; returns the files, as
+    :func:`save_optimizer` does."""
+    return _dcp_save(_local_state(module), directory, rank=rank)
+
+
+def load_master_weights(module: torch.nn.Module, directory: Path) -> None:
+    """Collective: the weights :func:`save_master_weights` wrote, on any layout, bit for bit."""
+    check_metadata(directory)
+    state = _local_state(module)
+    try:
+        with _one_process_quietly():
+            dcp.load(state, checkpoint_id=str(directory), no_dist=_no_dist())
+    except (Exception, CheckpointException) as e:
+        e = _first_failure(e) if isinstance(e, CheckpointException) else e
+        raise ValueError(f"{directory}: the master weights do not match this model "
+                         f"({type(e).__name__}: {_first_line(e)})") from None
+    set_model_state_dict(module, state)
+
+
+def _dcp_save(state: dict, directory: Path, *, rank: int) -> list[str]:
     try:
         with _one_process_quietly():
             dcp.save(state, checkpoint_id=str(directory), no_dist=_no_dist())

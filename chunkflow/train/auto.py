@@ -14,7 +14,7 @@ import itertools
 
 import torch
 
-from chunkflow.train.config import TrainConfig
+from chunkflow.train.config import BYTES_PER_ELEMENT, TrainConfig
 
 SAMPLE_BATCHES = 8
 CUDA_MARGIN = 0.10
@@ -80,7 +80,7 @@ def choose_chunking(cfg: TrainConfig, dataset, device: torch.device, *, activati
         log(f"warning: --chunking.auto planned memory for the longest of the first "
             f"{len(batches)} global batches' sequences ({max(max(b) for b in batches)} tokens); "
             f"a longer one later may not fit: set --data.max_length to bound it")
-    param_bytes = {"float32": 4, "bfloat16": 2, "float64": 8}[cfg.model.dtype]
+    param_bytes = BYTES_PER_ELEMENT[cfg.param_dtype()]
     try:
         choices = choose_settings(model_shape(cfg), batches, memory_budget=budget,
                                   profile=device_profile(device), param_bytes=param_bytes,

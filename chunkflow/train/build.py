@@ -33,6 +33,31 @@ def model_label(config: TrainConfig) -> str:
     return f"{config.model.path} ({config.model.implementation})"
 
 
+def describe_dtypes(config: TrainConfig) -> str:
+    """What is held in which dtype, for banners: e.g. "bfloat16 weights (config.json), float32
+    master weights", "bfloat16 frozen base (config.json), float32 adapters"."""
+    weights, source = config.model.weights_dtype(), config.model.dtype_source()
+    if config.lora.rank:
+        return f"{weights} frozen base ({source}), float32 adapters" if weights == "bfloat16" \
+            else f"{weights} ({source})"
+    param = config.param_dtype()
+    if param != weights:
+        return f"{weights} weights ({source}), {param} master weights"
+    return f"{weights} ({source})"
+
+
+def check_dtypes(config: TrainConfig, *, autocast: bool) -> None:
+    """Refuse what cannot run: LoRA's ``modules_to_save`` train in float32 beside a bfloat16
+    base, a mix that only autocast computes (a float32 embedding's output cannot enter a
+    bfloat16 linear layer)."""
+    if (config.lora.rank and config.lora.modules_to_save and not autocast
+            and config.model.weights_dtype() == "bfloat16"):
+        raise ValueError(f"--lora.modules_to_save={config.lora.modules_to_save!r} on a bfloat16 "
+                         f"base ({config.model.dtype_source()}): those modules train in float32, "
+                         f"and the mix runs only under bf16 autocast; valid: "
+                         f"--train.autocast=bf16 (the default on CUDA), or --model.dtype=float32")
+
+
 def _check_lora(config: TrainConfig) -> None:
     if config.lora.rank == 0:
         return
@@ -50,7 +75,7 @@ def build_model(config: TrainConfig, device: torch.device) -> nn.Module:
     """The model to train, in training mode: a preset initialised from the seed, or
     model.path's weights (as is, or in chunkflow's reference model), LoRA-wrapped with
     ``--lora.rank > 0``."""
-    dtype = getattr(torch, config.model.dtype)
+    dtype = getattr(torch, config.param_dtype())
     torch.manual_seed(config.train.seed)
     _check_lora(config)
     if config.model.path is None:
@@ -73,7 +98,16 @@ def build_model(config: TrainConfig, device: torch.device) -> nn.Module:
         from chunkflow.train.lora import apply_lora
 
         model = apply_lora(model, config.lora, model_path=config.model.path)
+        train_in_float32(model)
     return model.train()
+
+
+def train_in_float32(model: nn.Module) -> None:
+    """LoRA on a 16-bit base: the trained parameters (peft's adapters already are, and
+    ``modules_to_save``' copies) in float32, so that small updates are not rounded away."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
 
 
 def model_shape(config: TrainConfig):

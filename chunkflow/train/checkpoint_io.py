@@ -8,6 +8,9 @@ checkpoint, and a checkpoint resumes on another layout (DP=2 -> TP=2, PP=2 -> on
   shard per pipeline stage and ``model.safetensors.index.json``), read back by name into
   whatever stage, tensor-parallel shard or FSDP shard holds them now; LoRA runs save their
   adapter, one file for all pipeline stages (see :mod:`chunkflow.train.lora`);
+  The weights are written in the model's dtype (``--model.dtype``); where training holds them
+  wider (float32 master weights of a bfloat16 model), ``master_weights/`` keeps them as held,
+  and a resumed run loads those;
 * optimizer: ``optimizer/``, written by every rank with ``torch.distributed.checkpoint`` and
   resharded on load (:mod:`chunkflow.parallel.checkpoint`);
 * RNG and trainer state, manifest, atomic publication: :mod:`chunkflow.train.checkpoint`.
@@ -24,12 +27,15 @@ from typing import Any
 import torch
 
 from chunkflow.parallel.checkpoint import (
+    MASTER_DIR,
     OPTIMIZER_DIR,
     full_weights,
     gather_stages,
+    load_master_weights,
     load_optimizer,
     load_weights,
     read_weights,
+    save_master_weights,
     save_optimizer,
     weight_names,
 )
@@ -68,7 +74,8 @@ class CheckpointIO:
         ctx, files = self.ctx, self.files
         one = ctx.world_size == 1
         # Collective over each stage's tensor-parallel and FSDP groups, so on every rank.
-        model_state = None if one or files.lora else full_weights(self.module, tied=self.tied)
+        model_state = None if one or files.lora else files.cast(
+            full_weights(self.module, tied=self.tied))
         writer = ctx.dp_rank == 0 and ctx.tp_rank == 0  # one copy of each stage's weights
         adapter = None
         if files.lora and ctx.pp > 1 and writer:  # the stages' adapters, on the first stage
@@ -81,6 +88,8 @@ class CheckpointIO:
             # First the collective part: a failure there is raised on every rank at once.
             names = save_optimizer(self.module, self.optimizer, tmp / OPTIMIZER_DIR,
                                    rank=ctx.rank)
+            if files.masters:
+                names += save_master_weights(self.module, tmp / MASTER_DIR, rank=ctx.rank)
             if one or not writer:
                 return names
             if files.lora:
@@ -130,6 +139,8 @@ class CheckpointIO:
                              f"that saved it")
         if self.files.lora:
             self.files.load(path, stage=ctx.pp > 1)
+        elif self.files.masters and (path / MASTER_DIR).is_dir():
+            load_master_weights(self.module, path / MASTER_DIR)
         else:
             names = weight_names(self.module)
             load_weights(self.module, read_weights(path, names, tied=self.tied))

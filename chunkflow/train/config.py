@@ -75,8 +75,34 @@ class ModelSection:
     implementation: Literal["hf", "reference"] = _f(
         "hf", "With model.path: 'hf' trains the transformers model as is; 'reference' loads "
               "its weights into chunkflow's reference model (Llama, Qwen2, Qwen3, Mistral).")
-    dtype: Literal["float32", "bfloat16", "float64"] = _f("float32", "Parameter dtype.")
+    dtype: Literal["auto", "float32", "bfloat16", "float64"] = _f(
+        "auto", "The model's dtype: frozen (LoRA base) weights are held in it, saved weights "
+                "and merged/ are written in it; full fine-tuning of a bfloat16 model trains "
+                "float32 master weights. auto = config.json's dtype with model.path (a float16 "
+                "checkpoint loads as float32: chunkflow does not scale losses), float32 for "
+                "presets.")
     vocab_size: int | None = _f(None, "Override the preset's vocabulary size (to fit a tokenizer).")
+
+    def weights_dtype(self) -> str:
+        """``dtype`` with ``auto`` resolved: the dtype the model's weights are saved in (and
+        frozen weights held in)."""
+        if self.dtype != "auto":
+            return self.dtype
+        if self.path is None:
+            return "float32"
+        stored = checkpoint_dtype(self.path)
+        return "bfloat16" if stored == "bfloat16" else "float32"
+
+    def dtype_source(self) -> str:
+        """Where :meth:`weights_dtype` comes from, for the banner."""
+        if self.dtype != "auto":
+            return "--model.dtype"
+        if self.path is None:
+            return "the preset's default"
+        stored = checkpoint_dtype(self.path)
+        if stored in (None, "float32", "bfloat16"):
+            return "config.json" if stored else "config.json names no dtype"
+        return f"config.json's {stored}, loaded as float32"
 
     def model_config(self):
         """The :class:`chunkflow.models.ModelConfig` these settings describe (for planning: the
@@ -357,6 +383,15 @@ class TrainConfig:
                              f"{', '.join(PRESETS)}")
         return self
 
+    def param_dtype(self) -> str:
+        """The dtype the model's parameters are held in while training: the model's
+        (:meth:`ModelSection.weights_dtype`), except full fine-tuning of a bfloat16 model,
+        whose parameters are float32 master weights (bfloat16 weights would lose the small
+        updates of fine-tuning, and chunks' gradients would accumulate in bfloat16). LoRA's
+        adapters train in float32 on a 16-bit base (peft's default)."""
+        dtype = self.model.weights_dtype()
+        return "float32" if dtype == "bfloat16" and self.lora.rank == 0 else dtype
+
     @property
     def num_steps(self) -> int | None:
         """--train.steps, its default when neither steps nor epochs is set, None with epochs."""
@@ -548,6 +583,24 @@ def pretrained_defaults(config: "TrainConfig", given: set[str]) -> list[str]:
         config.optim.warmup_ratio = PRETRAINED_WARMUP_RATIO
         notes.append(f"optim.warmup_ratio={PRETRAINED_WARMUP_RATIO:g}")
     return notes
+
+
+def checkpoint_dtype(path: str) -> str | None:
+    """The dtype a Hugging Face model directory's config.json declares (``dtype``, or
+    ``torch_dtype`` as transformers < 4.56 wrote it), or None."""
+    import json
+
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # the model's loaders name a missing or unreadable config.json
+    if not isinstance(config, dict):
+        return None
+    dtype = config.get("dtype", config.get("torch_dtype"))
+    return dtype if isinstance(dtype, str) else None
+
+
+BYTES_PER_ELEMENT = {"float32": 4, "bfloat16": 2, "float64": 8}
 
 
 def config_from_dict(data: dict[str, dict[str, Any]], *, where: str) -> TrainConfig:

@@ -8,6 +8,8 @@
 * LoRA: the adapter in PEFT's format (``adapter_model.safetensors``, ``adapter_config.json``,
   whose base is the absolute ``--model.path``); with ``merged=True`` also ``merged/``, a full
   model directory of base + adapter;
+* the weights in the model's dtype (``dtype``: ``--model.dtype``, by default config.json's),
+  whatever dtype they trained in (float32 master weights, float32 LoRA adapters stay float32);
 * always, next to the weights: the tokenizer (its files and chat template, so
   ``AutoTokenizer.from_pretrained(step_dir)`` and ``apply_chat_template`` work; a byte-level run
   writes the byte tokenizer in Hugging Face form) and ``generation_config.json`` (the source
@@ -33,38 +35,64 @@ def is_lora(model: nn.Module) -> bool:
     return hasattr(model, "peft_config")
 
 
-def hf_config_json(model: nn.Module) -> str:
+def hf_config_json(model: nn.Module, dtype: torch.dtype) -> str:
     """config.json in Hugging Face's format for ``model`` (chunkflow's reference model or a
-    transformers model; a PEFT model's base)."""
+    transformers model; a PEFT model's base) whose weights are saved in ``dtype``."""
     from chunkflow.models.config import ModelConfig
     from chunkflow.models.hf_checkpoint import config_to_hf
 
     if is_lora(model):
         model = model.get_base_model()
     config = model.config
+    name = str(dtype).removeprefix("torch.")
     if isinstance(config, ModelConfig):
-        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        return json.dumps(config_to_hf(config, dtype=dtype), indent=2)
-    return config.to_json_string()
+        return json.dumps(config_to_hf(config, dtype=name), indent=2)
+    data = json.loads(config.to_json_string())  # transformers >= 4.56 says dtype, before torch_dtype
+    data["torch_dtype" if "torch_dtype" in data else "dtype"] = name
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def _unique(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with each shared tensor (tied embeddings) under its first name only."""
+    seen, out = set(), {}
+    for name, t in state.items():
+        key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        if key not in seen:
+            seen.add(key)
+            out[name] = t
+    return out
 
 
 class ModelFiles:
     """Writes and reads the model part of a checkpoint (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, tokenizer, *, model_path: str | None):
+    def __init__(self, model: nn.Module, tokenizer, *, model_path: str | None,
+                 dtype: torch.dtype | None = None):
+        """``dtype``: the dtype weights are saved in (default: the model's first
+        parameter's)."""
         self.model, self.tokenizer, self.model_path = model, tokenizer, model_path
         self.lora = is_lora(model)
+        self.dtype = dtype or next(model.parameters()).dtype
+        # Full fine-tuning that holds weights wider than it saves them keeps them as held too.
+        self.masters = not self.lora and any(
+            p.dtype != self.dtype for p in model.parameters() if p.is_floating_point())
+
+    def cast(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Floating-point tensors of ``state`` in the saved dtype."""
+        return {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state.items()}
 
     def write(self, path: Path, *, merged: bool = False) -> None:
         """Everything of one process's model into checkpoint directory ``path``."""
-        from safetensors.torch import save_model
+        from safetensors.torch import save_file
 
         if self.lora:
             from chunkflow.train.lora import save_adapter
 
             save_adapter(self.model, path)
         else:
-            save_model(self.model, str(path / "model.safetensors"), metadata={"format": "pt"})
+            state = self.cast(_unique(self.model.state_dict()))
+            save_file({k: v.detach().contiguous() for k, v in state.items()},
+                      str(path / "model.safetensors"), metadata={"format": "pt"})
         self.write_extras(path, merged=merged)
 
     def write_extras(self, path: Path, *, merged: bool = False, num_stages: int = 1) -> None:
@@ -95,7 +123,8 @@ class ModelFiles:
 
         (path / MERGED_DIR).mkdir(exist_ok=True)
         name = f"{MERGED_DIR}/{stage_weights_file(stage, num_stages)}"
-        save_file(merged_state_dict(self.model), str(path / name), metadata={"format": "pt"})
+        save_file(self.cast(merged_state_dict(self.model)), str(path / name),
+                  metadata={"format": "pt"})
         return [name]
 
     def write_merged(self, path: Path) -> None:
@@ -105,13 +134,13 @@ class ModelFiles:
         from chunkflow.train.lora import merged_state_dict
 
         path.mkdir()
-        save_file(merged_state_dict(self.model), str(path / "model.safetensors"),
+        save_file(self.cast(merged_state_dict(self.model)), str(path / "model.safetensors"),
                   metadata={"format": "pt"})
         self.write_metadata(path)
 
     def write_metadata(self, path: Path) -> None:
         """config.json, generation_config.json and the tokenizer (not the weights)."""
-        (path / "config.json").write_text(hf_config_json(self.model))
+        (path / "config.json").write_text(hf_config_json(self.model, self.dtype))
         (path / GENERATION_CONFIG).write_text(self._generation_config())
         self._write_tokenizer(path)
 
@@ -165,11 +194,12 @@ class ModelFiles:
 
     def num_bytes(self, *, merged: bool = False) -> int:
         """Bytes of the saved weights (for the disk-space report): the adapter (and, with
-        ``merged``, the merged model) or the whole model."""
+        ``merged``, the merged model) or the whole model (and its master weights)."""
         unique = list({id(p): p for p in self.model.parameters()}.values())
-        full = sum(p.numel() * p.element_size() for p in unique)
+        full = sum(p.numel() for p in unique) * self.dtype.itemsize
         if not self.lora:
-            return full
+            return full + (sum(p.numel() * p.element_size() for p in unique)
+                           if self.masters else 0)
         adapter = sum(p.numel() * p.element_size() for p in unique if p.requires_grad)
         return adapter + (full if merged else 0)
 

@@ -37,9 +37,15 @@ from chunkflow.parallel import ParallelEngine
 from chunkflow.train import TrainingError
 from chunkflow.train.auto import choose_chunking
 from chunkflow.train.batching import count_steps, global_batches
-from chunkflow.train.build import build_model, build_tokenizer, model_label
+from chunkflow.train.build import (
+    build_model,
+    build_tokenizer,
+    check_dtypes,
+    describe_dtypes,
+    model_label,
+)
 from chunkflow.train.checkpoint_io import CheckpointIO, layout_of
-from chunkflow.train.config import TrainConfig
+from chunkflow.train.config import BYTES_PER_ELEMENT, TrainConfig
 from chunkflow.train.data import (
     DataPosition,
     DataStats,
@@ -126,6 +132,7 @@ class Trainer:
         for warning in self.run_info.warnings:
             self._print(f"warning: {warning}")
         self.tokenizer = build_tokenizer(cfg)
+        check_dtypes(cfg, autocast=self.autocast)
         self.model = build_model(cfg, self.device)
         vocab_size = self.model.config.vocab_size
         self.dataset = build_dataset(cfg.data, vocab_size=vocab_size, seed=cfg.train.seed,
@@ -137,7 +144,8 @@ class Trainer:
             self.eval_dataset = build_eval_dataset(cfg.data, cfg.eval.path,
                                                    vocab_size=vocab_size, tokenizer=self.tokenizer)
             self._print(f"held-out data: {check_eval_data(self.eval_dataset, cfg)}")
-        self.files = ModelFiles(self.model, self.tokenizer, model_path=cfg.model.path)
+        self.files = ModelFiles(self.model, self.tokenizer, model_path=cfg.model.path,
+                                dtype=getattr(torch, cfg.model.weights_dtype()))
         if cfg.chunking.auto:
             self._choose_chunking()
         if cfg.chunking.offload != "none" and self.device.type != "cuda":
@@ -203,8 +211,9 @@ class Trainer:
                              "not price pipeline stages' chunks in flight, DDP's gradient "
                              "buckets or FSDP's shards; valid: choose --chunking.* with "
                              "chunkflow plan --auto, or run one process")
-        activation_bytes = (2 if self.autocast and cfg.model.dtype != "float64" else
-                            {"float32": 4, "bfloat16": 2, "float64": 8}[cfg.model.dtype])
+        param_dtype = cfg.param_dtype()
+        activation_bytes = (2 if self.autocast and param_dtype != "float64" else
+                            BYTES_PER_ELEMENT[param_dtype])
 
         text = choose_chunking(cfg, self.dataset, self.device,
                                activation_bytes=activation_bytes, log=self._print)
@@ -242,7 +251,7 @@ class Trainer:
         held = (" on rank 0" if ctx.tp > 1 else " on stage 0") if ctx.pp * ctx.tp > 1 else ""
         return (f"chunkflow train: {model_label(cfg)} model "
                 f"({_num_params(self.model) / 1e6:.2f}M params{held}{trainable}, "
-                f"{cfg.model.dtype}) on {where}{', bf16 autocast' if self.autocast else ''}; "
+                f"{describe_dtypes(cfg)}) on {where}{', bf16 autocast' if self.autocast else ''}; "
                 f"data: {self.dataset.describe()}; chunk_size={cfg.chunking.chunk_size}, "
                 f"k={cfg.chunking.k}; run dir {self.run_dir}"
                 + (f"; resuming from {resume_path} (step {self.step})" if resume_path else ""))

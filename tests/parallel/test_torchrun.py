@@ -247,3 +247,24 @@ def test_torchrun_prints_a_user_error_once(tmp_path):
     line = "chunkflow: error: --chunking.chunk_size=-5: must be a positive integer"
     assert (out.stdout + out.stderr).count(line) == 1, out.stderr
     assert "FutureWarning" not in out.stderr
+
+
+def test_bf16_masters_reshard_from_pipeline_stages_to_fsdp_shards(tmp_path):
+    """A bfloat16 model trained fully: each stage saves its bfloat16 weight shard and its float32
+    master weights; resumed at DP=2 with FSDP2, each rank loads its shard of the masters, and
+    the run ends with the weights of one process training in float32 throughout."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    bf16 = {"model.dtype": "bfloat16", "optim.warmup_steps": "10"}
+    launch(1, tmp_path / "f32", ONE, **{**bf16, "model.dtype": "float32"})
+    launch(2, tmp_path / "run", PP2, **bf16, **{"train.steps": "2"})
+    shards = weights(tmp_path / "run" / "step-00000002")
+    assert {t.dtype for t in shards.values()} == {torch.bfloat16}
+    out = launch(2, tmp_path / "run", DP2_FSDP, **bf16, **{"checkpoint.resume": "true"})
+    assert "weights and optimizer state resharded" in out
+    final = tmp_path / "run" / "step-00000004"
+    dcp_to_torch_save(final / "master_weights", tmp_path / "masters.pt")
+    masters = torch.load(tmp_path / "masters.pt", weights_only=True)
+    assert {t.dtype for t in masters.values()} == {torch.float32}
+    assert_close(masters, weights(tmp_path / "f32" / "step-00000004"), tol=1e-5)
+    assert {t.dtype for t in weights(final).values()} == {torch.bfloat16}
