@@ -37,6 +37,8 @@ def describe_dtypes(config: TrainConfig) -> str:
     """What is held in which dtype, for banners: e.g. "bfloat16 weights (config.json), float32
     master weights", "bfloat16 frozen base (config.json), float32 adapters"."""
     weights, source = config.model.weights_dtype(), config.model.dtype_source()
+    if config.model.path is None and config.model.dtype == "auto":
+        return weights  # a preset's default: nothing to explain
     if config.lora.rank:
         return f"{weights} frozen base ({source}), float32 adapters" if weights == "bfloat16" \
             else f"{weights} ({source})"
