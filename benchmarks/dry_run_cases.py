@@ -88,13 +88,13 @@ def analytic(run: dict, flags: list[str]) -> tuple[float, float]:
     from chunkflow.plan.memory import estimate_peak_memory, state_extra_rows
     from chunkflow.sim.tune import predict_chunkflow
     from chunkflow.train.arguments import config_from_args
-    from chunkflow.train.build import model_shape, trainable_params
+    from chunkflow.train.build import configured_shape, trainable_params
 
     spec = run["analytic"]
     args, unknown = build_parser().parse_known_args(["plan", *flags])
     cfg = config_from_args(args, unknown)
     lengths = parse_lengths(args.lengths)
-    shape, c = model_shape(cfg), cfg.chunking
+    shape, c = configured_shape(cfg), cfg.chunking
     if spec == "one GPU":
         param_bytes = {"float32": 4, "bfloat16": 2}[cfg.param_dtype()]
         plan = build_chunks(lengths, chunk_size=c.chunk_size,

@@ -103,7 +103,7 @@ def analyse(step: int, ranks: list[dict], args) -> dict:
     # Cost model: forward FLOPs of the stage's layers (+ head on the last); B = 2x matmul +
     # 2.5x attention, one rate fitted so the total equals the measured compute.
     layers = [len(r) for r in stage_layer_ranges(CONFIG.num_hidden_layers, p)]
-    from chunkflow.parallel import model_shape
+    from chunkflow.models.families import model_shape
 
     shape = model_shape(CONFIG)
 

@@ -19,7 +19,7 @@ import argparse
 import os
 import sys
 
-from chunkflow.launch import fsdp_runs, hf_family, launch_command, run_options
+from chunkflow.launch import fsdp_runs, launch_command, run_options
 
 EXIT_USER_ERROR, EXIT_STOPPED, EXIT_DISK_FULL, EXIT_INTERRUPTED = 2, 1, 3, 130
 
@@ -48,8 +48,9 @@ def _plan(args: argparse.Namespace, unknown: list[str]) -> int:
     from chunkflow.plan import build_chunks, format_schedule, schedule
     from chunkflow.plan.lengths import parse_lengths
     from chunkflow.plan.memory import estimate_peak_memory, state_extra_rows
-    from chunkflow.train.build import describe_dtypes, model_label, model_shape, trainable_params
-    from chunkflow.train.config import BYTES_PER_ELEMENT
+    from chunkflow.train.build import (configured_shape, describe_dtypes, model_label,
+                                       trainable_params)
+    from chunkflow.plan.units import BYTES_PER_ELEMENT
     from chunkflow.train.arguments import config_from_args
 
     if args.auto:
@@ -69,7 +70,7 @@ def _plan(args: argparse.Namespace, unknown: list[str]) -> int:
         raise ValueError(f"--batches={args.batches}: must be a positive integer")
     cfg = config_from_args(args, unknown)
     chunking = cfg.chunking
-    shape = model_shape(cfg)
+    shape = configured_shape(cfg)
     trainable = trainable_params(cfg)
     param_dtype = cfg.param_dtype()
     param_bytes = BYTES_PER_ELEMENT[param_dtype]
@@ -131,7 +132,7 @@ def _plan(args: argparse.Namespace, unknown: list[str]) -> int:
 def _alternatives(estimate, mine, configured: dict) -> str:
     """The peak under each other recompute/offload/checkpointing setting (``chunkflow plan``):
     what selective recompute costs, what offload (CUDA) and checkpointing save."""
-    from chunkflow.sim.tune import format_size
+    from chunkflow.plan.units import format_size
 
     changes = [dict(recompute="selective" if configured["recompute"] == "full" else "full"),
                dict(offload="state"), dict(recompute="selective", offload="all"),
@@ -192,10 +193,10 @@ def _data_batches(cfg, num_batches: int, *, vocab_size: int | None = None):
     with the data counters after it. ``vocab_size``: the model's (default: the configured
     model's)."""
     from chunkflow.train.batching import global_batches
-    from chunkflow.train.build import build_tokenizer, model_shape
+    from chunkflow.train.build import build_tokenizer, configured_shape
     from chunkflow.train.data import DataPosition, DataStats, build_dataset
 
-    vocab_size = model_shape(cfg).vocab_size if vocab_size is None else vocab_size
+    vocab_size = configured_shape(cfg).vocab_size if vocab_size is None else vocab_size
     dataset = build_dataset(cfg.data, vocab_size=vocab_size,
                             seed=cfg.train.seed, tokenizer=build_tokenizer(cfg),
                             model_path=cfg.model.path)
@@ -216,7 +217,8 @@ def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
     up to ``--max-len``, or, when the run's data is given (``--data.path`` or ``--config``), its
     first ``--batches`` global batches as the run will form them."""
     from chunkflow.plan.cost import get_gpu
-    from chunkflow.sim.tune import autotune, format_candidates, format_size, parse_size
+    from chunkflow.plan.units import format_size, parse_size
+    from chunkflow.sim.tune import autotune, format_candidates
     from chunkflow.train.arguments import config_from_args
 
     cfg = config_from_args(args, unknown)  # the run's options (same as chunkflow train)
@@ -227,9 +229,9 @@ def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
         raise ValueError(f"--model {args.model} and the run's model ("
                          f"{cfg.model.path or cfg.model.preset}) both given; valid: one of them")
     devices = _target_gpus(args)
-    from chunkflow.train.build import model_label, model_shape
+    from chunkflow.train.build import configured_shape, model_label
 
-    shape, name = ((model_shape(cfg), model_label(cfg)) if own_model
+    shape, name = ((configured_shape(cfg), model_label(cfg)) if own_model
                    else (_named_shape(args.model or "qwen2.5-7b"), args.model or "qwen2.5-7b"))
     gpu, budget = get_gpu(args.gpu), parse_size(args.memory_budget)
     # The run's own model or data: priced as chunkflow runs TP (sequence and vocabulary
@@ -259,7 +261,7 @@ def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
     fsdp = not own_model or fsdp_runs(cfg)
     if options["runtime"] == "chunkflow" and shape.tie_word_embeddings:
         options["max_pp"] = 1  # the embedding and the head would be on two stages
-    family = hf_family(cfg) if own_model else None
+    family = cfg.model.hf_family() if own_model else None
     if own_model and family is not None and not family.parallel:
         options["max_tp"] = options["max_pp"] = 1  # these families: data parallel only
     elif own_model and cfg.lora.rank > 0:
@@ -329,14 +331,15 @@ def _target_gpus(args: argparse.Namespace) -> str:
 
 def _named_shape(name: str):
     """``--model``: a shape of the paper's table (qwen2.5-7b..72b) or a chunkflow preset."""
-    from chunkflow.plan.cost import MODEL_SHAPES, ModelShape, get_model_shape
+    from chunkflow.plan.cost import MODEL_SHAPES, get_model_shape
 
     if name.lower() in MODEL_SHAPES:
         return get_model_shape(name)
     from chunkflow.models.config import PRESETS
+    from chunkflow.models.families import model_shape
 
     if name.lower() in PRESETS:
-        return ModelShape.from_config(PRESETS[name.lower()])
+        return model_shape(PRESETS[name.lower()])
     raise ValueError(f"--model {name!r}: known are {', '.join([*MODEL_SHAPES, *PRESETS])}, or "
                      f"pass the run's --model.path")
 
@@ -345,7 +348,7 @@ def _bench(args: argparse.Namespace, unknown: list[str]) -> int:
     """Train the same model on the same data with chunkflow and the baselines; write tables."""
     from chunkflow.bench.options import BenchOptions
     from chunkflow.bench.sweep import run
-    from chunkflow.sim.tune import parse_size
+    from chunkflow.plan.units import parse_size
 
     if unknown:
         raise ValueError(f"unexpected arguments {' '.join(unknown)}; see chunkflow bench --help")

@@ -20,24 +20,10 @@ LAUNCH_SETS = ("chunking.chunk_size", "chunking.k", "chunking.auto", "parallel.t
 """The options ``plan --auto``'s launch line sets itself (see :func:`launch_command`)."""
 
 
-def hf_family(cfg):
-    """The family table's row of the run's transformers model (--model.implementation=hf), or
-    None (chunkflow's reference model runs every layout)."""
-    if cfg.model.path is None or cfg.model.implementation != "hf":
-        return None
-    import json
-    from pathlib import Path
-
-    from chunkflow.models.families import FAMILIES
-
-    config = json.loads((Path(cfg.model.path) / "config.json").read_text())
-    return FAMILIES.get(config.get("model_type"))
-
-
 def fsdp_runs(cfg) -> bool:
     """Whether the run's model trains under FSDP2 (not LoRA, nor a mixture of experts: see
     chunkflow.parallel.data_parallel.apply_fsdp)."""
-    family = hf_family(cfg)
+    family = cfg.model.hf_family()
     return cfg.lora.rank == 0 and (family is None or not family.experts)
 
 

@@ -36,10 +36,10 @@ def test_plan_prices_an_offloaded_state_in_the_cuda_kernel_s_layout(capsys):
     prefix: the host figure of an offloaded state counts them; float32 (the math kernel) not."""
     from chunkflow.plan import build_chunks
     from chunkflow.plan.memory import estimate_peak_memory
-    from chunkflow.train.build import model_shape
+    from chunkflow.train.build import configured_shape
     from chunkflow.train.config import TrainConfig
 
-    shape = model_shape(TrainConfig())  # the default model, as plan builds it
+    shape = configured_shape(TrainConfig())  # the default model, as plan builds it
     plan = build_chunks([9000, 300, 120], chunk_size=2048)
     hosts = []
     for extra, options, bytes_ in ((2048, ["--train.autocast=bf16"], 2), (0, [], 4)):

@@ -53,7 +53,8 @@ class MethodConfig:
                 f"{', grad. checkpointing' if self.recompute else ''})")
 
 
-FAMILIES = ("chunkflow", "Megatron padded", "Megatron packed", "HF flattened", "ideal")
+# Rows of `chunkflow bench`'s memory-budget table: each method's fastest configuration that fits.
+BUDGET_METHODS = ("chunkflow", "Megatron padded", "Megatron packed", "HF flattened", "ideal")
 
 
 @dataclass(frozen=True)

@@ -113,16 +113,16 @@ def memory_summary(rows: list[dict], max_len: int) -> list[str]:
 
 
 def budget_table(choices: dict[str, dict | None], budget_mib: float) -> list[str]:
-    """Each family's fastest configuration within the budget, against chunkflow's."""
+    """Each method's fastest configuration within the budget, against chunkflow's."""
     lines = ["| method | fastest configuration within the budget | tokens/s | peak memory (MiB) "
              "| chunkflow speed-up |", "|---|---|---|---|---|"]
     base = choices.get("chunkflow")
-    for family, r in choices.items():
+    for method, r in choices.items():
         if r is None:
-            lines.append(f"| {family} | none fits {budget_mib:.0f} MiB (out of memory) | | | |")
+            lines.append(f"| {method} | none fits {budget_mib:.0f} MiB (out of memory) | | | |")
             continue
         speedup = _ratio(base["tokens_per_second"], r["tokens_per_second"]) if base else ""
-        lines.append(f"| {family} | {r['label']} | {r['tokens_per_second']:.0f} "
+        lines.append(f"| {method} | {r['label']} | {r['tokens_per_second']:.0f} "
                      f"| {r['peak_mib']:.0f} | {speedup} |")
     return lines
 

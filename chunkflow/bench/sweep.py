@@ -24,7 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from chunkflow.bench import report
-from chunkflow.bench.options import FAMILIES, BenchOptions, MethodConfig
+from chunkflow.bench.options import BUDGET_METHODS, BenchOptions, MethodConfig
 
 def table_rows(o: BenchOptions) -> list[tuple[str, MethodConfig]]:
     """The main table: each method the issue names, at its usual configuration."""
@@ -49,9 +49,10 @@ def auto_candidates(o: BenchOptions, max_len: int) -> list[MethodConfig]:
     Offload is not benchmarked. None fits: an empty list."""
     from chunkflow.bench.workload import batch_lengths, get_model_config
     from chunkflow.plan.auto import choose_settings
-    from chunkflow.plan.cost import CPU_PROFILE, GPU_PROFILES, ModelShape
+    from chunkflow.models.families import model_shape
+    from chunkflow.plan.cost import CPU_PROFILE, GPU_PROFILES
 
-    shape = ModelShape.from_config(get_model_config(o.model))
+    shape = model_shape(get_model_config(o.model))
     batches = [batch_lengths(max_len, o.num_sequences, seed=o.seed + i)
                for i in range(o.steps_at(max_len))]
     try:
@@ -69,7 +70,7 @@ def auto_candidates(o: BenchOptions, max_len: int) -> list[MethodConfig]:
 
 
 def budget_candidates(o: BenchOptions, max_len: int) -> dict[str, list[MethodConfig]]:
-    """Each family's configurations for the budget table, faster-first within a family
+    """Each method's configurations for the budget table, faster-first within a method
     (chunkflow's from the auto-tuner)."""
     return {"chunkflow": auto_candidates(o, max_len),
             "Megatron padded": [MethodConfig("pad"), MethodConfig("pad", recompute=True)],
@@ -150,7 +151,7 @@ def run(o: BenchOptions, *, log=print, worker=_run_worker) -> Path:
         if budget_mib is None:
             continue
         choices[max_len] = {}
-        for family, candidates in budget_candidates(o, max_len).items():
+        for method, candidates in budget_candidates(o, max_len).items():
             fitting: dict[MethodConfig, dict] = {}
             for c in candidates:
                 if c.recompute and MethodConfig(**{**asdict(c), "recompute": False}) in fitting:
@@ -158,7 +159,7 @@ def run(o: BenchOptions, *, log=print, worker=_run_worker) -> Path:
                 r = measure(max_len, c)
                 if "error" not in r and r["peak_mib"] <= budget_mib:
                     fitting[c] = r
-            choices[max_len][family] = max(fitting.values(), default=None,
+            choices[max_len][method] = max(fitting.values(), default=None,
                                            key=lambda r: r["tokens_per_second"])
     elapsed = time.perf_counter() - start
     return _write(o, info, results, tables, choices, budget_mib, elapsed, log)
@@ -211,7 +212,7 @@ def _write(o, info, results, tables, choices, budget_mib, elapsed, log) -> Path:
          "measurements": raw}, indent=1) + "\n")
     labels = [c.label for _, c in table_rows(o)]
     series = {label: [tables[n][i] for n in o.lengths] for i, label in enumerate(labels)}
-    budget_series = ({f: [choices[n][f] for n in o.lengths] for f in FAMILIES}
+    budget_series = ({f: [choices[n][f] for n in o.lengths] for f in BUDGET_METHODS}
                      if budget_mib is not None else None)
     report.plot(stem.with_suffix(".png"), list(o.lengths), series, budget_series, budget_mib,
                 f"{command}  ({info['date']}, {where.split(';')[0]})")

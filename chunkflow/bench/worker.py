@@ -26,7 +26,7 @@ import torch
 from chunkflow.bench.methods import MethodConfig, build_runner
 from chunkflow.bench.workload import count_tokens, get_model_config, global_batch, model_flops
 from chunkflow.models import Transformer
-from chunkflow.plan.cost import ModelShape
+from chunkflow.models.families import model_shape
 
 _WARMUP_SEED = 1_000_000  # the warm-up batch is never one of the measured ones
 _WARMUP_MAX_LEN = 4096
@@ -69,7 +69,7 @@ def measure(spec: dict) -> dict:
     """Warm up, then time ``spec["steps"]`` training steps; return the figures."""
     config = MethodConfig(**spec["method"])
     model_config = get_model_config(spec["model"])
-    shape = ModelShape.from_config(model_config)
+    shape = model_shape(model_config)
     device = torch.device(spec.get("device", "cpu"))
     bf16 = spec.get("dtype", "float32") == "bfloat16"
     torch.manual_seed(0)

@@ -14,9 +14,10 @@ import dataclasses
 import time
 
 from chunkflow.dryrun.fit import PROBE_CHUNKS, PROBE_LAYERS, extrapolate, fitted, host_at
-from chunkflow.dryrun.run import (RoleResult, batch_inputs, meta_model, num_layers, run_role,
+from chunkflow.dryrun.run import (RoleResult, batch_inputs, num_layers, run_role,
                                   target, uniform_layers)
 from chunkflow.plan.gpus import GPUSpec
+from chunkflow.train.build import build_meta_model
 
 
 def busiest_replica(cfg, lengths: list[int], shape, dp: int) -> int:
@@ -85,7 +86,7 @@ def replica_role(cfg, lengths, gpu, *, layout, rank, name, full=False, log=None)
     chains of one length (the 1M-token case), extrapolated from steps whose long chains are
     :data:`PROBE_CHUNKS` chunks (each cut by whole chunks from its front, so its tail packs as
     before): bytes linear in the chunks, FLOPs, bytes moved and time quadratic."""
-    chains = None if full or layout.dp > 1 or layout.pp > 1 else _long_chains(cfg, lengths)
+    chains = None if full or layout.dp_enabled or layout.pp_enabled else _long_chains(cfg, lengths)
     if chains is not None:
         chunks, length = chains
         size = cfg.chunking.chunk_size
@@ -116,17 +117,17 @@ def dry_run(cfg, batches: list[list[int]], gpu: GPUSpec, *, gpus: int = 1, log=N
     ``full``: run every decoder layer and chunk (else long stages and long chains are
     extrapolated, see :func:`stage_role` and :func:`replica_role`)."""
     from chunkflow.dryrun.report import DryRunReport
-    from chunkflow.parallel.engine import model_shape
+    from chunkflow.models.families import model_shape
 
     layout = check_layout(cfg, gpus)
-    shape = model_shape(meta_model(cfg).config)
+    shape = model_shape(build_meta_model(cfg).config)
     roles: dict[int, RoleResult] = {}
     steps = []
     for lengths in batches:
         dp_rank = busiest_replica(cfg, lengths, shape, layout.dp)
         results = []
         for stage in range(layout.pp):
-            name = (f"stage {stage}" if layout.pp > 1 else "rank") + \
+            name = (f"stage {stage}" if layout.pp_enabled else "rank") + \
                    (f" (replica {dp_rank}, tp rank 0)" if layout.world_size > 1 else "")
             result = replica_role(cfg, lengths, gpu, layout=layout,
                                   rank=layout.rank(dp_rank, stage), name=name, full=full,
@@ -163,7 +164,7 @@ def _step_time(cfg, lengths, shape, layout, dp_rank, results):
     replica = sum(r.cost.flops for r in results) * layout.tp
     mean = sum(sharding.costs) / len(sharding.costs)
     executed = replica * layout.dp * (mean / max(sharding.costs) if max(sharding.costs) else 1)
-    if layout.pp == 1:
+    if not layout.pp_enabled:
         return results[0].cost.roofline_s, model_flops, executed
     sub, _ = subplan(plan, sharding.chunk_ids[dp_rank])
     stages = state_aware_1f1b(sub, layout.pp, k=ch.k, recompute=ch.recompute)
@@ -178,7 +179,7 @@ def first_that_fits(cfg, candidates, batch: list[int], gpu: str, gpus: int, *, f
     """``plan --auto --dry-run``: the first of ``plan --auto``'s candidates whose dry run
     (every rank role) fits, printing each one's (the pick, or the next ones, saying so)."""
     from chunkflow.plan.gpus import get_gpu_spec
-    from chunkflow.sim.tune import format_size
+    from chunkflow.plan.units import format_size
 
     spec = get_gpu_spec(gpu)
     for cand in candidates:

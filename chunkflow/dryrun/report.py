@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from chunkflow.dryrun.tracker import CATEGORIES
 from chunkflow.plan.gpus import GPUSpec
-from chunkflow.sim.tune import format_size as format_bytes
+from chunkflow.plan.units import format_size as format_bytes
 
 BLIND_SPOTS = (
     "what a dry run cannot see: stream overlap (offload copies and collectives are assumed "

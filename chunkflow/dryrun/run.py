@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import threading
 import time
@@ -30,6 +29,7 @@ from chunkflow.parallel.fake import (ddp_without_verification, fake_mode, fake_p
                                     real_device_meshes)
 from chunkflow.dryrun.tracker import CATEGORIES, CountingKernel, OpCost, StepTracker
 from chunkflow.plan.gpus import GPUSpec
+from chunkflow.train.build import build_meta_model
 
 _DEVICE = torch.device("cpu")
 
@@ -65,57 +65,6 @@ class RoleResult:
 
 # ---- the model, with no weights ----------------------------------------------------------------
 
-def _meta_model(cfg, layers: int | None) -> nn.Module:
-    """The configured model on the meta device (shapes and dtypes only)."""
-    dtype = getattr(torch, cfg.param_dtype())
-    from chunkflow.train.build import _check_lora
-
-    _check_lora(cfg)
-    if cfg.model.path is None:
-        from chunkflow.models import Transformer
-
-        config = cfg.model.model_config()
-        if layers is not None:
-            config = dataclasses.replace(config, num_hidden_layers=layers)
-        return Transformer(config).to(dtype=dtype)
-    from chunkflow.models.hf import check_model_dir
-
-    path = check_model_dir(cfg.model.path, weights=False)
-    if cfg.model.implementation == "reference":
-        from chunkflow.models import Transformer
-        from chunkflow.models.hf_checkpoint import CONFIG_NAME, config_from_hf
-
-        config = config_from_hf(json.loads((path / CONFIG_NAME).read_text()),
-                                source=str(path / CONFIG_NAME))
-        if layers is not None:
-            config = dataclasses.replace(config, num_hidden_layers=layers)
-        return Transformer(config).to(dtype=dtype)
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from chunkflow.models.hf import HFChunkModel, unsupported_reason
-
-    try:
-        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    except Exception as e:  # OSError, ValueError, KeyError, ... from transformers
-        raise ValueError(f"--model.path={cfg.model.path!r}: config.json is not a transformers "
-                         f"model config ({type(e).__name__}: {e})") from None
-    if layers is not None:
-        if getattr(config, "layer_types", None):
-            config.layer_types = config.layer_types[:1] * layers
-        config.num_hidden_layers = layers
-    reason = unsupported_reason(config)
-    if reason is not None:
-        raise ValueError(f"--model.path={cfg.model.path!r} ({type(config).__name__}) cannot be "
-                         f"trained with chunkflow: {reason}")
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    HFChunkModel(model)
-    if cfg.lora.rank > 0:
-        from chunkflow.train.lora import apply_lora
-
-        model = apply_lora(model, cfg.lora, model_path=cfg.model.path)
-    return model
-
-
 def materialize(model: nn.Module, device: torch.device) -> nn.Module:
     """``model``'s meta parameters and buffers as (fake) tensors on ``device``, ties kept."""
     made: dict[int, torch.Tensor] = {}
@@ -136,21 +85,14 @@ def materialize(model: nn.Module, device: torch.device) -> nn.Module:
     return model.train()
 
 
-def meta_model(cfg, layers: int | None = None) -> nn.Module:
-    """The configured model on the meta device (with ``layers`` decoder layers instead of its
-    own, when given); build it outside the fake mode."""
-    with torch.device("meta"):
-        return _meta_model(cfg, layers)
-
-
 def num_layers(cfg) -> int:
-    return meta_model(cfg).config.num_hidden_layers
+    return build_meta_model(cfg).config.num_hidden_layers
 
 
 def uniform_layers(cfg) -> bool:
     """Whether every decoder layer is alike (one attention kind), so that a step's per-layer
     bytes and FLOPs are the same for each."""
-    config = meta_model(cfg).config
+    config = build_meta_model(cfg).config
     kinds = set(getattr(config, "layer_types", None) or ())
     return len(kinds) <= 1 and not getattr(config, "use_sliding_window", False)
 
@@ -237,7 +179,7 @@ def run_role(cfg, batch: list[dict], gpu: GPUSpec, *, layout, rank: int, name: s
 
     t0 = time.perf_counter()
     tracker = StepTracker(peak_flops=gpu.peak_bf16_flops, memory_bytes_per_s=gpu.memory_bytes_per_s)
-    model = meta_model(cfg, layers)
+    model = build_meta_model(cfg, layers)
     with _process_group(layout, rank):
         # the mesh outside the fake mode: building it reads real rank tensors
         ctx = (LocalContext(_DEVICE) if layout.world_size == 1 else

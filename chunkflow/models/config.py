@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from chunkflow.models.families import ROPE_TYPES, get_family
+from chunkflow.plan.cost import MODEL_SHAPES
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,14 @@ def _qwen2(hidden, inter, layers, heads, kv, *, vocab=152064, tied=False, eps=1e
                        tie_word_embeddings=tied)
 
 
+def _qwen25(name: str, *, eps: float) -> ModelConfig:
+    """A published Qwen2.5 config: its shape from the planner's table
+    (:data:`chunkflow.plan.cost.MODEL_SHAPES`), plus what training needs besides."""
+    s = MODEL_SHAPES[name]
+    return _qwen2(s.hidden_size, s.intermediate_size, s.num_hidden_layers, s.num_attention_heads,
+                  s.num_key_value_heads, vocab=s.vocab_size, tied=s.tie_word_embeddings, eps=eps)
+
+
 PRESETS: dict[str, ModelConfig] = {
     # Small enough to train on a laptop CPU in the demo; byte-level vocabulary.
     "tiny": ModelConfig(vocab_size=256, hidden_size=128, intermediate_size=352,
@@ -122,10 +131,10 @@ PRESETS: dict[str, ModelConfig] = {
                         rope_theta=10000.0, tie_word_embeddings=False),
     # Shapes of the published Qwen2.5 configs, for planning and cost models.
     "qwen2.5-0.5b": _qwen2(896, 4864, 24, 14, 2, vocab=151936, tied=True),
-    "qwen2.5-7b": _qwen2(3584, 18944, 28, 28, 4),
-    "qwen2.5-14b": _qwen2(5120, 13824, 48, 40, 8, eps=1e-5),
-    "qwen2.5-32b": _qwen2(5120, 27648, 64, 40, 8, eps=1e-5),
-    "qwen2.5-72b": _qwen2(8192, 29568, 80, 64, 8, eps=1e-5),
+    "qwen2.5-7b": _qwen25("qwen2.5-7b", eps=1e-6),
+    "qwen2.5-14b": _qwen25("qwen2.5-14b", eps=1e-5),
+    "qwen2.5-32b": _qwen25("qwen2.5-32b", eps=1e-5),
+    "qwen2.5-72b": _qwen25("qwen2.5-72b", eps=1e-5),
 }
 
 

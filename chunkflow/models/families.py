@@ -2,8 +2,9 @@
 
 Read by the reference model (:mod:`chunkflow.models.config`, :mod:`chunkflow.models.transformer`),
 the Hugging Face checkpoint reader and writer (:mod:`chunkflow.models.hf_checkpoint`), the
-transformers adapter (:mod:`chunkflow.models.hf`) and the cost model (through
-:func:`model_shape`), so they agree on what a family is.
+transformers adapter (:mod:`chunkflow.models.hf`), the model adapters that the parallel layer
+asks (:mod:`chunkflow.models.adapter`) and the cost model (through :func:`model_shape`), so
+they agree on what a family is.
 
 Every family here is a pre-norm decoder with SwiGLU MLP, RMSNorm, full causal softmax attention
 and RoPE; they differ in the rows below. RoPE variants (:mod:`chunkflow.models.rope`) are a
@@ -44,6 +45,9 @@ class Family:
     gradient that step (data parallelism sums gradients itself, zeros for those)."""
     note: str = ""
     """What a user should know (e.g. what is not computed)."""
+    fixed_config: tuple[tuple[str, object], ...] = ()
+    """config.json entries the reference model's checkpoints write as it computes (no MLP bias,
+    no sliding window), whatever the config class's defaults."""
 
     def has_qkv_bias(self, attention_bias: bool) -> bool:
         return self.qkv_bias == "always" or (self.qkv_bias == "flag" and attention_bias)
@@ -56,15 +60,18 @@ _MOE = ("mixture of experts: each token's routing is its own, so chunking is exa
         "without the router's auxiliary load-balancing loss (output_router_logits=true is "
         "refused, since that loss would be dropped); the cost model prices it as dense")
 
+_NO_WINDOW = (("use_sliding_window", False), ("sliding_window", None))
+
 FAMILIES: dict[str, Family] = {
     "llama": Family("LlamaForCausalLM", qkv_bias="flag", o_bias="flag", qk_norm=False,
-                    max_position_embeddings=2048),
+                    max_position_embeddings=2048, fixed_config=(("mlp_bias", False),)),
     "qwen2": Family("Qwen2ForCausalLM", qkv_bias="always", o_bias="never", qk_norm=False,
-                    max_position_embeddings=32768),
+                    max_position_embeddings=32768, fixed_config=_NO_WINDOW),
     "qwen3": Family("Qwen3ForCausalLM", qkv_bias="flag", o_bias="flag", qk_norm=True,
-                    max_position_embeddings=32768, head_dim=128),
+                    max_position_embeddings=32768, head_dim=128, fixed_config=_NO_WINDOW),
     "mistral": Family("MistralForCausalLM", qkv_bias="never", o_bias="never", qk_norm=False,
-                      max_position_embeddings=4096 * 32, sliding_window=4096),
+                      max_position_embeddings=4096 * 32, sliding_window=4096,
+                      fixed_config=_NO_WINDOW),
     # transformers-only families: their attention goes through AttentionInterface unchanged
     "qwen3_moe": Family("Qwen3MoeForCausalLM", qkv_bias="flag", o_bias="flag", qk_norm=True,
                         max_position_embeddings=32768, reference=False, parallel=False,
@@ -105,12 +112,17 @@ def get_family(model_type: str | None, *, source: str = "model_type") -> Family:
                          f"{', '.join(map(repr, REFERENCE_FAMILIES))}") from None
 
 
+def family_of(config) -> Family | None:
+    """The table's row of a chunkflow or transformers config (None: not a family here)."""
+    return FAMILIES.get(getattr(config, "model_type", None))
+
+
 def model_shape(config):
     """The cost model's :class:`~chunkflow.plan.cost.ModelShape` of a chunkflow or
     transformers config, with the family's q/k/v biases from this table."""
     from chunkflow.plan.cost import ModelShape
 
-    family = FAMILIES.get(getattr(config, "model_type", None))
+    family = family_of(config)
     qkv_bias = getattr(config, "qkv_bias", None)
     if qkv_bias is None and family is not None:
         qkv_bias = family.has_qkv_bias(bool(getattr(config, "attention_bias", False)))

@@ -37,19 +37,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from chunkflow.models.adapter import DECODER_FORWARD
 from chunkflow.models.families import FAMILIES, ROPE_TYPES
 
 ATTN_NAME = "chunkflow"
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 _registered = False
-
-DECODER_FORWARD = "chunkflow_decoder_forward"
-"""When the causal LM has this attribute, the engine runs the decoder through it: FSDP2
-(:func:`chunkflow.parallel.data_parallel.apply_fsdp`) sets it to the decoder's call and registers
-it as a forward method of the causal LM, its root, which then gathers its own parameters (the
-embedding, final norm and head) before the decoder runs. The wrapper is bound to this model
-object: a sharded model is not deep-copied or pickled (as FSDP2's registered methods are not)."""
 
 
 def is_hf_model(model: Any) -> bool:
@@ -260,15 +254,15 @@ class HFChunkModel:
             causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     def hidden_states(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor,
-                      attention, checkpoint_layers: bool = False) -> torch.Tensor:
+                      attention, activation_checkpointing: bool = False) -> torch.Tensor:
         """(1, L) ids and positions -> (1, L, hidden) final hidden states (after the norm).
         Under sequence parallelism the hidden states are this rank's rows of the chunk, and
         so are the ids unless the embedding is vocabulary-parallel (it takes the whole padded
         chunk's); the positions are the whole padded chunk's, which attention runs over.
-        ``checkpoint_layers`` is transformers' business here (see
+        ``activation_checkpointing`` is transformers' business here (see
         :meth:`enable_activation_checkpointing`); transformers checkpoints only in training
         mode, so it warns once when asked to in eval mode."""
-        if checkpoint_layers and torch.is_grad_enabled() and not self.module.training \
+        if activation_checkpointing and torch.is_grad_enabled() and not self.module.training \
                 and not self._warned_eval:
             self._warned_eval = True
             warnings.warn("activation checkpointing is on but the transformers model is in "
@@ -277,6 +271,7 @@ class HFChunkModel:
         # A later pipeline stage gets the previous stage's hidden states (1, L, E).
         inputs = ({"inputs_embeds": input_ids} if input_ids.is_floating_point()
                   else {"input_ids": input_ids})
+        # the decoder, or the entry its adapter gave the causal LM (a root forward method)
         decoder = getattr(_causal_lm(self.module), DECODER_FORWARD, self.decoder)
         with self._chunkflow_attention():
             out = decoder(**inputs, position_ids=position_ids, use_cache=False,

@@ -190,10 +190,7 @@ def config_to_hf(config: ModelConfig, *, dtype: str) -> dict:
     }
     if config.family.qkv_bias == "flag":
         hf.update(attention_bias=config.attention_bias)
-    if config.model_type == "llama":
-        hf.update(mlp_bias=False)
-    else:
-        hf.update(use_sliding_window=False, sliding_window=None)
+    hf.update(config.family.fixed_config)
     if config.rope_scaling:  # transformers 4.x reads the variant here
         hf["rope_scaling"] = dict(config.rope_scaling)
     return hf

@@ -194,15 +194,15 @@ class Transformer(nn.Module):
         *,
         position_ids: Optional[torch.Tensor] = None,
         attention: Optional[AttentionFn] = None,
-        checkpoint_layers: bool = False,
+        activation_checkpointing: bool = False,
     ) -> torch.Tensor:
         """input_ids (B, S) -> final-norm hidden states (B, S, E), before the output head.
 
         A pipeline stage is this model with the modules of other stages removed (set to None, or
         deleted from ``model.layers``): without ``embed_tokens`` the input is the previous
         stage's hidden states (B, S, E); without ``norm`` the output is the last layer's.
-        ``checkpoint_layers``: activation checkpointing per decoder layer (non-reentrant): only
-        each layer's input is kept, the rest is recomputed in backward.
+        ``activation_checkpointing`` per decoder layer (non-reentrant): only each layer's input
+        is kept, the rest is recomputed in backward.
         """
         B, S = input_ids.shape[:2]
         if position_ids is None:
@@ -210,9 +210,9 @@ class Transformer(nn.Module):
         embed = self.model.embed_tokens
         x = embed(input_ids) if embed is not None else input_ids
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)
-        checkpoint_layers = checkpoint_layers and torch.is_grad_enabled()
+        recompute_layers = activation_checkpointing and torch.is_grad_enabled()
         for layer in self.model.layers.values():
-            if checkpoint_layers:
+            if recompute_layers:
                 x = checkpoint(layer, x, cos, sin, attention, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, attention)

@@ -2,7 +2,7 @@
 sequence parallelism) and state-aware pipeline parallel. The only package that imports
 torch.distributed."""
 
-from chunkflow.parallel.engine import ParallelEngine, ParallelStepResult, model_shape
+from chunkflow.parallel.engine import ParallelEngine, ParallelStepResult
 from chunkflow.parallel.mesh import (
     Layout,
     LocalContext,
@@ -14,5 +14,5 @@ from chunkflow.parallel.parallelize import Parallelized, parallelize
 from chunkflow.parallel.pipeline import split_stage, stage_layer_ranges
 
 __all__ = ["Layout", "LocalContext", "ParallelContext", "ParallelEngine", "ParallelStepResult",
-           "Parallelized", "init_distributed", "is_distributed_launch", "model_shape",
+           "Parallelized", "init_distributed", "is_distributed_launch",
            "parallelize", "split_stage", "stage_layer_ranges"]

@@ -263,7 +263,7 @@ def _first_line(e: BaseException) -> str:
 def gather_stages(obj, ctx):
     """``obj`` of every pipeline stage of this replica, by stage, on its first stage (None on
     the others). Called by every stage of the replica (collective over its "pp" group)."""
-    if ctx.pp == 1:
+    if not ctx.pp_enabled:
         return [obj]
     out = [None] * ctx.pp if ctx.stage == 0 else None
     dist.gather_object(obj, out, dst=dist.get_global_rank(ctx.pp_group, 0), group=ctx.pp_group)

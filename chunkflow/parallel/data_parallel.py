@@ -40,6 +40,7 @@ from torch.distributed.fsdp import (FSDPModule, MixedPrecisionPolicy, fully_shar
                                     register_fsdp_forward_method)
 from torch.nn.parallel import DistributedDataParallel
 
+from chunkflow.models.adapter import ModelAdapter, adapt
 from chunkflow.parallel.internals import arm_ddp_for_backward, finish_fsdp_backward
 from chunkflow.parallel.mesh import ParallelContext
 from chunkflow.runtime.peers import GradSync
@@ -81,7 +82,7 @@ def apply_fsdp(model: nn.Module, ctx: ParallelContext, *, mixed_precision: bool 
     group (FSDP2's root), over "dp". ``model``: a stage of chunkflow's reference model or of a
     transformers causal LM; returned sharded in place. ``mixed_precision`` (the run is under
     bf16 autocast): float32 weights are gathered as bf16, gradients reduced in float32."""
-    check_fsdp(model)
+    adapter = check_fsdp(model)
     dtype = next(model.parameters()).dtype
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if mixed_precision and dtype == torch.float32 else MixedPrecisionPolicy())
@@ -93,16 +94,14 @@ def apply_fsdp(model: nn.Module, ctx: ParallelContext, *, mixed_precision: bool 
                          f"FSDPModule.set_force_sum_reduction_for_comms, which torch "
                          f"{torch.__version__} lacks; valid: a newer torch, "
                          f"--model.dtype=float64, or --parallel.data_parallel=ddp")
+    # Every decoder layer, then the root (embedding, final norm, head), which the engine
+    # enters through the adapter's root forward method: it gathers the root's parameters, and
+    # they stay gathered for the head's loss.
     mesh = ctx.mesh["dp"]
-    if hasattr(model, "hidden_states"):  # chunkflow's reference model
-        for layer in model.model.layers.values():
-            fully_shard(layer, mesh=mesh, reshard_after_forward=False, mp_policy=policy)
-        fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=policy)
-        # The engine calls hidden_states() and lm_head, not forward(): hidden_states gathers
-        # the root's parameters, and they stay gathered for lm_head.
-        register_fsdp_forward_method(model, "hidden_states")
-    else:
-        _fully_shard_hf(model, mesh, policy)
+    for layer in adapter.decoder_layers():
+        fully_shard(layer, mesh=mesh, reshard_after_forward=False, mp_policy=policy)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=policy)
+    register_fsdp_forward_method(model, adapter.fsdp_root_forward())
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)  # sum, like the single process's one backward
@@ -113,42 +112,12 @@ def apply_fsdp(model: nn.Module, ctx: ParallelContext, *, mixed_precision: bool 
     return model
 
 
-def check_fsdp(model: nn.Module) -> None:
-    """Refuse, with the reason, a model that FSDP2 cannot train exactly under chunkflow."""
-    if hasattr(model, "hidden_states"):  # chunkflow's reference model
-        return
-    from chunkflow.models import families
-    from chunkflow.models.hf import check_hf_model
-
-    check_hf_model(model, what="data_parallel='fsdp'", valid="data_parallel='ddp'")
-    if hasattr(model, "peft_config"):
-        raise ValueError("data_parallel='fsdp' with LoRA is not supported: the frozen base "
-                         "weights have no gradient or optimizer state to shard, and a step "
-                         "gathers them whole anyway (ZeRO-2); valid: --parallel.data_parallel="
-                         "ddp for LoRA")
-    family = families.FAMILIES.get(getattr(model.config, "model_type", None))
-    if family is not None and family.experts:
-        raise ValueError(f"data_parallel='fsdp' for model_type {model.config.model_type!r} is "
-                         f"not supported: a replica may route no token to an expert, and "
-                         f"FSDP2 reduce-scatters only the gradients a replica has, so the "
-                         f"replicas' collectives would not match; valid: "
-                         f"--parallel.data_parallel=ddp (experts summed by one all-reduce)")
-
-
-def _fully_shard_hf(model: nn.Module, mesh, policy: MixedPrecisionPolicy) -> None:
-    """:func:`apply_fsdp` of a transformers causal LM, from outside its code. The engine runs
-    the decoder and reads the head's weight, never the causal LM's own forward; so the causal
-    LM (FSDP2's root: embedding, final norm, head) gets a forward method that runs its decoder
-    (``chunkflow.models.hf.DECODER_FORWARD``), which gathers the root's parameters first. They
-    stay gathered for the head's loss."""
-    from chunkflow.models.hf import DECODER_FORWARD
-
-    decoder = model.get_decoder()
-    for layer in decoder.layers:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=False, mp_policy=policy)
-    fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=policy)
-    setattr(model, DECODER_FORWARD, decoder.__call__)  # a bound method: not a submodule
-    register_fsdp_forward_method(model, DECODER_FORWARD)
+def check_fsdp(model: nn.Module) -> ModelAdapter:
+    """``model``'s adapter; refused, with the reason, where FSDP2 cannot train it exactly under
+    chunkflow (LoRA, mixtures of experts: :meth:`ModelAdapter.check_fsdp`)."""
+    adapter = adapt(model, what="data_parallel='fsdp'", valid="data_parallel='ddp'")
+    adapter.check_fsdp()
+    return adapter
 
 
 def reshard(model: nn.Module) -> None:
@@ -175,7 +144,7 @@ class DataParallelSync(GradSync):
         self.tp_partial = list(tp_partial)
 
     def global_counts(self, num_tokens: int, num_sequences: int) -> tuple[int, int]:
-        if self.ctx.dp == 1:  # the replica holds the whole global batch
+        if not self.ctx.dp_enabled:  # the replica holds the whole global batch
             return num_tokens, num_sequences
         t = torch.tensor([num_tokens, num_sequences], dtype=torch.int64,
                          device=self.ctx.comm_device)
@@ -255,14 +224,14 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float, ctx: ParallelCon
     for g, part in zip(grads, local):
         sq[int(_tp_sharded(g))] += part.detach().to(acc).pow(2).sum().to(torch.float64)
     sq = sq.to(ctx.comm_device)
-    if ctx.tp > 1:
+    if ctx.tp_enabled:
         shards = sq[1:].clone()
         dist.all_reduce(shards, group=ctx.tp_group)
         sq[1] = shards[0]
     sq = sq.sum()
-    if sharded and ctx.dp > 1:
+    if sharded and ctx.dp_enabled:
         dist.all_reduce(sq, group=ctx.dp_group)
-    if ctx.pp > 1:
+    if ctx.pp_enabled:
         dist.all_reduce(sq, group=ctx.pp_group)
     norm = math.sqrt(float(sq))
     if math.isfinite(norm):

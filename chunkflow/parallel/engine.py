@@ -38,15 +38,9 @@ from chunkflow.plan import (
     subplan,
 )
 from chunkflow.models import families
-from chunkflow.plan.cost import ModelShape
 from chunkflow.runtime.engine import ChunkFlowEngine, EvalResult, StepResult
 from chunkflow.runtime.options import ChunkingOptions
 from chunkflow.runtime.loss import IGNORE_INDEX
-
-
-def model_shape(config) -> ModelShape:
-    """The cost model's view of a model config (chunkflow's or a transformers one)."""
-    return families.model_shape(config)
 
 
 @dataclass
@@ -94,7 +88,7 @@ class ParallelEngine:
             raise TypeError(f"ParallelEngine takes options or keyword arguments, not both "
                             f"(got {sorted(kwargs)})")
         self.ctx, self.data_parallel = ctx, data_parallel
-        self.shape = model_shape(model.config)
+        self.shape = families.model_shape(model.config)
         parts = parallelize(model, ctx, data_parallel=data_parallel,
                             sequence_parallel=sequence_parallel, vocab_parallel=vocab_parallel,
                             mixed_precision=mixed_precision)
@@ -108,7 +102,7 @@ class ParallelEngine:
         param = next(iter(model.parameters()))
         self.io = P2PStageIO(ctx, hidden_size=model.config.hidden_size, dtype=param.dtype,
                              shard=shard)
-        if ctx.pp > 1 and os.environ.get("CHUNKFLOW_CHECK_MESSAGES", "0") == "1":
+        if ctx.pp_enabled and os.environ.get("CHUNKFLOW_CHECK_MESSAGES", "0") == "1":
             self.io.record()  # every step's messages replayed under NCCL's rules
 
     @property
@@ -162,7 +156,7 @@ class ParallelEngine:
         except RuntimeError as e:
             raise RuntimeError(f"rank {self.ctx.rank} (replica {self.ctx.dp_rank}, stage "
                                f"{self.ctx.stage}) failed in an evaluation: {e}") from e
-        if self.data_parallel == "fsdp" and self.ctx.dp > 1:
+        if self.data_parallel == "fsdp" and self.ctx.dp_enabled:
             reshard(self.model)
         # Only last stages hold a loss; each supervised token is counted on one rank (the
         # tensor-parallel ranks of a stage hold the same, replicated loss, the first counts;
@@ -180,7 +174,7 @@ class ParallelEngine:
         with ``input_ids`` and optional ``labels``, the same list on every rank)."""
         plan, sharding, sub, local_batch, chunk_ids = self._local(batch)
         recompute = self.engine.recompute
-        actions = (schedule(sub, k=self.k, recompute=recompute) if self.ctx.pp == 1
+        actions = (schedule(sub, k=self.k, recompute=recompute) if not self.ctx.pp_enabled
                    else state_aware_1f1b(sub, self.ctx.pp, k=self.k,
                                          recompute=recompute)[self.ctx.stage])
         self.sync.start()
@@ -205,4 +199,4 @@ class ParallelEngine:
     def clip_grad_norm(self, max_norm: float) -> float:
         """Clip this step's gradients of the whole model; return the norm before clipping."""
         return clip_grad_norm(self.parameters(), max_norm, self.ctx,
-                              sharded=self.data_parallel == "fsdp" and self.ctx.dp > 1)
+                              sharded=self.data_parallel == "fsdp" and self.ctx.dp_enabled)

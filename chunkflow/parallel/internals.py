@@ -12,6 +12,13 @@ one-forward-one-backward shape, so two hooks into their internals remain:
   ``_root_post_backward_final_callback``, which reduce-scatter the accumulated gradients and
   reshard, as FSDP2 itself does at the end of a backward.
 
+Why the chunk does not simply run through the wrappers' ``__call__``: DDP's forward arms its
+reducer for the next backward and FSDP2's root forward queues its post-backward, so either would
+communicate after every chunk's backward, a different number of times on each replica. The
+engine enters the FSDP2 root through a forward method registered with the public
+``register_fsdp_forward_method`` (which one, the model's adapter says:
+:meth:`chunkflow.models.adapter.ModelAdapter.fsdp_root_forward`), and DDP's forward not at all.
+
 :func:`missing_internals` lists what the installed torch lacks; ``tests/parallel/test_internals.py``
 fails, naming it, on a release that renamed one, and every call here raises the same message
 instead of an AttributeError deep inside a step. ``pyproject.toml`` pins the torch range tested.

@@ -28,11 +28,16 @@ from chunkflow.runtime.devices import normalize_device
 
 @dataclass(frozen=True)
 class Layout:
-    """``dp`` data-parallel replicas of a ``pp``-stage pipeline, each stage over ``tp`` ranks."""
+    """``dp`` data-parallel replicas of a ``pp``-stage pipeline, each stage over ``tp`` ranks
+    (torchtitan's ``ParallelDims``); one process is the 1x1x1 layout."""
 
     dp: int
+    """Data-parallel replicas: each trains its share of the global batch's chunks; DDP
+    all-reduces gradients over them, FSDP2 also shards the weights and optimizer state."""
     pp: int
+    """Pipeline stages: consecutive decoder layers per stage, chunks sent stage to stage."""
     tp: int = 1
+    """Tensor-parallel ranks of one stage: each holds a slice of every layer's heads and MLP."""
 
     def __post_init__(self):
         check_positive_int("dp", self.dp)
@@ -42,6 +47,18 @@ class Layout:
     @property
     def world_size(self) -> int:
         return self.dp * self.pp * self.tp
+
+    @property
+    def dp_enabled(self) -> bool:
+        return self.dp > 1
+
+    @property
+    def pp_enabled(self) -> bool:
+        return self.pp > 1
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
 
     def coords(self, rank: int) -> tuple[int, int]:
         """(dp_rank, stage) of a global rank."""
@@ -81,6 +98,18 @@ class ParallelContext:
     @property
     def tp(self) -> int:
         return self.layout.tp
+
+    @property
+    def dp_enabled(self) -> bool:
+        return self.layout.dp_enabled
+
+    @property
+    def pp_enabled(self) -> bool:
+        return self.layout.pp_enabled
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.layout.tp_enabled
 
     @property
     def is_first_stage(self) -> bool:
@@ -164,6 +193,7 @@ class LocalContext:
         self.device = normalize_device(device)  # cuda -> cuda:<current>, as ParallelContext's
 
     world_size = dp = pp = tp = 1
+    dp_enabled = pp_enabled = tp_enabled = False
 
     def barrier(self) -> None:
         pass

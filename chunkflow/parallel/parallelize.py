@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from chunkflow.models import families
+from chunkflow.models.adapter import adapt
 from chunkflow.parallel.data_parallel import DATA_PARALLEL, apply_ddp, apply_fsdp
 from chunkflow.parallel.mesh import LocalContext, ParallelContext
 from chunkflow.parallel.pipeline import split_stage
@@ -62,18 +62,18 @@ def parallelize(model: nn.Module, ctx: ParallelContext | LocalContext, *,
     ``mixed_precision``: the step runs under bf16 autocast (FSDP2 gathers bf16 weights)."""
     if data_parallel not in DATA_PARALLEL:
         raise ValueError(f"data_parallel={data_parallel!r}; valid: {', '.join(DATA_PARALLEL)}")
-    if ctx.pp > 1:
+    if ctx.pp_enabled:
         model = split_stage(model, ctx.stage, ctx.pp)
     # every rank raises (a stage alone would leave the others waiting for it)
     if ctx.all_max(int(not any(p.requires_grad for p in model.parameters()))):
-        where = "a pipeline stage holds" if ctx.pp > 1 else "the model has"
+        where = "a pipeline stage holds" if ctx.pp_enabled else "the model has"
         raise ValueError(f"{where} no trainable parameter (e.g. LoRA adapters only in layers "
                          f"of other stages); valid: --lora.target_modules or "
                          f"--lora.modules_to_save that reach every stage's layers, or fewer "
                          f"stages (--parallel.pp)")
     out = Parallelized(model)
     partial = []
-    if ctx.tp > 1:
+    if ctx.tp_enabled:
         apply_tp(model, ctx, sequence_parallel=sequence_parallel)
         if vocab_parallel:
             apply_vocab_parallel(model, ctx, sequence_parallel=sequence_parallel)
@@ -83,12 +83,15 @@ def parallelize(model: nn.Module, ctx: ParallelContext | LocalContext, *,
         if sequence_parallel:
             out.sequence_shard = SequenceShard(ctx.tp_rank, ctx.tp, vocab_parallel)
         out.loss_replicated = vocab_parallel or not sequence_parallel
-    family = families.FAMILIES.get(getattr(model.config, "model_type", None))
-    if ctx.dp > 1 and data_parallel == "fsdp":
+    if ctx.dp_enabled and data_parallel == "fsdp":
         out.wrapped = apply_fsdp(model, ctx, mixed_precision=mixed_precision)
-    elif ctx.dp > 1 and ctx.tp == 1 and not (family is not None and family.experts):
+    elif ctx.dp_enabled and not ctx.tp_enabled and not _experts(model):
         out.wrapped = apply_ddp(model, ctx)
-    elif ctx.dp > 1:
+    elif ctx.dp_enabled:
         out.all_reduce = [p for p in model.parameters() if p.requires_grad]
     out.tp_partial = [model.get_parameter(name) for name in partial]  # FSDP2 replaced them
     return out
+
+
+def _experts(model: nn.Module) -> bool:
+    return adapt(model, what="data parallelism", valid="one process").experts

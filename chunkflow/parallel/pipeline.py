@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from chunkflow.models.transformer import Transformer
+from chunkflow.models.adapter import adapt
 from chunkflow.parallel.mesh import ParallelContext
 from chunkflow.plan import Action, ActionKind, Chunk
 from chunkflow.plan.messages import P2POp, Post, Wait, check_messages
@@ -52,58 +52,13 @@ def stage_layer_ranges(num_layers: int, num_stages: int) -> list[range]:
 
 def split_stage(model: torch.nn.Module, stage: int, num_stages: int) -> torch.nn.Module:
     """In place: keep stage ``stage``'s decoder layers, the embedding on the first stage and the
-    final norm and output head on the last. Parameter names stay those of the whole model.
-    ``model``: chunkflow's reference model or a transformers causal LM of a supported family."""
-    from chunkflow.models.hf import is_hf_model
-
-    if is_hf_model(model):
-        return _split_hf_stage(model, stage, num_stages)
-    if not isinstance(model, Transformer):
-        raise ValueError(f"pipeline parallelism runs chunkflow's reference model (Llama, "
-                         f"Qwen2, Qwen3, Mistral), got {type(model).__name__}; load a Hugging "
-                         f"Face checkpoint "
-                         f"with --model.implementation=reference, or use pp=1")
-    if model.config.tie_word_embeddings and num_stages > 1:
-        raise ValueError("pipeline parallelism with tied input/output embeddings "
-                         "(tie_word_embeddings=true) is not supported: the embedding and the head "
-                         "would live on different stages; valid: pp=1 for this model")
-    keep = stage_layer_ranges(model.config.num_hidden_layers, num_stages)[stage]
-    for key in list(model.model.layers):
-        if int(key) not in keep:
-            del model.model.layers[key]
-    if stage != 0:
-        model.model.embed_tokens = None
-    if stage != num_stages - 1:
-        model.model.norm = None
-        model.lm_head = None
-    return model
-
-
-def _split_hf_stage(model: torch.nn.Module, stage: int, num_stages: int) -> torch.nn.Module:
-    """:func:`split_stage` of a transformers model, from outside its code: the decoder's layer
-    list keeps this stage's layers under their own indices (so parameter names, and each
-    attention's ``layer_idx``, stay the whole model's), a later stage takes the previous one's
-    hidden states as ``inputs_embeds``, and an earlier stage's final norm is the identity. A
-    PEFT (LoRA) model is split the same way: its adapters live in the layers they adapt."""
-    causal_lm = model.get_base_model() if hasattr(model, "peft_config") else model
-    config = causal_lm.config
-    from chunkflow.parallel.tensor import check_parallel_family
-
-    check_parallel_family(config, "pipeline parallelism", "--parallel.pp=1")
-    if getattr(config, "tie_word_embeddings", False) and num_stages > 1:
-        raise ValueError("pipeline parallelism with tied input/output embeddings "
-                         "(tie_word_embeddings=true) is not supported: the embedding and the head "
-                         "would live on different stages; valid: pp=1 for this model")
-    decoder = causal_lm.get_decoder()
-    keep = stage_layer_ranges(len(decoder.layers), num_stages)[stage]
-    for key in [name for name, _ in decoder.layers.named_children()]:
-        if int(key) not in keep:
-            delattr(decoder.layers, key)  # the others keep their keys: no renumbering
-    if stage != 0:
-        decoder.embed_tokens = None
-    if stage != num_stages - 1:
-        decoder.norm = torch.nn.Identity()
-        causal_lm.lm_head = None
+    final norm and output head on the last (:meth:`~chunkflow.models.adapter.ModelAdapter.
+    keep_stage`). Parameter names stay those of the whole model. ``model``: chunkflow's
+    reference model or a transformers causal LM (LoRA included) of a supported family."""
+    adapter = adapt(model, what="pipeline parallelism", valid="--parallel.pp=1")
+    adapter.check_pp(num_stages)
+    layers = stage_layer_ranges(len(adapter.decoder_layers()), num_stages)[stage]
+    adapter.keep_stage(layers, first=stage == 0, last=stage == num_stages - 1)
     return model
 
 
@@ -141,7 +96,7 @@ class P2PStageIO(StageIO):
         (:class:`BatchedP2P` on the pipeline group by default)."""
         self.ctx, self.hidden_size, self.dtype, self.shard = ctx, hidden_size, dtype, shard
         if transport is None:
-            group = ctx.pp_group if ctx.pp > 1 else None
+            group = ctx.pp_group if ctx.pp_enabled else None
             if group is not None:
                 # batch_isend_irecv's first call on a group must involve all its ranks (its
                 # NCCL communicator is created then); a collective creates it instead.
@@ -240,7 +195,7 @@ class P2PStageIO(StageIO):
         replica, gathered over the pipeline group) under NCCL's rules; raise
         :class:`~chunkflow.plan.ScheduleError` with the stuck ops and the schedule grid if they
         could deadlock. Then start a new recording. Call it on every stage after :meth:`wait`."""
-        if self.trace is None or self.ctx.pp == 1:
+        if self.trace is None or not self.ctx.pp_enabled:
             return
         group = self.ctx.pp_group
         every: list = [None] * dist.get_world_size(group)

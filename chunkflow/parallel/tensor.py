@@ -46,6 +46,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from chunkflow.models.adapter import ModelAdapter, adapt
 from chunkflow.parallel.mesh import ParallelContext
 
 LAYER_PLAN = {
@@ -59,7 +60,7 @@ LAYER_PLAN = {
 }
 
 
-def layer_plan(*, sequence_parallel: bool, hf: bool) -> dict:
+def layer_plan(*, sequence_parallel: bool, attention_kwargs: bool) -> dict:
     """The ``parallelize_module`` plan of one decoder layer. With sequence parallelism the layer's
     input and output are its rows of the chunk (Shard(1)): attention and the MLP gather their
     input whole (a DTensor, so that the projections' input gradients, partial sums, are
@@ -71,10 +72,11 @@ def layer_plan(*, sequence_parallel: bool, hf: bool) -> dict:
     plan["self_attn.o_proj"] = RowwiseParallel(output_layouts=rows)
     plan["mlp.down_proj"] = RowwiseParallel(output_layouts=rows)
     # transformers' layers call attention with hidden_states=...; chunkflow's with (x, cos, sin,
-    # attention); both call the MLP with the hidden states alone.
+    # attention) (ModelAdapter.attention_kwargs); both call the MLP with the hidden states alone.
     plan["self_attn"] = (
         PrepareModuleInput(input_kwarg_layouts={"hidden_states": rows},
-                           desired_input_kwarg_layouts={"hidden_states": whole}) if hf else
+                           desired_input_kwarg_layouts={"hidden_states": whole})
+        if attention_kwargs else
         PrepareModuleInput(input_layouts=(rows, None, None, None),
                            desired_input_layouts=(whole, None, None, None)))
     plan["mlp"] = PrepareModuleInput(input_layouts=(rows,), desired_input_layouts=(whole,))
@@ -93,30 +95,13 @@ def check_tp(config, tp: int) -> None:
                              f"{why}; valid: a tp that divides {name}")
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers of chunkflow's reference model (a stage of it) or of a transformers
-    causal LM (Llama, Qwen2, Qwen3, Mistral: the same projection names)."""
-    if hasattr(model, "hidden_states"):  # chunkflow's reference model
-        return list(model.model.layers.values())
-    from chunkflow.models.hf import check_hf_model
-
-    check_hf_model(model, what="tensor parallelism", valid="--parallel.tp=1")
-    if hasattr(model, "peft_config"):
-        raise ValueError("tensor parallelism with LoRA is not supported (PEFT wraps the "
-                         "projections the plan shards); valid: --parallel.tp=1, data "
-                         "parallel (ddp) or pipeline stages (--parallel.pp) for LoRA")
-    check_parallel_family(model.config, "tensor parallelism", "--parallel.tp=1")
-    return list(model.get_decoder().layers)
-
-
-def check_parallel_family(config, what: str, valid: str) -> None:
-    """Refuse TP or PP for a transformers family whose modules chunkflow's plans do not fit."""
-    from chunkflow.models.families import FAMILIES
-
-    family = FAMILIES.get(getattr(config, "model_type", None))
-    if family is not None and not family.parallel:
-        raise ValueError(f"{what} for model_type {config.model_type!r} is not supported "
-                         f"({family.note}); valid: {valid}, data parallel (ddp)")
+def tp_adapter(model: nn.Module) -> ModelAdapter:
+    """``model``'s adapter, refused where tensor parallelism does not apply: chunkflow's
+    reference model (a stage of it) or a transformers causal LM of a family whose projections
+    have the names of :data:`LAYER_PLAN`."""
+    adapter = adapt(model, what="tensor parallelism", valid="--parallel.tp=1")
+    adapter.check_tp()
+    return adapter
 
 
 PER_HEAD_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
@@ -133,7 +118,7 @@ def partial_grad_names(model: nn.Module, *, sequence_parallel: bool) -> list[str
                 if p.requires_grad and not hasattr(p, "device_mesh")]
     prefix = {id(layer): name for name, layer in model.named_modules()}
     out = []
-    for layer in decoder_layers(model):
+    for layer in tp_adapter(model).decoder_layers():
         for name in PER_HEAD_NORMS:
             try:
                 module = layer.get_submodule(name)
@@ -151,10 +136,9 @@ def apply_tp(model: nn.Module, ctx: ParallelContext, *, sequence_parallel: bool 
     attention infers its local head count from the projection's output, ``view(..., -1,
     head_dim)``). With ``sequence_parallel`` the engine must run it on each rank's rows
     (``ChunkFlowEngine(sequence_shard=...)``)."""
-    layers = decoder_layers(model)
+    adapter = tp_adapter(model)
     check_tp(model.config, ctx.tp)
-    mesh = ctx.mesh["tp"]
-    hf = not hasattr(model, "hidden_states")
-    for layer in layers:
-        parallelize_module(layer, mesh, layer_plan(sequence_parallel=sequence_parallel, hf=hf))
+    for layer in adapter.decoder_layers():
+        parallelize_module(layer, ctx.mesh["tp"], layer_plan(
+            sequence_parallel=sequence_parallel, attention_kwargs=adapter.attention_kwargs))
     return model

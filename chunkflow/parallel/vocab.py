@@ -32,16 +32,10 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
+from chunkflow.models.adapter import adapt
 from chunkflow.parallel.mesh import ParallelContext
 from chunkflow.runtime.head_loss import LOGITS_BUDGET, _add_matmul, _logits, _low
 from chunkflow.runtime.loss import IGNORE_INDEX
-
-
-def embedding_and_head(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
-    """The stage's embedding and output head (None where another stage holds them)."""
-    if hasattr(model, "hidden_states"):  # chunkflow's reference model
-        return model.model.embed_tokens, model.lm_head
-    return model.get_input_embeddings(), model.get_output_embeddings()
 
 
 def vocab_rows(vocab_size: int, tp: int, tp_rank: int) -> range:
@@ -51,6 +45,16 @@ def vocab_rows(vocab_size: int, tp: int, tp_rank: int) -> range:
     return range(min(tp_rank * size, vocab_size), min((tp_rank + 1) * size, vocab_size))
 
 
+def _adapt(model: nn.Module):
+    return adapt(model, what="--parallel.vocab_parallel", valid="--parallel.vocab_parallel=false")
+
+
+def embedding_and_head(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """The stage's embedding and output head (None where another stage holds them)."""
+    adapter = _adapt(model)
+    return adapter.embedding(), adapter.head()
+
+
 def check_vocab_parallel(model: nn.Module, tp: int) -> None:
     """Refuse, with the reason, a vocabulary or head the split does not fit."""
     vocab = model.config.vocab_size
@@ -58,7 +62,7 @@ def check_vocab_parallel(model: nn.Module, tp: int) -> None:
         raise ValueError(f"--parallel.vocab_parallel with tp={tp} leaves the last rank no row "
                          f"of the model's vocab_size={vocab}; valid: --parallel.vocab_parallel="
                          f"false")
-    _, head = embedding_and_head(model)
+    head = _adapt(model).head()
     if head is not None and (not isinstance(head, nn.Linear) or head.bias is not None):
         raise ValueError(f"--parallel.vocab_parallel needs a bias-free linear output head, got "
                          f"{head}; valid: --parallel.vocab_parallel=false")
@@ -69,14 +73,12 @@ def apply_vocab_parallel(model: nn.Module, ctx: ParallelContext, *,
     """Split ``model``'s embedding and head weights over "tp" by vocabulary rows, in place."""
     check_vocab_parallel(model, ctx.tp)
     mesh = ctx.mesh["tp"]
-    embed, head = embedding_and_head(model)
+    adapter = _adapt(model)
+    embed, head = adapter.embedding(), adapter.head()
     tied = embed is not None and head is not None and head.weight is embed.weight
     if embed is not None:
         embed = VocabParallelEmbedding(embed, ctx, sequence_parallel=sequence_parallel)
-        if hasattr(model, "hidden_states"):
-            model.model.embed_tokens = embed
-        else:
-            model.set_input_embeddings(embed)
+        adapter.set_embedding(embed)
     if tied:
         head.weight = embed.weight  # the embedding's new, split parameter
     elif head is not None:

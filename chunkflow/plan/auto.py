@@ -32,6 +32,7 @@ from chunkflow.plan.memory import (
     kv_state_bytes,
 )
 from chunkflow.plan.scheduling import ActionKind, schedule
+from chunkflow.plan.units import format_bytes
 
 MODEL_MARGIN = 0.05
 """Added to the estimated step memory (activations, state, kept outputs, transient)."""
@@ -148,8 +149,9 @@ def choose_settings(model, batches: Sequence[Sequence[int]], *, memory_budget: i
                       for i in range(len(batches))) / len(batches)
         found.append(Choice(s, seconds, peak, host))
     if not found:
-        raise ValueError(f"no chunk settings fit a memory budget of {_gib(memory_budget)}: the "
-                         f"smallest estimated peak is {_gib(smallest.peak_bytes)} "
+        raise ValueError(f"no chunk settings fit a memory budget of "
+                         f"{format_bytes(memory_budget)}: the "
+                         f"smallest estimated peak is {format_bytes(smallest.peak_bytes)} "
                          f"({smallest.settings}); raise the budget, shorten --data.max_length "
                          f"or use a smaller model")
     # faster first; at equal time the simpler setting (offload, whose copies are priced as
@@ -168,7 +170,7 @@ def step_seconds(cost: CostModel, plan, s: Settings) -> float:
         if action.kind is ActionKind.BACKWARD:
             seconds = cost.backward_seconds(lens, prefix_len=prefix)
             if s.activation_checkpointing:
-                seconds += cost.checkpoint_seconds(lens, prefix_len=prefix)
+                seconds += cost.activation_checkpointing_seconds(lens, prefix_len=prefix)
         else:
             seconds = cost.recompute_seconds(lens, prefix_len=prefix,
                                              selective=action.selective
@@ -196,12 +198,9 @@ def format_choices(choices: Sequence[Choice], *, top: int = 5) -> str:
         rows.append(f"{'*' if i == 0 else ' '} {s.chunk_size:>6} {s.k:>3} {s.recompute:>9} "
                     f"{'yes' if s.activation_checkpointing else 'no':>4} {s.offload:>7} "
                     f"{c.step_seconds:>11.3f}s {c.step_seconds / best:>6.2f}x "
-                    f"{_gib(c.peak_bytes):>10} {_gib(c.host_bytes) if c.host_bytes else '-':>10}")
+                    f"{format_bytes(c.peak_bytes):>10} "
+                    f"{format_bytes(c.host_bytes) if c.host_bytes else '-':>10}")
     if len(choices) > top:
         rows.append(f"  ... {len(choices) - top} more within the budget")
     return "\n".join(rows)
 
-
-def _gib(num_bytes: float) -> str:
-    return (f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30
-            else f"{num_bytes / 2**20:.1f} MiB")

@@ -88,16 +88,14 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config, *, qkv_bias: bool | None = None) -> "ModelShape":
-        """The shape of a model config: chunkflow's ``ModelConfig`` or a transformers one.
-        ``qkv_bias``: what :mod:`chunkflow.models.families`' table says for a transformers
-        config (``chunkflow.models.families.model_shape`` passes it); without it, Qwen2's
-        implicit biases or the ``attention_bias`` flag."""
+        """The shape of a model config (call ``chunkflow.models.families.model_shape``, which
+        knows each family's q/k/v biases and passes ``qkv_bias``); without ``qkv_bias``, the
+        config's ``qkv_bias`` or ``attention_bias``."""
         heads = config.num_attention_heads
         if qkv_bias is None:
             qkv_bias = getattr(config, "qkv_bias", None)
         if qkv_bias is None:
-            qkv_bias = (getattr(config, "model_type", None) == "qwen2"
-                        or bool(getattr(config, "attention_bias", False)))
+            qkv_bias = bool(getattr(config, "attention_bias", False))
         return cls(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
                    intermediate_size=config.intermediate_size,
                    num_hidden_layers=config.num_hidden_layers, num_attention_heads=heads,
@@ -351,8 +349,8 @@ class CostModel:
         mm, head, attn, fixed = self._parts(segment_lens, prefix_len, stage_idx)
         return mm + head + fixed + (0.0 if selective else attn)
 
-    def checkpoint_seconds(self, segment_lens: Sequence[int], *, prefix_len: int = 0,
-                           stage_idx: int = 0) -> float:
+    def activation_checkpointing_seconds(self, segment_lens: Sequence[int], *,
+                                         prefix_len: int = 0, stage_idx: int = 0) -> float:
         """What per-layer activation checkpointing adds to a backward: the decoder layers'
         forward once more (not the head)."""
         mm, _, attn, fixed = self._parts(segment_lens, prefix_len, stage_idx)

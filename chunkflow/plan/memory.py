@@ -109,6 +109,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from chunkflow.plan.chunks import ChunkPlan, check_positive_int
+from chunkflow.plan.units import format_bytes
 
 OPTIMIZER_STATES = {"adamw": 2, "sgd": 0}
 """Optimizer state tensors per parameter, in its dtype: AdamW's two moments; plain SGD none."""
@@ -163,14 +164,15 @@ class MemoryEstimate:
                                    + self.optimizer_state + self.step + self.transient)
 
     def summary(self) -> str:
-        kept = (f" + kept attention {_fmt(self.kept_attention)}" if self.kept_attention else "")
-        kept += (f" + recomputed layer {_fmt(self.transient)}" if self.transient else "")
-        copies = (f" (+ {_fmt(self.weight_copies)} bf16 copies)" if self.weight_copies else "")
-        host = f"; in host memory {_fmt(self.host)}" if self.host else ""
-        return (f"peak {_fmt(self.total)} at {self.peak_at}: weights {_fmt(self.weights)}"
-                f"{copies}, grads {_fmt(self.grads)}, optimizer {_fmt(self.optimizer_state)}; "
-                f"the step's most: activations {_fmt(self.activations)} ({self.peak_tokens} "
-                f"tokens) + KV state {_fmt(self.kv_state)}{kept}{host}")
+        b = format_bytes
+        kept = f" + kept attention {b(self.kept_attention)}" if self.kept_attention else ""
+        kept += f" + recomputed layer {b(self.transient)}" if self.transient else ""
+        copies = f" (+ {b(self.weight_copies)} bf16 copies)" if self.weight_copies else ""
+        host = f"; in host memory {b(self.host)}" if self.host else ""
+        return (f"peak {b(self.total)} at {self.peak_at}: weights {b(self.weights)}"
+                f"{copies}, grads {b(self.grads)}, optimizer {b(self.optimizer_state)}; "
+                f"the step's most: activations {b(self.activations)} ({self.peak_tokens} "
+                f"tokens) + KV state {b(self.kv_state)}{kept}{host}")
 
 
 LOGITS_BUDGET = 256 * 2**20
@@ -453,8 +455,3 @@ def estimate_peak_memory(model, plan: ChunkPlan, *, k: int, param_bytes: int = 4
         peak_at=peak_at,
     )
 
-
-def _fmt(num_bytes: int) -> str:
-    if num_bytes >= 2**30:
-        return f"{num_bytes / 2**30:.2f} GiB"
-    return f"{num_bytes / 2**20:.1f} MiB"

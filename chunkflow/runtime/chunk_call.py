@@ -3,7 +3,7 @@
 :class:`ChunkAttention` is the ``attention`` argument of a chunk's forward (the reference model's
 and, through the transformers adapter, a Hugging Face model's): each layer's call is one kernel
 call over the whole chunk, its segments bound to their chains' key/value state
-(:class:`Segment`), so a chain's later chunk attends to its earlier ones.
+(:class:`BoundSegment`), so a chain's later chunk attends to its earlier ones.
 
 :class:`SequenceShard`: under sequence parallelism (tensor parallelism's norms, residual stream,
 head and loss split along the chunk), which rows of a chunk this rank holds. The chunk is padded
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +24,28 @@ from chunkflow.runtime.attention import ChainSlot, ChunkView, KeptAttention, chu
 from chunkflow.runtime.kv_state import ChainState
 
 
+@runtime_checkable
+class ChunkModel(Protocol):
+    """What the engine runs a chunk through: chunkflow's reference model is one; another model
+    kind gets one from :func:`chunkflow.models.adapter.chunk_model`. Optionally also
+    ``recompute_scope()`` (the context a chunk's backward runs in) and
+    ``enable_activation_checkpointing()``."""
+
+    config: object
+    lm_head: torch.nn.Module | None
+    """The output head, whose weight the loss reads (None on an earlier pipeline stage)."""
+    layer_ids: tuple[int, ...]
+    """The decoder layers' indices in the whole model (a pipeline stage holds some)."""
+
+    def hidden_states(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor, attention,
+                      activation_checkpointing: bool = False) -> torch.Tensor:
+        """(1, L) ids (or a later stage's (1, L, E) hidden states) -> (1, L, E) hidden states."""
+
+    def parameters(self): ...
+
+
 @dataclass
-class Segment:
+class BoundSegment:
     """A plan segment bound to its data: where it sits in the chunk and what it attends to."""
 
     offset: int
@@ -65,7 +86,7 @@ class ChunkAttention:
     """The ``attention`` callable a model sees while running one chunk: every layer's call is
     one kernel call over the whole chunk (:func:`chunkflow.runtime.attention.chunk_attention`)."""
 
-    def __init__(self, segments: list[Segment], kernel, *, block_size: int,
+    def __init__(self, segments: list[BoundSegment], kernel, *, block_size: int,
                  has_successor: bool, kept: KeptAttention | None = None):
         self.segments, self.kernel, self.block_size = segments, kernel, block_size
         self.has_successor, self.kept = has_successor, kept

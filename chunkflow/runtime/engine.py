@@ -41,7 +41,7 @@ from torch import nn
 from chunkflow.plan import Action, ActionKind, Chunk, ChunkPlan, build_chunks, schedule
 from chunkflow.runtime.attention import KeptAttention, get_kernel
 from chunkflow.runtime.attention.select import model_heads
-from chunkflow.runtime.chunk_call import ChunkAttention, Segment, SequenceShard
+from chunkflow.runtime.chunk_call import BoundSegment, ChunkAttention, ChunkModel, SequenceShard
 from chunkflow.runtime.devices import normalize_device
 from chunkflow.runtime.head_loss import head_loss
 from chunkflow.runtime.inputs import prepare_batch
@@ -115,15 +115,13 @@ class ChunkFlowEngine:
             raise TypeError(f"ChunkFlowEngine takes options or keyword arguments, not both "
                             f"(got {sorted(kwargs)})")
         self.options = options
-        if not hasattr(model, "hidden_states"):
-            # A transformers model (or PEFT wrapper) gets a thin adapter; imported only then, so
-            # the runtime needs neither transformers nor the models package otherwise.
-            from chunkflow.models.hf import HFChunkModel, is_hf_model
+        if not isinstance(model, ChunkModel):
+            # Another kind (a transformers model, PEFT-wrapped or not) runs chunks through its
+            # adapter; imported only then, so the runtime needs neither transformers nor the
+            # models package otherwise.
+            from chunkflow.models.adapter import chunk_model
 
-            if not is_hf_model(model):
-                raise ValueError(f"{type(model).__name__} is neither a chunkflow.models."
-                                 f"Transformer nor a Hugging Face transformers causal LM")
-            model = HFChunkModel(model)
+            model = chunk_model(model)
         self.model, self.config = model, model.config
         self.sequence_shard = sequence_shard
         self.loss_fn = loss_fn or head_loss
@@ -414,7 +412,7 @@ class ChunkFlowEngine:
         segments, offset = [], 0
         for i, seg in enumerate(chunk.segments):
             is_chain = i == 0 and chunk.chain_id is not None
-            segments.append(Segment(offset, seg.num_tokens, seg.start,
+            segments.append(BoundSegment(offset, seg.num_tokens, seg.start,
                                      state if is_chain else None))
             offset += seg.num_tokens
         device, shard = step.kernel_device, self.sequence_shard
@@ -438,8 +436,9 @@ class ChunkFlowEngine:
         attention = ChunkAttention(segments, step.kernel, block_size=self.chunk_size,
                                     has_successor=has_successor, kept=kept)
         with torch.set_grad_enabled(grad):
-            hidden = self.model.hidden_states(x, position_ids=position_ids, attention=attention,
-                                              checkpoint_layers=self.activation_checkpointing)
+            hidden = self.model.hidden_states(
+                x, position_ids=position_ids, attention=attention,
+                activation_checkpointing=self.activation_checkpointing)
             if self.model.lm_head is None or not with_loss:
                 # Not the last stage (hidden states go on), or a state-only forward on the last.
                 return _Graph(hidden, inputs)

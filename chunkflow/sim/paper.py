@@ -37,7 +37,8 @@ from typing import Callable
 from chunkflow.plan.chunks import ChunkPlan, build_chunks, check_positive_int
 from chunkflow.plan.cost import CostModel, GPUProfile, get_gpu, get_model_shape
 from chunkflow.plan.lengths import sample_lengths
-from chunkflow.sim.tune import Prediction, format_size, predict_chunkflow, predict_megatron
+from chunkflow.plan.units import format_size
+from chunkflow.sim.tune import Prediction, predict_chunkflow, predict_megatron
 
 K32, K256 = 32 * 1024, 256 * 1024
 GLOBAL_BATCH = 256

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -34,6 +33,7 @@ from chunkflow.plan.cost import GPUS_PER_NODE, CostModel, GPUProfile, ModelShape
 from chunkflow.plan.lengths import sample_lengths
 from chunkflow.plan.pipeline import one_f_one_b, state_aware_1f1b
 from chunkflow.plan.scheduling import ActionKind
+from chunkflow.plan.units import format_size
 from chunkflow.sim.simulator import simulate
 
 CHUNK_SIZES = (2048, 4096, 8192, 16384, 32768)
@@ -317,35 +317,3 @@ def format_candidates(cands: Sequence[Candidate], top: int = 5) -> str:
 
 def _fmt_seconds(seconds: float) -> str:
     return f"{seconds:.2f}s" if seconds >= 0.1 else f"{seconds * 1e3:.2f}ms"
-
-
-# ---- sizes -----------------------------------------------------------------------------------
-
-_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "b": 1}
-
-
-def parse_size(text: str | int) -> int:
-    """``"256K"`` -> 262144, ``"80GiB"`` -> 80 * 2**30, ``"80GB"`` -> 80 * 10**9, ``"4096"``.
-
-    Bare K/M/G/T and KiB/MiB/GiB/TiB are binary, KB/MB/GB/TB decimal; case does not matter.
-    """
-    if isinstance(text, int) and not isinstance(text, bool):
-        return check_positive_int("size", text)
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
-    unit = match and match.group(2).lower()
-    if not match or unit not in _UNITS:
-        raise ValueError(f"cannot read size {text!r}: expected a number with an optional unit, "
-                         f"like 256K, 32768, 80GiB or 80GB")
-    value = float(match.group(1)) * _UNITS[unit]
-    if value < 1 or value != int(value):
-        raise ValueError(f"size {text!r} is not a positive whole number of units")
-    return int(value)
-
-
-def format_size(num: float, *, tokens: bool = False) -> str:
-    """Bytes as GiB/MiB; ``tokens``: a token count as 8K/256K."""
-    if tokens:
-        return f"{num // 1024:.0f}K" if num % 1024 == 0 and num >= 1024 else f"{num:.0f}"
-    return f"{num / 2**30:.1f}GiB" if num >= 2**30 else f"{num / 2**20:.1f}MiB"

@@ -14,7 +14,8 @@ import itertools
 
 import torch
 
-from chunkflow.train.config import BYTES_PER_ELEMENT, TrainConfig
+from chunkflow.plan.units import BYTES_PER_ELEMENT
+from chunkflow.train.config import TrainConfig
 
 SAMPLE_BATCHES = 8
 CUDA_MARGIN = 0.10
@@ -23,7 +24,7 @@ CUDA_MARGIN = 0.10
 
 def memory_budget(cfg: TrainConfig, device: torch.device) -> tuple[int, str]:
     """(bytes, how they were found) for ``--chunking.auto``."""
-    from chunkflow.sim.tune import format_size, parse_size
+    from chunkflow.plan.units import format_size, parse_size
 
     given = cfg.chunking.memory_budget
     if given is not None:
@@ -67,7 +68,7 @@ def choose_chunking(cfg: TrainConfig, dataset, device: torch.device, *, activati
     from chunkflow.plan.auto import choose_settings, format_choices
     from chunkflow.plan.memory import state_extra_rows
     from chunkflow.train.batching import global_batches
-    from chunkflow.train.build import model_shape, trainable_params
+    from chunkflow.train.build import configured_shape, trainable_params
     from chunkflow.train.data import DataPosition, DataStats, FileDataset
 
     budget, source = memory_budget(cfg, device)
@@ -82,7 +83,7 @@ def choose_chunking(cfg: TrainConfig, dataset, device: torch.device, *, activati
             f"a longer one later may not fit: set --data.max_length to bound it")
     param_bytes = BYTES_PER_ELEMENT[cfg.param_dtype()]
     try:
-        choices = choose_settings(model_shape(cfg), batches, memory_budget=budget,
+        choices = choose_settings(configured_shape(cfg), batches, memory_budget=budget,
                                   profile=device_profile(device), param_bytes=param_bytes,
                                   activation_bytes=activation_bytes, max_length=max_length,
                                   offload=device.type == "cuda",
@@ -151,6 +152,6 @@ def _confirm(cfg: TrainConfig, choices: list, batches: list[list[int]], max_leng
 
 
 def _fmt(num_bytes: int) -> str:
-    from chunkflow.sim.tune import format_size
+    from chunkflow.plan.units import format_size
 
     return format_size(num_bytes)

@@ -4,6 +4,9 @@ local model directory (checked before transformers sees it)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import torch
 from torch import nn
 
@@ -104,6 +107,61 @@ def build_model(config: TrainConfig, device: torch.device) -> nn.Module:
     return model.train()
 
 
+def build_meta_model(cfg: TrainConfig, layers: int | None = None) -> nn.Module:
+    """The configured model on the meta device, shapes and dtypes only (with ``layers``
+    decoder layers instead of its own, when given); build it outside a fake mode."""
+    with torch.device("meta"):
+        return _meta_model(cfg, layers)
+
+
+def _meta_model(cfg: TrainConfig, layers: int | None) -> nn.Module:
+    dtype = getattr(torch, cfg.param_dtype())
+    _check_lora(cfg)
+    if cfg.model.path is None:
+        from chunkflow.models import Transformer
+
+        config = cfg.model.model_config()
+        if layers is not None:
+            config = dataclasses.replace(config, num_hidden_layers=layers)
+        return Transformer(config).to(dtype=dtype)
+    from chunkflow.models.hf import check_model_dir
+
+    path = check_model_dir(cfg.model.path, weights=False)
+    if cfg.model.implementation == "reference":
+        from chunkflow.models import Transformer
+        from chunkflow.models.hf_checkpoint import CONFIG_NAME, config_from_hf
+
+        config = config_from_hf(json.loads((path / CONFIG_NAME).read_text()),
+                                source=str(path / CONFIG_NAME))
+        if layers is not None:
+            config = dataclasses.replace(config, num_hidden_layers=layers)
+        return Transformer(config).to(dtype=dtype)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from chunkflow.models.hf import HFChunkModel, unsupported_reason
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # OSError, ValueError, KeyError, ... from transformers
+        raise ValueError(f"--model.path={cfg.model.path!r}: config.json is not a transformers "
+                         f"model config ({type(e).__name__}: {e})") from None
+    if layers is not None:
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:1] * layers
+        config.num_hidden_layers = layers
+    reason = unsupported_reason(config)
+    if reason is not None:
+        raise ValueError(f"--model.path={cfg.model.path!r} ({type(config).__name__}) cannot be "
+                         f"trained with chunkflow: {reason}")
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    HFChunkModel(model)
+    if cfg.lora.rank > 0:
+        from chunkflow.train.lora import apply_lora
+
+        model = apply_lora(model, cfg.lora, model_path=cfg.model.path)
+    return model
+
+
 def train_in_float32(model: nn.Module) -> None:
     """LoRA on a 16-bit base: the trained parameters (peft's adapters already are, and
     ``modules_to_save``' copies) in float32, so that small updates are not rounded away."""
@@ -112,7 +170,7 @@ def train_in_float32(model: nn.Module) -> None:
             p.data = p.data.float()
 
 
-def model_shape(config: TrainConfig):
+def configured_shape(config: TrainConfig):
     """The cost and memory models' view of the configured model
     (:class:`chunkflow.plan.cost.ModelShape`): a preset's, or model.path's config.json (any
     family chunkflow trains)."""
@@ -139,8 +197,5 @@ def trainable_params(config: TrainConfig) -> int | None:
     ``trainable_params``; ``None`` without LoRA (every parameter trains)."""
     if config.lora.rank == 0:
         return None
-    _check_lora(config)
-    from chunkflow.dryrun.run import meta_model
-
-    params = {id(p): p for p in meta_model(config).parameters() if p.requires_grad}
+    params = {id(p): p for p in build_meta_model(config).parameters() if p.requires_grad}
     return sum(p.numel() for p in params.values())

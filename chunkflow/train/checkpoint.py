@@ -43,6 +43,7 @@ from typing import Any, Callable
 
 import torch
 
+from chunkflow.plan.units import format_bytes
 from chunkflow.train import CheckpointSpaceError
 
 _NAME = re.compile(r"^step-(\d+)$")
@@ -284,17 +285,11 @@ def space_error(run_dir: Path, step: int, needed_bytes: int, *, keep_last: int |
         keep_last > 1 and len(older) > 1) else "")
     return CheckpointSpaceError(
         f"no space left on the device for checkpoint {checkpoint_name(step)} in "
-        f"{run_dir.resolve()}: it needs about {_fmt_bytes(needed_bytes)} and "
-        f"{_fmt_bytes(free)} are free. The partial checkpoint was removed and {kept}; free "
+        f"{run_dir.resolve()}: it needs about {format_bytes(needed_bytes)} and "
+        f"{format_bytes(free)} are free. The partial checkpoint was removed and {kept}; free "
         f"space (or raise --checkpoint.interval{fewer}), then continue "
         f"with: chunkflow train --train.output_dir {run_dir.resolve()} --resume")
 
-
-def _fmt_bytes(n: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{int(n)} bytes"
 
 
 def restore_torch_rng(path: Path) -> None:

@@ -55,7 +55,7 @@ ONE_PROCESS = {"dp": 1, "pp": 1, "tp": 1, "data_parallel": "none"}
 def layout_of(ctx, data_parallel: str) -> dict[str, Any]:
     """What a checkpoint records of the layout that wrote it."""
     return {"dp": ctx.dp, "pp": ctx.pp, "tp": ctx.tp,
-            "data_parallel": data_parallel if ctx.dp > 1 else "none"}
+            "data_parallel": data_parallel if ctx.dp_enabled else "none"}
 
 
 class CheckpointIO:
@@ -78,7 +78,7 @@ class CheckpointIO:
             full_weights(self.module, tied=self.tied))
         writer = ctx.dp_rank == 0 and ctx.tp_rank == 0  # one copy of each stage's weights
         adapter = None
-        if files.lora and ctx.pp > 1 and writer:  # the stages' adapters, on the first stage
+        if files.lora and ctx.pp_enabled and writer:  # the stages' adapters, on the first stage
             from chunkflow.train.lora import adapter_state
 
             parts = gather_stages(adapter_state(files.model), ctx)
@@ -95,7 +95,7 @@ class CheckpointIO:
             if files.lora:
                 from chunkflow.train.lora import save_adapter
 
-                if ctx.pp == 1:
+                if not ctx.pp_enabled:
                     return names + save_adapter(files.model, tmp)
                 # one adapter file for the whole model (PEFT loads it), and each stage's shard
                 # of the merged model
@@ -114,7 +114,7 @@ class CheckpointIO:
             if one:  # the model's own Hugging Face export (shared tensors once)
                 files.write(tmp, merged=merged)
                 return
-            if ctx.pp > 1 and not files.lora:
+            if ctx.pp_enabled and not files.lora:
                 write_stage_index(tmp, ctx.pp)
             files.write_extras(tmp, merged=merged, num_stages=ctx.pp)
 
@@ -138,7 +138,7 @@ class CheckpointIO:
                              f"{describe_layout(self.layout)}; valid: resume it on the layout "
                              f"that saved it")
         if self.files.lora:
-            self.files.load(path, stage=ctx.pp > 1)
+            self.files.load(path, stage=ctx.pp_enabled)
         elif self.files.masters and (path / MASTER_DIR).is_dir():
             load_master_weights(self.module, path / MASTER_DIR)
         else:
@@ -156,7 +156,7 @@ class CheckpointIO:
     def _load_legacy_optimizer(self, path: Path) -> None:
         """``optimizer.pt`` (one process: by position; a stage: by name, full tensors)."""
         ctx = self.ctx
-        name = ("optimizer.pt" if ctx.pp == 1 else
+        name = ("optimizer.pt" if not ctx.pp_enabled else
                 f"optimizer-{ctx.stage + 1:05d}-of-{ctx.pp:05d}.pt")
         file = path / name
         if not file.is_file():

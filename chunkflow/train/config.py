@@ -104,6 +104,16 @@ class ModelSection:
             return "config.json" if stored else "config.json names no dtype"
         return f"config.json's {stored}, loaded as float32"
 
+    def hf_family(self):
+        """The family table's row of model.path's transformers model
+        (``--model.implementation=hf``), or None (chunkflow's reference model runs every
+        layout)."""
+        if self.path is None or self.implementation != "hf":
+            return None
+        from chunkflow.models.families import FAMILIES
+
+        return FAMILIES.get(config_json(self.path).get("model_type"))
+
     def model_config(self):
         """The :class:`chunkflow.models.ModelConfig` these settings describe (for planning: the
         shape of model.path's checkpoint when it is Llama/Qwen2-like, else the preset's)."""
@@ -585,22 +595,24 @@ def pretrained_defaults(config: "TrainConfig", given: set[str]) -> list[str]:
     return notes
 
 
-def checkpoint_dtype(path: str) -> str | None:
-    """The dtype a Hugging Face model directory's config.json declares (``dtype``, or
-    ``torch_dtype`` as transformers < 4.56 wrote it), or None."""
+def config_json(path: str) -> dict:
+    """A Hugging Face model directory's config.json as a dict; ``{}`` when it is missing or
+    unreadable (the model's loaders name that, with the file, when the model is built)."""
     import json
 
     try:
         config = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError):
-        return None  # the model's loaders name a missing or unreadable config.json
-    if not isinstance(config, dict):
-        return None
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def checkpoint_dtype(path: str) -> str | None:
+    """The dtype a Hugging Face model directory's config.json declares (``dtype``, or
+    ``torch_dtype`` as transformers < 4.56 wrote it), or None."""
+    config = config_json(path)
     dtype = config.get("dtype", config.get("torch_dtype"))
     return dtype if isinstance(dtype, str) else None
-
-
-BYTES_PER_ELEMENT = {"float32": 4, "bfloat16": 2, "float64": 8}
 
 
 def config_from_dict(data: dict[str, dict[str, Any]], *, where: str) -> TrainConfig:

@@ -93,14 +93,14 @@ def check_dataset(dataset: FileDataset, name: str) -> DataReport:
 
 def check_data(cfg, *, show: int = SHOW, log=print) -> int:
     """``chunkflow data check`` for the configuration ``cfg``; its exit status."""
-    from chunkflow.train.build import build_tokenizer, model_shape
+    from chunkflow.train.build import build_tokenizer, configured_shape
     from chunkflow.train.data import build_dataset, build_eval_dataset
 
     if cfg.data.path is None:
         raise ValueError("chunkflow data check reads --data.path; none is set (the built-in "
                          "synthetic data has nothing to check)")
     tokenizer = build_tokenizer(cfg)
-    vocab_size = model_shape(cfg).vocab_size
+    vocab_size = configured_shape(cfg).vocab_size
     dataset = build_dataset(cfg.data, vocab_size=vocab_size, seed=cfg.train.seed,
                             tokenizer=tokenizer, model_path=cfg.model.path)
     sets = [(dataset, f"--data.path ({dataset.describe()})")]

@@ -17,7 +17,8 @@ Exact resume: a checkpoint holds everything the next step reads (weights or adap
 moments, step, data position and counters, RNG states), so on CPU a resumed run's weights equal
 an uninterrupted run's bit for bit. The first Ctrl-C, SIGTERM or SIGUSR1 (a scheduler's
 warning before it kills the job) finishes the current step and saves a checkpoint (every rank
-at the same step); a bad record met mid-stream saves the steps taken before it; a NaN/inf loss stops before the optimizer step, so the last checkpoint stays good.
+at the same step); a bad record met mid-stream saves the steps taken before it; a NaN/inf loss
+stops before the optimizer step, so the last checkpoint stays good.
 A start that fails before its first step leaves no run directory behind.
 """
 
@@ -45,7 +46,8 @@ from chunkflow.train.build import (
     model_label,
 )
 from chunkflow.train.checkpoint_io import CheckpointIO, layout_of
-from chunkflow.train.config import BYTES_PER_ELEMENT, TrainConfig
+from chunkflow.plan.units import BYTES_PER_ELEMENT
+from chunkflow.train.config import TrainConfig
 from chunkflow.train.data import (
     DataPosition,
     DataStats,
@@ -242,13 +244,15 @@ class Trainer:
         if cfg.lora.rank:
             trainable = (f", {_num_params(self.model, trainable=True) / 1e6:.2f}M trainable: "
                          f"LoRA rank {cfg.lora.rank}")
+        par = cfg.parallel
         where = (f"{self.device}" if not self.distributed else
                  f"{ctx.world_size} processes (dp={ctx.dp} x pp={ctx.pp} x tp={ctx.tp}"
-                 f"{', sequence parallel' if ctx.tp > 1 and cfg.parallel.sequence_parallel else ''}"
-                 f"{', vocabulary parallel' if ctx.tp > 1 and cfg.parallel.vocab_parallel else ''}"
-                 f"{', ' + cfg.parallel.data_parallel if ctx.dp > 1 else ''}) on "
+                 f"{', sequence parallel' if ctx.tp_enabled and par.sequence_parallel else ''}"
+                 f"{', vocabulary parallel' if ctx.tp_enabled and par.vocab_parallel else ''}"
+                 f"{', ' + par.data_parallel if ctx.dp_enabled else ''}) on "
                  f"{self.device.type}")
-        held = (" on rank 0" if ctx.tp > 1 else " on stage 0") if ctx.pp * ctx.tp > 1 else ""
+        held = ((" on rank 0" if ctx.tp_enabled else " on stage 0")
+                if ctx.pp_enabled or ctx.tp_enabled else "")
         return (f"chunkflow train: {model_label(cfg)} model "
                 f"({_num_params(self.model) / 1e6:.2f}M params{held}{trainable}, "
                 f"{describe_dtypes(cfg)}) on {where}{', bf16 autocast' if self.autocast else ''}; "

@@ -220,11 +220,11 @@ def test_sequence_parallel_padding_rows_are_left_out(target, backend):
     """A chunk padded for sequence parallelism (tp=4: 11 tokens -> 12 rows) through a kernel
     in bf16: the real rows and their gradients equal the unpadded call's; the padding rows get
     zeros."""
-    from chunkflow.runtime.chunk_call import ChunkAttention, Segment
+    from chunkflow.runtime.chunk_call import BoundSegment, ChunkAttention
 
     torch.manual_seed(0)
     kernel = target.kernel(backend, torch.bfloat16, heads=(4, 2, 64))
-    segments = [Segment(0, 5, 0, None), Segment(5, 6, 0, None)]
+    segments = [BoundSegment(0, 5, 0, None), BoundSegment(5, 6, 0, None)]
     # (1, L, heads, D) transposed to (1, heads, L, D), as the models hand them over
     q, k, v = (torch.randn(1, 12, h, 64, device=target.device, dtype=torch.bfloat16)
                .transpose(1, 2).requires_grad_() for h in (4, 2, 2))

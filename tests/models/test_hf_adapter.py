@@ -251,13 +251,16 @@ def test_the_family_table_says_which_layouts_each_family_runs():
     from chunkflow.models.families import FAMILIES, REFERENCE_FAMILIES
     from chunkflow.models.hf import SUPPORTED_MODEL_TYPES
     from chunkflow.parallel.pipeline import split_stage
-    from chunkflow.parallel.tensor import check_parallel_family
+    from chunkflow.models.adapter import adapt
+
+    def check_parallel_family(model, what, valid):
+        adapt(model, what=what, valid=valid).check_parallel(what, valid)
 
     assert set(SUPPORTED_MODEL_TYPES) == set(FAMILIES) == set(globals()["FAMILIES"])
     assert set(REFERENCE_FAMILIES) == {"llama", "qwen2", "qwen3", "mistral"}
-    check_parallel_family(build("qwen3").config, "tensor parallelism", "tp=1")  # has a plan
+    check_parallel_family(build("qwen3"), "tensor parallelism", "tp=1")  # has a plan
     for family in ("olmo2", "phi3", "mixtral", "qwen3_moe"):
         with pytest.raises(ValueError, match=f"tensor parallelism for model_type '{family}'"):
-            check_parallel_family(build(family).config, "tensor parallelism", "tp=1")
+            check_parallel_family(build(family), "tensor parallelism", "tp=1")
     with pytest.raises(ValueError, match="pipeline parallelism for model_type 'phi3'.*fused"):
         split_stage(build("phi3"), 0, 2)

@@ -6,7 +6,7 @@ import torch
 from chunkflow.cli import main
 from chunkflow.parallel import Layout, split_stage, stage_layer_ranges
 from chunkflow.plan.cost import CostModel, get_gpu
-from chunkflow.parallel import model_shape
+from chunkflow.models.families import model_shape
 from tests.conftest import tiny_model
 
 

@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 
 from chunkflow.models import PRESETS
+from chunkflow.models.families import model_shape
 from chunkflow.plan import build_chunks
 from chunkflow.plan.cost import (GPU_PROFILES, MODEL_SHAPES, CostModel, GPUProfile, ModelShape,
                                  attention_pairs, chunk_segments, get_gpu, get_model_shape)
@@ -39,7 +40,7 @@ def test_shape_from_transformers_configs_sees_qwen2_biases():
     # Qwen2 always has q/k/v biases (its config has no flag for them); Llama has none by default.
     for config, bias in ((transformers.Qwen2Config(**kw), True),
                          (transformers.LlamaConfig(**kw), False)):
-        shape = ModelShape.from_config(config)
+        shape = model_shape(config)
         assert shape.qkv_bias is bias
         model = transformers.AutoModelForCausalLM.from_config(config)
         assert shape.num_params == sum(p.numel() for p in model.parameters())

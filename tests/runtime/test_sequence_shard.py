@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from chunkflow.runtime.attention import get_kernel
-from chunkflow.runtime.chunk_call import ChunkAttention, Segment, SequenceShard
+from chunkflow.runtime.chunk_call import BoundSegment, ChunkAttention, SequenceShard
 
 
 @pytest.mark.parametrize("num_tokens,size", [(16, 2), (13, 2), (7, 4), (1, 4), (9, 3)])
@@ -25,7 +25,7 @@ def test_the_ranks_rows_tile_the_padded_chunk(num_tokens, size):
 def test_attention_leaves_the_padding_rows_out():
     torch.manual_seed(0)
     # two packed sequences of 5 and 6 tokens, padded to 12 rows (tp=4: 3 rows each)
-    segments = [Segment(0, 5, 0, None), Segment(5, 6, 0, None)]
+    segments = [BoundSegment(0, 5, 0, None), BoundSegment(5, 6, 0, None)]
     kernel = get_kernel("math", torch.device("cpu"), torch.float64)
     q = torch.randn(1, 4, 12, 8, dtype=torch.float64, requires_grad=True)
     k = torch.randn(1, 2, 12, 8, dtype=torch.float64, requires_grad=True)

@@ -9,9 +9,9 @@ import pytest
 from chunkflow.plan import build_chunks
 from chunkflow.plan.cost import GPU_PROFILES, MODEL_SHAPES, CostModel, GPUProfile
 from chunkflow.plan.memory import estimate_peak_memory
-from chunkflow.sim.tune import (Candidate, autotune, format_candidates, format_size, layouts,
-                                 parse_size, predict_chunkflow, predict_megatron,
-                                 split_sequences)
+from chunkflow.plan.units import format_size, parse_size
+from chunkflow.sim.tune import (Candidate, autotune, format_candidates, layouts,
+                                 predict_chunkflow, predict_megatron, split_sequences)
 from chunkflow.plan.lengths import sample_lengths
 
 SHAPE = MODEL_SHAPES["qwen2.5-7b"]

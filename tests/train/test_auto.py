@@ -45,7 +45,7 @@ def test_lora_is_priced_by_its_trained_parameters(tmp_path):
     """--chunking.auto with LoRA: the frozen weights take no gradients or AdamW state, so a
     budget that no full fine-tune of the model fits still gets settings."""
     from chunkflow.train.auto import choose_chunking
-    from chunkflow.train.build import build_tokenizer, model_shape, trainable_params
+    from chunkflow.train.build import build_tokenizer, configured_shape, trainable_params
     from chunkflow.train.config import load_config
     from chunkflow.train.data import build_dataset
     from tests.train.test_resume import chat_job
@@ -62,7 +62,7 @@ def test_lora_is_priced_by_its_trained_parameters(tmp_path):
 
     lora = cfg(4, 1)
     trained = trainable_params(lora)
-    shape = model_shape(lora)
+    shape = configured_shape(lora)
     assert 0 < trained < shape.num_params
     dataset = build_dataset(lora.data, vocab_size=shape.vocab_size, seed=0,
                             tokenizer=build_tokenizer(lora), model_path=model)
@@ -88,12 +88,12 @@ def test_offload_on_cpu_warns_that_it_saves_nothing(tmp_path, capsys):
 
 
 def _auto_inputs(tmp_path):
-    from chunkflow.train.build import build_tokenizer, model_shape
+    from chunkflow.train.build import build_tokenizer, configured_shape
     from chunkflow.train.data import build_dataset
     from tests.train.test_trainer import config
 
     cfg = config(tmp_path, **{"chunking.auto": "true", "chunking.memory_budget": "64MiB"})
-    dataset = build_dataset(cfg.data, vocab_size=model_shape(cfg).vocab_size,
+    dataset = build_dataset(cfg.data, vocab_size=configured_shape(cfg).vocab_size,
                             seed=cfg.train.seed, tokenizer=build_tokenizer(cfg),
                             model_path=cfg.model.path)
     return cfg, dataset
