@@ -25,7 +25,7 @@ from common import machine, save  # noqa: E402
 
 from chunkflow import ChunkFlowEngine  # noqa: E402
 from chunkflow.models import load_hf_checkpoint  # noqa: E402
-from chunkflow.train.synthetic import sample_lengths  # noqa: E402
+from chunkflow.train.data.synthetic import sample_lengths  # noqa: E402
 
 
 def main() -> None:

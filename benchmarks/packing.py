@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from common import machine, save  # noqa: E402
 
 from chunkflow.plan import build_chunks  # noqa: E402
-from chunkflow.train.synthetic import sample_lengths  # noqa: E402
+from chunkflow.train.data.synthetic import sample_lengths  # noqa: E402
 
 
 def main() -> None:

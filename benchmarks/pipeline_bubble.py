@@ -39,7 +39,7 @@ from chunkflow.parallel import ParallelEngine, init_distributed, stage_layer_ran
 from chunkflow.plan import ActionKind, build_chunks, state_aware_1f1b  # noqa: E402
 from chunkflow.plan.cost import chunk_segments, forward_flops  # noqa: E402
 from chunkflow.sim import simulate  # noqa: E402
-from chunkflow.train.synthetic import sample_lengths  # noqa: E402
+from chunkflow.train.data.synthetic import sample_lengths  # noqa: E402
 
 CONFIG = ModelConfig(vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=8,
                      num_attention_heads=8, num_key_value_heads=2, rope_theta=10000.0)

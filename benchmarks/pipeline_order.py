@@ -19,7 +19,7 @@ from common import machine, save  # noqa: E402
 from chunkflow.plan import ActionKind, build_chunks, one_f_one_b  # noqa: E402
 from chunkflow.sim import simulate  # noqa: E402
 from chunkflow.sim.search import best_order  # noqa: E402
-from chunkflow.train.synthetic import sample_lengths  # noqa: E402
+from chunkflow.train.data.synthetic import sample_lengths  # noqa: E402
 
 
 def main() -> None:

@@ -26,8 +26,8 @@ EXIT_USER_ERROR, EXIT_STOPPED, EXIT_DISK_FULL, EXIT_INTERRUPTED = 2, 1, 3, 130
 
 def _train(args: argparse.Namespace, unknown: list[str]) -> int:
     from chunkflow.train.arguments import config_from_args
-    from chunkflow.train.process import exit_code
-    from chunkflow.train.trainer import train
+    from chunkflow.train.run.process import exit_code
+    from chunkflow.train.run.trainer import train
 
     # Under torchrun every rank parses the same arguments; rank 0 speaks for them.
     log = print if os.environ.get("RANK", "0") == "0" else None
@@ -37,7 +37,7 @@ def _train(args: argparse.Namespace, unknown: list[str]) -> int:
 
 def _data_check(args: argparse.Namespace, unknown: list[str]) -> int:
     from chunkflow.train.arguments import config_from_args
-    from chunkflow.train.data_check import check_data
+    from chunkflow.train.data.check import check_data
 
     if args.show < 0:
         raise ValueError(f"--show={args.show}: must be 0 or more")
@@ -192,9 +192,9 @@ def _data_batches(cfg, num_batches: int, *, vocab_size: int | None = None):
     """The configured data set (with the run's tokenizer) and its first global batches, each
     with the data counters after it. ``vocab_size``: the model's (default: the configured
     model's)."""
-    from chunkflow.train.batching import global_batches
+    from chunkflow.train.data.batching import global_batches
     from chunkflow.train.build import build_tokenizer, configured_shape
-    from chunkflow.train.data import DataPosition, DataStats, build_dataset
+    from chunkflow.train.data.dataset import DataPosition, DataStats, build_dataset
 
     vocab_size = configured_shape(cfg).vocab_size if vocab_size is None else vocab_size
     dataset = build_dataset(cfg.data, vocab_size=vocab_size,
@@ -365,7 +365,7 @@ def _bench(args: argparse.Namespace, unknown: list[str]) -> int:
 
 
 def _report(args: argparse.Namespace, unknown: list[str]) -> int:
-    from chunkflow.train.report import write_report
+    from chunkflow.train.run.report import write_report
 
     if unknown:
         raise ValueError(f"unexpected arguments {' '.join(unknown)}; usage: chunkflow report "

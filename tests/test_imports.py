@@ -5,7 +5,7 @@ from tests.torchless import run_without_torch
 
 CODE = """
 import chunkflow, chunkflow.plan, chunkflow.plan.pipeline, chunkflow.sim, chunkflow.sim.search
-import chunkflow.train.synthetic, chunkflow.bench.options
+import chunkflow.train.data.synthetic, chunkflow.bench.options
 import chunkflow.cli
 chunkflow.cli.build_parser()  # the parser (bench's options included) needs no torch
 plan = chunkflow.plan.build_chunks([5, 17, 3], chunk_size=8)

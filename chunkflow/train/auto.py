@@ -67,9 +67,9 @@ def choose_chunking(cfg: TrainConfig, dataset, device: torch.device, *, activati
     (:mod:`chunkflow.dryrun`) and take the next choice that fits the budget if it does not."""
     from chunkflow.plan.auto import choose_settings, format_choices
     from chunkflow.plan.memory import state_extra_rows
-    from chunkflow.train.batching import global_batches
+    from chunkflow.train.data.batching import global_batches
     from chunkflow.train.build import configured_shape, trainable_params
-    from chunkflow.train.data import DataPosition, DataStats, FileDataset
+    from chunkflow.train.data.dataset import DataPosition, DataStats, FileDataset
 
     budget, source = memory_budget(cfg, device)
     batches = [[len(ex) for ex in batch] for batch, _, _ in itertools.islice(

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from chunkflow.train.config import TrainConfig
-from chunkflow.train.tokenizer import load_tokenizer
+from chunkflow.train.data.tokenizer import load_tokenizer
 
 
 def tokenizer_spec(config: TrainConfig) -> str:

@@ -14,7 +14,7 @@ import pytest
 from chunkflow.cli import main
 from chunkflow.dryrun.tracker import allocator_bytes
 from chunkflow.train.config import load_config
-from chunkflow.train.trainer import Trainer
+from chunkflow.train.run.trainer import Trainer
 
 # sequences of 2000-3000 tokens in chunks of 1024 (chains of 2-3 chunks), two chunks kept: the
 # step's peak is in the backward, where activations dominate

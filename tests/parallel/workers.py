@@ -310,7 +310,7 @@ def train_lora(rank, world_size, run_dir: str, model_path: str, data: str, steps
     """A LoRA run of the trainer on these ranks (as torchrun would run it): DDP, or the layout
     ``options`` give."""
     from chunkflow.train.config import load_config
-    from chunkflow.train.trainer import Trainer
+    from chunkflow.train.run.trainer import Trainer
     from tests.train.test_resume import hf_args
 
     options = dict(a[2:].split("=", 1) for a in hf_args(run_dir, model_path, data, **{
@@ -326,7 +326,7 @@ def fail_a_checkpoint_write(rank, world_size, run_dir: str):
     import errno
 
     from chunkflow.train import CheckpointSpaceError
-    from chunkflow.train.checkpoint import list_checkpoints, save_distributed_checkpoint
+    from chunkflow.train.checkpoint.store import list_checkpoints, save_distributed_checkpoint
 
     ctx = init_distributed(dp=world_size, pp=1, device=torch.device("cpu"))
     run = Path(run_dir)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chunkflow.plan import build_chunks
-from chunkflow.train.synthetic import sample_lengths
+from chunkflow.train.data.synthetic import sample_lengths
 
 lengths_st = st.lists(st.integers(1, 300), min_size=1, max_size=40)
 

@@ -47,7 +47,7 @@ def test_lora_is_priced_by_its_trained_parameters(tmp_path):
     from chunkflow.train.auto import choose_chunking
     from chunkflow.train.build import build_tokenizer, configured_shape, trainable_params
     from chunkflow.train.config import load_config
-    from chunkflow.train.data import build_dataset
+    from chunkflow.train.data.dataset import build_dataset
     from tests.train.test_resume import chat_job
     from tests.train.test_trainer_hf import model_dir
 
@@ -89,7 +89,7 @@ def test_offload_on_cpu_warns_that_it_saves_nothing(tmp_path, capsys):
 
 def _auto_inputs(tmp_path):
     from chunkflow.train.build import build_tokenizer, configured_shape
-    from chunkflow.train.data import build_dataset
+    from chunkflow.train.data.dataset import build_dataset
     from tests.train.test_trainer import config
 
     cfg = config(tmp_path, **{"chunking.auto": "true", "chunking.memory_budget": "64MiB"})

@@ -8,8 +8,8 @@ import re
 import pytest
 import transformers
 
-from chunkflow.train.data import DataError
-from chunkflow.train.tokenizer import HFTokenizer, encode_chat
+from chunkflow.train.data.dataset import DataError
+from chunkflow.train.data.tokenizer import HFTokenizer, encode_chat
 from tests.train.test_data import dataset, take, write_jsonl
 from tests.train.test_tokenizer import make_hf_tokenizer
 

@@ -18,11 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from chunkflow.train.config import DataSection
-from chunkflow.train.batching import global_batches
-from chunkflow.train.data import (DataError, DataPosition, DataStats, Example, FileDataset,
+from chunkflow.train.data.batching import global_batches
+from chunkflow.train.data.dataset import (DataError, DataPosition, DataStats, Example, FileDataset,
                                   build_dataset)
-from chunkflow.train.synthetic import MarkovSource, sample_lengths
-from chunkflow.train.tokenizer import ByteTokenizer, ChatTemplateError
+from chunkflow.train.data.synthetic import MarkovSource, sample_lengths
+from chunkflow.train.data.tokenizer import ByteTokenizer, ChatTemplateError
 
 HINT = "; --data.skip_invalid=true skips such records"
 

@@ -13,7 +13,7 @@ from chunkflow.cli import main
 from chunkflow.models import load_hf_checkpoint
 from tests.conftest import reference_loss, tiny_model
 from chunkflow.train.config import load_config
-from chunkflow.train.trainer import Trainer
+from chunkflow.train.run.trainer import Trainer
 from tests.train.test_trainer import SMALL, args, metrics, write_jsonl
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from chunkflow.train.report import read_metrics, write_report
+from chunkflow.train.run.report import read_metrics, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -20,8 +20,8 @@ import torch
 import transformers
 
 from chunkflow.cli import main
-from chunkflow.train.checkpoint import checkpoint_problem
-from chunkflow.train.tokenizer import ByteTokenizer
+from chunkflow.train.checkpoint.store import checkpoint_problem
+from chunkflow.train.data.tokenizer import ByteTokenizer
 from tests.train.test_trainer import args, assert_bitwise_equal, kill_when, metrics, weights
 from tests.train.test_trainer_hf import CHATS, model_dir
 
@@ -237,7 +237,7 @@ def test_a_checkpoint_from_before_sharded_optimizer_state_still_resumes_bitwise(
     state dict, by position) and no layout: they resume, on their layout, to the uninterrupted
     run's weights."""
     from chunkflow.train.config import read_toml
-    from chunkflow.train.trainer import Trainer
+    from chunkflow.train.run.trainer import Trainer
 
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(["train", *args(full, **{"train.steps": "4"})]) == 0

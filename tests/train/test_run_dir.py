@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 from chunkflow.cli import main
-from chunkflow.train.lock import LOCK_NAME
+from chunkflow.train.run.lock import LOCK_NAME
 from tests.train.test_trainer import (
     _wait_for,
     args,
@@ -117,7 +117,7 @@ def test_without_flock_the_lock_files_holder_decides(tmp_path, monkeypatch):
 
     import pytest
 
-    from chunkflow.train.lock import RunDirLocked, RunLock
+    from chunkflow.train.run.lock import RunDirLocked, RunLock
 
     def no_flock(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
@@ -144,7 +144,7 @@ def test_without_flock_the_lock_files_holder_decides(tmp_path, monkeypatch):
 
 
 def test_the_full_disk_advice_suggests_fewer_kept_checkpoints_only_where_it_helps(tmp_path):
-    from chunkflow.train.checkpoint import space_error
+    from chunkflow.train.checkpoint.store import space_error
 
     (tmp_path / "step-00000001").mkdir()
     alone = str(space_error(tmp_path, 2, 10**15, keep_last=3))

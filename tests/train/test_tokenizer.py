@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from chunkflow.train.tokenizer import (ByteTokenizer, ChatTemplateError, HFTokenizer, encode_chat,
+from chunkflow.train.data.tokenizer import (ByteTokenizer, ChatTemplateError, HFTokenizer, encode_chat,
                                        load_tokenizer)
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -217,7 +217,7 @@ def test_text_records_keep_the_tokenizers_bos_and_get_one_eos(tmp_path, with_eos
     import transformers
 
     from chunkflow.train.config import DataSection
-    from chunkflow.train.data import DataPosition, DataStats, build_dataset
+    from chunkflow.train.data.dataset import DataPosition, DataStats, build_dataset
 
     tok_dir = _bos_tokenizer(tmp_path / "tok", with_eos=with_eos)
     hf = transformers.AutoTokenizer.from_pretrained(tok_dir)

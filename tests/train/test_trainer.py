@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from chunkflow.cli import main
 from chunkflow.train import TrainingError
 from chunkflow.train.config import load_config, read_toml
-from chunkflow.train.trainer import Trainer, lr_at
+from chunkflow.train.run.trainer import Trainer, lr_at
 
 # A small, fast job: the tiny model on short synthetic sequences, chains of up to 5 chunks.
 SMALL = {"data.synthetic_max_len": "300", "data.batch_size": "6", "chunking.chunk_size": "64",

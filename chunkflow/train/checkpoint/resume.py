@@ -7,7 +7,7 @@ verifies (a truncated or corrupt newer one is skipped with a warning that names 
 creates nothing for a start that is refused, and :meth:`RunDir.remove_if_unused` removes a
 directory this start created when the run fails before its first step.
 
-The run holds its directory's lock (:mod:`chunkflow.train.lock`) from here to its end: a second
+The run holds its directory's lock (:mod:`chunkflow.train.run.lock`) from here to its end: a second
 run on the directory is refused before it touches anything. ``--resume=auto`` resumes when the
 directory holds a checkpoint and starts the run otherwise (one command for a job that may be
 requeued).
@@ -23,7 +23,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chunkflow.train.checkpoint import (
+from chunkflow.train.checkpoint.store import (
     checkpoint_problem,
     list_checkpoints,
     read_trainer_state,
@@ -31,7 +31,7 @@ from chunkflow.train.checkpoint import (
     verify_checkpoint,
 )
 from chunkflow.train.config import PATH_FIELDS, TrainConfig, absolute_path_option
-from chunkflow.train.lock import RunLock
+from chunkflow.train.run.lock import RunLock
 
 
 @dataclass
@@ -163,7 +163,7 @@ def _prepare(config: TrainConfig, run_dir: Path, *, hashes: bool,
 # Settings a resumed run may change; any other change would make it a different run (model,
 # adapters, data stream, seed) and is refused. skip_invalid may change: the stream position
 # counts skipped records either way, so a run stopped by a bad record can go on past it. The
-# layout (parallel.*) may change: checkpoints are resharded on load (chunkflow.train.checkpoint_io).
+# layout (parallel.*) may change: checkpoints are resharded on load (chunkflow.train.checkpoint.io).
 RESUMABLE_CHANGES = ("chunking.", "optim.", "train.steps", "train.epochs", "train.output_dir",
                      "train.device", "train.deterministic", "train.autocast",
                      "train.max_empty_batches", "log.", "checkpoint.", "eval.",

@@ -13,7 +13,7 @@ import random
 from typing import Iterator
 
 from chunkflow.train.config import DataSection
-from chunkflow.train.data import DataError, DataPosition, DataStats, Example, FileDataset, shuffled
+from chunkflow.train.data.dataset import DataError, DataPosition, DataStats, Example, FileDataset, shuffled
 
 
 def global_batches(dataset, cfg: DataSection, start: DataPosition, stats: DataStats, *,

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from chunkflow.parallel import ParallelEngine
 from chunkflow.train import TrainingError
 from chunkflow.train.auto import choose_chunking
-from chunkflow.train.batching import count_steps, global_batches
+from chunkflow.train.data.batching import count_steps, global_batches
 from chunkflow.train.build import (
     build_model,
     build_tokenizer,
@@ -45,10 +45,10 @@ from chunkflow.train.build import (
     describe_dtypes,
     model_label,
 )
-from chunkflow.train.checkpoint_io import CheckpointIO, layout_of
+from chunkflow.train.checkpoint.io import CheckpointIO, layout_of
 from chunkflow.plan.units import BYTES_PER_ELEMENT
 from chunkflow.train.config import TrainConfig
-from chunkflow.train.data import (
+from chunkflow.train.data.dataset import (
     DataPosition,
     DataStats,
     FileDataset,
@@ -57,16 +57,16 @@ from chunkflow.train.data import (
     supervised_tokens,
     to_inputs,
 )
-from chunkflow.train.evaluate import check_eval_data, evaluate
-from chunkflow.train.export import ModelFiles, state_bytes
-from chunkflow.train.metrics import MetricsLog, format_eval, format_step
-from chunkflow.train.process import (
+from chunkflow.train.run.evaluate import check_eval_data, evaluate
+from chunkflow.train.checkpoint.export import ModelFiles, state_bytes
+from chunkflow.train.run.metrics import MetricsLog, format_eval, format_step
+from chunkflow.train.run.process import (
     StopRequest,
     deterministic,
     init_parallel,
     max_rss_bytes,
 )
-from chunkflow.train.resume import check_resumed_config, prepare_run_dir
+from chunkflow.train.checkpoint.resume import check_resumed_config, prepare_run_dir
 
 
 @dataclass

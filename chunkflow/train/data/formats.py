@@ -1,7 +1,7 @@
 """Where training records come from: paths and globs expanded to files (a Hugging Face
 ``datasets`` directory to its Arrow files), and each file's records streamed as raw JSONL lines
 (gzip or zstd decompressed on the fly) or Parquet/Arrow row dicts, with 1-based numbers for
-errors. Parsing the records is :mod:`chunkflow.train.data`'s."""
+errors. Parsing the records is :mod:`chunkflow.train.data.dataset`'s."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ checkpoint, and a checkpoint resumes on another layout (DP=2 -> TP=2, PP=2 -> on
   and a resumed run loads those;
 * optimizer: ``optimizer/``, written by every rank with ``torch.distributed.checkpoint`` and
   resharded on load (:mod:`chunkflow.parallel.checkpoint`);
-* RNG and trainer state, manifest, atomic publication: :mod:`chunkflow.train.checkpoint`.
+* RNG and trainer state, manifest, atomic publication: :mod:`chunkflow.train.checkpoint.store`.
 
 Checkpoints from before ``optimizer/`` (``optimizer.pt``, ``optimizer-0000s-of-0000p.pt``) still
 resume, on the layout that wrote them.
@@ -39,14 +39,14 @@ from chunkflow.parallel.checkpoint import (
     save_optimizer,
     weight_names,
 )
-from chunkflow.train.checkpoint import (
+from chunkflow.train.checkpoint.store import (
     describe_layout,
     save_distributed_checkpoint,
     stage_weights_file,
     verify_distributed_checkpoint,
     write_stage_index,
 )
-from chunkflow.train.export import ModelFiles
+from chunkflow.train.checkpoint.export import ModelFiles
 
 ONE_PROCESS = {"dp": 1, "pp": 1, "tp": 1, "data_parallel": "none"}
 """The layout of checkpoints that record none (one process)."""

@@ -15,9 +15,9 @@ from typing import Any, Callable
 
 from torch import nn
 
-from chunkflow.train.batching import global_batches
+from chunkflow.train.data.batching import global_batches
 from chunkflow.train.config import TrainConfig
-from chunkflow.train.data import (
+from chunkflow.train.data.dataset import (
     DataError,
     DataPosition,
     DataStats,

@@ -1,7 +1,7 @@
 """Checkpoints: one directory per saved step, written atomically, verified before use, loaded
 without pickled code.
 
-Layout of ``<run_dir>/step-00000100/`` (what the model files are is :mod:`chunkflow.train.export`'s
+Layout of ``<run_dir>/step-00000100/`` (what the model files are is :mod:`chunkflow.train.checkpoint.export`'s
 business: ``model.safetensors`` + ``config.json``, or a LoRA adapter, plus the tokenizer and
 ``generation_config.json``, so the directory is a Hugging Face model directory too):
 

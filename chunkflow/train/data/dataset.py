@@ -2,7 +2,7 @@
 
 A data set is a stream of ``Example`` (input ids, optional labels, origin), each yielded with the
 ``DataPosition`` right after it: endless, or ``num_epochs`` passes over the files.
-:mod:`chunkflow.train.batching` groups the stream into global batches.
+:mod:`chunkflow.train.data.batching` groups the stream into global batches.
 
 Invariants:
 - Streaming: files are read line by line (JSONL) or batch by batch (Parquet); memory holds at most
@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from chunkflow.train.config import CHAT_ROLES, DataSection, parse_role_map
-from chunkflow.train.formats import (DataError, _arrow_rows, _expand, _format_of,
+from chunkflow.train.data.formats import (DataError, _arrow_rows, _expand, _format_of,
                                      _jsonl_lines, _parquet_rows)
-from chunkflow.train.synthetic import MarkovSource, sample_lengths
-from chunkflow.train.tokenizer import (IGNORE_INDEX, ChatTemplateError, check_messages,
+from chunkflow.train.data.synthetic import MarkovSource, sample_lengths
+from chunkflow.train.data.tokenizer import (IGNORE_INDEX, ChatTemplateError, check_messages,
                                        encode_chat, load_tokenizer, text_content)
 
 _SKIP_HINT = "; --data.skip_invalid=true skips such records"

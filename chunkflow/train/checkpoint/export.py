@@ -15,7 +15,7 @@
   writes the byte tokenizer in Hugging Face form) and ``generation_config.json`` (the source
   model's, or one naming the tokenizer's end-of-sequence token).
 
-Distributed runs write the weights per stage (:mod:`chunkflow.train.checkpoint`) and the rest
+Distributed runs write the weights per stage (:mod:`chunkflow.train.checkpoint.store`) and the rest
 with :meth:`ModelFiles.write_metadata`.
 """
 
@@ -108,7 +108,7 @@ class ModelFiles:
         if merged and num_stages == 1:
             self.write_merged(path / MERGED_DIR)
         elif merged:
-            from chunkflow.train.checkpoint import write_stage_index
+            from chunkflow.train.checkpoint.store import write_stage_index
 
             write_stage_index(path / MERGED_DIR, num_stages)
             self.write_metadata(path / MERGED_DIR)
@@ -118,7 +118,7 @@ class ModelFiles:
         checkpoint directory; returns its name."""
         from safetensors.torch import save_file
 
-        from chunkflow.train.checkpoint import stage_weights_file
+        from chunkflow.train.checkpoint.store import stage_weights_file
         from chunkflow.train.lora import merged_state_dict
 
         (path / MERGED_DIR).mkdir(exist_ok=True)

@@ -15,7 +15,7 @@ import collections
 import re
 from dataclasses import dataclass, field
 
-from chunkflow.train.data import DataError, FileDataset, _Invalid, supervised_tokens
+from chunkflow.train.data.dataset import DataError, FileDataset, _Invalid, supervised_tokens
 
 SHOW = 20
 """Bad records listed one by one before the rest are counted."""
@@ -94,7 +94,7 @@ def check_dataset(dataset: FileDataset, name: str) -> DataReport:
 def check_data(cfg, *, show: int = SHOW, log=print) -> int:
     """``chunkflow data check`` for the configuration ``cfg``; its exit status."""
     from chunkflow.train.build import build_tokenizer, configured_shape
-    from chunkflow.train.data import build_dataset, build_eval_dataset
+    from chunkflow.train.data.dataset import build_dataset, build_eval_dataset
 
     if cfg.data.path is None:
         raise ValueError("chunkflow data check reads --data.path; none is set (the built-in "
