@@ -19,7 +19,6 @@ import argparse
 import os
 import sys
 
-from chunkflow.launch import fsdp_runs, launch_command, run_options
 
 EXIT_USER_ERROR, EXIT_STOPPED, EXIT_DISK_FULL, EXIT_INTERRUPTED = 2, 1, 3, 130
 
@@ -45,16 +44,14 @@ def _data_check(args: argparse.Namespace, unknown: list[str]) -> int:
 
 
 def _plan(args: argparse.Namespace, unknown: list[str]) -> int:
-    from chunkflow.plan import build_chunks, format_schedule, schedule
     from chunkflow.plan.lengths import parse_lengths
-    from chunkflow.plan.memory import estimate_peak_memory, state_extra_rows
-    from chunkflow.train.build import (configured_shape, describe_dtypes, model_label,
-                                       trainable_params)
-    from chunkflow.plan.units import BYTES_PER_ELEMENT
     from chunkflow.train.arguments import config_from_args
+    from chunkflow.train.preview import preview_data, preview_lengths
 
     if args.auto:
-        return _autotune(args, unknown)
+        from chunkflow.train.auto.layout import plan_auto
+
+        return plan_auto(args, unknown)
     if args.dry_run:
         return _dry_run(args, unknown)
     if args.json or args.full_step:
@@ -69,91 +66,9 @@ def _plan(args: argparse.Namespace, unknown: list[str]) -> int:
     if args.batches < 1:
         raise ValueError(f"--batches={args.batches}: must be a positive integer")
     cfg = config_from_args(args, unknown)
-    chunking = cfg.chunking
-    shape = configured_shape(cfg)
-    trainable = trainable_params(cfg)
-    param_dtype = cfg.param_dtype()
-    param_bytes = BYTES_PER_ELEMENT[param_dtype]
-    # bf16 autocast stores activations in bf16 (plan does not probe for a GPU: "auto" counts as
-    # autocast only when the device is named cuda).
-    autocast = cfg.train.autocast == "bf16" or (cfg.train.autocast == "auto"
-                                                and cfg.train.device == "cuda")
-    activation_bytes = 2 if autocast and param_dtype != "float64" else param_bytes
-
-    configured = dict(recompute=chunking.recompute, offload=chunking.offload,
-                      activation_checkpointing=chunking.activation_checkpointing)
-    # offload runs on CUDA, where 16-bit runs' states hold a chunk more rows (varlen's layout)
-    extra_rows = state_extra_rows(chunking.attention_backend, "cuda", activation_bytes,
-                                  chunking.chunk_size)
-
-    def describe(lengths: list[int]) -> str:
-        plan = build_chunks(lengths, chunk_size=chunking.chunk_size,
-                            pack_chain_tails=chunking.pack_chain_tails)
-
-        def estimate(**options):
-            return estimate_peak_memory(shape, plan, k=chunking.k, param_bytes=param_bytes,
-                                        activation_bytes=activation_bytes,
-                                        state_extra_rows=extra_rows,
-                                        trainable_params=trainable,
-                                        **{**configured, **options})
-
-        mine = estimate()
-        settings = ", ".join(f"{name}={value}" for name, value in configured.items()
-                             if value not in ("full", "none", False))
-        return (f"{plan.summary()}; longest sequence {max(lengths)} tokens\n"
-                f"  estimated peak memory ({model_label(cfg)}, {describe_dtypes(cfg)}"
-                f"{', bf16 autocast' if activation_bytes == 2 != param_bytes else ''}"
-                f"{f', LoRA ({trainable:,} trained parameters)' if trainable else ''}, "
-                f"k={chunking.k}{', ' + settings if settings else ''}): {mine.summary()}\n"
-                f"  {_alternatives(estimate, mine, configured)}"), plan
-
-    if args.lengths:
-        lengths = parse_lengths(args.lengths)
-        text, plan = describe(lengths)
-        print(text)
-        for chunk in plan.chunks:
-            kind = (f"chain {chunk.chain_id} chunk {chunk.chain_idx}" if chunk.is_dependent
-                    else "standalone")
-            segs = " ".join(f"s{s.seq_id}[{s.start}:{s.end}]" for s in chunk.segments)
-            print(f"  chunk {chunk.chunk_id:3d} {chunk.num_tokens:6d} tokens  {kind:20s} {segs}")
-        actions = schedule(plan, k=chunking.k, recompute=chunking.recompute)
-        print(f"schedule (k={chunking.k}): {format_schedule(actions)}")
-        return 0
-
-    dataset, first = _data_batches(cfg, args.batches)
-    print(f"data: {dataset.describe()}; chunk_size={chunking.chunk_size}, k={chunking.k}")
-    for i, (batch, _) in enumerate(first):
-        text, _ = describe([len(ex) for ex in batch])
-        print(f"global batch {i + 1}: {text}")
-    print(f"data so far: {first[-1][1].summary(max_length=cfg.data.max_length)}")
+    print(preview_lengths(cfg, parse_lengths(args.lengths)) if args.lengths else
+          preview_data(cfg, args.batches))
     return 0
-
-
-def _alternatives(estimate, mine, configured: dict) -> str:
-    """The peak under each other recompute/offload/checkpointing setting (``chunkflow plan``):
-    what selective recompute costs, what offload (CUDA) and checkpointing save."""
-    from chunkflow.plan.units import format_size
-
-    changes = [dict(recompute="selective" if configured["recompute"] == "full" else "full"),
-               dict(offload="state"), dict(recompute="selective", offload="all"),
-               dict(offload="none"),
-               dict(activation_checkpointing=not configured["activation_checkpointing"])]
-    parts = []
-    for change in changes:  # one setting changed (offload="all" needs selective recompute)
-        option = {**configured, **change}
-        if option == configured or (option["offload"] == "all"
-                                    and option["recompute"] != "selective"):
-            continue
-        other = estimate(**option)
-        if other.total == mine.total and not other.host:
-            continue
-        delta = other.total - mine.total
-        name = ", ".join(f"{k}={str(v).lower()}" for k, v in option.items()
-                         if v != configured[k])
-        host = f", {format_size(other.host)} in host memory" if other.host else ""
-        parts.append(f"{name}: {format_size(other.total)} "
-                     f"({'+' if delta >= 0 else '-'}{format_size(abs(delta))}{host})")
-    return "other settings: " + ("; ".join(parts) if parts else "the same peak")
 
 
 def _dry_run(args: argparse.Namespace, unknown: list[str]) -> int:
@@ -164,6 +79,7 @@ def _dry_run(args: argparse.Namespace, unknown: list[str]) -> int:
     from chunkflow.plan.gpus import get_gpu_spec
     from chunkflow.plan.lengths import parse_lengths
     from chunkflow.train.arguments import config_from_args
+    from chunkflow.train.data.batching import first_batches
 
     cfg = config_from_args(args, unknown)
     gpu = get_gpu_spec(args.gpu or "h100-80gb")
@@ -175,7 +91,7 @@ def _dry_run(args: argparse.Namespace, unknown: list[str]) -> int:
         num = 1 if args.batches is None else args.batches
         if num < 1:
             raise ValueError(f"--batches={num}: must be a positive integer")
-        _, first = _data_batches(cfg, num)
+        _, first = first_batches(cfg, num)
         batches = [[len(ex) for ex in batch] for batch, _ in first]
     t0 = time.perf_counter()
     report = dry_run(cfg, batches, gpu, gpus=gpus, full=args.full_step,
@@ -188,160 +104,9 @@ def _dry_run(args: argparse.Namespace, unknown: list[str]) -> int:
     return 0
 
 
-def _data_batches(cfg, num_batches: int, *, vocab_size: int | None = None):
-    """The configured data set (with the run's tokenizer) and its first global batches, each
-    with the data counters after it. ``vocab_size``: the model's (default: the configured
-    model's)."""
-    from chunkflow.train.data.batching import global_batches
-    from chunkflow.train.build import build_tokenizer, configured_shape
-    from chunkflow.train.data.dataset import DataPosition, DataStats, build_dataset
-
-    vocab_size = configured_shape(cfg).vocab_size if vocab_size is None else vocab_size
-    dataset = build_dataset(cfg.data, vocab_size=vocab_size,
-                            seed=cfg.train.seed, tokenizer=build_tokenizer(cfg),
-                            model_path=cfg.model.path)
-    batches = global_batches(dataset, cfg.data, DataPosition(), DataStats())
-    return dataset, [(batch, stats) for (batch, _, stats), _ in zip(batches, range(num_batches))]
-
-
 # plan --auto's options and defaults (other plan runs warn when one of them is changed)
 _AUTO_DEFAULTS = {"model": None, "gpu": None, "gpus": None, "max_len": "256K",
                   "memory_budget": "80GiB", "global_batch": 256, "top": 5}
-
-
-def _autotune(args: argparse.Namespace, unknown: list[str]) -> int:
-    """``plan --auto``: (chunk_size, K) and layout with the fastest predicted iteration.
-
-    The model: ``--model NAME`` (the paper's shapes and chunkflow's presets), or the run's own
-    ``--model.path`` / ``--model.preset``. The batches: ``--global-batch`` long-tailed lengths
-    up to ``--max-len``, or, when the run's data is given (``--data.path`` or ``--config``), its
-    first ``--batches`` global batches as the run will form them."""
-    from chunkflow.plan.cost import get_gpu
-    from chunkflow.plan.units import format_size, parse_size
-    from chunkflow.sim.tune import autotune, format_candidates
-    from chunkflow.train.arguments import config_from_args
-
-    cfg = config_from_args(args, unknown)  # the run's options (same as chunkflow train)
-    args.batches = 3 if args.batches is None else args.batches
-    given = {name for name in vars(args) if "." in name}
-    own_model = args.config is not None or given & {"model.path", "model.preset"}
-    if own_model and args.model is not None:
-        raise ValueError(f"--model {args.model} and the run's model ("
-                         f"{cfg.model.path or cfg.model.preset}) both given; valid: one of them")
-    devices = _target_gpus(args)
-    from chunkflow.train.build import configured_shape, model_label
-
-    shape, name = ((configured_shape(cfg), model_label(cfg)) if own_model
-                   else (_named_shape(args.model or "qwen2.5-7b"), args.model or "qwen2.5-7b"))
-    gpu, budget = get_gpu(args.gpu), parse_size(args.memory_budget)
-    # The run's own model or data: priced as chunkflow runs TP (sequence and vocabulary
-    # parallel, gathered inputs kept); the paper's shapes alone: as Megatron does.
-    options = {"runtime": "chunkflow" if own_model else "megatron"}
-    if args.config is not None or "data.path" in given:
-        # The run's own data: its first global batches, as the trainer will form them. The
-        # layouts are those chunkflow runs (no pipeline stages with tied embeddings), priced
-        # as its runtime runs tensor parallelism.
-        if args.batches < 1:
-            raise ValueError(f"--batches={args.batches}: must be a positive integer")
-        _, first = _data_batches(cfg, args.batches, vocab_size=shape.vocab_size)
-        options["batches"] = [[len(ex) for ex in batch] for batch, _ in first]
-        max_len = max(max(b) for b in options["batches"])
-        longest = max(128, 1 << (max_len - 1).bit_length())  # the powers of two up to it
-        options["chunk_sizes"] = [1 << p for p in range(7, 16) if 1 << p <= longest]
-        options["runtime"] = "chunkflow"
-        data = cfg.data.path or "the built-in data"
-        source = (f"the first {len(first)} global batch(es) of {data} (longest sequence "
-                  f"{max_len} tokens)")
-    else:
-        max_len = parse_size(args.max_len)
-        source = f"max length {args.max_len}, global batch {args.global_batch}"
-    print(f"auto-tune: {name} on {args.gpus} x {gpu.name}, {source}, memory budget "
-          f"{args.memory_budget} (predicted by chunkflow.plan.cost + chunkflow.sim; the GPUs: "
-          f"{devices})")
-    fsdp = not own_model or fsdp_runs(cfg)
-    if options["runtime"] == "chunkflow" and shape.tie_word_embeddings:
-        options["max_pp"] = 1  # the embedding and the head would be on two stages
-    family = cfg.model.hf_family() if own_model else None
-    if own_model and family is not None and not family.parallel:
-        options["max_tp"] = options["max_pp"] = 1  # these families: data parallel only
-    elif own_model and cfg.lora.rank > 0:
-        options["max_tp"] = 1  # tensor parallelism refuses LoRA; pipeline stages run it
-    if options["runtime"] == "chunkflow":  # the run's own settings: SP, and FSDP2 or DDP
-        options["cost_options"] = {"sp": None if cfg.parallel.sequence_parallel else 1,
-                                   "vocab_parallel": cfg.parallel.vocab_parallel,
-                                   "distributed_optimizer": fsdp}
-    candidates = autotune(shape, gpu, max_len=max_len, num_gpus=args.gpus,
-                          memory_budget=budget, global_batch=args.global_batch, seed=args.seed,
-                          **options)
-    print(format_candidates(candidates, top=args.top))
-    best = candidates[0]
-    if args.dry_run:
-        import dataclasses
-        import random
-
-        from chunkflow.dryrun.layout import first_that_fits
-        from chunkflow.plan.lengths import sample_lengths
-
-        batch = (options["batches"][0] if "batches" in options else
-                 sample_lengths(random.Random(args.seed), args.global_batch, max_len=max_len))
-        run_cfg = cfg if own_model else dataclasses.replace(
-            cfg, model=dataclasses.replace(cfg.model, preset=args.model or "qwen2.5-7b"))
-        best = first_that_fits(run_cfg, candidates[:args.top], batch, args.gpu, args.gpus, fsdp=fsdp)
-    run = run_options(args.config, {name: getattr(args, name) for name in given}) \
-        if own_model else " ..."
-    if own_model and cfg.train.output_dir is not None:
-        # the run's directory may hold checkpoints already (a --config of a run's
-        # config.toml): the line continues it then, and starts it otherwise
-        run += " --resume=auto"
-    launch = launch_command(best, gpus=args.gpus, run=run, fsdp=fsdp,
-                            vocab_parallel=(cfg.parallel.vocab_parallel
-                                            or options["runtime"] != "chunkflow"),
-                            explicit=args.config is not None)
-    print(f"launch it: {launch}  (predicted peak {format_size(best.peak_memory_bytes)} per GPU"
-          + ("" if options["runtime"] == "chunkflow" else "; priced as Megatron's tensor "
-             "parallelism, which gathers the layers' inputs again in backward where chunkflow "
-             "keeps them: plan with the run's --model.* or --config for its own") + ")")
-    return 0
-
-
-def _target_gpus(args: argparse.Namespace) -> str:
-    """Fill in ``args.gpus``/``args.gpu`` for ``plan --auto``: as given, else this machine's
-    CUDA devices; a machine without any needs ``--gpus`` (the cluster the run will use).
-    Returns where the figures came from."""
-    if args.gpus is not None:
-        named = args.gpu is not None
-        args.gpu = args.gpu or "h100-80gb"
-        return "as given" if named else "--gpus as given, --gpu h100-80gb by default"
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ValueError("plan --auto plans a GPU layout and this machine has no CUDA device; "
-                         "valid: --gpus N (and --gpu h100-80gb or a100-80gb) for the cluster "
-                         "the run will use")
-    args.gpus = torch.cuda.device_count()
-    if args.gpu is None:
-        device = torch.cuda.get_device_name(0)
-        args.gpu = next((key for key in ("h100-80gb", "a100-80gb")
-                         if key.split("-")[0].upper() in device.upper()), None)
-        if args.gpu is None:
-            raise ValueError(f"plan --auto has no cost profile for this machine's {device!r}; "
-                             f"valid: --gpu h100-80gb or a100-80gb, the closer one")
-    return "this machine's CUDA devices"
-
-
-def _named_shape(name: str):
-    """``--model``: a shape of the paper's table (qwen2.5-7b..72b) or a chunkflow preset."""
-    from chunkflow.plan.cost import MODEL_SHAPES, get_model_shape
-
-    if name.lower() in MODEL_SHAPES:
-        return get_model_shape(name)
-    from chunkflow.models.config import PRESETS
-    from chunkflow.models.families import model_shape
-
-    if name.lower() in PRESETS:
-        return model_shape(PRESETS[name.lower()])
-    raise ValueError(f"--model {name!r}: known are {', '.join([*MODEL_SHAPES, *PRESETS])}, or "
-                     f"pass the run's --model.path")
 
 
 def _bench(args: argparse.Namespace, unknown: list[str]) -> int:

@@ -217,7 +217,7 @@ def test_plan_auto_tunes_the_users_own_run(tmp_path, capsys):
 
 
 def test_plan_auto_launch_command_spells_out_the_layout():
-    from chunkflow.cli import launch_command
+    from chunkflow.train.auto.launch import launch_command
     from chunkflow.sim.tune import Candidate
 
     one = Candidate(4096, 2, 1, 1, 1, 1.0, 1.0, 0.0)

@@ -44,7 +44,7 @@ def test_auto_on_cpu_needs_a_budget_and_one_that_fits(tmp_path, capsys):
 def test_lora_is_priced_by_its_trained_parameters(tmp_path):
     """--chunking.auto with LoRA: the frozen weights take no gradients or AdamW state, so a
     budget that no full fine-tune of the model fits still gets settings."""
-    from chunkflow.train.auto import choose_chunking
+    from chunkflow.train.auto.chunking import choose_chunking
     from chunkflow.train.build import build_tokenizer, configured_shape, trainable_params
     from chunkflow.train.config import load_config
     from chunkflow.train.data.dataset import build_dataset
@@ -100,7 +100,7 @@ def _auto_inputs(tmp_path):
 
 
 def test_the_pick_is_confirmed_by_a_dry_run(tmp_path):
-    from chunkflow.train.auto import choose_chunking
+    from chunkflow.train.auto.chunking import choose_chunking
 
     cfg, dataset = _auto_inputs(tmp_path)
     text = choose_chunking(cfg, dataset, torch.device("cpu"), activation_bytes=4, confirm=True)
@@ -108,7 +108,7 @@ def test_the_pick_is_confirmed_by_a_dry_run(tmp_path):
 
 
 def test_a_pick_the_dry_run_finds_too_big_gives_way_to_the_next(tmp_path, monkeypatch):
-    from chunkflow.train.auto import choose_chunking
+    from chunkflow.train.auto.chunking import choose_chunking
     from tests.dryrun.helpers import first_dry_run_too_big
 
     tried = first_dry_run_too_big(monkeypatch)

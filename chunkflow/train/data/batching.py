@@ -13,7 +13,8 @@ import random
 from typing import Iterator
 
 from chunkflow.train.config import DataSection
-from chunkflow.train.data.dataset import DataError, DataPosition, DataStats, Example, FileDataset, shuffled
+from chunkflow.train.data.dataset import (DataError, DataPosition, DataStats, Example, FileDataset,
+                                          shuffled)
 
 
 def global_batches(dataset, cfg: DataSection, start: DataPosition, stats: DataStats, *,
@@ -91,3 +92,18 @@ def count_steps(dataset: FileDataset, cfg: DataSection, num_epochs: int) -> tupl
                                                     num_epochs=num_epochs)
                 if any(ex.num_targets for ex in batch))
     return steps, len(sizes.sizes)
+
+
+def first_batches(cfg, num_batches: int, *, vocab_size: int | None = None):
+    """The configured data set (with the run's tokenizer) and its first global batches, each
+    with the data counters after it. ``vocab_size``: the model's (default: the configured
+    model's)."""
+    from chunkflow.train.build import build_tokenizer, configured_shape
+    from chunkflow.train.data.dataset import build_dataset
+
+    vocab_size = configured_shape(cfg).vocab_size if vocab_size is None else vocab_size
+    dataset = build_dataset(cfg.data, vocab_size=vocab_size,
+                            seed=cfg.train.seed, tokenizer=build_tokenizer(cfg),
+                            model_path=cfg.model.path)
+    batches = global_batches(dataset, cfg.data, DataPosition(), DataStats())
+    return dataset, [(batch, stats) for (batch, _, stats), _ in zip(batches, range(num_batches))]

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from chunkflow.parallel import ParallelEngine
 from chunkflow.train import TrainingError
-from chunkflow.train.auto import choose_chunking
+from chunkflow.train.auto.chunking import choose_chunking
 from chunkflow.train.data.batching import count_steps, global_batches
 from chunkflow.train.build import (
     build_model,
