@@ -107,11 +107,11 @@ class ParallelEngine:
 
     @property
     def chunk_size(self) -> int:
-        return self.engine.chunk_size
+        return self.engine.options.chunk_size
 
     @property
     def k(self) -> int:
-        return self.engine.k
+        return self.engine.options.k
 
     @property
     def state_module(self) -> nn.Module:
@@ -127,7 +127,7 @@ class ParallelEngine:
     def shard(self, seq_lens: list[int]) -> tuple[ChunkPlan, Sharding]:
         """The global batch's plan and its units' placement on the replicas."""
         plan = build_chunks(seq_lens, chunk_size=self.chunk_size,
-                            pack_chain_tails=self.engine.pack_chain_tails)
+                            pack_chain_tails=self.engine.options.pack_chain_tails)
         return plan, balance_chunks(plan, self.ctx.dp, k=self.k, shape=self.shape)
 
     def _local(self, batch: list[dict]
@@ -173,7 +173,7 @@ class ParallelEngine:
         """Forward and backward of this rank's share of the global ``batch`` (a list of dicts
         with ``input_ids`` and optional ``labels``, the same list on every rank)."""
         plan, sharding, sub, local_batch, chunk_ids = self._local(batch)
-        recompute = self.engine.recompute
+        recompute = self.engine.options.recompute
         actions = (schedule(sub, k=self.k, recompute=recompute) if not self.ctx.pp_enabled
                    else state_aware_1f1b(sub, self.ctx.pp, k=self.k,
                                          recompute=recompute)[self.ctx.stage])

@@ -27,9 +27,8 @@ from chunkflow.models.adapter import adapt
 from chunkflow.parallel.data_parallel import DATA_PARALLEL, apply_ddp, apply_fsdp
 from chunkflow.parallel.mesh import LocalContext, ParallelContext
 from chunkflow.parallel.pipeline import split_stage
-from chunkflow.parallel.tensor import apply_tp, partial_grad_names
+from chunkflow.parallel.tensor import SequenceShard, apply_tp, partial_grad_names
 from chunkflow.parallel.vocab import apply_vocab_parallel, vocab_parallel_head_loss
-from chunkflow.runtime.chunk_call import SequenceShard
 
 
 @dataclass

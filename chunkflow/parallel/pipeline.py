@@ -29,9 +29,9 @@ import torch.distributed as dist
 
 from chunkflow.models.adapter import adapt
 from chunkflow.parallel.mesh import ParallelContext
+from chunkflow.parallel.tensor import SequenceShard
 from chunkflow.plan import Action, ActionKind, Chunk
 from chunkflow.plan.messages import P2POp, Post, Wait, check_messages
-from chunkflow.runtime.chunk_call import SequenceShard
 from chunkflow.runtime.peers import StageIO
 
 
@@ -131,6 +131,10 @@ class P2PStageIO(StageIO):
             self.trace.append(Wait(post_idx))
 
     # -- the action protocol ----------------------------------------------------------------------
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.ctx.is_last_stage
 
     def _receives(self, action: Action) -> bool:
         if action.kind is ActionKind.RECOMPUTE:

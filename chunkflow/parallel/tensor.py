@@ -13,8 +13,9 @@ MLP modules all-gather their input along the sequence (``PrepareModuleInput``: S
 Replicate) and the row-wise projections reduce-scatter their output back to rows (Shard(1)),
 the same traffic as the two all-reduces per layer without it. So the per-token activations that
 tensor parallelism alone replicates (hidden states, norms, logits and their gradients) shrink by
-tp too. The engine pads a chunk to a multiple of tp (:class:`chunkflow.runtime.chunk_call.
-SequenceShard`); attention leaves the padding rows out, and they have no target.
+tp too. The engine pads a chunk to a multiple of tp (:class:`SequenceShard`, the engine's
+:class:`~chunkflow.runtime.chunk_call.ChunkRows` hook); attention leaves the padding rows out,
+and they have no target.
 
 Without it, the norms (and, without the vocabulary-parallel split, the embedding, head and
 loss) are replicated: each rank runs them on the same full hidden states.
@@ -37,6 +38,9 @@ other replicated parameters get the full gradient on every rank.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 from torch import nn
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
@@ -48,6 +52,8 @@ from torch.distributed.tensor.parallel import (
 
 from chunkflow.models.adapter import ModelAdapter, adapt
 from chunkflow.parallel.mesh import ParallelContext
+from chunkflow.runtime.chunk_call import ChunkRows
+from chunkflow.runtime.loss import IGNORE_INDEX
 
 LAYER_PLAN = {
     "self_attn.q_proj": ColwiseParallel,
@@ -142,3 +148,50 @@ def apply_tp(model: nn.Module, ctx: ParallelContext, *, sequence_parallel: bool 
         parallelize_module(layer, ctx.mesh["tp"], layer_plan(
             sequence_parallel=sequence_parallel, attention_kwargs=adapter.attention_kwargs))
     return model
+
+
+@dataclass(frozen=True)
+class SequenceShard(ChunkRows):
+    """Rows ``[rank * rows(L), (rank + 1) * rows(L))`` of a chunk of ``L`` tokens padded to
+    ``size * rows(L)``: this rank's part of the residual stream under sequence parallelism."""
+
+    rank: int
+    size: int
+    vocab_parallel: bool = False
+    """The embedding and head are split by vocabulary over the group: the embedding takes the
+    whole chunk's ids (it reduce-scatters its output to rows) and the loss the whole chunk's
+    targets (it gathers the rows first)."""
+
+    def rows(self, num_tokens: int) -> int:
+        """Rows each rank holds of a chunk of ``num_tokens`` tokens (the last may be padding)."""
+        return -(-num_tokens // self.size)
+
+    def local(self, t: torch.Tensor, fill) -> torch.Tensor:
+        """This rank's rows of ``t`` (L, ...) (dim 0), padded with ``fill`` past the end."""
+        rows = self.rows(t.shape[0])
+        return self.padded(t, fill)[self.rank * rows:(self.rank + 1) * rows]
+
+    def padded(self, t: torch.Tensor, fill) -> torch.Tensor:
+        """``t`` (L, ...) padded with ``fill`` to the ``size * rows(L)`` rows of the gathered
+        chunk."""
+        pad = self.rows(t.shape[0]) * self.size - t.shape[0]
+        return t if not pad else torch.cat([t, t.new_full((pad, *t.shape[1:]), fill)])
+
+    # ---- the ChunkRows hook: what the engine asks -------------------------------------------
+
+    def input_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of the ids, padded; a vocabulary-parallel embedding takes all of
+        the padded rows (it hands back this rank's)."""
+        return self.padded(ids, 0) if self.vocab_parallel else self.local(ids, 0)
+
+    def positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """The whole padded chunk's: attention runs over all of it."""
+        return self.padded(positions, 0)
+
+    def loss_rows(self, targets: torch.Tensor, weights: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole chunk's (vocabulary parallel: the loss gathers the rows first), else this
+        rank's rows: a part of the chunk's loss."""
+        if self.vocab_parallel:
+            return self.padded(targets, IGNORE_INDEX), self.padded(weights, 0)
+        return self.local(targets, IGNORE_INDEX), self.local(weights, 0)

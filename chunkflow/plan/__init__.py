@@ -21,6 +21,7 @@ from chunkflow.plan.scheduling import (
     ActionKind,
     ScheduleError,
     format_schedule,
+    forward_only,
     parse_schedule,
     schedule,
     validate_schedule,
@@ -29,6 +30,6 @@ from chunkflow.plan.scheduling import (
 __all__ = [
     "Action", "ActionKind", "Chain", "Chunk", "ChunkPlan", "ScheduleError", "Segment", "Sharding",
     "balance_chunks", "build_chunks", "chunk_train_flops", "format_pipeline", "format_schedule",
-    "one_f_one_b", "parse_pipeline", "parse_schedule", "schedule", "state_aware_1f1b", "subplan",
-    "unit_costs", "validate_pipeline", "validate_schedule",
+    "forward_only", "one_f_one_b", "parse_pipeline", "parse_schedule", "schedule",
+    "state_aware_1f1b", "subplan", "unit_costs", "validate_pipeline", "validate_schedule",
 ]

@@ -107,6 +107,18 @@ def schedule(plan: ChunkPlan, *, k: int, recompute: str = "full") -> list[Action
     return actions
 
 
+def forward_only(plan: ChunkPlan) -> list[Action]:
+    """Evaluation's schedule: one ``F`` per chunk and no ``B``, a chain's chunks right after one
+    another (only its key/value state is kept between them), in plan order otherwise."""
+    order: list[int] = []
+    for chunk in plan.chunks:
+        if chunk.chain_id is None:
+            order.append(chunk.chunk_id)
+        elif chunk.chain_idx == 0:
+            order.extend(plan.chains[chunk.chain_id].chunk_ids)
+    return [Action(ActionKind.FORWARD, c) for c in order]
+
+
 class ScheduleError(ValueError):
     """A schedule breaks Algorithm 2; the message shows the schedule with the failing action marked."""
 

@@ -5,10 +5,9 @@ and, through the transformers adapter, a Hugging Face model's): each layer's cal
 call over the whole chunk, its segments bound to their chains' key/value state
 (:class:`BoundSegment`), so a chain's later chunk attends to its earlier ones.
 
-:class:`SequenceShard`: under sequence parallelism (tensor parallelism's norms, residual stream,
-head and loss split along the chunk), which rows of a chunk this rank holds. The chunk is padded
-to a multiple of the group size; the padding rows attend to nothing, are attended by nothing and
-carry no target, so they change no loss or gradient.
+:class:`ChunkRows`: which rows of a chunk this rank runs (all of them, unless sequence
+parallelism provides a :class:`chunkflow.parallel.tensor.SequenceShard`). Padding rows attend to
+nothing, are attended by nothing and carry no target, so they change no loss or gradient.
 """
 
 from __future__ import annotations
@@ -54,32 +53,24 @@ class BoundSegment:
     state: ChainState | None
 
 
-@dataclass(frozen=True)
-class SequenceShard:
-    """Rows ``[rank * rows(L), (rank + 1) * rows(L))`` of a chunk of ``L`` tokens padded to
-    ``size * rows(L)``: this rank's part of the residual stream under sequence parallelism."""
+class ChunkRows:
+    """Which rows of a chunk this rank runs outside the tensor-parallel matmuls: the hook through
+    which sequence parallelism (:class:`chunkflow.parallel.tensor.SequenceShard`) pads and
+    splits a chunk. This base class is one device, or TP without sequence parallelism: the
+    whole chunk, as it is."""
 
-    rank: int
-    size: int
-    vocab_parallel: bool = False
-    """The embedding and head are split by vocabulary over the group: the embedding takes the
-    whole chunk's ids (it reduce-scatters its output to rows) and the loss the whole chunk's
-    targets (it gathers the rows first)."""
+    def input_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """The chunk's (L,) token ids as the embedding takes them."""
+        return ids
 
-    def rows(self, num_tokens: int) -> int:
-        """Rows each rank holds of a chunk of ``num_tokens`` tokens (the last may be padding)."""
-        return -(-num_tokens // self.size)
+    def positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """The chunk's (L,) positions as attention runs over them."""
+        return positions
 
-    def local(self, t: torch.Tensor, fill) -> torch.Tensor:
-        """This rank's rows of ``t`` (L, ...) (dim 0), padded with ``fill`` past the end."""
-        rows = self.rows(t.shape[0])
-        return self.padded(t, fill)[self.rank * rows:(self.rank + 1) * rows]
-
-    def padded(self, t: torch.Tensor, fill) -> torch.Tensor:
-        """``t`` (L, ...) padded with ``fill`` to the ``size * rows(L)`` rows of the gathered
-        chunk."""
-        pad = self.rows(t.shape[0]) * self.size - t.shape[0]
-        return t if not pad else torch.cat([t, t.new_full((pad, *t.shape[1:]), fill)])
+    def loss_rows(self, targets: torch.Tensor, weights: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (L,) targets and weights of the rows whose loss this rank computes."""
+        return targets, weights
 
 
 class ChunkAttention:

@@ -18,15 +18,21 @@ Gradients accumulate into ``.grad`` exactly as ``loss.backward()`` of unchunked 
 Dropout (e.g. LoRA's) draws its masks from a generator seeded per chunk and step, so a chunk's
 ``S``, ``F`` and ``R`` see the same mask and the recompute reproduces the forward exactly.
 
-``evaluate(batch)`` is the forward alone: every chunk once, in chain order, under ``no_grad``,
+``evaluate(batch)`` is the forward alone: the forward-only schedule
+(:func:`chunkflow.plan.forward_only`: every chunk once, in chain order) under ``no_grad``,
 keeping only the chain's key/value state, and returns the sum of the token losses and their
 number (held-out loss with the memory of one chunk).
 
-The same executor runs one pipeline stage: the model is then a stage (the whole model minus
-other stages' modules), the actions are that stage's list from
+The executor is one handler per action kind over one step state (``_StepState``: the batch,
+the peers, and what actions carry to later ones: chain states, graphs, stage inputs, kept
+attention outputs). A new action kind is one handler here plus its rules in
+:mod:`chunkflow.plan.scheduling`. The same executor runs one pipeline stage: the model is then
+a stage (the whole model minus other stages' modules), the actions are that stage's list from
 :func:`chunkflow.plan.state_aware_1f1b`, a :class:`StageIO` receives inputs and sends outputs
-and their gradients, and a :class:`GradSync` supplies the global loss normaliser and the
-data-parallel gradient synchronisation. A single device is a one-stage pipeline with no peers.
+and their gradients (and says whether this stage computes the loss), a :class:`GradSync`
+supplies the global loss normaliser and the data-parallel gradient synchronisation, and a
+:class:`~chunkflow.runtime.chunk_call.ChunkRows` says which rows of a chunk this rank runs
+(sequence parallelism). A single device is a one-stage pipeline with no peers.
 """
 
 from __future__ import annotations
@@ -38,10 +44,11 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from chunkflow.plan import Action, ActionKind, Chunk, ChunkPlan, build_chunks, schedule
+from chunkflow.plan import (Action, ActionKind, Chunk, ChunkPlan, build_chunks, forward_only,
+                            schedule)
 from chunkflow.runtime.attention import KeptAttention, get_kernel
 from chunkflow.runtime.attention.select import model_heads
-from chunkflow.runtime.chunk_call import BoundSegment, ChunkAttention, ChunkModel, SequenceShard
+from chunkflow.runtime.chunk_call import BoundSegment, ChunkAttention, ChunkModel, ChunkRows
 from chunkflow.runtime.devices import normalize_device
 from chunkflow.runtime.head_loss import head_loss
 from chunkflow.runtime.inputs import prepare_batch
@@ -101,11 +108,12 @@ class ChunkFlowEngine:
     """
 
     def __init__(self, model: nn.Module, options: ChunkingOptions | None = None, *,
-                 sequence_shard: SequenceShard | None = None, loss_fn=None, **kwargs):
+                 sequence_shard: ChunkRows | None = None, loss_fn=None, **kwargs):
         """``options``: a :class:`ChunkingOptions`, or its fields as keyword arguments.
         ``sequence_shard``: under sequence parallelism, the rows of each chunk this rank runs
-        outside the tensor-parallel matmuls (:mod:`chunkflow.parallel.tensor`); the model's
-        layers gather the chunk for attention and the MLP. ``loss_fn``: a chunk's loss from its
+        outside the tensor-parallel matmuls (:class:`chunkflow.parallel.tensor.SequenceShard`,
+        a :class:`~chunkflow.runtime.chunk_call.ChunkRows`); the model's layers gather the chunk
+        for attention and the MLP. ``loss_fn``: a chunk's loss from its
         final hidden states, the head, targets and weights, like (and by default)
         :func:`chunkflow.runtime.head_loss.head_loss`; the vocabulary-parallel head brings its
         own."""
@@ -123,21 +131,23 @@ class ChunkFlowEngine:
 
             model = chunk_model(model)
         self.model, self.config = model, model.config
-        self.sequence_shard = sequence_shard
+        self.rows = sequence_shard or ChunkRows()
         self.loss_fn = loss_fn or head_loss
-        o = options
-        self.chunk_size, self.k = o.chunk_size, o.k
-        self.loss_normalization, self.pack_chain_tails = o.loss_normalization, o.pack_chain_tails
-        self.attention_backend = o.attention_backend
-        self.activation_checkpointing = o.activation_checkpointing
-        self.logits_budget = o.logits_budget
-        self.recompute, self.offload = o.recompute, o.offload
         self._copier: Copier | None = None
         self._kernels: dict[tuple, Any] = {}  # (backend, device, dtype, heads) -> kernel
         self._action_hooks: dict[object, Any] = {}
-        if o.activation_checkpointing and hasattr(model, "enable_activation_checkpointing"):
+        if options.activation_checkpointing and hasattr(model,
+                                                        "enable_activation_checkpointing"):
             model.enable_activation_checkpointing()
         self.meter = MemoryMeter()
+
+    @property
+    def chunk_size(self) -> int:
+        return self.options.chunk_size
+
+    @property
+    def k(self) -> int:
+        return self.options.k
 
     def register_action_hook(self, hook) -> "_HookHandle":
         """Call ``hook(action, phase)`` with phase "start" before and "end" after every action
@@ -172,7 +182,7 @@ class ChunkFlowEngine:
         dtype = self._param().dtype
         if torch.is_autocast_enabled(device.type) and dtype != torch.float64:
             dtype = torch.get_autocast_dtype(device.type)
-        backend, heads = self.attention_backend, model_heads(self.config)
+        backend, heads = self.options.attention_backend, model_heads(self.config)
         if not isinstance(backend, str):
             return backend  # a kernel object
         key = (backend, normalize_device(device), dtype, heads)
@@ -202,44 +212,36 @@ class ChunkFlowEngine:
         ``chunk_ids``, the global batch's ids of ``plan``'s chunks (they seed dropout masks, so
         each replica's chunks draw the masks one process would).
         """
-        io, sync = io or StageIO(), sync or GradSync()
+        o, sync = self.options, sync or GradSync()
         ids_list, labels_list = self._prepare(batch)
         device, dtype = self._param().device, self._param().dtype
         acc = torch.promote_types(dtype, torch.float32)
         targets = [shift_labels(labels) for labels in labels_list]
-        seq_lens = [len(x) for x in ids_list]
-        if plan is None:
-            plan = build_chunks(seq_lens, chunk_size=self.chunk_size,
-                                pack_chain_tails=self.pack_chain_tails)
-        elif list(plan.seq_lens) != seq_lens or plan.chunk_size != self.chunk_size:
-            raise ValueError(f"plan (chunk_size {plan.chunk_size}, sequence lengths "
-                             f"{list(plan.seq_lens)}) does not match the engine's chunk_size "
-                             f"{self.chunk_size} and the batch's lengths {seq_lens}")
-        weights, num_loss_tokens = token_weights(targets, self.loss_normalization, acc,
+        plan = self._plan(ids_list, plan)
+        weights, num_loss_tokens = token_weights(targets, o.loss_normalization, acc,
                                                  totals=sync.global_counts)
-        actions = (schedule(plan, k=self.k, recompute=self.recompute) if actions is None
+        actions = (schedule(plan, k=o.k, recompute=o.recompute) if actions is None
                    else list(actions))
-        step = _Step(plan, ids_list, targets, weights, self._kernel(device), device,
-                     self._dropout_seed(), chunk_ids)
+        st = _StepState(plan, ids_list, targets, weights, self._kernel(device), device,
+                        io or StageIO(), sync, training=True, dropout_seed=self._dropout_seed(),
+                        chunk_ids=chunk_ids,
+                        total=torch.zeros((), dtype=torch.float64 if device.type == "cpu"
+                                          else acc, device=device))
         self.meter.reset(exclude=list(self.model.parameters()))
         if self._copier is not None:
             self._copier.reset()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-
-        total = torch.zeros((), dtype=torch.float64 if device.type == "cpu" else acc,
-                            device=device)
         if num_loss_tokens == 0:
             # Nothing is supervised: loss 0 and zero gradients, as the unchunked loss would give.
             for p in self.model.parameters():
                 if p.requires_grad and p.grad is None:
                     p.grad = torch.zeros_like(p)
         else:
-            total = self._execute(step, actions, io, sync, total)
-
+            self._execute(st, actions)
         peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                 else self.meter.peak)
-        return StepResult(loss=total.to(acc), num_loss_tokens=num_loss_tokens,
+        return StepResult(loss=st.total.to(acc), num_loss_tokens=num_loss_tokens,
                           num_chunks=plan.num_chunks, num_tokens=plan.num_tokens,
                           peak_memory_bytes=peak, plan=plan)
 
@@ -247,42 +249,34 @@ class ChunkFlowEngine:
     def evaluate(self, batch, *, plan: ChunkPlan | None = None,
                  io: StageIO | None = None) -> EvalResult:
         """Forward-only loss of ``batch``: the sum of its supervised tokens' cross-entropy and
-        their number, chunk by chunk (chains in order, keeping only their KV state). With
-        ``io`` and ``plan``, this pipeline stage's part (the last stage holds the loss)."""
-        io = io or StageIO()
+        their number, chunk by chunk (:func:`chunkflow.plan.forward_only`: chains in order,
+        keeping only their KV state), run by the same executor as training. With ``io`` and
+        ``plan``, this pipeline stage's part (the last stage holds the loss)."""
         ids_list, labels_list = self._prepare(batch)
         device, dtype = self._param().device, self._param().dtype
         acc = torch.promote_types(dtype, torch.float32)
         targets = [shift_labels(labels) for labels in labels_list]
-        if plan is None:
-            plan = build_chunks([len(x) for x in ids_list], chunk_size=self.chunk_size,
-                                pack_chain_tails=self.pack_chain_tails)
+        plan = self._plan(ids_list, plan)
         weights = [(t != IGNORE_INDEX).to(acc) for t in targets]  # sum, not mean
         num_loss_tokens = int(sum(int(w.sum()) for w in weights))
-        step = _Step(plan, ids_list, targets, weights, self._kernel(device), device, None, None)
-        is_last_stage = self.model.lm_head is not None
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        order = [c for chunk in plan.chunks for c in
-                 ([chunk.chunk_id] if chunk.chain_id is None else
-                  plan.chains[chunk.chain_id].chunk_ids if chunk.chain_idx == 0 else [])]
-        state = None
-        for chunk_id in order:
-            chunk = plan.chunks[chunk_id]
-            chain = plan.chain_of(chunk)
-            if chain is not None and chunk.chain_idx == 0:
-                state = self._new_state(step, chain, with_grads=False)
-            io.start(Action(ActionKind.FORWARD, chunk_id))
-            graph = self._forward(step, chunk, state if chain is not None else None,
-                                  io.recv_forward(chunk), grad=False, with_loss=is_last_stage)
-            if is_last_stage:
-                total += graph.output.double()
-            else:
-                io.send_forward(chunk, graph.output)
-            if chain is not None and chunk.chain_idx == chain.num_chunks - 1:
-                state.free()
-                state = None
-        return EvalResult(loss_sum=float(total), num_loss_tokens=num_loss_tokens,
+        st = _StepState(plan, ids_list, targets, weights, self._kernel(device), device,
+                        io or StageIO(), GradSync(), training=False,
+                        total=torch.zeros((), dtype=torch.float64, device=device))
+        self._execute(st, forward_only(plan))
+        return EvalResult(loss_sum=float(st.total), num_loss_tokens=num_loss_tokens,
                           num_tokens=plan.num_tokens, num_chunks=plan.num_chunks)
+
+    def _plan(self, ids_list: list[torch.Tensor], plan: ChunkPlan | None) -> ChunkPlan:
+        """The batch's chunk plan: ``plan`` checked against the batch, else built."""
+        o, seq_lens = self.options, [len(x) for x in ids_list]
+        if plan is None:
+            return build_chunks(seq_lens, chunk_size=o.chunk_size,
+                                pack_chain_tails=o.pack_chain_tails)
+        if list(plan.seq_lens) != seq_lens or plan.chunk_size != o.chunk_size:
+            raise ValueError(f"plan (chunk_size {plan.chunk_size}, sequence lengths "
+                             f"{list(plan.seq_lens)}) does not match the engine's chunk_size "
+                             f"{o.chunk_size} and the batch's lengths {seq_lens}")
+        return plan
 
     def _dropout_seed(self) -> int | None:
         """A seed for this step's dropout masks when the model has active dropout, else None.
@@ -293,163 +287,191 @@ class ChunkFlowEngine:
             return None
         return int(torch.randint(0, 2**62, (1,)))
 
-    def _execute(self, step: "_Step", actions: list[Action], io: StageIO, sync: GradSync,
-                 total: torch.Tensor) -> torch.Tensor:
-        plan = step.plan
-        is_last_stage = self.model.lm_head is not None
-        states: dict[int, ChainState] = {}
-        graphs: dict[int, _Graph] = {}
-        stage_inputs: dict[int, torch.Tensor] = {}  # inputs of S chunks, for their R
-        kept: dict[int, KeptAttention] = {}  # attention outputs of s chunks, for their r
-        last_backward = max(i for i, a in enumerate(actions) if a.kind is ActionKind.BACKWARD)
+    # -- the executor: one handler per action kind ------------------------------------------
+
+    def _execute(self, st: "_StepState", actions: list[Action]) -> None:
+        """Run ``actions`` (Algorithm 2's schedule, a pipeline stage's, or forward-only) over
+        the step state ``st``. A chain's key/value state lives from its first action to its
+        last; everything the actions carry between them must be gone at the end."""
+        plan = st.plan
+        last_use = {}  # chain id -> index of the last action on one of its chunks
+        for i, action in enumerate(actions):
+            chain_id = plan.chunks[action.chunk_id].chain_id
+            if chain_id is not None:
+                last_use[chain_id] = i
+        backwards = [i for i, a in enumerate(actions) if a.kind is ActionKind.BACKWARD]
+        st.last_backward = backwards[-1] if backwards else None
         # On CUDA the peak comes from the allocator; the saved-tensor hooks would be pure overhead.
-        hooks = (contextlib.nullcontext() if step.kernel_device.type == "cuda"
-                 else self.meter.hooks())
+        hooks = (self.meter.hooks() if st.training and st.kernel_device.type != "cuda"
+                 else contextlib.nullcontext())
         try:
             with hooks:
                 for i, action in enumerate(actions):
-                    io.start(action)
+                    st.io.start(action)
                     chunk = plan.chunks[action.chunk_id]
                     chain = plan.chain_of(chunk)
-                    if chain is not None and chain.chain_id not in states:
-                        states[chain.chain_id] = self._new_state(step, chain)
-                    state = states.get(chunk.chain_id)
-                    if action.kind is ActionKind.BACKWARD:
-                        graph = graphs.pop(chunk.chunk_id)
-                        grad_output = io.recv_backward(chunk)
-                        if self._action_hooks:  # timing starts once the input is here
-                            self._notify(action, "start")
-                        sync.before_backward(last=i == last_backward)
-                        self._backward(graph, grad_output)
-                        if graph.input is not None:
-                            grad_input = graph.input.grad
-                            io.send_backward(chunk, grad_input if grad_input is not None
-                                             else torch.zeros_like(graph.input))
-                        if is_last_stage:
-                            total += graph.output.detach()  # the chunk's loss
-                        # the chunk's k/v must not live into the next forward
-                        del graph, grad_output
-                        if chain is not None and chunk.chain_idx == 0:
-                            states.pop(chain.chain_id).free()
-                    else:
-                        kind = action.kind
-                        x = (stage_inputs.pop(chunk.chunk_id, None) if kind is ActionKind.RECOMPUTE
-                             else io.recv_forward(chunk))
-                        if self._action_hooks:
-                            self._notify(action, "start")
-                        if kind is ActionKind.STATE_FORWARD and x is not None:
-                            stage_inputs[chunk.chunk_id] = x
-                        keep = None
-                        if action.selective and kind is ActionKind.STATE_FORWARD:
-                            copier = (self.copier(step.kernel_device) if self.offload == "all"
-                                      else None)
-                            keep = kept[chunk.chunk_id] = KeptAttention(
-                                self.meter, copier, self.model.layer_ids)
-                        elif action.selective:
-                            keep = kept.pop(chunk.chunk_id)
-                            keep.start_reuse()
-                        graph = self._forward(step, chunk, state, x,
-                                              grad=kind is not ActionKind.STATE_FORWARD,
-                                              kept=keep)
-                        if kind is not ActionKind.RECOMPUTE and not is_last_stage:
-                            io.send_forward(chunk, graph.output.detach())
-                        if kind is not ActionKind.STATE_FORWARD:
-                            graphs[chunk.chunk_id] = graph
-                        del graph, x, keep
+                    if chain is not None and chain.chain_id not in st.states:
+                        st.states[chain.chain_id] = self._new_state(st, chain)
+                    match action.kind:
+                        case ActionKind.STATE_FORWARD:
+                            self._state_forward(st, action, chunk)
+                        case ActionKind.FORWARD:
+                            self._forward_action(st, action, chunk)
+                        case ActionKind.RECOMPUTE:
+                            self._recompute(st, action, chunk)
+                        case ActionKind.BACKWARD:
+                            self._backward_action(st, action, chunk, last=i == st.last_backward)
+                    if chain is not None and last_use[chain.chain_id] == i:
+                        st.states.pop(chain.chain_id).free()
                     if self._action_hooks:
                         self._notify(action, "end")
-            assert not graphs and not states and not stage_inputs and not kept, \
+            assert not st.graphs and not st.states and not st.stage_inputs and not st.kept, \
                 "schedule left graphs, state, stage inputs or kept attention outputs behind"
-            sync.finish()
+            st.sync.finish()
         finally:  # only has work left when a step failed: drop its graphs and state
-            graphs.clear()
-            stage_inputs.clear()
-            kept.clear()
-            for state in states.values():
+            st.graphs.clear()
+            st.stage_inputs.clear()
+            st.kept.clear()
+            for state in st.states.values():
                 state.free()
-        return total
 
-    def _new_state(self, step: "_Step", chain, *, with_grads: bool = True) -> ChainState:
-        """An empty state for ``chain`` in the layout this step's kernel reads."""
-        seq_len = step.plan.chunks[chain.chunk_ids[-1]].segments[0].start  # before the last
-        if self.offload != "none":
+    def _started(self, action: Action) -> None:
+        if self._action_hooks:  # timing starts once the input is here
+            self._notify(action, "start")
+
+    def _state_forward(self, st: "_StepState", action: Action, chunk: Chunk) -> None:
+        """``S``/``s``: fill the chain's key/value state, no graph; keep the stage input for
+        the ``R`` (and, selective, every layer's attention output for the ``r``)."""
+        x = st.io.recv_forward(chunk)
+        self._started(action)
+        if x is not None:
+            st.stage_inputs[chunk.chunk_id] = x
+        keep = None
+        if action.selective:
+            copier = self.copier(st.kernel_device) if self.options.offload == "all" else None
+            keep = st.kept[chunk.chunk_id] = KeptAttention(self.meter, copier,
+                                                           self.model.layer_ids)
+        graph = self._forward(st, chunk, x, grad=False, with_loss=False, kept=keep)
+        if not st.io.is_last_stage:
+            st.io.send_forward(chunk, graph.output.detach())
+
+    def _forward_action(self, st: "_StepState", action: Action, chunk: Chunk) -> None:
+        """``F``: the chunk's forward, its graph kept for its ``B``; forward-only (evaluation):
+        no graph, the loss added at once."""
+        x = st.io.recv_forward(chunk)
+        self._started(action)
+        last = st.io.is_last_stage
+        graph = self._forward(st, chunk, x, grad=st.training, with_loss=last)
+        if not last:
+            st.io.send_forward(chunk, graph.output.detach())
+        if st.training:
+            st.graphs[chunk.chunk_id] = graph
+        elif last:
+            st.total += graph.output.double()
+
+    def _recompute(self, st: "_StepState", action: Action, chunk: Chunk) -> None:
+        """``R``/``r``: the chunk's forward again from the input its ``S`` kept (nothing is
+        received or sent), right before its ``B``; ``r`` reuses the kept attention outputs."""
+        x = st.stage_inputs.pop(chunk.chunk_id, None)
+        self._started(action)
+        keep = None
+        if action.selective:
+            keep = st.kept.pop(chunk.chunk_id)
+            keep.start_reuse()
+        st.graphs[chunk.chunk_id] = self._forward(st, chunk, x, grad=True,
+                                                  with_loss=st.io.is_last_stage, kept=keep)
+
+    def _backward_action(self, st: "_StepState", action: Action, chunk: Chunk, *,
+                         last: bool) -> None:
+        """``B``: the chunk's backward; its input's gradient goes back to the previous stage,
+        its loss into the step's."""
+        graph = st.graphs.pop(chunk.chunk_id)
+        grad_output = st.io.recv_backward(chunk)
+        self._started(action)
+        st.sync.before_backward(last=last)
+        self._backward(graph, grad_output)
+        if graph.input is not None:
+            grad_input = graph.input.grad
+            st.io.send_backward(chunk, grad_input if grad_input is not None
+                                else torch.zeros_like(graph.input))
+        if st.io.is_last_stage:
+            st.total += graph.output.detach()  # the chunk's loss
+
+    # -- one chunk ----------------------------------------------------------------------------
+
+    def _new_state(self, st: "_StepState", chain) -> ChainState:
+        """An empty state for ``chain`` in the layout this step's kernel reads (with gradient
+        buffers when the step trains)."""
+        o, kernel = self.options, st.kernel
+        seq_len = st.plan.chunks[chain.chunk_ids[-1]].segments[0].start  # before the last
+        capacity = kernel.state_capacity(seq_len, o.chunk_size)
+        if o.offload != "none":
             return OffloadedChainState(
                 layer_ids=self.model.layer_ids, seq_len=seq_len, meter=self.meter,
-                copier=self.copier(step.kernel_device), with_grads=with_grads,
-                layout=step.kernel.state_layout,
-                capacity=step.kernel.state_capacity(seq_len, self.chunk_size))
+                copier=self.copier(st.kernel_device), with_grads=st.training,
+                layout=kernel.state_layout, capacity=capacity)
         return ChainState(layer_ids=self.model.layer_ids, seq_len=seq_len, meter=self.meter,
-                          with_grads=with_grads, layout=step.kernel.state_layout,
-                          capacity=step.kernel.state_capacity(seq_len, self.chunk_size))
+                          with_grads=st.training, layout=kernel.state_layout, capacity=capacity)
 
-    def _forward(self, step: "_Step", chunk: Chunk, state: ChainState | None,
-                 x: torch.Tensor | None, *, grad: bool,
-                 with_loss: bool | None = None, kept: KeptAttention | None = None) -> "_Graph":
+    def _forward(self, st: "_StepState", chunk: Chunk, x: torch.Tensor | None, *, grad: bool,
+                 with_loss: bool, kept: KeptAttention | None = None) -> "_Graph":
         """Run one chunk on this model (or pipeline stage). ``x``: the hidden states the previous
-        stage sent, None on the first stage (which embeds the chunk's tokens). ``with_loss``
-        (default: ``grad``): compute the chunk's loss on the last stage. ``kept``: the
-        attention outputs a selective ``S`` keeps, or its ``R`` reuses.
+        stage sent, None on the first stage (which embeds the chunk's tokens). ``with_loss``:
+        compute the chunk's loss (the last stage's ``F``/``R``). ``kept``: the attention
+        outputs a selective ``S`` keeps, or its ``R`` reuses.
 
-        Returns the chunk's graph: its weighted loss (last stage) or output hidden states,
-        and the key/value outputs that will receive gradients from later chunks of its chain.
+        Returns the chunk's graph: its weighted loss (with ``with_loss``) or output hidden
+        states, and the input received from the previous stage.
         """
-        with_loss = grad if with_loss is None else with_loss
-        if step.dropout_seed is None:
-            return self._run_chunk(step, chunk, state, x, grad=grad, with_loss=with_loss,
-                                   kept=kept)
+        if st.dropout_seed is None:
+            return self._run_chunk(st, chunk, x, grad=grad, with_loss=with_loss, kept=kept)
         # The same dropout masks in every forward of this chunk (S, F and R).
-        device = step.kernel_device
+        device = st.kernel_device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
                                    device_type=device.type):
-            key = chunk.chunk_id if step.chunk_ids is None else step.chunk_ids[chunk.chunk_id]
-            torch.manual_seed(chunk_seed(step.dropout_seed, key, self.model.layer_ids[0]))
-            return self._run_chunk(step, chunk, state, x, grad=grad, with_loss=with_loss,
-                                   kept=kept)
+            key = chunk.chunk_id if st.chunk_ids is None else st.chunk_ids[chunk.chunk_id]
+            torch.manual_seed(chunk_seed(st.dropout_seed, key, self.model.layer_ids[0]))
+            return self._run_chunk(st, chunk, x, grad=grad, with_loss=with_loss, kept=kept)
 
-    def _run_chunk(self, step: "_Step", chunk: Chunk, state: ChainState | None,
-                   x: torch.Tensor | None, *, grad: bool, with_loss: bool,
-                   kept: KeptAttention | None = None) -> "_Graph":
+    def _run_chunk(self, st: "_StepState", chunk: Chunk, x: torch.Tensor | None, *, grad: bool,
+                   with_loss: bool, kept: KeptAttention | None = None) -> "_Graph":
+        state = st.states.get(chunk.chain_id)  # None for a standalone chunk
         segments, offset = [], 0
         for i, seg in enumerate(chunk.segments):
             is_chain = i == 0 and chunk.chain_id is not None
             segments.append(BoundSegment(offset, seg.num_tokens, seg.start,
-                                     state if is_chain else None))
+                                         state if is_chain else None))
             offset += seg.num_tokens
-        device, shard = step.kernel_device, self.sequence_shard
+        device, rows = st.kernel_device, self.rows
         if x is None:
-            # (n,) per segment, laid out segment after segment -> (1, L); sequence parallel:
-            # this rank's rows (1, L / tp), padded (a vocabulary-parallel embedding: all of the
-            # padded rows, it hands back this rank's)
-            x = torch.cat([step.ids[s.seq_id][s.start:s.end] for s in chunk.segments])
-            x = (x if shard is None else shard.padded(x, 0) if shard.vocab_parallel
-                 else shard.local(x, 0))[None]
+            # (n,) per segment, laid out segment after segment -> (1, L); under sequence
+            # parallelism the rows this rank embeds (ChunkRows.input_ids)
+            x = rows.input_ids(torch.cat([st.ids[s.seq_id][s.start:s.end]
+                                          for s in chunk.segments]))[None]
             inputs = None
         else:
             inputs = x = x.detach().requires_grad_(grad)  # (1, L, E); its grad goes back
         # (1, L): every position of the chunk (its attention runs over the whole chunk)
-        position_ids = torch.cat([torch.arange(s.start, s.end, device=device)
-                                  for s in chunk.segments])
-        position_ids = (position_ids if shard is None else shard.padded(position_ids, 0))[None]
+        position_ids = rows.positions(torch.cat([torch.arange(s.start, s.end, device=device)
+                                                 for s in chunk.segments]))[None]
         # Only a chain chunk followed by more chunks receives gradients for its own keys/values.
         has_successor = (chunk.chain_id is not None
-                         and chunk.chain_idx < step.plan.chains[chunk.chain_id].num_chunks - 1)
-        attention = ChunkAttention(segments, step.kernel, block_size=self.chunk_size,
-                                    has_successor=has_successor, kept=kept)
+                         and chunk.chain_idx < st.plan.chains[chunk.chain_id].num_chunks - 1)
+        attention = ChunkAttention(segments, st.kernel, block_size=self.options.chunk_size,
+                                   has_successor=has_successor, kept=kept)
         with torch.set_grad_enabled(grad):
             hidden = self.model.hidden_states(
                 x, position_ids=position_ids, attention=attention,
-                activation_checkpointing=self.activation_checkpointing)
-            if self.model.lm_head is None or not with_loss:
+                activation_checkpointing=self.options.activation_checkpointing)
+            if not with_loss:
                 # Not the last stage (hidden states go on), or a state-only forward on the last.
                 return _Graph(hidden, inputs)
-            targets = torch.cat([step.targets[s.seq_id][s.start:s.end] for s in chunk.segments])
-            weights = torch.cat([step.weights[s.seq_id][s.start:s.end] for s in chunk.segments])
-            if shard is not None and shard.vocab_parallel:  # the whole chunk's loss
-                targets, weights = shard.padded(targets, IGNORE_INDEX), shard.padded(weights, 0)
-            elif shard is not None:  # the loss of this rank's rows: a part of the chunk's
-                targets, weights = shard.local(targets, IGNORE_INDEX), shard.local(weights, 0)
+            targets, weights = rows.loss_rows(
+                torch.cat([st.targets[s.seq_id][s.start:s.end] for s in chunk.segments]),
+                torch.cat([st.weights[s.seq_id][s.start:s.end] for s in chunk.segments]))
             loss = self.loss_fn(hidden[0], self.model.lm_head, targets, weights,
-                                logits_budget=self.logits_budget, cast_cache=step.cast_cache)
+                                logits_budget=self.options.logits_budget,
+                                cast_cache=st.cast_cache)
         return _Graph(loss, inputs)
 
     def _backward(self, graph: "_Graph", grad_output: torch.Tensor | None) -> None:
@@ -484,8 +506,9 @@ class _Graph:
 
 
 @dataclass
-class _Step:
-    """What every action of one step reads: the plan and the batch's per-sequence tensors."""
+class _StepState:
+    """One step as its actions see it: the batch's per-sequence tensors, the peers, and what
+    the schedule carries from one action to another (all empty again at the end)."""
 
     plan: ChunkPlan
     ids: list[torch.Tensor]
@@ -493,12 +516,28 @@ class _Step:
     weights: list[torch.Tensor]
     kernel: object
     kernel_device: torch.device
-    dropout_seed: int | None
+    io: StageIO
+    sync: GradSync
+    training: bool
+    """A training step (graphs kept for ``B``); else forward-only (evaluation)."""
+    total: torch.Tensor
+    """The step's loss so far (on the last stage)."""
+    dropout_seed: int | None = None
     """Seed of this step's dropout masks (one generator per chunk); None: no active dropout."""
-    chunk_ids: Sequence[int] | None
+    chunk_ids: Sequence[int] | None = None
     """Each chunk's id in the global batch (for its dropout seed); None: the plan's own."""
     cast_cache: dict = field(default_factory=dict)
     """The head weight's autocast copy, shared by the step's chunks (see head_loss)."""
+    last_backward: int | None = None
+    """Index of the step's last ``B`` (its backward runs the data-parallel sync)."""
+    states: dict[int, ChainState] = field(default_factory=dict)
+    """Chain id -> its key/value state, from the chain's first action to its last."""
+    graphs: dict[int, "_Graph"] = field(default_factory=dict)
+    """Chunk id -> its graph, from its ``F``/``R`` to its ``B``."""
+    stage_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Chunk id -> the input an ``S`` received, for its ``R``."""
+    kept: dict[int, KeptAttention] = field(default_factory=dict)
+    """Chunk id -> the attention outputs an ``s`` kept, for its ``r``."""
 
 
 class _HookHandle:

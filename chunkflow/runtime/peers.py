@@ -16,6 +16,9 @@ class StageIO:
     (1, L, E) for a chunk of L tokens; under sequence parallelism, this rank's rows of it
     (1, ceil(L / tp), E)."""
 
+    is_last_stage = True
+    """Whether this stage holds the output head, and so computes the chunks' loss."""
+
     def start(self, action: Action) -> None:
         """Every action of a step begins here, before its receive (a stage posts the previous
         action's sends together with it)."""

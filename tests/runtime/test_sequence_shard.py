@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from chunkflow.runtime.attention import get_kernel
-from chunkflow.runtime.chunk_call import BoundSegment, ChunkAttention, SequenceShard
+from chunkflow.parallel.tensor import SequenceShard
+from chunkflow.runtime.chunk_call import BoundSegment, ChunkAttention
 
 
 @pytest.mark.parametrize("num_tokens,size", [(16, 2), (13, 2), (7, 4), (1, 4), (9, 3)])
