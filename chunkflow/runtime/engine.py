@@ -23,22 +23,22 @@ Dropout (e.g. LoRA's) draws its masks from a generator seeded per chunk and step
 keeping only the chain's key/value state, and returns the sum of the token losses and their
 number (held-out loss with the memory of one chunk).
 
-The executor is one handler per action kind over one step state (``_StepState``: the batch,
-the peers, and what actions carry to later ones: chain states, graphs, stage inputs, kept
-attention outputs). A new action kind is one handler here plus its rules in
-:mod:`chunkflow.plan.scheduling`. The same executor runs one pipeline stage: the model is then
-a stage (the whole model minus other stages' modules), the actions are that stage's list from
-:func:`chunkflow.plan.state_aware_1f1b`, a :class:`StageIO` receives inputs and sends outputs
-and their gradients (and says whether this stage computes the loss), a :class:`GradSync`
-supplies the global loss normaliser and the data-parallel gradient synchronisation, and a
-:class:`~chunkflow.runtime.chunk_call.ChunkRows` says which rows of a chunk this rank runs
-(sequence parallelism). A single device is a one-stage pipeline with no peers.
+The executor is one handler per action kind over one step state
+(:class:`~chunkflow.runtime.step.StepState`: the batch, the peers, and what actions carry to
+later ones: chain states, graphs, stage inputs, kept attention outputs). A new action kind is
+one handler here plus its rules in :mod:`chunkflow.plan.scheduling`. The same executor runs one
+pipeline stage: the model is then a stage (the whole model minus other stages' modules), the
+actions are that stage's list from :func:`chunkflow.plan.state_aware_1f1b`, a :class:`StageIO`
+receives inputs and sends outputs and their gradients (and says whether this stage computes the
+loss), a :class:`GradSync` supplies the global loss normaliser and the data-parallel gradient
+synchronisation, and a :class:`~chunkflow.runtime.chunk_call.ChunkRows` says which rows of a
+chunk this rank runs (sequence parallelism). A single device is a one-stage pipeline with no
+peers.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -61,28 +61,7 @@ from chunkflow.runtime.loss import (
 from chunkflow.runtime.memory import MemoryMeter
 from chunkflow.runtime.options import ChunkingOptions
 from chunkflow.runtime.peers import GradSync, StageIO
-
-
-@dataclass
-class StepResult:
-    loss: torch.Tensor
-    """The batch loss (0-dim, detached, float32 or wider)."""
-    num_loss_tokens: int
-    """Supervised tokens in the batch."""
-    num_chunks: int
-    num_tokens: int
-    peak_memory_bytes: int
-    """CUDA: max_memory_allocated. CPU: peak of bytes saved for backward + key/value state."""
-    plan: ChunkPlan
-
-
-@dataclass
-class EvalResult:
-    loss_sum: float
-    """Sum of the supervised tokens' cross-entropy (nats)."""
-    num_loss_tokens: int
-    num_tokens: int
-    num_chunks: int
+from chunkflow.runtime.step import ChunkGraph, EvalResult, StepResult, StepState
 
 
 class ChunkFlowEngine:
@@ -222,7 +201,7 @@ class ChunkFlowEngine:
                                                  totals=sync.global_counts)
         actions = (schedule(plan, k=o.k, recompute=o.recompute) if actions is None
                    else list(actions))
-        st = _StepState(plan, ids_list, targets, weights, self._kernel(device), device,
+        st = StepState(plan, ids_list, targets, weights, self._kernel(device), device,
                         io or StageIO(), sync, training=True, dropout_seed=self._dropout_seed(),
                         chunk_ids=chunk_ids,
                         total=torch.zeros((), dtype=torch.float64 if device.type == "cpu"
@@ -259,7 +238,7 @@ class ChunkFlowEngine:
         plan = self._plan(ids_list, plan)
         weights = [(t != IGNORE_INDEX).to(acc) for t in targets]  # sum, not mean
         num_loss_tokens = int(sum(int(w.sum()) for w in weights))
-        st = _StepState(plan, ids_list, targets, weights, self._kernel(device), device,
+        st = StepState(plan, ids_list, targets, weights, self._kernel(device), device,
                         io or StageIO(), GradSync(), training=False,
                         total=torch.zeros((), dtype=torch.float64, device=device))
         self._execute(st, forward_only(plan))
@@ -289,7 +268,7 @@ class ChunkFlowEngine:
 
     # -- the executor: one handler per action kind ------------------------------------------
 
-    def _execute(self, st: "_StepState", actions: list[Action]) -> None:
+    def _execute(self, st: StepState, actions: list[Action]) -> None:
         """Run ``actions`` (Algorithm 2's schedule, a pipeline stage's, or forward-only) over
         the step state ``st``. A chain's key/value state lives from its first action to its
         last; everything the actions carry between them must be gone at the end."""
@@ -339,7 +318,7 @@ class ChunkFlowEngine:
         if self._action_hooks:  # timing starts once the input is here
             self._notify(action, "start")
 
-    def _state_forward(self, st: "_StepState", action: Action, chunk: Chunk) -> None:
+    def _state_forward(self, st: StepState, action: Action, chunk: Chunk) -> None:
         """``S``/``s``: fill the chain's key/value state, no graph; keep the stage input for
         the ``R`` (and, selective, every layer's attention output for the ``r``)."""
         x = st.io.recv_forward(chunk)
@@ -355,7 +334,7 @@ class ChunkFlowEngine:
         if not st.io.is_last_stage:
             st.io.send_forward(chunk, graph.output.detach())
 
-    def _forward_action(self, st: "_StepState", action: Action, chunk: Chunk) -> None:
+    def _forward_action(self, st: StepState, action: Action, chunk: Chunk) -> None:
         """``F``: the chunk's forward, its graph kept for its ``B``; forward-only (evaluation):
         no graph, the loss added at once."""
         x = st.io.recv_forward(chunk)
@@ -369,7 +348,7 @@ class ChunkFlowEngine:
         elif last:
             st.total += graph.output.double()
 
-    def _recompute(self, st: "_StepState", action: Action, chunk: Chunk) -> None:
+    def _recompute(self, st: StepState, action: Action, chunk: Chunk) -> None:
         """``R``/``r``: the chunk's forward again from the input its ``S`` kept (nothing is
         received or sent), right before its ``B``; ``r`` reuses the kept attention outputs."""
         x = st.stage_inputs.pop(chunk.chunk_id, None)
@@ -381,7 +360,7 @@ class ChunkFlowEngine:
         st.graphs[chunk.chunk_id] = self._forward(st, chunk, x, grad=True,
                                                   with_loss=st.io.is_last_stage, kept=keep)
 
-    def _backward_action(self, st: "_StepState", action: Action, chunk: Chunk, *,
+    def _backward_action(self, st: StepState, action: Action, chunk: Chunk, *,
                          last: bool) -> None:
         """``B``: the chunk's backward; its input's gradient goes back to the previous stage,
         its loss into the step's."""
@@ -399,7 +378,7 @@ class ChunkFlowEngine:
 
     # -- one chunk ----------------------------------------------------------------------------
 
-    def _new_state(self, st: "_StepState", chain) -> ChainState:
+    def _new_state(self, st: StepState, chain) -> ChainState:
         """An empty state for ``chain`` in the layout this step's kernel reads (with gradient
         buffers when the step trains)."""
         o, kernel = self.options, st.kernel
@@ -413,8 +392,8 @@ class ChunkFlowEngine:
         return ChainState(layer_ids=self.model.layer_ids, seq_len=seq_len, meter=self.meter,
                           with_grads=st.training, layout=kernel.state_layout, capacity=capacity)
 
-    def _forward(self, st: "_StepState", chunk: Chunk, x: torch.Tensor | None, *, grad: bool,
-                 with_loss: bool, kept: KeptAttention | None = None) -> "_Graph":
+    def _forward(self, st: StepState, chunk: Chunk, x: torch.Tensor | None, *, grad: bool,
+                 with_loss: bool, kept: KeptAttention | None = None) -> "ChunkGraph":
         """Run one chunk on this model (or pipeline stage). ``x``: the hidden states the previous
         stage sent, None on the first stage (which embeds the chunk's tokens). ``with_loss``:
         compute the chunk's loss (the last stage's ``F``/``R``). ``kept``: the attention
@@ -433,8 +412,8 @@ class ChunkFlowEngine:
             torch.manual_seed(chunk_seed(st.dropout_seed, key, self.model.layer_ids[0]))
             return self._run_chunk(st, chunk, x, grad=grad, with_loss=with_loss, kept=kept)
 
-    def _run_chunk(self, st: "_StepState", chunk: Chunk, x: torch.Tensor | None, *, grad: bool,
-                   with_loss: bool, kept: KeptAttention | None = None) -> "_Graph":
+    def _run_chunk(self, st: StepState, chunk: Chunk, x: torch.Tensor | None, *, grad: bool,
+                   with_loss: bool, kept: KeptAttention | None = None) -> "ChunkGraph":
         state = st.states.get(chunk.chain_id)  # None for a standalone chunk
         segments, offset = [], 0
         for i, seg in enumerate(chunk.segments):
@@ -465,16 +444,16 @@ class ChunkFlowEngine:
                 activation_checkpointing=self.options.activation_checkpointing)
             if not with_loss:
                 # Not the last stage (hidden states go on), or a state-only forward on the last.
-                return _Graph(hidden, inputs)
+                return ChunkGraph(hidden, inputs)
             targets, weights = rows.loss_rows(
                 torch.cat([st.targets[s.seq_id][s.start:s.end] for s in chunk.segments]),
                 torch.cat([st.weights[s.seq_id][s.start:s.end] for s in chunk.segments]))
             loss = self.loss_fn(hidden[0], self.model.lm_head, targets, weights,
                                 logits_budget=self.options.logits_budget,
                                 cast_cache=st.cast_cache)
-        return _Graph(loss, inputs)
+        return ChunkGraph(loss, inputs)
 
-    def _backward(self, graph: "_Graph", grad_output: torch.Tensor | None) -> None:
+    def _backward(self, graph: "ChunkGraph", grad_output: torch.Tensor | None) -> None:
         """Backward of one chunk: its loss (or, on an earlier pipeline stage, its output with the
         gradient the next stage sent). What later chunks of its chain sent back for its own
         keys/values enters in the attention's backward (:mod:`chunkflow.runtime.attention`).
@@ -494,50 +473,6 @@ def chunk_seed(step_seed: int, chunk_key: int, first_layer: int) -> int:
     later one, so a stage does not repeat its predecessor's masks. The stage term reaches the
     low 32 bits, all that the CPU generator keeps of a seed."""
     return (step_seed + chunk_key + 0x9E3779B97F4A7C15 * first_layer) % (1 << 64)
-
-
-@dataclass
-class _Graph:
-    """What a chunk's backward needs: its loss (0-dim) or output hidden states, and the input
-    received from the previous stage."""
-
-    output: torch.Tensor
-    input: torch.Tensor | None
-
-
-@dataclass
-class _StepState:
-    """One step as its actions see it: the batch's per-sequence tensors, the peers, and what
-    the schedule carries from one action to another (all empty again at the end)."""
-
-    plan: ChunkPlan
-    ids: list[torch.Tensor]
-    targets: list[torch.Tensor]
-    weights: list[torch.Tensor]
-    kernel: object
-    kernel_device: torch.device
-    io: StageIO
-    sync: GradSync
-    training: bool
-    """A training step (graphs kept for ``B``); else forward-only (evaluation)."""
-    total: torch.Tensor
-    """The step's loss so far (on the last stage)."""
-    dropout_seed: int | None = None
-    """Seed of this step's dropout masks (one generator per chunk); None: no active dropout."""
-    chunk_ids: Sequence[int] | None = None
-    """Each chunk's id in the global batch (for its dropout seed); None: the plan's own."""
-    cast_cache: dict = field(default_factory=dict)
-    """The head weight's autocast copy, shared by the step's chunks (see head_loss)."""
-    last_backward: int | None = None
-    """Index of the step's last ``B`` (its backward runs the data-parallel sync)."""
-    states: dict[int, ChainState] = field(default_factory=dict)
-    """Chain id -> its key/value state, from the chain's first action to its last."""
-    graphs: dict[int, "_Graph"] = field(default_factory=dict)
-    """Chunk id -> its graph, from its ``F``/``R`` to its ``B``."""
-    stage_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
-    """Chunk id -> the input an ``S`` received, for its ``R``."""
-    kept: dict[int, KeptAttention] = field(default_factory=dict)
-    """Chunk id -> the attention outputs an ``s`` kept, for its ``r``."""
 
 
 class _HookHandle:
