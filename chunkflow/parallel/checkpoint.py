@@ -1,21 +1,18 @@
-"""What one rank saves and restores of its model and optimizer, on any layout (one process is the
-1x1x1 layout).
+"""The torch.distributed half of a checkpoint: one rank's stage, as state dicts keyed by the
+whole model's parameter names (those one process uses), whatever wraps the stage (nothing,
+DDP, FSDP2, tensor-parallel DTensors). So a checkpoint never depends on the layout that wrote it.
 
-Both go through ``torch.distributed.checkpoint.state_dict``, keyed by the whole model's parameter
-names (the names a single process uses), whatever wraps the stage (nothing, DDP, FSDP2, tensor
-parallel DTensors), so a checkpoint does not depend on the layout that wrote it:
+* :func:`full_weights` / :func:`read_weights` + :func:`load_weights`: the weights as *full*
+  tensors (collective over the tensor-parallel and FSDP groups), each stage's a shard of one
+  Hugging Face checkpoint, read back by name into whatever stage, shard or replica holds them;
+* :func:`save_optimizer` / :func:`load_optimizer`: the optimizer state *sharded* with
+  ``torch.distributed.checkpoint``: every rank writes its own shards (one copy of what is
+  replicated) and ``dcp.load`` reshards them; flattened per parameter name
+  (``flatten_optimizer_state_dict``, as torchtitan does), so pipeline stages never collide;
+* :func:`save_master_weights` / :func:`load_master_weights`: float32 master weights of a
+  bfloat16 model (``master_weights/``), sharded like the optimizer state, loaded bit for bit.
 
-* the weights as *full* tensors (collective over the tensor-parallel and FSDP groups): each
-  stage's weights are a shard of one Hugging Face checkpoint, read back by name into whatever
-  stage, shard or replica holds the parameter on the resuming layout;
-* the optimizer state *sharded*, with ``torch.distributed.checkpoint`` (``dcp.save``): every rank
-  writes only its own shards (FSDP2's and tensor parallelism's DTensor shards, one copy of what is
-  replicated), and ``dcp.load`` reshards them for the resuming layout. The state is flattened per
-  parameter name (``flatten_optimizer_state_dict``, as torchtitan does), so pipeline stages, whose
-  parameter groups hold different parameters, never collide;
-* float32 master weights (full fine-tuning of a bfloat16 model, whose Hugging Face files are
-  bfloat16) sharded like the optimizer state, in ``master_weights/``, so a resumed run continues
-  from exactly the weights it stopped with.
+The trainer's side (which files, the manifest, resuming) is :mod:`chunkflow.train.checkpoint`.
 """
 
 from __future__ import annotations
@@ -147,13 +144,7 @@ def load_master_weights(module: torch.nn.Module, directory: Path) -> None:
     """Collective: the weights :func:`save_master_weights` wrote, on any layout, bit for bit."""
     check_metadata(directory)
     state = _local_state(module)
-    try:
-        with _one_process_quietly():
-            dcp.load(state, checkpoint_id=str(directory), no_dist=_no_dist())
-    except (Exception, CheckpointException) as e:
-        e = _first_failure(e) if isinstance(e, CheckpointException) else e
-        raise ValueError(f"{directory}: the master weights do not match this model "
-                         f"({type(e).__name__}: {_first_line(e)})") from None
+    _dcp_load(state, directory, "the master weights do not match this model")
     set_model_state_dict(module, state)
 
 
@@ -167,6 +158,18 @@ def _dcp_save(state: dict, directory: Path, *, rank: int) -> list[str]:
     if rank == 0:
         mine.append(directory / ".metadata")
     return [p.relative_to(directory.parent).as_posix() for p in mine]
+
+
+def _dcp_load(state: dict, directory: Path, mismatch: str) -> None:
+    """``dcp.load`` into ``state``; any failure is one ValueError: ``directory: mismatch (the
+    first rank's error)``."""
+    try:
+        with _one_process_quietly():
+            dcp.load(state, checkpoint_id=str(directory), no_dist=_no_dist())
+    except (Exception, CheckpointException) as e:
+        e = _first_failure(e) if isinstance(e, CheckpointException) else e
+        raise ValueError(f"{directory}: {mismatch} ({type(e).__name__}: {_first_line(e)})"
+                         ) from None
 
 
 def load_optimizer(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -187,13 +190,7 @@ def load_optimizer(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
         for p, g in zip(params, grads):
             p.grad = g
     assert len(optimizer.state) == len(params), "the optimizer state was not initialised"
-    try:
-        with _one_process_quietly():
-            dcp.load(state, checkpoint_id=str(directory), no_dist=_no_dist())
-    except (Exception, CheckpointException) as e:
-        e = _first_failure(e) if isinstance(e, CheckpointException) else e
-        raise ValueError(f"{directory}: the optimizer state does not match this model and "
-                         f"optimizer ({type(e).__name__}: {_first_line(e)})") from None
+    _dcp_load(state, directory, "the optimizer state does not match this model and optimizer")
     set_optimizer_state_dict(module, optimizer, state, options=_OPTIM)
 
 

@@ -1,22 +1,20 @@
-"""Saving and restoring a run's model and optimizer on any layout, one process included.
+"""The trainer's one path to its checkpoints: :class:`CheckpointIO` saves and restores a run's
+model and optimizer on every layout, one process (:class:`chunkflow.parallel.LocalContext`,
+1x1x1) included, so a checkpoint resumes on another layout (DP=2 -> TP=2, PP=2 -> one process).
 
-:class:`CheckpointIO` is the trainer's one path to its checkpoints: one process is the 1x1x1
-layout (:class:`chunkflow.parallel.LocalContext`), so the same code writes and reads every layout's
-checkpoint, and a checkpoint resumes on another layout (DP=2 -> TP=2, PP=2 -> one process, ...):
+What goes where in a checkpoint directory:
 
-* weights: full tensors by parameter name in Hugging Face files (``model.safetensors``, or one
-  shard per pipeline stage and ``model.safetensors.index.json``), read back by name into
-  whatever stage, tensor-parallel shard or FSDP shard holds them now; LoRA runs save their
-  adapter, one file for all pipeline stages (see :mod:`chunkflow.train.lora`);
-  The weights are written in the model's dtype (``--model.dtype``); where training holds them
-  wider (float32 master weights of a bfloat16 model), ``master_weights/`` keeps them as held,
-  and a resumed run loads those;
-* optimizer: ``optimizer/``, written by every rank with ``torch.distributed.checkpoint`` and
-  resharded on load (:mod:`chunkflow.parallel.checkpoint`);
-* RNG and trainer state, manifest, atomic publication: :mod:`chunkflow.train.checkpoint.store`.
+* ``model.safetensors`` (or one file per pipeline stage and ``model.safetensors.index.json``):
+  the weights in the model's dtype, by parameter name; LoRA runs save their adapter instead, one
+  file for all stages (:mod:`chunkflow.train.lora`);
+* ``master_weights/``: the weights as held, where training holds them wider than it saves them
+  (float32 masters of a bfloat16 model); a resumed run loads these;
+* ``optimizer/``: the optimizer state, every rank's shards, resharded on load;
+* RNG and trainer state, the manifest, atomic publication: :mod:`.store`.
 
-Checkpoints from before ``optimizer/`` (``optimizer.pt``, ``optimizer-0000s-of-0000p.pt``) still
-resume, on the layout that wrote them.
+The collective state-dict work is :mod:`chunkflow.parallel.checkpoint`'s. Checkpoints from before
+``optimizer/`` (``optimizer.pt``, ``optimizer-0000s-of-0000p.pt``) still resume, on the layout
+that wrote them.
 """
 
 from __future__ import annotations
