@@ -20,13 +20,6 @@ from torch import nn
 
 from chunkflow.models.families import Family, family_of
 
-DECODER_FORWARD = "chunkflow_decoder_forward"
-"""When a transformers causal LM has this attribute, the engine runs its decoder through it:
-:meth:`TransformersAdapter.fsdp_root_forward` sets it to the decoder's call, for FSDP2 to
-register as a forward method of the causal LM, its root, which then gathers its own parameters
-(embedding, final norm, head) before the decoder runs. The wrapper is bound to this model
-object: a sharded model is not deep-copied or pickled (as FSDP2's registered methods are not)."""
-
 TIED_REFUSAL = ("pipeline parallelism with tied input/output embeddings (tie_word_embeddings=true) "
                 "is not supported: the embedding and the head would live on different stages; "
                 "valid: pp=1 for this model")
@@ -200,7 +193,12 @@ class TransformersAdapter(ModelAdapter):
     def fsdp_root_forward(self) -> str:
         """The engine runs the decoder and reads the head's weight, never the causal LM's own
         forward; so the causal LM gets a forward method that runs its decoder
-        (:data:`DECODER_FORWARD`, which the engine calls when present)."""
+        (:data:`chunkflow.models.hf.DECODER_FORWARD`, which the engine calls when present), for
+        FSDP2 to register: the root then gathers its own parameters (embedding, final norm,
+        head) before the decoder runs. The method is bound to this model object: a sharded
+        model is not deep-copied or pickled (as FSDP2's registered methods are not)."""
+        from chunkflow.models.hf import DECODER_FORWARD
+
         causal_lm = self.causal_lm
         setattr(causal_lm, DECODER_FORWARD, causal_lm.get_decoder().__call__)  # not a submodule
         return DECODER_FORWARD

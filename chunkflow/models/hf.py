@@ -37,13 +37,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from chunkflow.models.adapter import DECODER_FORWARD
 from chunkflow.models.families import FAMILIES, ROPE_TYPES
 
 ATTN_NAME = "chunkflow"
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 _registered = False
+
+DECODER_FORWARD = "chunkflow_decoder_forward"
+"""An entry point the causal LM may carry that runs its decoder; :class:`HFChunkModel` calls it
+instead of the decoder when present (:meth:`chunkflow.models.adapter.TransformersAdapter.
+fsdp_root_forward` sets it)."""
 
 
 def is_hf_model(model: Any) -> bool:
