@@ -119,7 +119,7 @@ def test_lora_under_ddp_matches_one_process_and_resumes(tmp_path):
     from safetensors.torch import load_file
 
     from chunkflow.cli import main
-    from tests.train.test_resume import chat_job, hf_args
+    from tests.train.checkpoint.test_resume import chat_job, hf_args
     from tests.train.test_trainer_hf import model_dir
 
     model, data = model_dir(tmp_path, tied=True), str(chat_job(tmp_path))
@@ -149,7 +149,7 @@ def test_lora_on_pipeline_stages_matches_one_process_across_layouts(tmp_path):
     from safetensors.torch import load_file
 
     from chunkflow.cli import main
-    from tests.train.test_resume import chat_job, hf_args
+    from tests.train.checkpoint.test_resume import chat_job, hf_args
     from tests.train.test_trainer_hf import model_dir
 
     model, data = model_dir(tmp_path, tied=False), str(chat_job(tmp_path))

@@ -136,7 +136,7 @@ def test_a_transformers_qwen2_run_at_tp2_resumes_at_dp2_fsdp_with_the_single_pro
         tmp_path):
     """A tied-embedding transformers Qwen2 (--model.path, implementation hf): 2 steps at TP=2,
     then 2 more at DP=2 (FSDP2), end with one process's weights after 4 steps."""
-    from tests.train.test_resume import chat_job, hf_args
+    from tests.train.checkpoint.test_resume import chat_job, hf_args
     from tests.train.test_trainer_hf import model_dir
 
     model, data = model_dir(tmp_path, tied=True), str(chat_job(tmp_path))

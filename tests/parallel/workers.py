@@ -311,7 +311,7 @@ def train_lora(rank, world_size, run_dir: str, model_path: str, data: str, steps
     ``options`` give."""
     from chunkflow.train.config import load_config
     from chunkflow.train.run.trainer import Trainer
-    from tests.train.test_resume import hf_args
+    from tests.train.checkpoint.test_resume import hf_args
 
     options = dict(a[2:].split("=", 1) for a in hf_args(run_dir, model_path, data, **{
         "model.dtype": "float64", "lora.rank": "4", "train.steps": str(steps),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from chunkflow.cli import main
-from tests.train.test_trainer import args
+from tests.train.run.test_trainer import args
 
 
 def test_auto_chooses_prints_and_saves_the_settings(tmp_path, capsys):
@@ -48,7 +48,7 @@ def test_lora_is_priced_by_its_trained_parameters(tmp_path):
     from chunkflow.train.build import build_tokenizer, configured_shape, trainable_params
     from chunkflow.train.config import load_config
     from chunkflow.train.data.dataset import build_dataset
-    from tests.train.test_resume import chat_job
+    from tests.train.checkpoint.test_resume import chat_job
     from tests.train.test_trainer_hf import model_dir
 
     pytest.importorskip("peft")
@@ -90,7 +90,7 @@ def test_offload_on_cpu_warns_that_it_saves_nothing(tmp_path, capsys):
 def _auto_inputs(tmp_path):
     from chunkflow.train.build import build_tokenizer, configured_shape
     from chunkflow.train.data.dataset import build_dataset
-    from tests.train.test_trainer import config
+    from tests.train.run.test_trainer import config
 
     cfg = config(tmp_path, **{"chunking.auto": "true", "chunking.memory_budget": "64MiB"})
     dataset = build_dataset(cfg.data, vocab_size=configured_shape(cfg).vocab_size,

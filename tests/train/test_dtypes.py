@@ -13,7 +13,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from chunkflow.cli import main
 from chunkflow.train.build import build_model, describe_dtypes
 from chunkflow.train.config import load_config
-from tests.train.test_resume import chat_job, hf_args
+from tests.train.checkpoint.test_resume import chat_job, hf_args
 from tests.train.test_trainer_hf import model_dir
 
 

@@ -11,8 +11,8 @@ from chunkflow.train.config import load_config
 from chunkflow.train.build import build_model
 from chunkflow.train.run.trainer import Trainer
 from tests.models.test_hf_adapter import assert_grads_close, grads, make_batch, plain_step
-from tests.train.test_resume import chat_job, hf_args
-from tests.train.test_trainer import kill_when
+from tests.train.checkpoint.test_resume import chat_job, hf_args
+from tests.train.run.test_trainer import kill_when
 from tests.train.test_trainer_hf import model_dir
 
 peft = pytest.importorskip("peft")

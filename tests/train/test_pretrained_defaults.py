@@ -8,8 +8,8 @@ import pytest
 
 from chunkflow.cli import main
 from chunkflow.train.config import load_config
-from tests.train.test_resume import chat_job, hf_args
-from tests.train.test_trainer import args, metrics
+from tests.train.checkpoint.test_resume import chat_job, hf_args
+from tests.train.run.test_trainer import args, metrics
 from tests.train.test_trainer_hf import model_dir
 
 

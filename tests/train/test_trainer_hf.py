@@ -10,7 +10,7 @@ import transformers
 from safetensors.torch import load_file
 
 from chunkflow.cli import main
-from tests.train.test_tokenizer import make_hf_tokenizer
+from tests.train.data.test_tokenizer import make_hf_tokenizer
 
 CHATS = [
     {"messages": [{"role": "user", "content": "hello there"},

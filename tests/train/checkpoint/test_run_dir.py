@@ -10,7 +10,7 @@ import sys
 
 from chunkflow.cli import main
 from chunkflow.train.run.lock import LOCK_NAME
-from tests.train.test_trainer import (
+from tests.train.run.test_trainer import (
     _wait_for,
     args,
     assert_bitwise_equal,

@@ -10,8 +10,8 @@ import transformers
 
 from chunkflow.train.data.dataset import DataError
 from chunkflow.train.data.tokenizer import HFTokenizer, encode_chat
-from tests.train.test_data import dataset, take, write_jsonl
-from tests.train.test_tokenizer import make_hf_tokenizer
+from tests.train.data.test_data import dataset, take, write_jsonl
+from tests.train.data.test_tokenizer import make_hf_tokenizer
 
 NL = "{{ '\\n' }}"
 # Qwen3's shape: an empty think block in the last assistant turn only (not prefix-stable).
@@ -115,7 +115,7 @@ def test_a_template_that_cannot_be_masked_is_refused_before_training(tmp_path, c
     """A template that drops an earlier assistant turn's text cannot be masked by any method:
     the run stops at its start, naming the first chat record, not mid-run."""
     from chunkflow.cli import main
-    from tests.train.test_trainer import args
+    from tests.train.run.test_trainer import args
 
     drops = ("{%- for m in messages -%}<|im_start|>{{ m.role }}" + NL
              + "{%- if m.role != 'assistant' or loop.last -%}{{ m.content }}{%- endif -%}"

@@ -9,7 +9,7 @@ import types
 import pytest
 
 from chunkflow.cli import main
-from tests.train.test_trainer import args, metrics
+from tests.train.run.test_trainer import args, metrics
 
 
 class FakeWandb(types.ModuleType):

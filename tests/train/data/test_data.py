@@ -117,7 +117,7 @@ def test_unknown_chat_roles_are_refused_or_mapped(tmp_path):
 
 
 def test_hf_tokenizer_directory(tmp_path):
-    from tests.train.test_tokenizer import make_hf_tokenizer
+    from tests.train.data.test_tokenizer import make_hf_tokenizer
 
     tok_dir = make_hf_tokenizer(tmp_path / "tok")
     path = write_jsonl(tmp_path / "a.jsonl", [{"text": "hello there"}])

@@ -22,7 +22,7 @@ import transformers
 from chunkflow.cli import main
 from chunkflow.train.checkpoint.store import checkpoint_problem
 from chunkflow.train.data.tokenizer import ByteTokenizer
-from tests.train.test_trainer import args, assert_bitwise_equal, kill_when, metrics, weights
+from tests.train.run.test_trainer import args, assert_bitwise_equal, kill_when, metrics, weights
 from tests.train.test_trainer_hf import CHATS, model_dir
 
 
@@ -217,7 +217,7 @@ def test_a_real_full_disk(tmp_path):
         print(json.dumps({{"rc": rc, "files": sorted(os.listdir({str(mnt / 'run')!r}))}}))
     """)
     (tmp_path / "job.py").write_text(script)
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2]))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[3]))
     out = subprocess.run(["unshare", "-rm", "sh", "-c",
                           f'mount -t tmpfs -o size=16m tmpfs "{mnt}" && exec "{sys.executable}" '
                           f'"{tmp_path / "job.py"}"'], capture_output=True, text=True, env=env,

@@ -14,7 +14,7 @@ from chunkflow.models import load_hf_checkpoint
 from tests.conftest import reference_loss, tiny_model
 from chunkflow.train.config import load_config
 from chunkflow.train.run.trainer import Trainer
-from tests.train.test_trainer import SMALL, args, metrics, write_jsonl
+from tests.train.run.test_trainer import SMALL, args, metrics, write_jsonl
 
 
 def make_batch(lengths, *, vocab=53, seed=0):
