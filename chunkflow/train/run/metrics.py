@@ -2,7 +2,8 @@
 and the lines the progress bar prints.
 
 A step's record holds its loss, learning rate, gradient norm, token and chunk counts, memory,
-speed and data counters; a step that evaluated also holds ``eval_loss``, ``eval_ppl`` and
+speed, the time the loop waited for the step's global batch (reading, tokenizing, planning:
+``data_wait_s``, and its share of the step, ``data_wait_share``) and data counters; a step that evaluated also holds ``eval_loss``, ``eval_ppl`` and
 ``eval_tokens``. An evaluation that ends a run after its last step was logged is a record of its
 own with that step number (readers merge records of the same step).
 """
@@ -107,6 +108,8 @@ def format_step(record: dict[str, Any], total: int) -> str:
             f"packing {record['packing_efficiency']:.1%}  "
             f"peak {record['peak_memory_bytes'] / 2**20:6.1f} MiB  "
             f"{record['tokens_per_s']:7.0f} tok/s")
+    if "data_wait_share" in record:  # the share of the step spent waiting for its batch
+        line += f"  data {record['data_wait_share']:4.0%}"
     if len(record.get("dp_chunks", ())) > 1:  # data parallel
         line += f"  dp imbalance {record['dp_imbalance']:.2f}"
     if "eval_loss" in record:

@@ -331,14 +331,18 @@ class Trainer:
         bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=None if cfg.log.progress and self.is_main else True)
         warned_skips = self.stats.skipped > 0
+        data_wait = 0.0  # seconds the loop waited for the next global batch since the last step
         try:
             with StopRequest() as stop, deterministic(cfg.train.deterministic):
                 self._stop = stop
                 while self.step < total:
+                    waited_from = time.perf_counter()
                     try:
                         item = next(batches, None)
                     except ValueError as e:  # a bad record: keep the steps taken so far
                         raise self._save_before_data_error(e) from None
+                    finally:
+                        data_wait += time.perf_counter() - waited_from
                     if item is None:  # --train.epochs: the data is used up
                         break
                     batch, position, stats = item
@@ -347,6 +351,10 @@ class Trainer:
                         self._skip_empty(bar, batch, position, stats)
                         continue
                     record = self.train_step(batch, position, stats)
+                    # reading, tokenizing and planning the batch, against the step itself
+                    record["data_wait_s"] = data_wait
+                    record["data_wait_share"] = data_wait / (data_wait + record["step_time_s"])
+                    data_wait = 0.0
                     failed = None  # an evaluation that fails must not cost the step's progress
                     if self._eval_due(total):
                         try:
@@ -401,7 +409,8 @@ class Trainer:
         if "eval_loss" in record:
             summary.eval_loss = record["eval_loss"]
         postfix = dict(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                       peak=f"{record['peak_memory_bytes'] / 2**20:.0f}MiB")
+                       peak=f"{record['peak_memory_bytes'] / 2**20:.0f}MiB",
+                       data=f"{record['data_wait_share']:.0%}")
         if summary.eval_loss is not None:
             postfix["eval"] = f"{summary.eval_loss:.4f}"
         bar.set_postfix(postfix, refresh=False)

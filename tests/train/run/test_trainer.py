@@ -454,3 +454,31 @@ def test_epochs_count_the_steps_and_read_every_record_exactly_that_often(tmp_pat
     assert main(["train", *args(tmp_path / "e", **{"train.epochs": "1", "train.steps": "3",
                                                     "data.path": str(data)})]) == 2
     assert "set one of them" in capsys.readouterr().err
+
+
+def test_each_step_records_how_long_the_loop_waited_for_its_batch(tmp_path, capsys, monkeypatch):
+    """A data stream that takes 0.2 s per global batch: every step's record says so, with the
+    wait's share of the step, and the progress line shows the share."""
+    import time as time_module
+
+    import chunkflow.train.run.trainer as trainer_module
+
+    real = trainer_module.global_batches
+
+    def slow(*a, **kw):
+        for item in real(*a, **kw):
+            time_module.sleep(0.2)
+            yield item
+
+    monkeypatch.setattr(trainer_module, "global_batches", slow)
+    run = tmp_path / "run"
+    assert main(["train", *args(run, **{"train.steps": "3", "log.interval": "1"})]) == 0
+    out = capsys.readouterr().out
+    records = metrics(run)
+    assert len(records) == 3
+    for r in records:
+        assert r["data_wait_s"] >= 0.2, r
+        share = r["data_wait_s"] / (r["data_wait_s"] + r["step_time_s"])
+        assert r["data_wait_share"] == pytest.approx(share) and 0 < share < 1
+        line = next(x for x in out.splitlines() if x.startswith(f"step {r['step']}/3 "))
+        assert f"data {r['data_wait_share']:4.0%}" in line, line
