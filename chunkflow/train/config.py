@@ -166,6 +166,8 @@ class DataSection:
                                     "and gpt are read as user and assistant without it). "
                                     "Roles must end up in system, user, assistant, tool.")
     shuffle_buffer: int = _f(1000, "Records in the streaming shuffle buffer; 0 = file order.")
+    prefetch: int = _f(2, "Global batches prepared ahead (read, tokenized, grouped) in a "
+                          "background thread while a step trains; 0 = in the training loop.")
     skip_invalid: bool = _f(False, "Skip malformed records (counted and reported) instead of "
                                    "stopping with an error.")
     synthetic_max_len: int = _f(8192, "Built-in data: longest sequence.")
@@ -349,9 +351,9 @@ class TrainConfig:
                     "chunking.k", "train.steps", "train.epochs", "train.max_empty_batches",
                     "log.interval", "checkpoint.keep_last", "model.vocab_size", "parallel.pp",
                     "parallel.tp", "parallel.timeout_s", "lora.alpha", "eval.max_batches"]
-        non_negative = ["data.shuffle_buffer", "optim.warmup_steps", "checkpoint.interval",
-                        "optim.weight_decay", "optim.grad_clip", "optim.min_lr_ratio",
-                        "lora.rank", "eval.interval"]
+        non_negative = ["data.shuffle_buffer", "data.prefetch", "optim.warmup_steps",
+                        "checkpoint.interval", "optim.weight_decay", "optim.grad_clip",
+                        "optim.min_lr_ratio", "lora.rank", "eval.interval"]
         for name in positive + non_negative:
             value = self.get(name)
             if value is None:

@@ -167,7 +167,7 @@ def _prepare(config: TrainConfig, run_dir: Path, *, hashes: bool,
 RESUMABLE_CHANGES = ("chunking.", "optim.", "train.steps", "train.epochs", "train.output_dir",
                      "train.device", "train.deterministic", "train.autocast",
                      "train.max_empty_batches", "log.", "checkpoint.", "eval.",
-                     "lora.merge_on_save", "data.skip_invalid", "parallel.")
+                     "lora.merge_on_save", "data.skip_invalid", "data.prefetch", "parallel.")
 
 
 def check_resumed_config(saved: dict, cfg: TrainConfig, path: Path, *,

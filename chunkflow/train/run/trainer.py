@@ -35,9 +35,9 @@ import torch
 from tqdm import tqdm
 
 from chunkflow.parallel import ParallelEngine
+from chunkflow.plan.units import BYTES_PER_ELEMENT
 from chunkflow.train import TrainingError
 from chunkflow.train.auto.chunking import choose_chunking
-from chunkflow.train.data.batching import count_steps, global_batches
 from chunkflow.train.build import (
     build_model,
     build_tokenizer,
@@ -45,9 +45,11 @@ from chunkflow.train.build import (
     describe_dtypes,
     model_label,
 )
+from chunkflow.train.checkpoint.export import ModelFiles, state_bytes
 from chunkflow.train.checkpoint.io import CheckpointIO, layout_of
-from chunkflow.plan.units import BYTES_PER_ELEMENT
+from chunkflow.train.checkpoint.resume import check_resumed_config, prepare_run_dir
 from chunkflow.train.config import TrainConfig
+from chunkflow.train.data.batching import count_steps, global_batches
 from chunkflow.train.data.dataset import (
     DataPosition,
     DataStats,
@@ -57,8 +59,8 @@ from chunkflow.train.data.dataset import (
     supervised_tokens,
     to_inputs,
 )
+from chunkflow.train.data.prefetch import Prefetcher
 from chunkflow.train.run.evaluate import check_eval_data, evaluate
-from chunkflow.train.checkpoint.export import ModelFiles, state_bytes
 from chunkflow.train.run.metrics import MetricsLog, format_eval, format_step
 from chunkflow.train.run.process import (
     StopRequest,
@@ -66,8 +68,6 @@ from chunkflow.train.run.process import (
     init_parallel,
     max_rss_bytes,
 )
-from chunkflow.train.checkpoint.resume import check_resumed_config, prepare_run_dir
-
 
 @dataclass
 class TrainSummary:
@@ -328,6 +328,8 @@ class Trainer:
             raise
         batches = global_batches(self.dataset, cfg.data, self.position, self.stats,
                                  num_epochs=cfg.train.epochs)
+        if cfg.data.prefetch:  # the next batches are read and tokenized while a step trains
+            batches = Prefetcher(batches, cfg.data.prefetch)
         bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=None if cfg.log.progress and self.is_main else True)
         warned_skips = self.stats.skipped > 0
@@ -391,6 +393,8 @@ class Trainer:
                             metrics.log(record)
                         self._print(f"step {self.step}: {format_eval(record)}")
         finally:
+            if isinstance(batches, Prefetcher):
+                batches.close()
             self._stop = None
             bar.close()
             if metrics is not None:
