@@ -4,8 +4,9 @@ and the lines the progress bar prints.
 A step's record holds its loss, learning rate, gradient norm, token and chunk counts, memory,
 speed, the time the loop waited for the step's global batch (reading, tokenizing, grouping:
 ``data_wait_s``, and its share of the step, ``data_wait_share``) and data counters; a step that
-evaluated also holds ``eval_loss``, ``eval_ppl`` and ``eval_tokens``. An evaluation that ends a run after its last step was logged is a record of its
-own with that step number (readers merge records of the same step).
+evaluated also holds ``eval_loss``, ``eval_ppl`` and ``eval_tokens``. An evaluation that ends a
+run after its last step was logged is a record of its own with that step number (readers merge
+records of the same step).
 """
 
 from __future__ import annotations
