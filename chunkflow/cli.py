@@ -155,7 +155,7 @@ def _simulate(args: argparse.Namespace, unknown: list[str]) -> int:
     import json
 
     from chunkflow.plan import ActionKind, build_chunks, format_pipeline, one_f_one_b
-    from chunkflow.plan import state_aware_1f1b
+    from chunkflow.plan.zero_bubble import pipeline_schedule
     from chunkflow.sim import chrome_trace, simulate
     from chunkflow.sim.search import best_order
 
@@ -166,7 +166,7 @@ def _simulate(args: argparse.Namespace, unknown: list[str]) -> int:
                          f"like 4096,2048,1024") from None
     plan = build_chunks(lengths, chunk_size=args.chunk_size)
 
-    def by_tokens(sizes):
+    def by_tokens(sizes):  # a forward 1, a backward 2 (its I and W halves 1 each)
         return lambda stage, a: sizes[a.chunk_id] * (2 if a.kind is ActionKind.BACKWARD else 1)
 
     chunk_tokens = [c.num_tokens for c in plan.chunks]
@@ -179,9 +179,12 @@ def _simulate(args: argparse.Namespace, unknown: list[str]) -> int:
     elif args.order == "search":
         name, order, _ = best_order(plan, args.stages, k=args.k, duration=by_tokens(chunk_tokens))
         print(f"order search: best is {name!r}")
-    stages = state_aware_1f1b(plan, args.stages, k=args.k, order=order)
+    stages = pipeline_schedule(plan, args.stages, k=args.k, order=order,
+                               schedule=args.schedule, duration=by_tokens(chunk_tokens))
     result = simulate(stages, duration=by_tokens(chunk_tokens))
-    print(f"{plan.summary()}\nstate-aware 1F1B (k={args.k}, {args.order} order): "
+    name = {"1f1b": "state-aware 1F1B", "zb-h1": "state-aware zero-bubble ZB-H1",
+            "zb-h2": "state-aware zero-bubble ZB-H2"}[args.schedule]
+    print(f"{plan.summary()}\n{name} (k={args.k}, {args.order} order): "
           f"{result.summary()}\n"
           f"{format_pipeline(stages)}")
     if args.trace:
@@ -276,6 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
                           default="plan", help="forward order of the chunks: plan (chains "
                           "first, the default), standalone-first (the paper's figure), or "
                           "search (simulate candidates, keep the fastest)")
+    simulate.add_argument("--schedule", choices=("1f1b", "zb-h1", "zb-h2"), default="1f1b",
+                          help="pipeline schedule: 1f1b (state-aware 1F1B, the default), "
+                          "zb-h1 (zero-bubble: backward split into I and W, W filling the "
+                          "bubbles, 1F1B's in-flight activations) or zb-h2 (zero-bubble with "
+                          "twice the warm-up, more memory)")
     simulate.add_argument("--trace", help="write a Chrome trace (JSON) here")
     simulate.add_argument("--paper", action="store_true", help="Megatron-LM vs chunkflow at "
                           "the paper's scale, from the cost model")

@@ -234,6 +234,10 @@ class HFChunkModel:
     def parameters(self):
         return self.module.parameters()
 
+    def input_embedding(self) -> nn.Module | None:
+        """The token embedding (None on a later pipeline stage)."""
+        return self.module.get_input_embeddings()
+
     def recompute_scope(self):
         """The context a chunk's backward runs in: activation checkpointing recomputes the
         model's layers there, and they must call chunkflow's attention again, not SDPA."""

@@ -172,6 +172,10 @@ class Transformer(nn.Module):
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
 
+    def input_embedding(self) -> nn.Module | None:
+        """The token embedding (None on a later pipeline stage)."""
+        return self.model.embed_tokens
+
     @property
     def layer_ids(self) -> tuple[int, ...]:
         """Indices of the decoder layers this model (or pipeline stage) holds."""

@@ -34,9 +34,9 @@ from chunkflow.plan import (
     balance_chunks,
     build_chunks,
     schedule,
-    state_aware_1f1b,
     subplan,
 )
+from chunkflow.plan.zero_bubble import check_schedule_name, pipeline_schedule
 from chunkflow.models import families
 from chunkflow.runtime.engine import ChunkFlowEngine, EvalResult, StepResult
 from chunkflow.runtime.options import ChunkingOptions
@@ -78,15 +78,20 @@ class ParallelEngine:
     def __init__(self, model: nn.Module, ctx: ParallelContext | LocalContext,
                  options: ChunkingOptions | None = None, *, data_parallel: str = "ddp",
                  sequence_parallel: bool = True, vocab_parallel: bool = True,
-                 mixed_precision: bool = False, **kwargs):
+                 mixed_precision: bool = False, schedule: str = "1f1b", **kwargs):
         """``options``: a :class:`~chunkflow.runtime.options.ChunkingOptions`, or its fields as
         keyword arguments. ``mixed_precision``: steps run under bf16 autocast (FSDP2 then
-        gathers bf16 copies of float32 weights)."""
+        gathers bf16 copies of float32 weights). ``schedule``: the pipeline schedule,
+        ``1f1b`` (state-aware 1F1B) or a zero-bubble one, ``zb-h1``/``zb-h2``
+        (:mod:`chunkflow.plan.zero_bubble`; only with pp > 1, where there are bubbles)."""
         if options is None:
             options = ChunkingOptions(**kwargs)
         elif kwargs:
             raise TypeError(f"ParallelEngine takes options or keyword arguments, not both "
                             f"(got {sorted(kwargs)})")
+        self.schedule = check_schedule_name(schedule)
+        if schedule != "1f1b":
+            _check_zero_bubble(schedule, ctx, options, data_parallel)
         self.ctx, self.data_parallel = ctx, data_parallel
         self.shape = families.model_shape(model.config)
         parts = parallelize(model, ctx, data_parallel=data_parallel,
@@ -175,8 +180,8 @@ class ParallelEngine:
         plan, sharding, sub, local_batch, chunk_ids = self._local(batch)
         recompute = self.engine.options.recompute
         actions = (schedule(sub, k=self.k, recompute=recompute) if not self.ctx.pp_enabled
-                   else state_aware_1f1b(sub, self.ctx.pp, k=self.k,
-                                         recompute=recompute)[self.ctx.stage])
+                   else pipeline_schedule(sub, self.ctx.pp, k=self.k, recompute=recompute,
+                                          schedule=self.schedule)[self.ctx.stage])
         self.sync.start()
         try:
             local = self.engine.forward_backward(local_batch, plan=sub, actions=actions,
@@ -200,3 +205,27 @@ class ParallelEngine:
         """Clip this step's gradients of the whole model; return the norm before clipping."""
         return clip_grad_norm(self.parameters(), max_norm, self.ctx,
                               sharded=self.data_parallel == "fsdp" and self.ctx.dp_enabled)
+
+
+def _check_zero_bubble(name: str, ctx, options: ChunkingOptions, data_parallel: str) -> None:
+    """Refuse the layouts a zero-bubble schedule cannot run exactly, with the reason."""
+    if name == "zb-h2":
+        raise ValueError("--parallel.schedule=zb-h2 runs only in the simulator for now "
+                         "(chunkflow simulate --schedule zb-h2): its deeper warm-up posts "
+                         "more forward sends ahead of the backward receives than one "
+                         "communicator's in-order stream allows, and the NCCL message replay "
+                         "finds deadlocks. Valid: 1f1b, zb-h1")
+    if not ctx.pp_enabled:
+        raise ValueError(f"--parallel.schedule={name} with pp=1: one stage has no bubbles to "
+                         f"fill. Valid: 1f1b, or pp > 1")
+    if options.activation_checkpointing:
+        raise ValueError(f"--parallel.schedule={name} with activation checkpointing: the "
+                         f"weight pass (W) would recompute every layer a second time. Valid: "
+                         f"--parallel.schedule=1f1b, or --chunking.activation_checkpointing="
+                         f"false")
+    if data_parallel == "fsdp" and ctx.dp_enabled:
+        raise ValueError(f"--parallel.schedule={name} with FSDP: FSDP2 reduces a layer's "
+                         f"gradients when its backward reaches the layer's input, which the "
+                         f"input pass (I) does before the weight pass (W) computes them. "
+                         f"Valid: --parallel.data_parallel=ddp, or --parallel.schedule=1f1b")
+

@@ -18,6 +18,11 @@ completes only when its receive runs, so a stage that posts ``send F1`` and then
 while its neighbour posts ``send B0`` and then ``recv F1`` hangs both. So an action's sends are
 held until the next action begins and go out in one ``batch_isend_irecv`` with that action's
 receive, as Megatron's ``send_forward_recv_backward`` does (alone when it receives nothing,
+and at the end of the step). A zero-bubble ``W`` sends and receives nothing, and must not
+change those batches (nor delay an ``I``'s input gradient by its own time): at its start the
+held sends go out at once, in one batch with the receive of the next action that is not a
+``W`` (posted early, waited for by that action), so the posts are those of state-aware 1F1B
+whatever ``W`` sit between them
 and at the end of the step). :mod:`chunkflow.plan.messages` replays the recorded order under
 NCCL's rules; the tests run it over every schedule the runtime produces.
 """
@@ -109,6 +114,10 @@ class P2PStageIO(StageIO):
         self.trace: list | None = None
         self.actions: list[Action] = []
         self._action_idx: int | None = None
+        self._upcoming: list[Action] = []  # this step's actions, for a W's look-ahead
+        self._plan = None
+        self._position = 0
+        self._preposted: tuple | None = None  # (label, buf, handle, ops, post index)
 
     # -- recording ------------------------------------------------------------------------------
 
@@ -137,20 +146,46 @@ class P2PStageIO(StageIO):
         return self.ctx.is_last_stage
 
     def _receives(self, action: Action) -> bool:
-        if action.kind is ActionKind.RECOMPUTE:
-            return False
-        if action.kind is ActionKind.BACKWARD:
+        if action.kind in (ActionKind.RECOMPUTE, ActionKind.WEIGHT_BACKWARD):
+            return False  # local: from what the stage kept
+        if action.kind in (ActionKind.BACKWARD, ActionKind.INPUT_BACKWARD):
             return not self.ctx.is_last_stage
         return not self.ctx.is_first_stage
 
+    def begin(self, actions, plan) -> None:
+        self._upcoming, self._plan, self._position = list(actions), plan, 0
+
     def start(self, action: Action) -> None:
         """An action begins: the sends of the previous one go out now, in one post with this
-        action's receive if it has one (:meth:`_recv`), else alone."""
+        action's receive if it has one (:meth:`_recv`), else alone; a ``W`` posts them with
+        the receive of the next action that is not a ``W`` (module docstring)."""
         if self.trace is not None:
             self.actions.append(action)
             self._action_idx = len(self.actions) - 1
+        position, self._position = self._position, self._position + 1
+        if action.kind is ActionKind.WEIGHT_BACKWARD and self._sends:
+            later = (a for a in self._upcoming[position + 1:]
+                     if a.kind is not ActionKind.WEIGHT_BACKWARD)
+            after = next(later, None)
+            if after is not None and self._receives(after):
+                self._prepost(after)
+                return
         if not self._receives(action):
             self._flush()
+
+    def _source(self, action: Action) -> tuple[int, str]:
+        """The rank ``action`` receives from and the label of what it receives."""
+        if action.kind in (ActionKind.BACKWARD, ActionKind.INPUT_BACKWARD):
+            return self.ctx.next_rank, f"B{action.chunk_id}"
+        return self.ctx.prev_rank, f"F{action.chunk_id}"
+
+    def _prepost(self, action: Action) -> None:
+        """Post the held sends with ``action``'s receive now; ``action`` waits for it."""
+        src, label = self._source(action)
+        buf, op = self._recv_buffer(self._plan.chunks[action.chunk_id], src, label)
+        ops, self._sends = self._sends + [(op, buf)], []
+        handle, idx = self._post(ops)
+        self._preposted = (label, buf, handle, ops, idx)
 
     def _flush(self) -> None:
         if self._sends:
@@ -158,10 +193,19 @@ class P2PStageIO(StageIO):
             handle, idx = self._post(ops)
             self._posted.append((handle, ops, idx))
 
-    def _recv(self, chunk: Chunk, src: int, label: str) -> torch.Tensor:
+    def _recv_buffer(self, chunk: Chunk, src: int, label: str) -> tuple[torch.Tensor, P2POp]:
         rows = chunk.num_tokens if self.shard is None else self.shard.rows(chunk.num_tokens)
         buf = torch.empty(1, rows, self.hidden_size, dtype=self.dtype, device=self.ctx.device)
-        op = P2POp("recv", src, label, buf.numel() * buf.element_size())
+        return buf, P2POp("recv", src, label, buf.numel() * buf.element_size())
+
+    def _recv(self, chunk: Chunk, src: int, label: str) -> torch.Tensor:
+        if self._preposted is not None:
+            posted, buf, handle, ops, idx = self._preposted
+            assert posted == label, f"{label} received, but {posted} was posted"
+            self._preposted = None
+            self._wait(handle, ops, idx)
+            return buf
+        buf, op = self._recv_buffer(chunk, src, label)
         ops, self._sends = self._sends + [(op, buf)], []
         handle, idx = self._post(ops)
         self._wait(handle, ops, idx)

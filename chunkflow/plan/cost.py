@@ -368,6 +368,22 @@ class CostModel:
             t += mm + attn + fixed
         return t
 
+    def weight_backward_seconds(self, segment_lens: Sequence[int], *, prefix_len: int = 0,
+                                stage_idx: int = 0) -> float:
+        """A zero-bubble ``W``: the weight half of the matmuls' backward (each weight gradient
+        is one matmul, as the input gradient is) and its share of the fixed overhead. The
+        attention backward is all in the ``I`` (it yields the input and key/value gradients)."""
+        mm, head, _, fixed = self._parts(segment_lens, prefix_len, stage_idx)
+        return self.matmul_backward_factor / 2 * (mm + head) + fixed
+
+    def input_backward_seconds(self, segment_lens: Sequence[int], *, prefix_len: int = 0,
+                               stage_idx: int = 0) -> float:
+        """A zero-bubble ``I``: the backward but for its ``W`` part (:meth:`backward_seconds`
+        = ``I`` + ``W``)."""
+        return (self.backward_seconds(segment_lens, prefix_len=prefix_len, stage_idx=stage_idx)
+                - self.weight_backward_seconds(segment_lens, prefix_len=prefix_len,
+                                               stage_idx=stage_idx))
+
     def p2p_seconds(self, num_tokens: float) -> float:
         """Send one micro-batch's hidden states (sequence-sharded over SP) to the next stage."""
         bw = (self.gpu.nvlink_bytes_per_s if self.tp * self.pp <= GPUS_PER_NODE

@@ -36,6 +36,7 @@ from chunkflow.plan.scheduling import (
 
 F, S, R, B = (ActionKind.FORWARD, ActionKind.STATE_FORWARD, ActionKind.RECOMPUTE,
               ActionKind.BACKWARD)
+I, W = ActionKind.INPUT_BACKWARD, ActionKind.WEIGHT_BACKWARD
 Stages = list[list[Action]]
 
 
@@ -73,10 +74,13 @@ def one_f_one_b(num_microbatches: int, num_stages: int) -> Stages:
 
 
 def state_aware_1f1b(plan: ChunkPlan, num_stages: int, *, k: int,
-                     order: Sequence[int] | None = None, recompute: str = "full") -> Stages:
+                     order: Sequence[int] | None = None, recompute: str = "full",
+                     warmup_factor: int = 1) -> Stages:
     """State-aware 1F1B for ``plan`` on ``num_stages`` stages, ``k`` graphs per chain and stage.
     ``recompute="selective"``: the chains' ``S``/``R`` pairs are selective (``s``/``r``, see
-    :mod:`chunkflow.plan.scheduling`).
+    :mod:`chunkflow.plan.scheduling`). ``warmup_factor``: stage s keeps
+    ``warmup_factor * (p-1-s)`` chunks in flight before its first backward (1: 1F1B; the
+    zero-bubble ``zb-h2`` takes 2, :mod:`chunkflow.plan.zero_bubble`).
 
     ``order``: the forward order of the chunks; a chain's chunks must appear in ascending order.
     Default: plan order, chains first (the paper's figure puts the standalone chunks first;
@@ -96,8 +100,9 @@ def state_aware_1f1b(plan: ChunkPlan, num_stages: int, *, k: int,
         if positions != sorted(positions):
             raise ValueError(f"order {order} runs chain {chain.chain_id}'s chunks "
                              f"{list(chain.chunk_ids)} out of ascending order")
-    return [_stage_actions(plan, order, warmup=min(p - 1 - s, len(order)), k=k, sel=sel)
-            for s in range(p)]
+    factor = check_positive_int("warmup_factor", warmup_factor)
+    return [_stage_actions(plan, order, warmup=min(factor * (p - 1 - s), len(order)), k=k,
+                           sel=sel) for s in range(p)]
 
 
 def _stage_actions(plan: ChunkPlan, order: list[int], *, warmup: int, k: int,
@@ -162,13 +167,21 @@ def run_pipeline(stages: Stages, *, duration: Callable[[int, Action], float],
     p = len(stages)
     index = [{(_group(a), a.chunk_id): i for i, a in enumerate(acts)} for acts in stages]
     for s, acts in enumerate(stages):  # each stage: one forward, then one backward, per chunk
-        forwarded, backwarded = set(), set()
+        forwarded, backwarded, weighted = set(), set(), set()
         for i, a in enumerate(acts):
             if a.kind in (F, S) and a.chunk_id in forwarded or (
-                    a.kind is B and (a.chunk_id not in forwarded or a.chunk_id in backwarded)):
+                    a.kind in (B, I) and (a.chunk_id not in forwarded
+                                          or a.chunk_id in backwarded)) or (
+                    a.kind is W and (a.chunk_id not in backwarded or a.chunk_id in weighted)):
                 raise ScheduleError(f"stage {s} runs {a} out of turn (each chunk: one forward, "
-                                    f"then one backward)\n" + _grid(stages, {(s, i)}))
-            (backwarded if a.kind is B else forwarded).add(a.chunk_id)
+                                    f"then one backward: B, or I then W)\n"
+                                    + _grid(stages, {(s, i)}))
+            if a.kind in (B, I):
+                backwarded.add(a.chunk_id)
+            elif a.kind is W:
+                weighted.add(a.chunk_id)
+            elif a.kind is not R:
+                forwarded.add(a.chunk_id)
     times: list[list[tuple[float, float]]] = [[] for _ in range(p)]
     free = [0] * p  # ints, so exact durations (Fraction) stay exact
     while True:
@@ -192,12 +205,15 @@ def run_pipeline(stages: Stages, *, duration: Callable[[int, Action], float],
 
 
 def _group(a: Action) -> str:
-    return "B" if a.kind is B else "R" if a.kind is R else "F"
+    """What a cross-stage dependency matches: a forward (``F``/``S``) or a backward that sends
+    the input gradient (``B``/``I``); ``R`` and ``W`` are local."""
+    return ("B" if a.kind in (B, I) else a.kind.value if a.kind in (R, W) else "F")
 
 
 def _dependency_end(a: Action, s: int, stages: Stages, index, times) -> float | None:
     """End time of the cross-stage action ``a`` waits for; -inf if none; None if not run yet."""
-    if a.kind is R or (a.kind in (F, S) and s == 0) or (a.kind is B and s == len(stages) - 1):
+    if a.kind in (R, W) or (a.kind in (F, S) and s == 0) or (
+            a.kind in (B, I) and s == len(stages) - 1):
         return float("-inf")
     other = s - 1 if a.kind in (F, S) else s + 1
     i = index[other].get((_group(a), a.chunk_id))

@@ -7,6 +7,14 @@ A schedule is a list of :class:`Action` that prints as ``"F3 B3 S0 R0 B0"`` and 
 * ``R`` recompute: forward again, keeping the graph, for a chunk that ran ``S`` before;
 * ``B`` backward: consumes the graph, adds the chunk's key/value gradients to the chain state.
 
+Zero-bubble pipeline schedules (:mod:`chunkflow.plan.pipeline`) split a ``B`` in two:
+
+* ``I`` input backward: the gradients of the stage input (sent to the previous stage) and of
+  the chain's key/value state (what the chain's earlier chunks wait for); the graph is kept;
+* ``W`` weight backward: the parameters' gradients, from what its ``I`` kept; frees the graph.
+
+A chunk ends with either ``B`` or ``I`` then ``W``; its graph counts as alive until its ``W``.
+
 Selective recompute (``recompute="selective"``) marks a chain's ``S``/``R`` pairs, printed in
 lower case: ``s`` also keeps, per layer, the attention output and its log-sum-exp; ``r`` re-runs
 the projections, norms, RoPE and MLP but takes the attention output it kept instead of running
@@ -34,6 +42,8 @@ class ActionKind(enum.Enum):
     STATE_FORWARD = "S"
     RECOMPUTE = "R"
     BACKWARD = "B"
+    INPUT_BACKWARD = "I"
+    WEIGHT_BACKWARD = "W"
 
 
 RECOMPUTE_MODES = ("full", "selective")
@@ -64,8 +74,8 @@ class Action:
         if len(text) < 2 or head.upper() not in kinds or (head.islower() and not selective) \
                 or not text[1:].isdigit():
             raise ValueError(
-                f"cannot parse action {text!r}: expected one of F/S/R/B (or s/r, selective "
-                f"recompute) followed by a chunk id, like 'F3'"
+                f"cannot parse action {text!r}: expected one of F/S/R/B/I/W (or s/r, "
+                f"selective recompute) followed by a chunk id, like 'F3'"
             )
         return Action(kinds[head.upper()], int(text[1:]), selective)
 
@@ -126,10 +136,12 @@ class ScheduleError(ValueError):
 def validate_schedule(actions: Sequence[Action], plan: ChunkPlan, *, k: int) -> None:
     """Raise :class:`ScheduleError` unless ``actions`` is a correct state-aware schedule.
 
-    Checks: every chunk is forwarded once and backwarded once; a chain's forwards run in ascending
-    order; the kept (``F``) chunks of a chain are exactly its last min(k, N) chunks, the others run
-    ``S`` and later ``R`` immediately before their ``B``; backwards run in descending order along a
-    chain; a ``B`` needs a live graph; never more than ``k`` graphs alive at once; a selective
+    Checks: every chunk is forwarded once and backwarded once (``B``, or ``I`` then ``W``); a
+    chain's forwards run in ascending order; the kept (``F``) chunks of a chain are exactly its
+    last min(k, N) chunks, the others run ``S`` and later ``R`` immediately before their ``B``
+    (or ``I``); backwards (``B``/``I``) run in descending order along a chain; a ``B``/``I``
+    needs a live graph; a ``W`` comes after its chunk's ``I``; a graph is alive from its
+    ``F``/``R`` to its ``B`` or ``W``, and never more than ``k`` are alive at once; a selective
     ``r`` reuses what its chunk's ``s`` kept, so the two come in pairs.
     """
     check_actions(actions, plan, k=k, per_chain=False)
@@ -143,8 +155,10 @@ def check_actions(actions: Sequence[Action], plan: ChunkPlan | None, *, k: int,
     k = check_positive_int("k", k)
     F, S, R, B = (ActionKind.FORWARD, ActionKind.STATE_FORWARD, ActionKind.RECOMPUTE,
                   ActionKind.BACKWARD)
+    I, W = ActionKind.INPUT_BACKWARD, ActionKind.WEIGHT_BACKWARD
     forwarded: set[int] = set()
-    backwarded: set[int] = set()
+    backwarded: set[int] = set()  # B or I ran: the input and key/value gradients are out
+    awaiting_w: set[int] = set()  # I ran, W not yet: the graph is still alive
     live: set[int] = set()
     kept_outputs: set[int] = set()  # chunks whose s kept attention outputs for their r
 
@@ -156,13 +170,21 @@ def check_actions(actions: Sequence[Action], plan: ChunkPlan | None, *, k: int,
                             f"  {grid}")
 
     for i, a in enumerate(actions):
-        if i > 0 and actions[i - 1].kind is R and a != Action(B, actions[i - 1].chunk_id):
-            fail(i, f"{actions[i - 1]} must be followed by B{actions[i - 1].chunk_id}: a "
-                    f"recomputed chunk runs backward right away")
+        if i > 0 and actions[i - 1].kind is R and (
+                a.kind not in (B, I) or a.chunk_id != actions[i - 1].chunk_id):
+            fail(i, f"{actions[i - 1]} must be followed by B{actions[i - 1].chunk_id} (or "
+                    f"I{actions[i - 1].chunk_id}): a recomputed chunk runs backward right away")
         if plan is not None and not 0 <= a.chunk_id < plan.num_chunks:
             fail(i, f"chunk id {a.chunk_id} is not in the plan (0..{plan.num_chunks - 1})")
         chunk = plan.chunks[a.chunk_id] if plan is not None else None
         chain = plan.chain_of(chunk) if plan is not None else None
+        if a.kind is W:
+            if a.chunk_id not in awaiting_w:
+                fail(i, f"W{a.chunk_id} needs I{a.chunk_id} before it (and runs once): the "
+                        f"weight gradients come from what the input backward kept")
+            awaiting_w.discard(a.chunk_id)
+            live.discard(a.chunk_id)
+            continue
         if a.chunk_id in backwarded:
             fail(i, f"chunk {a.chunk_id} already ran backward")
         if a.kind in (F, S):
@@ -198,7 +220,7 @@ def check_actions(actions: Sequence[Action], plan: ChunkPlan | None, *, k: int,
                 fail(i, f"chain {chain.chain_id}: recompute of chunk {a.chunk_id} before backward "
                         f"of chunk {chain.chunk_ids[nxt]} (recompute must be descending)")
             live.add(a.chunk_id)
-        elif a.kind is B:
+        elif a.kind in (B, I):
             if a.chunk_id not in live:
                 fail(i, f"backward of chunk {a.chunk_id} without a live graph (F or R first)")
             if chain is not None:
@@ -207,7 +229,10 @@ def check_actions(actions: Sequence[Action], plan: ChunkPlan | None, *, k: int,
                     fail(i, f"chain {chain.chain_id}: backward of chunk {a.chunk_id} before "
                             f"chunk {chain.chunk_ids[nxt]} (backward must be descending: its "
                             f"key/value gradient is not complete yet)")
-            live.discard(a.chunk_id)
+            if a.kind is B:
+                live.discard(a.chunk_id)
+            else:
+                awaiting_w.add(a.chunk_id)
             backwarded.add(a.chunk_id)
         if per_chain and chain is not None:
             alive = [c for c in live if c in chain.chunk_ids]
@@ -218,6 +243,9 @@ def check_actions(actions: Sequence[Action], plan: ChunkPlan | None, *, k: int,
             fail(i, f"{len(live)} graphs alive ({sorted(live)}), more than k={k}")
     if actions and actions[-1].kind is R:
         fail(len(actions), f"{actions[-1]} must be followed by B{actions[-1].chunk_id}")
+    if awaiting_w:
+        fail(len(actions), f"chunks {sorted(awaiting_w)} ran I but never W (their weight "
+                           f"gradients are missing)")
     expected = (range(plan.num_chunks) if plan is not None else sorted(forwarded))
     missing = [c for c in expected if c not in backwarded]
     if missing:

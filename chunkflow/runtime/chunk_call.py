@@ -27,8 +27,10 @@ from chunkflow.runtime.kv_state import ChainState
 class ChunkModel(Protocol):
     """What the engine runs a chunk through: chunkflow's reference model is one; another model
     kind gets one from :func:`chunkflow.models.adapter.chunk_model`. Optionally also
-    ``recompute_scope()`` (the context a chunk's backward runs in) and
-    ``enable_activation_checkpointing()``."""
+    ``recompute_scope()`` (the context a chunk's backward runs in),
+    ``enable_activation_checkpointing()`` and ``input_embedding()`` (the token embedding
+    module, None on a later pipeline stage; the zero-bubble schedules' split backward needs
+    it on the first stage)."""
 
     config: object
     lm_head: torch.nn.Module | None

@@ -43,6 +43,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 
 from chunkflow.plan import (Action, ActionKind, Chunk, ChunkPlan, build_chunks, forward_only,
                             schedule)
@@ -61,6 +62,7 @@ from chunkflow.runtime.loss import (
 from chunkflow.runtime.memory import MemoryMeter
 from chunkflow.runtime.options import ChunkingOptions
 from chunkflow.runtime.peers import GradSync, StageIO
+from chunkflow.runtime.split_backward import WeightWork, input_backward, weight_backward
 from chunkflow.runtime.step import ChunkGraph, EvalResult, StepResult, StepState
 
 
@@ -278,8 +280,17 @@ class ChunkFlowEngine:
             chain_id = plan.chunks[action.chunk_id].chain_id
             if chain_id is not None:
                 last_use[chain_id] = i
-        backwards = [i for i, a in enumerate(actions) if a.kind is ActionKind.BACKWARD]
+        # the last action that adds parameter gradients runs the data-parallel sync
+        backwards = [i for i, a in enumerate(actions)
+                     if a.kind in (ActionKind.BACKWARD, ActionKind.WEIGHT_BACKWARD)]
         st.last_backward = backwards[-1] if backwards else None
+        st.io.begin(actions, plan)
+        st.split = {a.chunk_id for a in actions if a.kind is ActionKind.INPUT_BACKWARD}
+        if st.split and self.options.activation_checkpointing:
+            raise ValueError("a zero-bubble pipeline schedule (I/W actions) with activation "
+                             "checkpointing: the weight pass would recompute every layer a "
+                             "second time. Valid: --parallel.schedule=1f1b, or turn "
+                             "--chunking.activation_checkpointing off")
         # On CUDA the peak comes from the allocator; the saved-tensor hooks would be pure overhead.
         hooks = (self.meter.hooks() if st.training and st.kernel_device.type != "cuda"
                  else contextlib.nullcontext())
@@ -300,15 +311,22 @@ class ChunkFlowEngine:
                             self._recompute(st, action, chunk)
                         case ActionKind.BACKWARD:
                             self._backward_action(st, action, chunk, last=i == st.last_backward)
+                        case ActionKind.INPUT_BACKWARD:
+                            self._input_backward_action(st, action, chunk)
+                        case ActionKind.WEIGHT_BACKWARD:
+                            self._weight_backward_action(st, action,
+                                                         last=i == st.last_backward)
                     if chain is not None and last_use[chain.chain_id] == i:
                         st.states.pop(chain.chain_id).free()
                     if self._action_hooks:
                         self._notify(action, "end")
-            assert not st.graphs and not st.states and not st.stage_inputs and not st.kept, \
+            assert not (st.graphs or st.states or st.stage_inputs or st.kept
+                        or st.weight_work), \
                 "schedule left graphs, state, stage inputs or kept attention outputs behind"
             st.sync.finish()
         finally:  # only has work left when a step failed: drop its graphs and state
             st.graphs.clear()
+            st.weight_work.clear()
             st.stage_inputs.clear()
             st.kept.clear()
             for state in st.states.values():
@@ -376,6 +394,40 @@ class ChunkFlowEngine:
         if st.io.is_last_stage:
             st.total += graph.output.detach()  # the chunk's loss
 
+    def _input_backward_action(self, st: StepState, action: Action, chunk: Chunk) -> None:
+        """``I``: the backward to the stage input and the chain's key/value state only; the
+        input's gradient goes back to the previous stage, the loss into the step's, and the
+        graph stays for the ``W`` (:mod:`chunkflow.runtime.split_backward`)."""
+        graph = st.graphs.pop(chunk.chunk_id)
+        grad_output = st.io.recv_backward(chunk)
+        self._started(action)
+        params = list(self.model.parameters())
+        if graph.output.requires_grad:
+            scope = getattr(self.model, "recompute_scope", contextlib.nullcontext)
+            with scope():
+                work = input_backward(graph.output, grad_output, [graph.input], params)
+        else:  # everything before the output is frozen: nothing to do
+            work = WeightWork()
+        if graph.embedded is not None:  # first stage: the embedding's weight is the W's too
+            if graph.embedded.requires_grad and graph.input.grad is not None:
+                embedding = self.model.input_embedding()
+                work.add([get_gradient_edge(graph.embedded)], [graph.input.grad],
+                         [p for p in embedding.parameters() if p.requires_grad])
+        elif graph.input is not None:
+            grad_input = graph.input.grad
+            st.io.send_backward(chunk, grad_input if grad_input is not None
+                                else torch.zeros_like(graph.input))
+        if st.io.is_last_stage:
+            st.total += graph.output.detach()  # the chunk's loss
+        st.weight_work[chunk.chunk_id] = work
+
+    def _weight_backward_action(self, st: StepState, action: Action, *, last: bool) -> None:
+        """``W``: the parameter gradients its ``I`` left; frees the chunk's graph."""
+        work = st.weight_work.pop(action.chunk_id)
+        self._started(action)
+        st.sync.before_backward(last=last)
+        weight_backward(work)
+
     # -- one chunk ----------------------------------------------------------------------------
 
     def _new_state(self, st: StepState, chain) -> ChainState:
@@ -422,12 +474,17 @@ class ChunkFlowEngine:
                                          state if is_chain else None))
             offset += seg.num_tokens
         device, rows = st.kernel_device, self.rows
+        embedded = None
         if x is None:
             # (n,) per segment, laid out segment after segment -> (1, L); under sequence
             # parallelism the rows this rank embeds (ChunkRows.input_ids)
             x = rows.input_ids(torch.cat([st.ids[s.seq_id][s.start:s.end]
                                           for s in chunk.segments]))[None]
             inputs = None
+            if grad and chunk.chunk_id in st.split:
+                # A split backward needs a leaf to stop at: the embedding's output becomes one
+                # (its own backward runs in the W).
+                embedded = self._embedding_leaf()
         else:
             inputs = x = x.detach().requires_grad_(grad)  # (1, L, E); its grad goes back
         # (1, L): every position of the chunk (its attention runs over the whole chunk)
@@ -439,19 +496,42 @@ class ChunkFlowEngine:
         attention = ChunkAttention(segments, st.kernel, block_size=self.options.chunk_size,
                                    has_successor=has_successor, kept=kept)
         with torch.set_grad_enabled(grad):
-            hidden = self.model.hidden_states(
-                x, position_ids=position_ids, attention=attention,
-                activation_checkpointing=self.options.activation_checkpointing)
+            try:
+                hidden = self.model.hidden_states(
+                    x, position_ids=position_ids, attention=attention,
+                    activation_checkpointing=self.options.activation_checkpointing)
+            finally:
+                if embedded is not None:
+                    embedded.pop("hook").remove()
+            if embedded is not None:
+                inputs, embedded = embedded["leaf"], embedded["output"]
             if not with_loss:
                 # Not the last stage (hidden states go on), or a state-only forward on the last.
-                return ChunkGraph(hidden, inputs)
+                return ChunkGraph(hidden, inputs, embedded)
             targets, weights = rows.loss_rows(
                 torch.cat([st.targets[s.seq_id][s.start:s.end] for s in chunk.segments]),
                 torch.cat([st.weights[s.seq_id][s.start:s.end] for s in chunk.segments]))
             loss = self.loss_fn(hidden[0], self.model.lm_head, targets, weights,
                                 logits_budget=self.options.logits_budget,
                                 cast_cache=st.cast_cache)
-        return ChunkGraph(loss, inputs)
+        return ChunkGraph(loss, inputs, embedded)
+
+    def _embedding_leaf(self) -> dict:
+        """Make the embedding's next output a leaf that requires grad: returns the record the
+        forward hook fills (``leaf``, the embedding's ``output``, its ``hook`` handle)."""
+        embedding = getattr(self.model, "input_embedding", lambda: None)()
+        if embedding is None:
+            raise ValueError(f"{type(self.model).__name__} has no input_embedding(): a "
+                             f"zero-bubble schedule's first stage needs it (ChunkModel)")
+        record: dict = {}
+
+        def swap(module, args, output):
+            record["output"] = output
+            record["leaf"] = output.detach().requires_grad_()
+            return record["leaf"]
+
+        record["hook"] = embedding.register_forward_hook(swap)
+        return record
 
     def _backward(self, graph: "ChunkGraph", grad_output: torch.Tensor | None) -> None:
         """Backward of one chunk: its loss (or, on an earlier pipeline stage, its output with the

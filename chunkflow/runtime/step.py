@@ -17,6 +17,7 @@ import torch
 from chunkflow.plan import ChunkPlan
 from chunkflow.runtime.attention import KeptAttention
 from chunkflow.runtime.kv_state import ChainState
+from chunkflow.runtime.split_backward import WeightWork
 from chunkflow.runtime.peers import GradSync, StageIO
 
 
@@ -49,6 +50,8 @@ class ChunkGraph:
 
     output: torch.Tensor
     input: torch.Tensor | None
+    embedded: torch.Tensor | None = None
+    """First stage under a split backward: the embedding's output (``input`` is its leaf)."""
 
 
 @dataclass
@@ -79,7 +82,11 @@ class StepState:
     states: dict[int, ChainState] = field(default_factory=dict)
     """Chain id -> its key/value state, from the chain's first action to its last."""
     graphs: dict[int, "ChunkGraph"] = field(default_factory=dict)
-    """Chunk id -> its graph, from its ``F``/``R`` to its ``B``."""
+    """Chunk id -> its graph, from its ``F``/``R`` to its ``B`` (or ``I``)."""
+    split: set[int] = field(default_factory=set)
+    """Chunks whose backward is split (``I`` then ``W``, a zero-bubble schedule's)."""
+    weight_work: dict[int, WeightWork] = field(default_factory=dict)
+    """Chunk id -> what its ``W`` needs, from its ``I`` on (it keeps the graph alive)."""
     stage_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
     """Chunk id -> the input an ``S`` received, for its ``R``."""
     kept: dict[int, KeptAttention] = field(default_factory=dict)

@@ -100,6 +100,8 @@ class Assumptions:
     pp: int | None = None
     recompute: str = "full"
     """chunkflow's recompute of the chunks beyond K: "full" or "selective" (no attention)."""
+    schedule: str = "1f1b"
+    """chunkflow's pipeline schedule (:mod:`chunkflow.plan.zero_bubble`)."""
     ideal_pipeline: bool = False
     """chunkflow's pipeline at 1F1B's ideal instead of simulated: closed-form bubbles
     (p-1)/(m+p-1) and memory of :func:`ideal_stage_peaks`."""
@@ -152,7 +154,8 @@ def _chunkflow(cfg: PaperConfig, a: Assumptions) -> Prediction:
     chunk_size, k = a.chunk_size or cfg.chunk_size, a.k or cfg.k
 
     def predict(lens: list[int]) -> Prediction:
-        pred = predict_chunkflow(cost, lens, chunk_size=chunk_size, k=k, recompute=a.recompute)
+        pred = predict_chunkflow(cost, lens, chunk_size=chunk_size, k=k, recompute=a.recompute,
+                                 schedule=a.schedule)
         if a.ideal_pipeline:
             m, p = pred.num_microbatches / a.dp, len(pred.stage_busy_seconds)
             peaks = ideal_stage_peaks(cost, build_chunks(lens, chunk_size=chunk_size), k=k)
@@ -361,5 +364,32 @@ def format_paper_table(rows: list[PaperRow]) -> str:
     return "\n".join(out)
 
 
+def schedule_table(*, gpu: str | GPUProfile = "h100-80gb", seed: int = 0,
+                   num_batches: int = 4) -> str:
+    """Beyond the paper: the Table 3 pipeline layouts (pp > 1) under each pipeline schedule
+    (state-aware 1F1B, the paper's, and the zero-bubble ones, :mod:`chunkflow.plan.
+    zero_bubble`), with chunkflow's settings of the speed-up rows."""
+    base = Assumptions(gpu=get_gpu(gpu) if isinstance(gpu, str) else gpu, seed=seed,
+                       num_batches=check_positive_int("num_batches", num_batches))
+    lines = ["Beyond the paper: pipeline schedules (chunkflow, Table 3's pipeline layouts)",
+             f"  {'model':<9} {'layout':<18} {'schedule':<8} {'iteration':>9} {'idle':>5} "
+             f"{'peak':>9} {'vs Megatron-LM':>14}"]
+    for cfg in PAPER_CONFIGS:
+        if cfg.pp == 1:
+            continue
+        megatron = _megatron(cfg, base).iteration_seconds
+        for schedule in ("1f1b", "zb-h1", "zb-h2"):
+            pred = _chunkflow(cfg, replace(base, schedule=schedule))
+            lines.append(f"  {cfg.label:<9} {cfg.layout:<18} {schedule:<8} "
+                         f"{pred.iteration_seconds:>8.2f}s {pred.bubble_ratio:>5.1%} "
+                         f"{format_size(pred.peak_memory_bytes):>9} "
+                         f"{megatron / pred.iteration_seconds:>13.2f}x")
+    lines.append("  idle: the share of the iteration the stages wait (bubbles); zb-h1 keeps "
+                 "1F1B's in-flight activations, zb-h2 trades memory for fewer bubbles")
+    return "\n".join(lines)
+
+
 def main_paper() -> None:
     print(format_paper_table(paper_comparison()))
+    print()
+    print(schedule_table())

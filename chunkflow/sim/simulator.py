@@ -6,11 +6,13 @@ stage is free and its cross-stage dependency has finished plus the ``p2p`` trans
 lasts ``duration(stage, action)`` seconds (from a cost model, or tokens for the paper figures).
 
 Memory per stage, when ``graph_bytes``/``state_bytes`` are given: a chunk's graph is held from its
-``F``/``R`` until its ``B`` ends; its key/value state from its ``F``/``S`` until its ``B`` ends
-(later chunks of the chain read it until then); with ``kept_bytes``, what a selective ``s``
-keeps (attention outputs) from the ``s`` until its ``r``, where it becomes part of the graph;
-with ``grad_bytes``, the stage's parameter gradients from the end of its first ``B`` on (a
-runtime that allocates them as its first backward produces them, as torch's ``.grad`` is).
+``F``/``R`` until its ``B`` ends, or under a zero-bubble schedule its ``W`` (the input backward
+``I`` keeps the graph for the weight gradients); its key/value state from its ``F``/``S`` until
+the same end (later chunks of the chain read it until then); with ``kept_bytes``, what a
+selective ``s`` keeps (attention outputs) from the ``s`` until its ``r``, where it becomes part
+of the graph; with ``grad_bytes``, the stage's parameter gradients from the end of its first
+``B`` or ``W`` on (a runtime that allocates them as its first backward produces them, as
+torch's ``.grad`` is).
 The peak is taken over action boundaries.
 
 bubble ratio = 1 - (sum of busy time over stages) / (stages x makespan).
@@ -81,7 +83,7 @@ def _peak_memory(stage: int, acts: list[Action], graph_bytes, state_bytes,
         if a.kind in (ActionKind.FORWARD, ActionKind.RECOMPUTE):
             current += graph(a.chunk_id)
         peak = max(peak, current)  # held through the action, a backward included
-        if a.kind is ActionKind.BACKWARD:
+        if a.kind in (ActionKind.BACKWARD, ActionKind.WEIGHT_BACKWARD):
             current -= graph(a.chunk_id) + state(a.chunk_id) - grads
             grads = 0.0  # allocated once, by the first backward
     return peak

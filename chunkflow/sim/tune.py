@@ -31,7 +31,8 @@ from chunkflow.plan.balance import balance_chunks, subplan
 from chunkflow.plan.chunks import ChunkPlan, build_chunks, check_positive_int
 from chunkflow.plan.cost import GPUS_PER_NODE, CostModel, GPUProfile, ModelShape, chunk_segments
 from chunkflow.plan.lengths import sample_lengths
-from chunkflow.plan.pipeline import one_f_one_b, state_aware_1f1b
+from chunkflow.plan.pipeline import one_f_one_b
+from chunkflow.plan.zero_bubble import pipeline_schedule
 from chunkflow.plan.scheduling import ActionKind
 from chunkflow.plan.units import format_size
 from chunkflow.sim.simulator import simulate
@@ -57,6 +58,29 @@ class Prediction:
     """The share of data-parallel replicas without any work in the batch."""
 
 
+def _durations(cost: CostModel, items: dict[int, tuple[list[int], int]]):
+    """``duration(stage, action)`` of the chunks in ``items`` (id -> segment lengths, prefix)
+    under ``cost``: every action kind, ``I``/``W`` of the zero-bubble schedules included."""
+    seconds = {}
+    for s in range(cost.pp):
+        for cid, (lens, prefix) in items.items():
+            kw = dict(prefix_len=prefix, stage_idx=s)
+            seconds[s, cid] = {
+                ActionKind.FORWARD: cost.forward_seconds(lens, **kw),
+                ActionKind.BACKWARD: cost.backward_seconds(lens, **kw),
+                ActionKind.INPUT_BACKWARD: cost.input_backward_seconds(lens, **kw),
+                ActionKind.WEIGHT_BACKWARD: cost.weight_backward_seconds(lens, **kw),
+                "selective": cost.recompute_seconds(lens, selective=True, **kw)}
+
+    def duration(s: int, a) -> float:
+        by_kind = seconds[s, a.chunk_id]
+        if a.kind is ActionKind.RECOMPUTE and a.selective:
+            return by_kind["selective"]
+        return by_kind.get(a.kind, by_kind[ActionKind.FORWARD])  # S, R: a forward
+
+    return duration
+
+
 def _simulate(cost: CostModel, stages, items: dict[int, tuple[list[int], int]],
               state_tokens: dict[int, int] | None = None, *, chunkflow: bool = False):
     """Simulate ``stages`` whose chunk ids map to (segment lengths, prefix) in ``items``.
@@ -64,21 +88,7 @@ def _simulate(cost: CostModel, stages, items: dict[int, tuple[list[int], int]],
     from the start: Megatron's gradient buffer), whose head keeps no log-probabilities where
     it fuses the cross-entropy, and whose optimizer step may peak."""
 
-    fwd, bwd, sel = {}, {}, {}
-    for s in range(cost.pp):
-        for cid, (lens, prefix) in items.items():
-            fwd[s, cid] = cost.forward_seconds(lens, prefix_len=prefix, stage_idx=s)
-            bwd[s, cid] = cost.backward_seconds(lens, prefix_len=prefix, stage_idx=s)
-            sel[s, cid] = cost.recompute_seconds(lens, prefix_len=prefix, stage_idx=s,
-                                                 selective=True)
-
-    def duration(s: int, a) -> float:
-        if a.kind is ActionKind.BACKWARD:
-            return bwd[s, a.chunk_id]
-        if a.kind is ActionKind.RECOMPUTE and a.selective:
-            return sel[s, a.chunk_id]
-        return fwd[s, a.chunk_id]
-
+    duration = _durations(cost, items)
     tokens = {cid: sum(lens) for cid, (lens, _) in items.items()}
     # megatron's micro-batches keep their log-probabilities; chunkflow's head fuses large ones
     per_token = {(s, n): cost.activation_bytes_per_token(s, n if chunkflow else None)
@@ -147,8 +157,10 @@ def plan_items(plan: ChunkPlan) -> tuple[dict[int, tuple[list[int], int]], dict[
 
 
 def predict_chunkflow(cost: CostModel, seq_lens: Sequence[int], *, chunk_size: int, k: int,
-                      recompute: str = "full", shard: str = "sequences") -> Prediction:
-    """chunkflow: chunks of ``chunk_size``, state-aware 1F1B keeping ``k`` graphs per chain;
+                      recompute: str = "full", shard: str = "sequences",
+                      schedule: str = "1f1b") -> Prediction:
+    """chunkflow: chunks of ``chunk_size``, state-aware 1F1B keeping ``k`` graphs per chain
+    (``schedule``: or a zero-bubble one, :mod:`chunkflow.plan.zero_bubble`);
     ``recompute``: how the other chunks are recomputed ("full" or "selective"). The cost
     model's ``recompute="full"`` (each layer keeps its input, one is recomputed in backward)
     is chunkflow's ``--chunking.activation_checkpointing``. ``shard``: how the batch is split
@@ -176,8 +188,9 @@ def predict_chunkflow(cost: CostModel, seq_lens: Sequence[int], *, chunk_size: i
         if plan is None:
             continue
         items, state = plan_items(plan)
-        runs.append(_simulate(cost, state_aware_1f1b(plan, cost.pp, k=k, recompute=recompute),
-                              items, state, chunkflow=True))
+        stages = pipeline_schedule(plan, cost.pp, k=k, recompute=recompute,
+                                   schedule=schedule, duration=_durations(cost, items))
+        runs.append(_simulate(cost, stages, items, state, chunkflow=True))
         num_chunks += plan.num_chunks
     pred = _combine(cost, runs, num_chunks)
     return dataclasses.replace(pred, idle_replicas=plans.count(None) / cost.dp)

@@ -302,6 +302,12 @@ class ParallelSection:
         "ddp", "ddp: replicated weights, gradients all-reduced once per step; fsdp: FSDP2 "
                "(fully_shard), weights, gradients and AdamW state sharded over the replicas "
                "(not for LoRA or mixture-of-experts models).")
+    schedule: Literal["1f1b", "zb-h1", "zb-h2"] = _f(
+        "1f1b", "Pipeline schedule with pp > 1: 1f1b (state-aware 1F1B) or zb-h1 (zero-bubble: "
+                "each backward split into an input pass I and a weight pass W that fills the "
+                "bubbles, with 1F1B's in-flight activations; not with activation "
+                "checkpointing or FSDP). zb-h2 (twice the warm-up) is simulator-only for now "
+                "(chunkflow simulate --schedule zb-h2).")
     timeout_s: float = _f(600.0, "Seconds a collective or send/receive may wait before the "
                                  "run fails (a dead or stuck rank becomes an error, not a hang).")
 

@@ -9,7 +9,8 @@ import torch
 
 from chunkflow.models.families import model_shape
 from chunkflow.parallel.pipeline import P2PStageIO, split_stage
-from chunkflow.plan import balance_chunks, build_chunks, state_aware_1f1b, subplan
+from chunkflow.plan import balance_chunks, build_chunks, subplan
+from chunkflow.plan.zero_bubble import pipeline_schedule
 from chunkflow.plan.messages import check_messages
 from chunkflow.runtime import ChunkFlowEngine
 from tests.conftest import tiny_model
@@ -45,7 +46,8 @@ def batch_of(lengths, vocab: int = 53) -> list[dict]:
 
 
 def record_pipeline(lengths, *, pp: int, k: int, chunk_size: int, dp: int = 1,
-                    recompute: str = "full", evaluate: bool = True, io_class=None):
+                    recompute: str = "full", evaluate: bool = True, io_class=None,
+                    schedule: str = "1f1b"):
     """Run one training step (and an evaluation) of ``lengths`` on every stage of ``dp``
     replicas of a ``pp``-stage pipeline; return (traces, action lists) per rank, ranks
     ``replica * pp + stage``. ``io_class``: the stage I/O (:class:`P2PStageIO`)."""
@@ -64,7 +66,7 @@ def record_pipeline(lengths, *, pp: int, k: int, chunk_size: int, dp: int = 1,
             local = [batch[i] for i in seq_ids]
         else:  # as ParallelEngine: one token with no target keeps the pipeline going
             sub, local = build_chunks([1], chunk_size=chunk_size), batch_of([1])
-        stages = state_aware_1f1b(sub, pp, k=k, recompute=recompute)
+        stages = pipeline_schedule(sub, pp, k=k, recompute=recompute, schedule=schedule)
         for s in range(pp):
             model, _ = stage_model(s)
             engine = ChunkFlowEngine(model, chunk_size=chunk_size, k=k, recompute=recompute)

@@ -175,3 +175,24 @@ def test_lora_on_pipeline_stages_matches_one_process_across_layouts(tmp_path):
         for name in want:
             rel = float((got[name] - want[name]).norm() / want[name].norm())
             assert rel < 1e-9, (run, name, rel)
+
+
+
+def test_zero_bubble_schedule_on_two_ranks_matches_one_process():
+    """zb-h1's split backward (I, then W) gives one process's gradients, float64."""
+    spawn(check_gradients, 2, [
+        dict(dp=1, pp=2, k=1, schedule="zb-h1"),
+        dict(dp=1, pp=2, k=2, schedule="zb-h1", steps=2),
+        dict(dp=1, pp=2, k=1, schedule="zb-h1", recompute="selective", offload="all"),
+        dict(dp=1, pp=2, k=2, schedule="zb-h1", offload="state"),
+    ])
+
+
+def test_zero_bubble_schedule_on_four_ranks_pp_dp_x_pp_and_pp_x_tp():
+    spawn(check_gradients, 4, [
+        dict(dp=1, pp=4, k=1, schedule="zb-h1"),
+        dict(dp=1, pp=4, k=2, schedule="zb-h1", recompute="selective"),
+        dict(dp=2, pp=2, k=1, data_parallel="ddp", steps=2, schedule="zb-h1"),
+        dict(dp=1, pp=2, tp=2, k=1, schedule="zb-h1"),
+        dict(dp=1, pp=2, tp=2, k=2, schedule="zb-h1", recompute="selective"),
+    ])

@@ -29,6 +29,23 @@ def test_every_schedule_replays_without_a_deadlock_under_nccl_rules(lengths, pp,
     check_pipeline(lengths, pp=pp, k=k, chunk_size=CHUNK, dp=dp, recompute=recompute)
 
 
+@settings(max_examples=30, deadline=None)
+@given(lengths=lengths, pp=st.integers(2, 6), k=st.integers(1, 3),
+       recompute=st.sampled_from(["full", "selective"]))
+def test_the_zero_bubble_schedule_replays_without_a_deadlock_under_nccl_rules(lengths, pp, k,
+                                                                              recompute):
+    """zb-h1: its W actions send nothing, and post the held sends with the next action's
+    receive, so the posts are state-aware 1F1B's."""
+    check_pipeline(lengths, pp=pp, k=k, chunk_size=CHUNK, recompute=recompute,
+                   schedule="zb-h1", evaluate=False)
+
+
+def test_the_deeper_zb_h2_warmup_is_caught_as_a_deadlock_hence_refused_by_the_runtime():
+    traces, _ = record_pipeline([23, 2, 51, 7, 3, 5, 58], pp=2, k=2, chunk_size=CHUNK,
+                                schedule="zb-h2", evaluate=False)
+    assert not replay(traces).ok
+
+
 @pytest.mark.parametrize("pp", [2, 4])
 def test_the_earlier_eager_order_is_reported_as_a_deadlock(pp):
     """Every send posted as soon as it is computed, each receive alone: gloo ran it, NCCL

@@ -108,7 +108,8 @@ def check_gradients(rank, world_size, cases):
                                 activation_checkpointing=case.get("ac", False),
                                 **({"logits_budget": case["logits_budget"]}
                                    if "logits_budget" in case else {}),
-                                offload=case.get("offload", "none"))
+                                offload=case.get("offload", "none"),
+                                schedule=case.get("schedule", "1f1b"))
         check_vocab_split(engine, case)
         nccl_rules(engine)
         rows = []  # rows of the chunk each decoder layer ran: 1/tp of them, sequence parallel
@@ -275,7 +276,8 @@ def check_hf(rank, world_size, cases):
         engine = ParallelEngine(build(family, **config), ctx, chunk_size=16, k=k,
                                 data_parallel=case.get("data_parallel", "ddp"),
                                 sequence_parallel=case.get("sp", True),
-                                vocab_parallel=case.get("vp", True))
+                                vocab_parallel=case.get("vp", True),
+                                schedule=case.get("schedule", "1f1b"))
         check_vocab_split(engine, case)
         nccl_rules(engine)
         rows = []  # rows of the chunk each decoder layer ran: 1/tp of them, sequence parallel

@@ -160,7 +160,8 @@ class Trainer:
                                      data_parallel=cfg.parallel.data_parallel,
                                      sequence_parallel=cfg.parallel.sequence_parallel,
                                      vocab_parallel=cfg.parallel.vocab_parallel,
-                                     mixed_precision=self.autocast)
+                                     mixed_precision=self.autocast,
+                                     schedule=cfg.parallel.schedule)
         self.params = self.engine.parameters()
         module = self.engine.state_module
         self.layout = layout_of(ctx, cfg.parallel.data_parallel)
