@@ -1,10 +1,12 @@
-"""Measured pipeline bubble of a state-aware 1F1B step on CPU gloo ranks vs the simulator.
+"""Measured pipeline bubble of a pipeline step on CPU gloo ranks vs the simulator.
 
     python benchmarks/pipeline_bubble.py [--stages 2] [--steps 3] [--k 2] [--chunk-size 512]
+                                         [--schedule 1f1b|zb-h1|zb-h2]
 
 Runs ``--stages`` processes (one thread each; this machine has few cores, so one rank per core)
 training a small reference model with ``chunkflow.parallel`` on LMSys-like global batches. Every
-rank times each action it computes (F/S/R/B, waits for its inputs excluded). Per step:
+rank times each action it computes (F/S/R/B, or I/W under a zero-bubble schedule; waits
+for its inputs excluded). Per step:
 
 * measured bubble = 1 - (sum of the stages' compute time) / (stages x wall-clock makespan);
 * the simulator's bubble for the same action lists (``chunkflow.sim.simulate``), with
@@ -36,7 +38,8 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from chunkflow.models import ModelConfig, Transformer  # noqa: E402
 from chunkflow.parallel import ParallelEngine, init_distributed, stage_layer_ranges  # noqa: E402
-from chunkflow.plan import ActionKind, build_chunks, state_aware_1f1b  # noqa: E402
+from chunkflow.plan import ActionKind, build_chunks  # noqa: E402
+from chunkflow.plan.zero_bubble import pipeline_schedule  # noqa: E402
 from chunkflow.plan.cost import chunk_segments, forward_flops  # noqa: E402
 from chunkflow.sim import simulate  # noqa: E402
 from chunkflow.train.data.synthetic import sample_lengths  # noqa: E402
@@ -59,7 +62,8 @@ def rank_main(rank: int, world: int, port: int, args, out) -> None:
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
     ctx = init_distributed(pp=world, device=torch.device("cpu"))
     torch.manual_seed(0)
-    engine = ParallelEngine(Transformer(CONFIG), ctx, chunk_size=args.chunk_size, k=args.k)
+    engine = ParallelEngine(Transformer(CONFIG), ctx, chunk_size=args.chunk_size, k=args.k,
+                            schedule=args.schedule)
     events: list[tuple[tuple[str, int], float, float]] = []
     started = {}
 
@@ -91,7 +95,7 @@ def analyse(step: int, ranks: list[dict], args) -> dict:
     p = len(ranks)
     lengths = [len(x["input_ids"]) for x in batch_of(step, args)]
     plan = build_chunks(lengths, chunk_size=args.chunk_size)
-    stages = state_aware_1f1b(plan, p, k=args.k)
+    stages = pipeline_schedule(plan, p, k=args.k, schedule=args.schedule)  # the runtime's
     start = min(r["t0"] for r in ranks)
     makespan = max(e[2] for r in ranks for e in r["events"]) - start
     measured = {(s, kind, c): t1 - t0 for s, r in enumerate(ranks)
@@ -101,7 +105,8 @@ def analyse(step: int, ranks: list[dict], args) -> dict:
     by_actions = simulate(stages, duration=lambda s, a: measured[(s, a.kind.value, a.chunk_id)])
 
     # Cost model: forward FLOPs of the stage's layers (+ head on the last); B = 2x matmul +
-    # 2.5x attention, one rate fitted so the total equals the measured compute.
+    # 2.5x attention (W = 1x matmul, I = the rest), one rate fitted so the total equals the
+    # measured compute.
     layers = [len(r) for r in stage_layer_ranges(CONFIG.num_hidden_layers, p)]
     from chunkflow.models.families import model_shape
 
@@ -111,7 +116,9 @@ def analyse(step: int, ranks: list[dict], args) -> dict:
         lens, prefix = chunk_segments(plan.chunks[a.chunk_id])
         f = forward_flops(shape, lens, prefix_len=prefix, num_layers=layers[s], head=s == p - 1)
         mm = f.layers_matmul + f.head_matmul
-        return 2 * mm + 2.5 * f.attention if a.kind is ActionKind.BACKWARD else mm + f.attention
+        return {ActionKind.BACKWARD: 2 * mm + 2.5 * f.attention,
+                ActionKind.INPUT_BACKWARD: mm + 2.5 * f.attention,
+                ActionKind.WEIGHT_BACKWARD: mm}.get(a.kind, mm + f.attention)
 
     total_flops = sum(flops(s, a) for s, acts in enumerate(stages) for a in acts)
     rate = sum(busy) / total_flops
@@ -134,6 +141,7 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=512)
     parser.add_argument("--sequences", type=int, default=64)
     parser.add_argument("--max-len", type=int, default=8192)
+    parser.add_argument("--schedule", choices=("1f1b", "zb-h1", "zb-h2"), default="1f1b")
     args = parser.parse_args()
     port = free_port()
     context = mp.get_context("spawn")
@@ -146,8 +154,8 @@ def main() -> None:
     for proc in procs:
         proc.join()
     rows = [analyse(i + 1, ranks, args) for i, ranks in enumerate(steps)]
-    lines = [f"# Pipeline bubble, measured vs simulated ({args.stages} stages, CPU gloo, "
-             f"k={args.k}, chunk {args.chunk_size})", "",
+    lines = [f"# Pipeline bubble, measured vs simulated ({args.stages} stages, "
+             f"{args.schedule}, CPU gloo, k={args.k}, chunk {args.chunk_size})", "",
              f"{args.sequences} LMSys-like sequences up to {args.max_len} tokens per step; "
              f"model {CONFIG.num_hidden_layers} layers, hidden {CONFIG.hidden_size}, one thread "
              f"per rank.", "",
@@ -170,10 +178,13 @@ def main() -> None:
                   f"durations {mean['sim_measured_durations_bubble']:.1%}, simulated with the "
                   f"cost model {mean['sim_cost_model_bubble']:.1%}.",
               "", f"Reproduce: `python benchmarks/pipeline_bubble.py --stages {args.stages} "
-                  f"--steps {args.steps} --k {args.k} --chunk-size {args.chunk_size}`", ""]
+                  f"--steps {args.steps} --k {args.k} --chunk-size {args.chunk_size} "
+                  f"--schedule {args.schedule}`", ""]
     markdown = "\n".join(lines)
     print(markdown)
-    save(f"pipeline_bubble-pp{args.stages}", {"machine": machine(), "args": vars(args),
+    name = f"pipeline_bubble-pp{args.stages}" + (
+        "" if args.schedule == "1f1b" else f"-{args.schedule}")
+    save(name, {"machine": machine(), "args": vars(args),
                                               "steps": rows}, markdown)
 
 

@@ -197,7 +197,11 @@ def test_plan_auto_tunes_the_users_own_run(tmp_path, capsys):
     assert "TP 2" not in lora
     assert (f"-m chunkflow train --data.batch_size=8 --data.path={data} --lora.rank=4 "
             f"--model.path={model} --chunking.chunk_size=") in lora
-    assert "--parallel.data_parallel=ddp" in lora
+    assert "--parallel.data_parallel=fsdp" not in lora  # LoRA: DDP when data parallel
+    # pipeline layouts are tried with every schedule; a zero-bubble choice is launched so
+    assert " zb-h1 " in lora and " zb-h2 " in lora
+    if "--parallel.pp=2" in lora.splitlines()[-1]:
+        assert "--parallel.schedule=" in lora.splitlines()[-1]
     # the command that launches the choice, with the run's own options
     assert (f"launch it: torchrun --nproc-per-node 2 -m chunkflow train --data.batch_size=8 "
             f"--data.path={data} --model.path={model} --chunking.chunk_size=") in out

@@ -150,7 +150,8 @@ def _step_time(cfg, lengths, shape, layout, dp_rank, results):
     all GPUs) for one batch: the busiest replica's time (its pipeline simulated with each
     action's roofline time); model FLOPs: forward + backward of every chunk once (6N per token
     plus causal attention), MFU's numerator."""
-    from chunkflow.plan import balance_chunks, build_chunks, state_aware_1f1b, subplan
+    from chunkflow.plan import balance_chunks, build_chunks, subplan
+    from chunkflow.plan.zero_bubble import pipeline_schedule
     from chunkflow.plan.cost import chunk_segments, forward_flops
     from chunkflow.sim import simulate
 
@@ -167,7 +168,8 @@ def _step_time(cfg, lengths, shape, layout, dp_rank, results):
     if not layout.pp_enabled:
         return results[0].cost.roofline_s, model_flops, executed
     sub, _ = subplan(plan, sharding.chunk_ids[dp_rank])
-    stages = state_aware_1f1b(sub, layout.pp, k=ch.k, recompute=ch.recompute)
+    stages = pipeline_schedule(sub, layout.pp, k=ch.k, recompute=ch.recompute,
+                               schedule=cfg.parallel.schedule)  # the lists the runtime runs
     sim = simulate(stages, duration=lambda s, a: results[s].action_s.get(
         (a.kind.name, a.chunk_id), 0.0))
     # what runs outside the actions (clipping, the optimizer step) after the pipeline drains
@@ -186,8 +188,9 @@ def first_that_fits(cfg, candidates, batch: list[int], gpu: str, gpus: int, *, f
         run = dataclasses.replace(
             cfg, chunking=dataclasses.replace(cfg.chunking, chunk_size=cand.chunk_size,
                                               k=cand.k),
-            parallel=dataclasses.replace(cfg.parallel, tp=cand.tp, pp=cand.pp,
-                                         data_parallel="fsdp" if fsdp else "ddp"))
+            parallel=dataclasses.replace(
+                cfg.parallel, tp=cand.tp, pp=cand.pp, schedule=cand.schedule,
+                data_parallel="fsdp" if fsdp and cand.schedule == "1f1b" else "ddp"))
         t0 = time.perf_counter()
         report = dry_run(run, [batch], spec, gpus=gpus)
         took = time.perf_counter() - t0

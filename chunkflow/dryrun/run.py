@@ -267,7 +267,7 @@ def _step(cfg, batch, model, ctx, tracker) -> dict:
         engine = ParallelEngine(model, ctx, options, data_parallel=par.data_parallel,
                                 sequence_parallel=par.sequence_parallel,
                                 vocab_parallel=par.vocab_parallel,
-                                mixed_precision=uses_autocast(cfg))
+                                mixed_precision=uses_autocast(cfg), schedule=par.schedule)
     inner = engine.engine
     _instrument(inner, engine.model, tracker)
     params = engine.parameters()

@@ -106,7 +106,7 @@ class ParallelEngine:
                                      tp_partial=parts.tp_partial)
         param = next(iter(model.parameters()))
         self.io = P2PStageIO(ctx, hidden_size=model.config.hidden_size, dtype=param.dtype,
-                             shard=shard)
+                             shard=shard, channels=schedule != "1f1b")
         if ctx.pp_enabled and os.environ.get("CHUNKFLOW_CHECK_MESSAGES", "0") == "1":
             self.io.record()  # every step's messages replayed under NCCL's rules
 
@@ -209,12 +209,6 @@ class ParallelEngine:
 
 def _check_zero_bubble(name: str, ctx, options: ChunkingOptions, data_parallel: str) -> None:
     """Refuse the layouts a zero-bubble schedule cannot run exactly, with the reason."""
-    if name == "zb-h2":
-        raise ValueError("--parallel.schedule=zb-h2 runs only in the simulator for now "
-                         "(chunkflow simulate --schedule zb-h2): its deeper warm-up posts "
-                         "more forward sends ahead of the backward receives than one "
-                         "communicator's in-order stream allows, and the NCCL message replay "
-                         "finds deadlocks. Valid: 1f1b, zb-h1")
     if not ctx.pp_enabled:
         raise ValueError(f"--parallel.schedule={name} with pp=1: one stage has no bubbles to "
                          f"fill. Valid: 1f1b, or pp > 1")

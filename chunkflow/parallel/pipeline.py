@@ -18,13 +18,20 @@ completes only when its receive runs, so a stage that posts ``send F1`` and then
 while its neighbour posts ``send B0`` and then ``recv F1`` hangs both. So an action's sends are
 held until the next action begins and go out in one ``batch_isend_irecv`` with that action's
 receive, as Megatron's ``send_forward_recv_backward`` does (alone when it receives nothing,
-and at the end of the step). A zero-bubble ``W`` sends and receives nothing, and must not
-change those batches (nor delay an ``I``'s input gradient by its own time): at its start the
-held sends go out at once, in one batch with the receive of the next action that is not a
-``W`` (posted early, waited for by that action), so the posts are those of state-aware 1F1B
-whatever ``W`` sit between them
+and at the end of the step)
 and at the end of the step). :mod:`chunkflow.plan.messages` replays the recorded order under
 NCCL's rules; the tests run it over every schedule the runtime produces.
+
+The zero-bubble schedules (:mod:`chunkflow.plan.zero_bubble`) run a stage's forwards and
+backwards in an order that neighbours do not mirror (a ``W`` sits anywhere, ``zb-h2`` runs
+further ahead), which one in-order stream per rank cannot carry. They use *channels*
+(:class:`ChannelP2P`): a 2-rank process group per pair of neighbouring stages and direction,
+``F`` (activations, to the next stage) and ``B`` (gradients, to the previous one), so each
+direction of each pair is a stream of its own. A send is posted as soon as it is computed (an
+``I``'s input gradient leaves before its ``W`` runs), a receive when its action starts. Both
+ends of a channel take its messages in the same order (every stage runs the chunks' forwards,
+and their backwards, in one order), so a channel never waits on a message queued behind
+another, and the schedule itself is free of dependency cycles (its simulation finishes).
 """
 
 from __future__ import annotations
@@ -87,6 +94,39 @@ class BatchedP2P:
             work.wait()
 
 
+class ChannelP2P:
+    """How a zero-bubble stage's messages travel (module docstring): one 2-rank process group
+    per pair of neighbouring stages of every pipeline and per direction, ``F`` to the next
+    stage and ``B`` to the previous one. Creating a process group involves every rank, so
+    every rank creates all of them, in one order; each rank keeps its own (at most four)."""
+
+    channels = True
+
+    def __init__(self, ctx: ParallelContext):
+        layout, self.groups = ctx.layout, {}
+        for dp in range(layout.dp):
+            for tp in range(layout.tp):
+                for stage in range(layout.pp - 1):
+                    a, b = layout.rank(dp, stage, tp), layout.rank(dp, stage + 1, tp)
+                    for channel in ("F", "B"):
+                        group = dist.new_group([a, b])
+                        if ctx.rank in (a, b):
+                            self.groups[channel, b if ctx.rank == a else a] = group
+        for group in self.groups.values():  # in creation order on both ends
+            # the group's NCCL communicator is created by a collective of both ranks
+            dist.all_reduce(torch.zeros(1, device=ctx.comm_device), group=group)
+
+    def post(self, ops: list[tuple[P2POp, torch.Tensor]], channel: str) -> list:
+        (op, tensor), = ops
+        group = self.groups[channel, op.peer]
+        return dist.batch_isend_irecv([dist.P2POp(dist.isend if op.op == "send" else dist.irecv,
+                                                  tensor, op.peer, group)])
+
+    def wait(self, handle: list, ops: list[tuple[P2POp, torch.Tensor]]) -> None:
+        for work in handle:
+            work.wait()
+
+
 class P2PStageIO(StageIO):
     """Point-to-point inputs and outputs of one pipeline stage (see the module docstring).
 
@@ -95,11 +135,16 @@ class P2PStageIO(StageIO):
     replays them under NCCL's rules."""
 
     def __init__(self, ctx: ParallelContext, *, hidden_size: int, dtype: torch.dtype,
-                 shard: SequenceShard | None = None, transport=None):
+                 shard: SequenceShard | None = None, transport=None, channels: bool = False):
         """``shard``: under sequence parallelism a stage sends its rows of the chunk to the same
-        tensor-parallel rank of the next stage. ``transport``: how posts travel
-        (:class:`BatchedP2P` on the pipeline group by default)."""
+        tensor-parallel rank of the next stage. ``channels``: post every message at once on
+        its channel (a zero-bubble schedule's, module docstring) instead of batching a send
+        with the next receive. ``transport``: how posts travel (default: :class:`ChannelP2P`
+        with ``channels``, else :class:`BatchedP2P` on the pipeline group)."""
         self.ctx, self.hidden_size, self.dtype, self.shard = ctx, hidden_size, dtype, shard
+        self.channels = channels
+        if transport is None and channels and ctx.pp_enabled:
+            transport = ChannelP2P(ctx)
         if transport is None:
             group = ctx.pp_group if ctx.pp_enabled else None
             if group is not None:
@@ -114,10 +159,6 @@ class P2PStageIO(StageIO):
         self.trace: list | None = None
         self.actions: list[Action] = []
         self._action_idx: int | None = None
-        self._upcoming: list[Action] = []  # this step's actions, for a W's look-ahead
-        self._plan = None
-        self._position = 0
-        self._preposted: tuple | None = None  # (label, buf, handle, ops, post index)
 
     # -- recording ------------------------------------------------------------------------------
 
@@ -128,9 +169,17 @@ class P2PStageIO(StageIO):
         self.trace, self.actions, self._num_posts = [], [], 0
 
     def _post(self, ops: list[tuple[P2POp, torch.Tensor]]):
-        handle = self.transport.post(ops)
+        channel = None
+        if self.channels:  # one op: to the next stage or from the previous one is "F"
+            (op, _), = ops
+            forward = (op.peer == self.ctx.next_rank) == (op.op == "send")
+            channel = "F" if forward else "B"
+            handle = self.transport.post(ops, channel)
+        else:
+            handle = self.transport.post(ops)
         if self.trace is not None:
-            self.trace.append(Post(tuple(op for op, _ in ops), action_idx=self._action_idx))
+            self.trace.append(Post(tuple(op for op, _ in ops), action_idx=self._action_idx,
+                                   channel=channel))
         self._num_posts += 1
         return handle, self._num_posts - 1
 
@@ -152,40 +201,15 @@ class P2PStageIO(StageIO):
             return not self.ctx.is_last_stage
         return not self.ctx.is_first_stage
 
-    def begin(self, actions, plan) -> None:
-        self._upcoming, self._plan, self._position = list(actions), plan, 0
-
     def start(self, action: Action) -> None:
         """An action begins: the sends of the previous one go out now, in one post with this
-        action's receive if it has one (:meth:`_recv`), else alone; a ``W`` posts them with
-        the receive of the next action that is not a ``W`` (module docstring)."""
+        action's receive if it has one (:meth:`_recv`), else alone (with channels nothing
+        is held: every message went out when it was computed)."""
         if self.trace is not None:
             self.actions.append(action)
             self._action_idx = len(self.actions) - 1
-        position, self._position = self._position, self._position + 1
-        if action.kind is ActionKind.WEIGHT_BACKWARD and self._sends:
-            later = (a for a in self._upcoming[position + 1:]
-                     if a.kind is not ActionKind.WEIGHT_BACKWARD)
-            after = next(later, None)
-            if after is not None and self._receives(after):
-                self._prepost(after)
-                return
         if not self._receives(action):
             self._flush()
-
-    def _source(self, action: Action) -> tuple[int, str]:
-        """The rank ``action`` receives from and the label of what it receives."""
-        if action.kind in (ActionKind.BACKWARD, ActionKind.INPUT_BACKWARD):
-            return self.ctx.next_rank, f"B{action.chunk_id}"
-        return self.ctx.prev_rank, f"F{action.chunk_id}"
-
-    def _prepost(self, action: Action) -> None:
-        """Post the held sends with ``action``'s receive now; ``action`` waits for it."""
-        src, label = self._source(action)
-        buf, op = self._recv_buffer(self._plan.chunks[action.chunk_id], src, label)
-        ops, self._sends = self._sends + [(op, buf)], []
-        handle, idx = self._post(ops)
-        self._preposted = (label, buf, handle, ops, idx)
 
     def _flush(self) -> None:
         if self._sends:
@@ -193,19 +217,10 @@ class P2PStageIO(StageIO):
             handle, idx = self._post(ops)
             self._posted.append((handle, ops, idx))
 
-    def _recv_buffer(self, chunk: Chunk, src: int, label: str) -> tuple[torch.Tensor, P2POp]:
+    def _recv(self, chunk: Chunk, src: int, label: str) -> torch.Tensor:
         rows = chunk.num_tokens if self.shard is None else self.shard.rows(chunk.num_tokens)
         buf = torch.empty(1, rows, self.hidden_size, dtype=self.dtype, device=self.ctx.device)
-        return buf, P2POp("recv", src, label, buf.numel() * buf.element_size())
-
-    def _recv(self, chunk: Chunk, src: int, label: str) -> torch.Tensor:
-        if self._preposted is not None:
-            posted, buf, handle, ops, idx = self._preposted
-            assert posted == label, f"{label} received, but {posted} was posted"
-            self._preposted = None
-            self._wait(handle, ops, idx)
-            return buf
-        buf, op = self._recv_buffer(chunk, src, label)
+        op = P2POp("recv", src, label, buf.numel() * buf.element_size())
         ops, self._sends = self._sends + [(op, buf)], []
         handle, idx = self._post(ops)
         self._wait(handle, ops, idx)
@@ -215,6 +230,8 @@ class P2PStageIO(StageIO):
         tensor = tensor.detach().to(self.dtype).contiguous()
         op = P2POp("send", dst, label, tensor.numel() * tensor.element_size())
         self._sends.append((op, tensor))
+        if self.channels:
+            self._flush()
 
     def recv_forward(self, chunk: Chunk) -> torch.Tensor | None:
         return (None if self.ctx.is_first_stage

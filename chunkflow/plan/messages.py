@@ -18,7 +18,9 @@ The rules (NCCL's documented behaviour and torch's ``ProcessGroupNCCL``):
   the rank's batched groups, whatever their peers). An op starts once every earlier op on its
   stream has completed; a batched group's ops start together and the group completes when all of
   them have matched. Batched and single ops go through different communicators and never
-  match each other.
+  match each other. A post on a *channel* (``Post.channel``, e.g. ``"F"``) goes through a
+  2-rank process group of its own for the pair and that channel: its own communicator and
+  stream, matched only with the same channel's posts.
 * **Host order.** An op posted after its rank waited for another (a blocking receive, or a
   ``wait()``) starts only after that one completed: the rank could not post it earlier.
 
@@ -61,12 +63,24 @@ class Post:
     ops: tuple[P2POp, ...]
     batched: bool = True
     action_idx: int | None = None
+    channel: str | None = None
+    """The pair's process group this post goes through (module docstring); None: the
+    pipeline's group (batched) or the pair's communicator (single)."""
 
     def __post_init__(self):
         if not self.ops:
             raise ValueError("a post needs at least one op")
         if not self.batched and len(self.ops) != 1:
             raise ValueError(f"an unbatched post is one op, got {len(self.ops)}")
+        if self.channel is not None and len(self.ops) != 1:
+            raise ValueError(f"a post on channel {self.channel!r} is one op, got "
+                             f"{len(self.ops)}")
+
+    @property
+    def communicator(self) -> tuple:
+        """What its ops are matched on (with the pair): channel, batched or single."""
+        return ("channel", self.channel) if self.channel is not None else ("group",
+                                                                           self.batched)
 
 
 @dataclass(frozen=True)
@@ -125,18 +139,19 @@ def replay(traces: Sequence[Sequence[Event]]) -> Replay:
 
     # Matching: the n-th send a->b on a communicator pairs with b's n-th receive from a.
     partner: dict[tuple[int, int, int], tuple[int, int, int]] = {}  # (rank, post, op) both ways
-    queues: dict[tuple[bool, int, int, str], list[tuple[int, int, int]]] = {}
+    queues: dict[tuple[tuple, int, int, str], list[tuple[int, int, int]]] = {}
     for r in range(n):
         for pi, post in enumerate(posts[r]):
             for oi, op in enumerate(post.ops):
                 src, dst = (r, op.peer) if op.op == "send" else (op.peer, r)
-                queues.setdefault((post.batched, src, dst, op.op), []).append((r, pi, oi))
+                queues.setdefault((post.communicator, src, dst, op.op), []).append(
+                    (r, pi, oi))
     unmatched: set[tuple[int, int, int]] = set()
     mismatched: list[tuple[int, P2POp, int, P2POp]] = []
-    for (batched, src, dst, kind), ops in queues.items():
+    for (comm, src, dst, kind), ops in queues.items():
         if kind != "send":
             continue
-        recvs = queues.get((batched, src, dst, "recv"), [])
+        recvs = queues.get((comm, src, dst, "recv"), [])
         for a, b in zip(ops, recvs):
             partner[a], partner[b] = b, a
             send, recv = posts[a[0]][a[1]].ops[a[2]], posts[b[0]][b[1]].ops[b[2]]
@@ -144,13 +159,15 @@ def replay(traces: Sequence[Sequence[Event]]) -> Replay:
                     or (send.nbytes and recv.nbytes and send.nbytes != recv.nbytes)):
                 mismatched.append((a[0], send, b[0], recv))
         unmatched.update(ops[len(recvs):])
-    for (batched, src, dst, kind), ops in queues.items():
+    for (comm, src, dst, kind), ops in queues.items():
         if kind == "recv":
-            sends = queues.get((batched, src, dst, "send"), [])
+            sends = queues.get((comm, src, dst, "send"), [])
             unmatched.update(ops[len(sends):])
 
     # Streams: each post's predecessors on its stream(s), on its own rank.
     def streams(r: int, post: Post) -> set[tuple]:
+        if post.channel is not None:
+            return {("channel", r, post.channel, post.ops[0].peer)}
         return {("batch", r)} if post.batched else {("pair", r, post.ops[0].peer)}
 
     stream_prev: dict[tuple[int, int], list[int]] = {}
@@ -286,6 +303,7 @@ def format_trace(trace: Sequence[Event]) -> str:
             out.append(f"wait {e.post_idx}")
         else:
             at = "" if e.action_idx is None else f" @{e.action_idx}"
-            kind = "post" if e.batched else "single"
+            kind = (f"channel {e.channel}" if e.channel is not None
+                    else "post" if e.batched else "single")
             out.append(f"{kind} [" + ", ".join(str(op) for op in e.ops) + "]" + at)
     return "\n".join(out)

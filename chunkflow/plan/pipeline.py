@@ -157,6 +157,29 @@ def _stage_actions(plan: ChunkPlan, order: list[int], *, warmup: int, k: int,
     return acts
 
 
+def structured_orders(plan: ChunkPlan) -> dict[str, list[int]]:
+    """Named forward orders for :func:`state_aware_1f1b`'s ``order`` (each chain's chunks stay
+    ascending): plan order (chains first), the standalone chunks first (the paper's figure),
+    the chains longest first, and the chains, longest first, each chunk followed by a
+    standalone one. :func:`chunkflow.sim.search.best_order` simulates them (and random ones),
+    the zero-bubble schedules too (:mod:`chunkflow.plan.zero_bubble`)."""
+    chains = [list(c.chunk_ids) for c in plan.chains]
+    alone = [c.chunk_id for c in plan.chunks if c.chain_id is None]
+    longest_first = [c for chain in sorted(chains, key=len, reverse=True) for c in chain]
+    interleaved, rest = [], list(alone)
+    for chain in sorted(chains, key=len, reverse=True):
+        for c in chain:
+            interleaved.append(c)
+            if rest:
+                interleaved.append(rest.pop(0))
+    return {
+        "plan": list(range(plan.num_chunks)),
+        "standalone first": alone + [c for chain in chains for c in chain],
+        "longest chains first": longest_first + alone,
+        "chains interleaved": interleaved + rest,
+    }
+
+
 def run_pipeline(stages: Stages, *, duration: Callable[[int, Action], float],
                  p2p: float = 0) -> list[list[tuple[float, float]]]:
     """(start, end) of every action: each stage runs its list in order, each action as soon as

@@ -36,7 +36,9 @@ from chunkflow.plan.chunks import ChunkPlan, check_positive_int
 from chunkflow.plan.pipeline import (
     Stages,
     _group,
+    run_pipeline,
     state_aware_1f1b,
+    structured_orders,
     validate_pipeline,
 )
 from chunkflow.plan.scheduling import Action, ActionKind
@@ -69,33 +71,85 @@ def token_duration(plan: ChunkPlan) -> Callable[[int, Action], float]:
 
 def pipeline_schedule(plan: ChunkPlan, num_stages: int, *, k: int, schedule: str = "1f1b",
                       order: Sequence[int] | None = None, recompute: str = "full",
-                      duration: Callable[[int, Action], float] | None = None) -> Stages:
+                      duration: Callable[[int, Action], float] | None = None,
+                      fits: Callable[[Stages], bool] | None = None) -> Stages:
     """The per-stage action lists of ``schedule`` (one of :data:`SCHEDULES`) for ``plan``.
 
     ``duration(stage, action)``: what the zero-bubble schedules place the ``W`` by (default
     :func:`token_duration`); the lists are valid whatever the real timings. ``order`` and
-    ``recompute``: as :func:`~chunkflow.plan.pipeline.state_aware_1f1b`."""
+    ``recompute``: as :func:`~chunkflow.plan.pipeline.state_aware_1f1b`. ``fits(stages)``:
+    whether lists fit in the device's memory (a memory model's answer), which lets ``zb-h2``
+    take the faster of its candidates up to that memory instead of its own warm-up's."""
     check_schedule_name(schedule)
     if schedule == "1f1b":
         return state_aware_1f1b(plan, num_stages, k=k, order=order, recompute=recompute)
     return zero_bubble(plan, num_stages, k=k, order=order, recompute=recompute,
-                       duration=duration, extra_warmup=schedule == "zb-h2")
+                       duration=duration, extra_warmup=schedule == "zb-h2",
+                       fits=fits if schedule == "zb-h2" else None)
 
 
 def zero_bubble(plan: ChunkPlan, num_stages: int, *, k: int, order: Sequence[int] | None = None,
                 recompute: str = "full", duration: Callable[[int, Action], float] | None = None,
-                extra_warmup: bool = False) -> Stages:
+                extra_warmup: bool = False, fits: Callable[[Stages], bool] | None = None
+                ) -> Stages:
     """State-aware zero-bubble lists (module docstring): ``extra_warmup=False`` is ``zb-h1``,
-    True ``zb-h2``."""
+    True ``zb-h2``. The candidates: forward orders (:func:`~chunkflow.plan.pipeline.
+    structured_orders`, unless ``order`` is given) and each stage in or out of its main
+    sequence's order; the fastest in simulation wins among those within memory: ``fits`` if
+    given, else the memory of the first candidate or of its main sequence run as 1F1B (``B``
+    for ``I``), whichever is more, counted in tokens of graphs and key/value state on the
+    busiest stage (so ``zb-h1`` stays memory-neutral)."""
     p = check_positive_int("num_stages", num_stages)
     k = check_positive_int("k", k)
     duration = duration or token_duration(plan)
-    main = [_main_sequence(acts) for acts in
-            state_aware_1f1b(plan, p, k=k, order=order, recompute=recompute,
-                             warmup_factor=2 if extra_warmup else 1)]
-    stages = _ListScheduler(plan, main, k=k, duration=duration).run()
-    validate_pipeline(stages, plan, k=k)
-    return stages
+    if order is not None:
+        orders = [order]
+    else:  # what the bubbles depend on most: where the chains go
+        named = structured_orders(plan)
+        orders = [named[n] for n in ("plan", "longest chains first", "chains interleaved")]
+    warmup_factor = 2 if extra_warmup else 1
+    reference = state_aware_1f1b(plan, p, k=k, order=orders[0], recompute=recompute,
+                                 warmup_factor=warmup_factor)
+    budget = max(_peak_tokens(plan, acts) for acts in reference)
+    best = None
+    for candidate in orders:  # the fastest lists within the budget
+        main = [_main_sequence(acts) for acts in
+                state_aware_1f1b(plan, p, k=k, order=candidate, recompute=recompute,
+                                 warmup_factor=warmup_factor)]
+        for reorder in (False, True):
+            stages = _ListScheduler(plan, main, k=k, duration=duration, reorder=reorder,
+                                    more_memory=extra_warmup).run()
+            peak = max(_peak_tokens(plan, acts) for acts in stages)
+            if best is None:  # the first candidate always counts
+                budget = max(budget, peak)
+            elif not (fits(stages) if fits is not None else peak <= budget):
+                continue
+            makespan = max(end for times in run_pipeline(stages, duration=duration)
+                           for _, end in times)
+            if best is None or makespan < best[0]:
+                best = (makespan, stages)
+    validate_pipeline(best[1], plan, k=k)
+    return best[1]
+
+
+def _peak_tokens(plan: ChunkPlan, acts: list[Action]) -> int:
+    """The memory a stage's list holds at its peak, in tokens: each graph from its ``F``/``R``
+    to its ``B``/``W``, each chain chunk's key/value state from its ``F``/``S`` to its
+    ``B``/``I`` (the simulator's memory model, :mod:`chunkflow.sim`, at one byte a token)."""
+    current = peak = 0
+    for a in acts:
+        chunk = plan.chunks[a.chunk_id]
+        n = chunk.num_tokens
+        if a.kind in (F, S) and chunk.chain_id is not None:
+            current += n
+        if a.kind in (F, R):
+            current += n
+        peak = max(peak, current)
+        if a.kind in (B, I) and chunk.chain_id is not None:
+            current -= n
+        if a.kind in (B, W):
+            current -= n
+    return peak
 
 
 def _main_sequence(acts: list[Action]) -> list[Action]:
@@ -115,16 +169,22 @@ def _peak_alive(acts: list[Action]) -> int:
 
 
 class _ListScheduler:
-    """Step 2 of the module docstring: every stage's actions in simulated time, each stage
-    keeping its main sequence's order (so its messages are those of state-aware 1F1B, which
-    the NCCL replay accepts; running forwards or backwards out of that order simulates faster
-    but can deadlock under NCCL); ``run`` returns the per-stage lists."""
+    """Step 2 of the module docstring: every stage's actions in simulated time; ``run``
+    returns the per-stage lists. ``reorder``: a stage may also run its next backward (its
+    input is here) or else its next forward (its input is here and it fits in memory) ahead
+    of the main sequence's order. The chunks' forwards, and their backwards, keep one order on
+    every stage either way, which the pipeline's channels rely on
+    (:mod:`chunkflow.parallel.pipeline`)."""
 
     def __init__(self, plan: ChunkPlan, main: Stages, *, k: int,
-                 duration: Callable[[int, Action], float]):
-        self.plan, self.k, self.duration = plan, k, duration
+                 duration: Callable[[int, Action], float], reorder: bool = False,
+                 more_memory: bool = False):
+        self.plan, self.k, self.duration, self.reorder = plan, k, duration, reorder
+        self.more_memory = more_memory
         p = self.p = len(main)
         self.main = [deque(acts) for acts in main]  # what is left, in the main order
+        self.forwards = [deque(a for a in acts if a.kind in (F, S)) for acts in main]
+        self.backwards = [deque(a for a in acts if a.kind in (R, I)) for acts in main]
         # memory-neutral: no stage holds more graphs than the busiest stage of the main
         # sequence (1F1B's peak, the first stage's), nor more than k of a chain
         self.limit = max(_peak_alive(acts) for acts in main)
@@ -157,7 +217,8 @@ class _ListScheduler:
             self.pending[s].remove(a.chunk_id)
             self.alive[s].discard(a.chunk_id)
             return
-        self.main[s].popleft()
+        self.main[s].remove(a)
+        (self.forwards if a.kind in (F, S) else self.backwards)[s].remove(a)
         if a.kind in (F, R):
             self.alive[s].add(a.chunk_id)
         elif a.kind is I:
@@ -184,13 +245,34 @@ class _ListScheduler:
                 return waiting[0]
         return pending[0] if len(self.alive[s]) >= self.limit else None
 
+    def is_ready(self, s: int, a: Action) -> bool:
+        ready = self.ready_time(s, Action(I, a.chunk_id) if a.kind is R else a)
+        return ready is not None and ready <= self.free[s]
+
+    def next_main(self, s: int) -> Action:
+        """The stage's next forward or backward (see the class docstring)."""
+        if self.reorder and self.forwards[s] and self.backwards[s]:
+            fwd, bwd = self.forwards[s][0], self.backwards[s][0]
+            forwarded = all(a.chunk_id != bwd.chunk_id for a in self.forwards[s])
+            if forwarded and self.is_ready(s, bwd):
+                return bwd
+            # ahead of the main order only within memory: no more graphs than the limit, and
+            # (unless the schedule trades memory) no new chain's key/value state, which the
+            # runtime allocates at the chain's start
+            starts_chain = self.plan.chunks[fwd.chunk_id].chain_idx == 0
+            fits = (self.more_memory or not starts_chain) and (fwd.kind is S or (
+                self.forced_w(s, fwd) is None and len(self.alive[s]) < self.limit))
+            if fits and self.is_ready(s, fwd):
+                return fwd
+        return self.main[s][0]
+
     def candidate(self, s: int) -> tuple[float, list[Action]] | None:
         """What stage ``s`` runs next and when it starts; None: it waits for a neighbour's
         action that is not scheduled yet and has no ``W`` to fill the time with."""
         pending = self.pending[s]
         if not self.main[s]:
             return (self.free[s], [Action(W, pending[0])]) if pending else None
-        a = self.main[s][0]
+        a = self.next_main(s)
         c = self.forced_w(s, a)
         if c is not None:
             return self.free[s], [Action(W, c)]

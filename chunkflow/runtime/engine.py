@@ -273,18 +273,19 @@ class ChunkFlowEngine:
     def _execute(self, st: StepState, actions: list[Action]) -> None:
         """Run ``actions`` (Algorithm 2's schedule, a pipeline stage's, or forward-only) over
         the step state ``st``. A chain's key/value state lives from its first action to its
-        last; everything the actions carry between them must be gone at the end."""
+        last but ``W`` (which neither reads nor writes it: the attention saved the chunk's own
+        keys and values); everything the actions carry between them must be gone at the
+        end."""
         plan = st.plan
-        last_use = {}  # chain id -> index of the last action on one of its chunks
+        last_use = {}  # chain id -> index of the last action that reads its state
         for i, action in enumerate(actions):
             chain_id = plan.chunks[action.chunk_id].chain_id
-            if chain_id is not None:
+            if chain_id is not None and action.kind is not ActionKind.WEIGHT_BACKWARD:
                 last_use[chain_id] = i
         # the last action that adds parameter gradients runs the data-parallel sync
         backwards = [i for i, a in enumerate(actions)
                      if a.kind in (ActionKind.BACKWARD, ActionKind.WEIGHT_BACKWARD)]
         st.last_backward = backwards[-1] if backwards else None
-        st.io.begin(actions, plan)
         st.split = {a.chunk_id for a in actions if a.kind is ActionKind.INPUT_BACKWARD}
         if st.split and self.options.activation_checkpointing:
             raise ValueError("a zero-bubble pipeline schedule (I/W actions) with activation "
@@ -299,7 +300,8 @@ class ChunkFlowEngine:
                 for i, action in enumerate(actions):
                     st.io.start(action)
                     chunk = plan.chunks[action.chunk_id]
-                    chain = plan.chain_of(chunk)
+                    chain = (plan.chain_of(chunk)
+                             if action.kind is not ActionKind.WEIGHT_BACKWARD else None)
                     if chain is not None and chain.chain_id not in st.states:
                         st.states[chain.chain_id] = self._new_state(st, chain)
                     match action.kind:

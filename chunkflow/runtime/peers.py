@@ -19,10 +19,6 @@ class StageIO:
     is_last_stage = True
     """Whether this stage holds the output head, and so computes the chunks' loss."""
 
-    def begin(self, actions, plan) -> None:
-        """A step (or evaluation) of ``actions`` over ``plan`` begins: the stage may look ahead
-        (a ``W`` posts the held sends with the next action's receive)."""
-
     def start(self, action: Action) -> None:
         """Every action of a step begins here, before its receive (a stage posts the previous
         action's sends together with it)."""

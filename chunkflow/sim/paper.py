@@ -380,12 +380,16 @@ def schedule_table(*, gpu: str | GPUProfile = "h100-80gb", seed: int = 0,
         megatron = _megatron(cfg, base).iteration_seconds
         for schedule in ("1f1b", "zb-h1", "zb-h2"):
             pred = _chunkflow(cfg, replace(base, schedule=schedule))
+            over = pred.peak_memory_bytes > base.gpu.memory_bytes
             lines.append(f"  {cfg.label:<9} {cfg.layout:<18} {schedule:<8} "
                          f"{pred.iteration_seconds:>8.2f}s {pred.bubble_ratio:>5.1%} "
                          f"{format_size(pred.peak_memory_bytes):>9} "
-                         f"{megatron / pred.iteration_seconds:>13.2f}x")
-    lines.append("  idle: the share of the iteration the stages wait (bubbles); zb-h1 keeps "
-                 "1F1B's in-flight activations, zb-h2 trades memory for fewer bubbles")
+                         f"{megatron / pred.iteration_seconds:>13.2f}x"
+                         + (f"  does not fit in {format_size(base.gpu.memory_bytes)}"
+                            if over else ""))
+    lines.append("  idle: the share of the iteration the stages wait (bubbles). zb-h1 holds "
+                 "no more than 1F1B; zb-h2 takes the fastest of its candidates that fit in "
+                 "the GPU's memory")
     return "\n".join(lines)
 
 

@@ -13,28 +13,17 @@ import random
 from typing import Callable
 
 from chunkflow.plan.chunks import ChunkPlan
-from chunkflow.plan.pipeline import state_aware_1f1b
+from chunkflow.plan.pipeline import state_aware_1f1b, structured_orders
 from chunkflow.plan.scheduling import Action
 from chunkflow.sim.simulator import simulate
 
 
 def candidate_orders(plan: ChunkPlan, *, num_random: int = 16, seed: int = 0) -> dict[str, list[int]]:
-    """Named forward orders; every one keeps each chain's chunks ascending."""
+    """Named forward orders (:func:`~chunkflow.plan.pipeline.structured_orders` and seeded
+    random ones); every one keeps each chain's chunks ascending."""
     chains = [list(c.chunk_ids) for c in plan.chains]
     alone = [c.chunk_id for c in plan.chunks if c.chain_id is None]
-    longest_first = [c for chain in sorted(chains, key=len, reverse=True) for c in chain]
-    interleaved, rest = [], list(alone)
-    for chain in sorted(chains, key=len, reverse=True):
-        for c in chain:
-            interleaved.append(c)
-            if rest:
-                interleaved.append(rest.pop(0))
-    orders = {
-        "plan": list(range(plan.num_chunks)),
-        "standalone first": alone + [c for chain in chains for c in chain],
-        "longest chains first": longest_first + alone,
-        "chains interleaved": interleaved + rest,
-    }
+    orders = structured_orders(plan)
     rng = random.Random(seed)
     units = [[c] for c in alone] + chains
     for i in range(num_random):

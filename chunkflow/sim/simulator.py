@@ -8,7 +8,8 @@ lasts ``duration(stage, action)`` seconds (from a cost model, or tokens for the 
 Memory per stage, when ``graph_bytes``/``state_bytes`` are given: a chunk's graph is held from its
 ``F``/``R`` until its ``B`` ends, or under a zero-bubble schedule its ``W`` (the input backward
 ``I`` keeps the graph for the weight gradients); its key/value state from its ``F``/``S`` until
-the same end (later chunks of the chain read it until then); with ``kept_bytes``, what a
+its ``B`` or ``I`` ends (later chunks of the chain read it until then; a ``W`` does not); with
+``kept_bytes``, what a
 selective ``s`` keeps (attention outputs) from the ``s`` until its ``r``, where it becomes part
 of the graph; with ``grad_bytes``, the stage's parameter gradients from the end of its first
 ``B`` or ``W`` on (a runtime that allocates them as its first backward produces them, as
@@ -83,8 +84,10 @@ def _peak_memory(stage: int, acts: list[Action], graph_bytes, state_bytes,
         if a.kind in (ActionKind.FORWARD, ActionKind.RECOMPUTE):
             current += graph(a.chunk_id)
         peak = max(peak, current)  # held through the action, a backward included
+        if a.kind in (ActionKind.BACKWARD, ActionKind.INPUT_BACKWARD):
+            current -= state(a.chunk_id)  # the last read of the chunk's key/value state
         if a.kind in (ActionKind.BACKWARD, ActionKind.WEIGHT_BACKWARD):
-            current -= graph(a.chunk_id) + state(a.chunk_id) - grads
+            current -= graph(a.chunk_id) - grads
             grads = 0.0  # allocated once, by the first backward
     return peak
 

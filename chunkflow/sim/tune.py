@@ -23,6 +23,7 @@ fastest predicted iteration within a memory budget.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import random
 from dataclasses import dataclass
 from typing import Sequence
@@ -188,8 +189,14 @@ def predict_chunkflow(cost: CostModel, seq_lens: Sequence[int], *, chunk_size: i
         if plan is None:
             continue
         items, state = plan_items(plan)
+
+        def fits(stages, items=items, state=state) -> bool:  # zb-h2 may use the device's memory
+            _, peaks = _simulate(cost, stages, items, state, chunkflow=True)
+            return max(peaks) <= cost.gpu.memory_bytes
+
         stages = pipeline_schedule(plan, cost.pp, k=k, recompute=recompute,
-                                   schedule=schedule, duration=_durations(cost, items))
+                                   schedule=schedule, duration=_durations(cost, items),
+                                   fits=fits)
         runs.append(_simulate(cost, stages, items, state, chunkflow=True))
         num_chunks += plan.num_chunks
     pred = _combine(cost, runs, num_chunks)
@@ -213,6 +220,8 @@ class Candidate:
     """Sequence-parallel degree: ``None`` means ``tp`` (Megatron's); 1 means none."""
     mostly_idle: bool = False
     """In most of the batches some data-parallel replica gets no chunk."""
+    schedule: str = "1f1b"
+    """The pipeline schedule (:mod:`chunkflow.plan.zero_bubble`)."""
 
     @property
     def layout(self) -> str:
@@ -249,7 +258,8 @@ def autotune(shape: ModelShape, gpu: GPUProfile, *, max_len: int, num_gpus: int,
              batches: Sequence[Sequence[int]] | None = None,
              chunk_sizes: Sequence[int] = CHUNK_SIZES, ks: Sequence[int] = KS,
              max_tp: int = GPUS_PER_NODE, max_pp: int | None = None,
-             runtime: str = "megatron", cost_options: dict | None = None) -> list[Candidate]:
+             runtime: str = "megatron", cost_options: dict | None = None,
+             schedules: Sequence[str] = ("1f1b",)) -> list[Candidate]:
     """Candidates within ``memory_budget`` bytes per GPU, fastest first.
 
     The workload: ``batches`` (several global batches, e.g. a run's own: a candidate's time is
@@ -262,7 +272,9 @@ def autotune(shape: ModelShape, gpu: GPUProfile, *, max_len: int, num_gpus: int,
     the attention and MLP inputs kept gathered for their backward); ``cost_options``: more
     :class:`~chunkflow.plan.cost.CostModel` fields over the runtime's (e.g. ``sp=1`` for a run
     without sequence parallelism, ``vocab_parallel=False`` for a replicated embedding and head,
-    ``distributed_optimizer=False`` for DDP). Raises
+    ``distributed_optimizer=False`` for DDP); ``schedules``: the pipeline schedules to try
+    on layouts with pipeline stages (a zero-bubble one runs with DDP, so its replicas are
+    priced without a sharded optimizer). Raises
     ``ValueError`` when nothing fits, naming the smallest peak found.
     """
     max_len = check_positive_int("max_len", max_len)
@@ -285,15 +297,18 @@ def autotune(shape: ModelShape, gpu: GPUProfile, *, max_len: int, num_gpus: int,
                          **{**RUNTIMES[runtime], **(cost_options or {})})
         for chunk_size in sorted(c for c in chunk_sizes if c <= max_len) or [min(chunk_sizes)]:
             longest = max(-(-n // chunk_size) for b in batches for n in b)
-            for k in sorted({min(k, longest) for k in ks}):
-                preds = [predict_chunkflow(cost, b, chunk_size=chunk_size, k=k, shard=shard)
-                         for b in batches]
+            for k, schedule in itertools.product(sorted({min(k, longest) for k in ks}),
+                                                 schedules if pp > 1 else ("1f1b",)):
+                priced = cost if schedule == "1f1b" or dp == 1 else dataclasses.replace(
+                    cost, distributed_optimizer=False)
+                preds = [predict_chunkflow(priced, b, chunk_size=chunk_size, k=k, shard=shard,
+                                           schedule=schedule) for b in batches]
                 idle = sum(p.idle_replicas > 0 for p in preds)
                 cand = Candidate(chunk_size, k, tp, pp, dp,
                                  sum(p.iteration_seconds for p in preds) / len(preds),
                                  max(p.peak_memory_bytes for p in preds),
                                  sum(p.bubble_ratio for p in preds) / len(preds), cost.sp,
-                                 mostly_idle=idle > len(preds) / 2)
+                                 mostly_idle=idle > len(preds) / 2, schedule=schedule)
                 if smallest is None or cand.peak_memory_bytes < smallest.peak_memory_bytes:
                     smallest = cand
                 if cand.peak_memory_bytes <= memory_budget:
@@ -317,11 +332,12 @@ def format_candidates(cands: Sequence[Candidate], top: int = 5) -> str:
     """The best ``top`` candidates as a table, the first one marked as the choice."""
     if not cands:
         return "no candidate fits the memory budget"
-    rows = [f"{'':2}{'chunk':>6} {'K':>3}  {'layout':<28} {'iteration':>10} {'peak mem':>10} "
-            f"{'bubbles':>8}"]
+    rows = [f"{'':2}{'chunk':>6} {'K':>3}  {'layout':<28} {'schedule':<8} {'iteration':>10} "
+            f"{'peak mem':>10} {'bubbles':>8}"]
     for i, c in enumerate(cands[:top]):
         rows.append(f"{'*' if i == 0 else ' ':2}{format_size(c.chunk_size, tokens=True):>6} "
-                    f"{c.k:>3}  {c.layout:<28} {_fmt_seconds(c.iteration_seconds):>10} "
+                    f"{c.k:>3}  {c.layout:<28} {c.schedule:<8} "
+                    f"{_fmt_seconds(c.iteration_seconds):>10} "
                     f"{format_size(c.peak_memory_bytes):>10} {c.bubble_ratio:>8.1%}")
     if len(cands) > top:
         rows.append(f"  ... {len(cands) - top} more within the budget")

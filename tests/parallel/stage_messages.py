@@ -19,7 +19,7 @@ from tests.conftest import tiny_model
 class RecordingTransport:
     """Posts nothing: receives are filled with zeros, sends dropped."""
 
-    def post(self, ops):
+    def post(self, ops, channel=None):
         for op, tensor in ops:
             if op.op == "recv":
                 tensor.zero_()
@@ -47,10 +47,12 @@ def batch_of(lengths, vocab: int = 53) -> list[dict]:
 
 def record_pipeline(lengths, *, pp: int, k: int, chunk_size: int, dp: int = 1,
                     recompute: str = "full", evaluate: bool = True, io_class=None,
-                    schedule: str = "1f1b"):
+                    schedule: str = "1f1b", channels: bool | None = None):
     """Run one training step (and an evaluation) of ``lengths`` on every stage of ``dp``
     replicas of a ``pp``-stage pipeline; return (traces, action lists) per rank, ranks
-    ``replica * pp + stage``. ``io_class``: the stage I/O (:class:`P2PStageIO`)."""
+    ``replica * pp + stage``. ``io_class``: the stage I/O (:class:`P2PStageIO`);
+    ``channels``: its posting (default: channels for a zero-bubble ``schedule``, as the
+    runtime)."""
     batch = batch_of(lengths)
     plan = build_chunks(list(lengths), chunk_size=chunk_size)
     def stage_model(s: int):
@@ -71,7 +73,9 @@ def record_pipeline(lengths, *, pp: int, k: int, chunk_size: int, dp: int = 1,
             model, _ = stage_model(s)
             engine = ChunkFlowEngine(model, chunk_size=chunk_size, k=k, recompute=recompute)
             io = (io_class or P2PStageIO)(StageContext(s, pp, replica * pp), hidden_size=16,
-                            dtype=torch.float64, transport=RecordingTransport())
+                            dtype=torch.float64, transport=RecordingTransport(),
+                            channels=(schedule != "1f1b" if channels is None
+                                      else channels))
             io.record()
             engine.forward_backward(local, plan=sub, actions=stages[s], io=io)
             io.wait()

@@ -179,12 +179,16 @@ def test_lora_on_pipeline_stages_matches_one_process_across_layouts(tmp_path):
 
 
 def test_zero_bubble_schedule_on_two_ranks_matches_one_process():
-    """zb-h1's split backward (I, then W) gives one process's gradients, float64."""
+    """The zero-bubble split backward (I, then W) gives one process's gradients, float64."""
     spawn(check_gradients, 2, [
         dict(dp=1, pp=2, k=1, schedule="zb-h1"),
         dict(dp=1, pp=2, k=2, schedule="zb-h1", steps=2),
         dict(dp=1, pp=2, k=1, schedule="zb-h1", recompute="selective", offload="all"),
         dict(dp=1, pp=2, k=2, schedule="zb-h1", offload="state"),
+        dict(dp=1, pp=2, k=1, schedule="zb-h2", steps=2),
+        dict(dp=1, pp=2, k=2, schedule="zb-h2", recompute="selective"),
+        # the engine's own transport: a 2-rank process group per pair and direction
+        dict(dp=1, pp=2, k=1, schedule="zb-h2", own_transport=True),
     ])
 
 
@@ -195,4 +199,13 @@ def test_zero_bubble_schedule_on_four_ranks_pp_dp_x_pp_and_pp_x_tp():
         dict(dp=2, pp=2, k=1, data_parallel="ddp", steps=2, schedule="zb-h1"),
         dict(dp=1, pp=2, tp=2, k=1, schedule="zb-h1"),
         dict(dp=1, pp=2, tp=2, k=2, schedule="zb-h1", recompute="selective"),
+        dict(dp=1, pp=4, k=1, schedule="zb-h2"),
+        dict(dp=2, pp=2, k=2, data_parallel="ddp", schedule="zb-h2", own_transport=True),
+    ])
+
+
+def test_zero_bubble_schedules_with_hugging_face_models_on_two_stages():
+    spawn(check_hf, 2, [
+        dict(family="qwen2", dp=1, pp=2, k=1, schedule="zb-h1"),
+        dict(family="llama", dp=1, pp=2, k=2, schedule="zb-h2"),
     ])

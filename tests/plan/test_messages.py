@@ -148,6 +148,28 @@ def test_bad_traces_are_refused_with_what_is_valid():
         replay([[], [batch(send(1))]])
     with pytest.raises(ValueError, match="3 ranks named for 2 traces"):
         check_messages([[], []], ranks=[0, 1, 2])
+    with pytest.raises(ValueError, match="a post on channel 'F' is one op, got 2"):
+        Post((send(1), recv(1)), channel="F")
+
+
+def test_channels_are_streams_of_their_own():
+    """Both ranks send first, then receive: on one stream per pair that is a deadlock, on a
+    channel per direction (the zero-bubble stage I/O) it completes; a channel matches only
+    its own channel's posts."""
+    def on(channel, op):
+        return Post((op,), channel=channel)
+
+    def single(op):
+        return Post((op,), batched=False)
+
+    pair = [[single(send(1)), single(recv(1)), Wait(1)],
+            [single(send(0)), single(recv(0)), Wait(1)]]
+    assert not replay(pair).ok
+    channels = [[on("F", send(1)), on("B", recv(1)), Wait(1)],
+                [on("B", send(0)), on("F", recv(0)), Wait(1)]]
+    assert replay(channels).ok
+    crossed = [[on("F", send(1)), Wait(0)], [on("B", recv(0)), Wait(0)]]
+    assert not replay(crossed).ok
 
 
 def test_format_trace():

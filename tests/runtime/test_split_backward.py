@@ -78,7 +78,6 @@ def test_activation_checkpointing_is_refused_with_the_split_backward():
 
 
 @pytest.mark.parametrize("name, kwargs, why", [
-    ("zb-h2", {}, "simulator only|runs only in the simulator"),
     ("zb-h1", dict(pp=1), "one stage has no bubbles"),
     ("zb-h1", dict(ac=True), "activation checkpointing"),
     ("zb-h1", dict(fsdp=True), "FSDP2 reduces"),

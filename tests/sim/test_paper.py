@@ -68,8 +68,31 @@ def test_explanation_names_the_alternatives_that_close_the_gap():
 
 def test_main_paper_prints(monkeypatch, capsys, rows):
     monkeypatch.setattr(paper, "paper_comparison", lambda: rows)
+    monkeypatch.setattr(paper, "schedule_table", lambda: "Beyond the paper: schedules")
     paper.main_paper()
-    assert "Megatron" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Megatron" in out and "Beyond the paper: schedules" in out
+
+
+def test_zero_bubble_schedules_at_the_papers_7b_256k_layout():
+    """Issue 27's figures: the <4,4,4> 7B/256K iteration idles 26% under state-aware 1F1B;
+    zb-h1 idles less at the same peak memory, zb-h2 at most 10% within the 80 GiB."""
+    from dataclasses import replace
+
+    from chunkflow.plan.cost import get_gpu
+
+    base = paper.Assumptions(gpu=get_gpu("h100-80gb"))
+    cfg = next(c for c in paper.PAPER_CONFIGS if c.label == "7B/256K")
+    pred = {s: paper._chunkflow(cfg, replace(base, schedule=s))
+            for s in ("1f1b", "zb-h1", "zb-h2")}
+    assert 0.25 < pred["1f1b"].bubble_ratio < 0.28
+    assert pred["zb-h1"].bubble_ratio < pred["1f1b"].bubble_ratio - 0.05
+    assert pred["zb-h1"].peak_memory_bytes <= pred["1f1b"].peak_memory_bytes
+    assert pred["zb-h2"].bubble_ratio <= 0.10
+    assert pred["zb-h2"].peak_memory_bytes <= base.gpu.memory_bytes
+    table = paper.schedule_table(num_batches=1)
+    rows = [line.split() for line in table.splitlines()]
+    assert sum(row[2:3] == ["zb-h2"] for row in rows) == 4 and "7B/256K" in table
 
 
 def test_cost_tune_and_paper_run_without_torch():

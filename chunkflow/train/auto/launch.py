@@ -16,7 +16,8 @@ def run_options(config: str | None, given: dict) -> str:
 
 
 LAUNCH_SETS = ("chunking.chunk_size", "chunking.k", "chunking.auto", "parallel.tp", "parallel.pp",
-               "parallel.data_parallel", "parallel.sequence_parallel", "parallel.vocab_parallel")
+               "parallel.data_parallel", "parallel.sequence_parallel", "parallel.vocab_parallel",
+               "parallel.schedule")
 """The options ``plan --auto``'s launch line sets itself (see :func:`launch_command`)."""
 
 
@@ -52,6 +53,11 @@ def launch_command(best, *, gpus: int, run: str = " ...", fsdp: bool = True,
             parts.append("--parallel.vocab_parallel=false")
     if best.pp > 1 or explicit:
         parts.append(f"--parallel.pp={best.pp}")
-    if best.dp > 1:  # the optimizer state is priced sharded over the replicas (FSDP2)
-        parts.append(f"--parallel.data_parallel={'fsdp' if fsdp else 'ddp'}")
+    schedule = getattr(best, "schedule", "1f1b")
+    if schedule != "1f1b" or (explicit and best.pp > 1):
+        parts.append(f"--parallel.schedule={schedule}")
+    if best.dp > 1:  # the optimizer state is priced sharded over the replicas (FSDP2), but
+        # a zero-bubble schedule runs with DDP (and was priced so)
+        sharded = fsdp and schedule == "1f1b"
+        parts.append(f"--parallel.data_parallel={'fsdp' if sharded else 'ddp'}")
     return f"{launch}{run} " + " ".join(parts)

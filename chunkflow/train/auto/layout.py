@@ -16,6 +16,7 @@ import argparse
 
 from chunkflow.plan.cost import get_gpu
 from chunkflow.plan.units import format_size, parse_size
+from chunkflow.plan.zero_bubble import SCHEDULES
 from chunkflow.sim.tune import autotune, format_candidates
 from chunkflow.train.arguments import config_from_args
 from chunkflow.train.auto.launch import fsdp_runs, launch_command, run_options
@@ -77,6 +78,10 @@ def plan_auto(args: argparse.Namespace, unknown: list[str]) -> int:
         options["cost_options"] = {"sp": None if cfg.parallel.sequence_parallel else 1,
                                    "vocab_parallel": cfg.parallel.vocab_parallel,
                                    "distributed_optimizer": fsdp}
+    # chunkflow's pipeline schedules; a zero-bubble one does not run with activation
+    # checkpointing
+    options["schedules"] = (("1f1b",) if own_model and cfg.chunking.activation_checkpointing
+                            else SCHEDULES)
     candidates = autotune(shape, gpu, max_len=max_len, num_gpus=args.gpus,
                           memory_budget=budget, global_batch=args.global_batch, seed=args.seed,
                           **options)
