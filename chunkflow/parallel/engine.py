@@ -43,6 +43,21 @@ from chunkflow.runtime.options import ChunkingOptions
 from chunkflow.runtime.loss import IGNORE_INDEX
 
 
+@dataclass(frozen=True)
+class PreparedStep:
+    """What a step's lengths alone decide (:meth:`ParallelEngine.prepare`): the global plan,
+    its sharding, this replica's subplan, sequences and chunk ids, and this rank's actions."""
+
+    seq_lens: tuple[int, ...]
+    plan: ChunkPlan
+    sharding: Sharding
+    sub: ChunkPlan
+    seq_ids: tuple[int, ...] | None
+    """The replica's sequences (None: it got no unit and runs one empty token)."""
+    chunk_ids: tuple[int, ...]
+    actions: tuple
+
+
 @dataclass
 class ParallelStepResult:
     loss: float
@@ -135,27 +150,48 @@ class ParallelEngine:
                             pack_chain_tails=self.engine.options.pack_chain_tails)
         return plan, balance_chunks(plan, self.ctx.dp, k=self.k, shape=self.shape)
 
-    def _local(self, batch: list[dict]
-               ) -> tuple[ChunkPlan, Sharding, ChunkPlan, list[dict], list[int]]:
-        """The global plan, its sharding, this replica's subplan and sequences, and the global
-        ids of the subplan's chunks."""
-        plan, sharding = self.shard([len(item["input_ids"]) for item in batch])
+    def prepare(self, seq_lens: list[int], *, training: bool = True) -> PreparedStep:
+        """Everything a step of a global batch with these sequence lengths needs before its
+        data: the chunk plan, the replicas' shares, this rank's action list (a zero-bubble
+        schedule's takes a simulation to build). Pure host work, safe in a background thread
+        while another step trains (the trainer's ``--data.prefetch``)."""
+        plan, sharding = self.shard(list(seq_lens))
         mine = sharding.chunk_ids[self.ctx.dp_rank]
         if mine:
             sub, seq_ids = subplan(plan, mine)
-            return plan, sharding, sub, [batch[i] for i in seq_ids], sorted(mine)
-        # Fewer units than replicas: one token with no target keeps the collectives going.
-        local_batch = [{"input_ids": torch.zeros(1, dtype=torch.long),
-                        "labels": torch.full((1,), IGNORE_INDEX)}]
-        return (plan, sharding, build_chunks([1], chunk_size=self.chunk_size), local_batch,
-                [plan.num_chunks])
+            chunk_ids, seq_ids = tuple(sorted(mine)), tuple(seq_ids)
+        else:  # fewer units than replicas: one token with no target keeps the collectives going
+            sub, seq_ids, chunk_ids = build_chunks([1], chunk_size=self.chunk_size), None, (
+                plan.num_chunks,)
+        actions = ()
+        if training:
+            recompute = self.engine.options.recompute
+            actions = tuple(schedule(sub, k=self.k, recompute=recompute)
+                            if not self.ctx.pp_enabled
+                            else pipeline_schedule(sub, self.ctx.pp, k=self.k,
+                                                   recompute=recompute,
+                                                   schedule=self.schedule)[self.ctx.stage])
+        return PreparedStep(tuple(seq_lens), plan, sharding, sub, seq_ids, chunk_ids, actions)
+
+    def _local(self, batch: list[dict], prepared: PreparedStep | None = None, *,
+               training: bool = True) -> tuple[PreparedStep, list[dict]]:
+        """The step's :class:`PreparedStep` (``prepared`` if it is this batch's) and this
+        replica's sequences."""
+        lengths = tuple(len(item["input_ids"]) for item in batch)
+        if prepared is None or prepared.seq_lens != lengths or (training and not prepared.actions):
+            prepared = self.prepare(list(lengths), training=training)
+        if prepared.seq_ids is None:
+            return prepared, [{"input_ids": torch.zeros(1, dtype=torch.long),
+                               "labels": torch.full((1,), IGNORE_INDEX)}]
+        return prepared, [batch[i] for i in prepared.seq_ids]
 
     def evaluate(self, batch: list[dict]) -> EvalResult:
         """Forward-only loss of the global ``batch`` (the same list on every rank): each
         replica runs its units through the pipeline; the sums are those of the whole batch."""
-        plan, _, sub, local_batch, _ = self._local(batch)
+        prepared, local_batch = self._local(batch, training=False)
+        plan = prepared.plan
         try:
-            local = self.engine.evaluate(local_batch, plan=sub, io=self.io)
+            local = self.engine.evaluate(local_batch, plan=prepared.sub, io=self.io)
             self.io.wait()
             self.io.check_recorded()
         except RuntimeError as e:
@@ -174,18 +210,18 @@ class ParallelEngine:
         return EvalResult(loss_sum=loss_sum, num_loss_tokens=int(num_loss_tokens),
                           num_tokens=plan.num_tokens, num_chunks=plan.num_chunks)
 
-    def forward_backward(self, batch: list[dict]) -> ParallelStepResult:
+    def forward_backward(self, batch: list[dict], *,
+                         prepared: PreparedStep | None = None) -> ParallelStepResult:
         """Forward and backward of this rank's share of the global ``batch`` (a list of dicts
-        with ``input_ids`` and optional ``labels``, the same list on every rank)."""
-        plan, sharding, sub, local_batch, chunk_ids = self._local(batch)
-        recompute = self.engine.options.recompute
-        actions = (schedule(sub, k=self.k, recompute=recompute) if not self.ctx.pp_enabled
-                   else pipeline_schedule(sub, self.ctx.pp, k=self.k, recompute=recompute,
-                                          schedule=self.schedule)[self.ctx.stage])
+        with ``input_ids`` and optional ``labels``, the same list on every rank).
+        ``prepared``: :meth:`prepare` of its lengths, done ahead (else done here)."""
+        prepared, local_batch = self._local(batch, prepared)
+        plan, sharding = prepared.plan, prepared.sharding
         self.sync.start()
         try:
-            local = self.engine.forward_backward(local_batch, plan=sub, actions=actions,
-                                                 io=self.io, sync=self.sync, chunk_ids=chunk_ids)
+            local = self.engine.forward_backward(
+                local_batch, plan=prepared.sub, actions=list(prepared.actions), io=self.io,
+                sync=self.sync, chunk_ids=list(prepared.chunk_ids))
             self.io.wait()
             self.io.check_recorded()
         except RuntimeError as e:  # say which rank; a peer's failure shows up here as a

@@ -64,25 +64,32 @@ def input_backward(output: torch.Tensor, grad_output: torch.Tensor | None,
             captured[node] = grad_outputs
         return hook
 
-    handles = [node.register_prehook(capture(node)) for node, _ in splits]
+    handles = [node.register_prehook(capture(node)) for node, _, _ in splits]
     try:
         torch.autograd.backward([output], None if grad_output is None else [grad_output],
                                 inputs=list(inputs), retain_graph=True)
     finally:
         for h in handles:
             h.remove()
-    for node, below in splits:
+    levels: dict[int, tuple[list, list, list]] = {}
+    for node, below, level in splits:  # one weight pass per level (module docstring)
         grads = captured.get(node, ())
-        edges = [GradientEdge(node, i) for i, g in enumerate(grads) if g is not None]
-        work.add(edges, [g for g in grads if g is not None], [by_node[n] for n in below])
+        edges, grads_in, params = levels.setdefault(level, ([], [], []))
+        edges += [GradientEdge(node, i) for i, g in enumerate(grads) if g is not None]
+        grads_in += [g for g in grads if g is not None]
+        params += [by_node[n] for n in below]
+    for level in sorted(levels):
+        work.add(*levels[level])
     return work
 
 
 def weight_backward(work: WeightWork) -> None:
     """The parameter gradients :func:`input_backward` left; frees the graph. One autograd
-    pass per split node, to its own parameters only: a pass to every parameter at once would
-    also run the split nodes' input side again, down to the parameters of the layers below,
-    and count their gradients twice."""
+    pass per *level* of split nodes, to their own parameters only (a pass to every parameter
+    at once would also run the split nodes' input side again, down to the parameters of the
+    layers below, and count their gradients twice). A split node's level is one more than the
+    highest level below it, so no split node of a level lies below another: in their pass
+    the input side leads to none of the pass's parameters and does not run."""
     for edges, grads, params in work.passes:
         torch.autograd.backward(edges, grads, inputs=params)
     work.passes.clear()
@@ -90,13 +97,14 @@ def weight_backward(work: WeightWork) -> None:
 
 
 def _split_nodes(root: Node, input_nodes: set[Node], param_nodes: set[Node]
-                 ) -> list[tuple[Node, list[Node]]]:
+                 ) -> list[tuple[Node, list[Node], int]]:
     """Nodes on a path from ``root`` to an input with a child that leads to a parameter but not
-    to an input (module docstring), each with the parameters' nodes below those children, in
-    a deterministic order. Raises if a parameter sits below two of them (a weight used twice
-    in the stage): its weight passes would overlap."""
+    to an input (module docstring), each with the parameters' nodes below those children and
+    its level (:func:`weight_backward`), in a deterministic order. Raises if a parameter sits
+    below two of them (a weight used twice in the stage): its weight passes would overlap."""
     to_input: dict[Node, bool] = {}
     to_param: dict[Node, bool] = {}
+    height: dict[Node, int] = {}  # the highest split-node level at or below the node
     order: list[Node] = []
     stack: list[tuple[Node, bool]] = [(root, False)]
     while stack:  # iterative post-order: a deep stage's graph exceeds Python's recursion limit
@@ -110,6 +118,9 @@ def _split_nodes(root: Node, input_nodes: set[Node], param_nodes: set[Node]
             continue
         to_input[node] = node in input_nodes or any(to_input[c] for c in children)
         to_param[node] = node in param_nodes or any(to_param[c] for c in children)
+        below = max((height[c] for c in children), default=0)
+        is_split = to_input[node] and any(to_param[c] and not to_input[c] for c in children)
+        height[node] = below + 1 if is_split else below
         order.append(node)
     splits, owner = [], {}
     for node in order:
@@ -133,5 +144,5 @@ def _split_nodes(root: Node, input_nodes: set[Node], param_nodes: set[Node]
                                      "weights); run it with --parallel.schedule=1f1b")
                 below.append(n)
             todo.extend(c for c, _ in n.next_functions if c is not None and to_param[c])
-        splits.append((node, below))
+        splits.append((node, below, height[node]))
     return splits

@@ -327,10 +327,10 @@ class Trainer:
             self.run_info.remove_if_unused()
             self.close()
             raise
-        batches = global_batches(self.dataset, cfg.data, self.position, self.stats,
-                                 num_epochs=cfg.train.epochs)
-        if cfg.data.prefetch:  # the next batches are read and tokenized while a step trains
-            batches = Prefetcher(batches, cfg.data.prefetch)
+        batches = self._prepared(global_batches(self.dataset, cfg.data, self.position,
+                                                self.stats, num_epochs=cfg.train.epochs))
+        if cfg.data.prefetch:  # the next batches are read, tokenized and planned while a step
+            batches = Prefetcher(batches, cfg.data.prefetch)  # trains
         bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=None if cfg.log.progress and self.is_main else True)
         warned_skips = self.stats.skipped > 0
@@ -348,13 +348,15 @@ class Trainer:
                         data_wait += time.perf_counter() - waited_from
                     if item is None:  # --train.epochs: the data is used up
                         break
-                    batch, position, stats = item
+                    batch, position, stats, inputs, prepared = item
                     self._note_epoch(bar, position, stats)
-                    if supervised_tokens(batch) == 0:
+                    if prepared is None:  # nothing supervised
                         self._skip_empty(bar, batch, position, stats)
                         continue
-                    record = self.train_step(batch, position, stats)
-                    # reading, tokenizing and planning the batch, against the step itself
+                    record = self.train_step(batch, position, stats, inputs=inputs,
+                                             prepared=prepared)
+                    # reading, tokenizing and planning the batch (in the loop without
+                    # prefetching), against the step itself
                     record["data_wait_s"] = data_wait
                     record["data_wait_share"] = data_wait / (data_wait + record["step_time_s"])
                     data_wait = 0.0
@@ -508,13 +510,32 @@ class Trainer:
         return (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast
                 else contextlib.nullcontext())
 
-    def train_step(self, batch, position: DataPosition, stats: DataStats) -> dict[str, Any]:
-        """One optimizer step on one global batch; returns its metrics record."""
+    def _prepared(self, items):
+        """Each global batch with what its step needs before its data: the engine's inputs
+        (tensors) and :meth:`ParallelEngine.prepare` of its lengths (the chunk plan, the
+        replicas' shares, this rank's actions); None for a batch with nothing supervised.
+        Under ``--data.prefetch`` this runs in the prefetch thread."""
+        for batch, position, stats in items:
+            if supervised_tokens(batch) == 0:
+                yield batch, position, stats, None, None
+                continue
+            inputs = to_inputs(batch)
+            try:
+                prepared = self.engine.prepare([len(x["input_ids"]) for x in inputs])
+            except ValueError as e:  # not the data's fault: no bad record to name
+                raise RuntimeError(f"planning the step of a global batch failed: {e}") from e
+            yield batch, position, stats, inputs, prepared
+
+    def train_step(self, batch, position: DataPosition, stats: DataStats, *, inputs=None,
+                   prepared=None) -> dict[str, Any]:
+        """One optimizer step on one global batch; returns its metrics record. ``inputs``
+        and ``prepared``: the batch's tensors and step plan, made ahead (:meth:`_prepared`)."""
         cfg, step = self.cfg, self.step + 1
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            result = self.engine.forward_backward(to_inputs(batch))
+            result = self.engine.forward_backward(
+                inputs if inputs is not None else to_inputs(batch), prepared=prepared)
         assert result.num_loss_tokens > 0, "empty batches are skipped before the step"
         loss = float(result.loss)
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf

@@ -120,10 +120,10 @@ def crash_after(trainer: Trainer, step: int) -> None:
     """Run ``trainer`` until it dies in the step after ``step`` (as a kill would stop it)."""
     train_step = trainer.train_step
 
-    def crash(*batch):
+    def crash(*batch, **kwargs):
         if trainer.step == step:
             raise KeyboardInterrupt
-        return train_step(*batch)
+        return train_step(*batch, **kwargs)
 
     trainer.train_step = crash
     with pytest.raises(KeyboardInterrupt):
@@ -183,8 +183,8 @@ def test_a_second_signal_during_the_save_leaves_a_complete_checkpoint(tmp_path, 
     trainer = Trainer(config(tmp_path, **{"train.steps": "6", "checkpoint.interval": "0"}))
     train_step, save = trainer.train_step, trainer.checkpoints.save
 
-    def step(*batch):
-        record = train_step(*batch)
+    def step(*batch, **kwargs):
+        record = train_step(*batch, **kwargs)
         if trainer.step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
         return record
@@ -208,8 +208,8 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys):
     trainer = Trainer(config(tmp_path, **{"train.steps": "5", "checkpoint.interval": "2"}))
     forward_backward = trainer.engine.forward_backward
 
-    def poisoned(batch):
-        result = forward_backward(batch)
+    def poisoned(batch, **kwargs):
+        result = forward_backward(batch, **kwargs)
         if trainer.step == 2:  # the third step diverges
             result.loss = torch.tensor(float("nan"))
         return result
@@ -409,8 +409,8 @@ def test_nan_gradient_stops_the_run(tmp_path):
     trainer = Trainer(config(tmp_path, **{"train.steps": "2"}))
     forward_backward = trainer.engine.forward_backward
 
-    def poisoned(batch):
-        result = forward_backward(batch)
+    def poisoned(batch, **kwargs):
+        result = forward_backward(batch, **kwargs)
         next(trainer.model.parameters()).grad[0, 0] = float("inf")
         return result
 
@@ -483,3 +483,42 @@ def test_each_step_records_how_long_the_loop_waited_for_its_batch(tmp_path, caps
         assert r["data_wait_share"] == pytest.approx(share) and 0 < share < 1
         line = next(x for x in out.splitlines() if x.startswith(f"step {r['step']}/3 "))
         assert f"data {r['data_wait_share']:4.0%}" in line, line
+
+
+def test_the_step_plan_is_made_in_the_prefetch_thread_and_used_by_the_step(tmp_path):
+    """With --data.prefetch the chunk plan and action list of each global batch are built in
+    the prefetch thread (the zero-bubble schedules take a simulation to build), and the step
+    runs exactly those; the run is bitwise the one planned in the loop."""
+    import threading
+
+    from chunkflow.parallel.engine import ParallelEngine
+
+    where, used = [], []
+    prepare, forward_backward = ParallelEngine.prepare, ParallelEngine.forward_backward
+
+    def recording_prepare(self, seq_lens, **kw):
+        where.append(threading.current_thread().name)
+        return prepare(self, seq_lens, **kw)
+
+    def recording_step(self, batch, *, prepared=None):
+        used.append(prepared is not None
+                    and prepared.seq_lens == tuple(len(x["input_ids"]) for x in batch))
+        return forward_backward(self, batch, prepared=prepared)
+
+    runs = {}
+    for depth in ("2", "0"):
+        where.clear()
+        used.clear()
+        ParallelEngine.prepare, ParallelEngine.forward_backward = (recording_prepare,
+                                                                   recording_step)
+        try:
+            trainer = Trainer(config(tmp_path / depth, **{"train.steps": "3",
+                                                          "data.prefetch": depth}))
+            trainer.run()
+        finally:
+            ParallelEngine.prepare, ParallelEngine.forward_backward = prepare, forward_backward
+        assert used == [True] * 3
+        thread = "chunkflow-prefetch" if depth != "0" else threading.main_thread().name
+        assert set(where) == {thread}, where
+        runs[depth] = weights(tmp_path / depth / "step-00000003")
+    assert_bitwise_equal(runs["2"], runs["0"])
