@@ -12,6 +12,9 @@
   :mod:`chunkflow.runtime.attention`) adds the accumulated gradient of the chunk's own
   keys/values (sent back by later chunks of the chain) to theirs, and the prefix's gradients to
   the chain state in turn.
+* ``I`` then ``W`` (a zero-bubble pipeline schedule's): the same backward in two passes, first
+  to the stage input and the chain state, later to the parameters
+  (:mod:`chunkflow.runtime.split_backward`).
 
 Gradients accumulate into ``.grad`` exactly as ``loss.backward()`` of unchunked training would.
 
@@ -132,8 +135,8 @@ class ChunkFlowEngine:
 
     def register_action_hook(self, hook) -> "_HookHandle":
         """Call ``hook(action, phase)`` with phase "start" before and "end" after every action
-        of a step (``Action`` of :mod:`chunkflow.plan`: ``F``/``S``/``R``/``B``, selective
-        ``s``/``r``); returns a handle whose ``remove()`` unregisters it. "start" comes once the
+        of a step (``Action`` of :mod:`chunkflow.plan`: ``F``/``S``/``R``/``B``/``I``/``W``,
+        selective ``s``/``r``); returns a handle whose ``remove()`` unregisters it. "start" comes once the
         action's input has arrived (on a pipeline stage, after the receive from the neighbour
         stage), so start to end is the action's own work, its sends included. On CUDA the work
         is asynchronous: a timing hook synchronises the device itself."""

@@ -168,8 +168,9 @@ class DataSection:
                                     "and gpt are read as user and assistant without it). "
                                     "Roles must end up in system, user, assistant, tool.")
     shuffle_buffer: int = _f(1000, "Records in the streaming shuffle buffer; 0 = file order.")
-    prefetch: int = _f(2, "Global batches prepared ahead (read, tokenized, grouped) in a "
-                          "background thread while a step trains; 0 = in the training loop.")
+    prefetch: int = _f(2, "Global batches prepared ahead (read, tokenized, grouped, their "
+                          "steps planned) in a background thread while a step trains; 0 = in "
+                          "the training loop.")
     skip_invalid: bool = _f(False, "Skip malformed records (counted and reported) instead of "
                                    "stopping with an error.")
     synthetic_max_len: int = _f(8192, "Built-in data: longest sequence.")
