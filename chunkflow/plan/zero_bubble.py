@@ -15,16 +15,20 @@ Each stage's schedule is built in two steps:
    2(p-1-s) forwards ahead instead of p-1-s, so the first stages do not wait for the first
    backwards;
 2. list scheduling in simulated time (``duration``, by default proportional to tokens with
-   ``I`` and ``W`` each half of a ``B``): every stage runs its main sequence in order and puts
-   each ``W`` off until it is idle (its next action's input has not arrived) or until memory
+   ``I`` and ``W`` each half of a ``B``): every stage runs its main sequence and puts each
+   ``W`` off until it is idle (its next action's input has not arrived) or until memory
    requires it: before a forward or recompute that would hold more graphs than the busiest
    stage of the main sequence ever holds (the first stage's; so ``zb-h1`` keeps the peak
    in-flight activations of state-aware 1F1B, as ZB-H1 keeps 1F1B's), or more than ``k`` of
    one chain.
 
-The result is one static action list per stage, as 1F1B's: the runtime executes it whatever the
-real timings, and the simulator prices it (:mod:`chunkflow.sim`). The durations only decide where
-the ``W`` go.
+:func:`zero_bubble` builds a few candidates (forward orders; each stage kept in its main
+sequence's order or allowed to run a ready backward or forward ahead) and keeps the fastest in
+simulation within memory. The result is one static action list per stage, as 1F1B's: the
+runtime executes it whatever the real timings, and the simulator prices it
+(:mod:`chunkflow.sim`); the durations only decide where the ``W`` go. Neighbouring stages' lists
+do not mirror each other as 1F1B's do, so the runtime sends their messages on channels of their
+own (:mod:`chunkflow.parallel.pipeline`).
 """
 
 from __future__ import annotations
@@ -34,18 +38,20 @@ from typing import Callable, Sequence
 
 from chunkflow.plan.chunks import ChunkPlan, check_positive_int
 from chunkflow.plan.pipeline import (
+    B,
+    F,
+    I,
+    R,
+    S,
     Stages,
+    W,
     _group,
     run_pipeline,
     state_aware_1f1b,
     structured_orders,
     validate_pipeline,
 )
-from chunkflow.plan.scheduling import Action, ActionKind
-
-F, S, R, B = (ActionKind.FORWARD, ActionKind.STATE_FORWARD, ActionKind.RECOMPUTE,
-              ActionKind.BACKWARD)
-I, W = ActionKind.INPUT_BACKWARD, ActionKind.WEIGHT_BACKWARD
+from chunkflow.plan.scheduling import Action
 
 SCHEDULES = ("1f1b", "zb-h1", "zb-h2")
 """Pipeline schedules by name: state-aware 1F1B; zero-bubble with 1F1B's memory (``zb-h1``);

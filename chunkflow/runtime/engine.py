@@ -392,7 +392,12 @@ class ChunkFlowEngine:
         self._started(action)
         st.sync.before_backward(last=last)
         self._backward(graph, grad_output)
-        if graph.input is not None:
+        self._backward_done(st, chunk, graph)
+
+    def _backward_done(self, st: StepState, chunk: Chunk, graph: ChunkGraph) -> None:
+        """After a ``B`` or ``I``: the input's gradient goes back to the previous stage (none
+        on the first), the chunk's loss into the step's (on the last)."""
+        if graph.input is not None and graph.embedded is None:
             grad_input = graph.input.grad
             st.io.send_backward(chunk, grad_input if grad_input is not None
                                 else torch.zeros_like(graph.input))
@@ -413,17 +418,12 @@ class ChunkFlowEngine:
                 work = input_backward(graph.output, grad_output, [graph.input], params)
         else:  # everything before the output is frozen: nothing to do
             work = WeightWork()
-        if graph.embedded is not None:  # first stage: the embedding's weight is the W's too
-            if graph.embedded.requires_grad and graph.input.grad is not None:
-                embedding = self.model.input_embedding()
-                work.add([get_gradient_edge(graph.embedded)], [graph.input.grad],
-                         [p for p in embedding.parameters() if p.requires_grad])
-        elif graph.input is not None:
-            grad_input = graph.input.grad
-            st.io.send_backward(chunk, grad_input if grad_input is not None
-                                else torch.zeros_like(graph.input))
-        if st.io.is_last_stage:
-            st.total += graph.output.detach()  # the chunk's loss
+        if graph.embedded is not None and graph.embedded.requires_grad \
+                and graph.input.grad is not None:  # first stage: the embedding's is the W's too
+            embedding = self.model.input_embedding()
+            work.add([get_gradient_edge(graph.embedded)], [graph.input.grad],
+                     [p for p in embedding.parameters() if p.requires_grad])
+        self._backward_done(st, chunk, graph)
         st.weight_work[chunk.chunk_id] = work
 
     def _weight_backward_action(self, st: StepState, action: Action, *, last: bool) -> None:
