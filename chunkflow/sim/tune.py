@@ -23,7 +23,6 @@ fastest predicted iteration within a memory budget.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import random
 from dataclasses import dataclass
 from typing import Sequence
@@ -290,6 +289,26 @@ def autotune(shape: ModelShape, gpu: GPUProfile, *, max_len: int, num_gpus: int,
     if not batches or not all(batches):
         raise ValueError("autotune needs at least one non-empty batch of sequence lengths")
     found, smallest = [], None
+    pipelined = []  # (lower bound of any schedule's iteration, cost, chunk_size, k)
+
+    def evaluate(cost: CostModel, chunk_size: int, k: int, schedule: str):
+        nonlocal smallest
+        priced = cost if schedule == "1f1b" or cost.dp == 1 else dataclasses.replace(
+            cost, distributed_optimizer=False)  # a zero-bubble schedule runs with DDP
+        preds = [predict_chunkflow(priced, b, chunk_size=chunk_size, k=k, shard=shard,
+                                   schedule=schedule) for b in batches]
+        idle = sum(p.idle_replicas > 0 for p in preds)
+        cand = Candidate(chunk_size, k, cost.tp, cost.pp, cost.dp,
+                         sum(p.iteration_seconds for p in preds) / len(preds),
+                         max(p.peak_memory_bytes for p in preds),
+                         sum(p.bubble_ratio for p in preds) / len(preds), cost.sp,
+                         mostly_idle=idle > len(preds) / 2, schedule=schedule)
+        if smallest is None or cand.peak_memory_bytes < smallest.peak_memory_bytes:
+            smallest = cand
+        if cand.peak_memory_bytes <= memory_budget:
+            found.append(cand)
+        return cand, preds
+
     for tp, pp, dp in layouts(shape, num_gpus, max_tp=max_tp, max_pp=max_pp):
         if dp > min(len(b) for b in batches):
             continue
@@ -297,22 +316,22 @@ def autotune(shape: ModelShape, gpu: GPUProfile, *, max_len: int, num_gpus: int,
                          **{**RUNTIMES[runtime], **(cost_options or {})})
         for chunk_size in sorted(c for c in chunk_sizes if c <= max_len) or [min(chunk_sizes)]:
             longest = max(-(-n // chunk_size) for b in batches for n in b)
-            for k, schedule in itertools.product(sorted({min(k, longest) for k in ks}),
-                                                 schedules if pp > 1 else ("1f1b",)):
-                priced = cost if schedule == "1f1b" or dp == 1 else dataclasses.replace(
-                    cost, distributed_optimizer=False)
-                preds = [predict_chunkflow(priced, b, chunk_size=chunk_size, k=k, shard=shard,
-                                           schedule=schedule) for b in batches]
-                idle = sum(p.idle_replicas > 0 for p in preds)
-                cand = Candidate(chunk_size, k, tp, pp, dp,
-                                 sum(p.iteration_seconds for p in preds) / len(preds),
-                                 max(p.peak_memory_bytes for p in preds),
-                                 sum(p.bubble_ratio for p in preds) / len(preds), cost.sp,
-                                 mostly_idle=idle > len(preds) / 2, schedule=schedule)
-                if smallest is None or cand.peak_memory_bytes < smallest.peak_memory_bytes:
-                    smallest = cand
-                if cand.peak_memory_bytes <= memory_budget:
-                    found.append(cand)
+            for k in sorted({min(k, longest) for k in ks}):
+                cand, preds = evaluate(cost, chunk_size, k, "1f1b")
+                if pp > 1 and cand.peak_memory_bytes <= memory_budget:
+                    # no schedule runs the iteration faster than its busiest stage computes
+                    bound = sum(p.iteration_seconds - _makespan(p) + max(p.stage_busy_seconds)
+                                for p in preds) / len(preds)
+                    pipelined.append((bound, cost, chunk_size, k))
+    # The zero-bubble schedules (slower to build) only where they could win: by the lower bound,
+    # while it is below the fastest iteration found (they hold at least 1F1B's memory).
+    others = [s for s in schedules if s != "1f1b"]
+    for bound, cost, chunk_size, k in sorted(pipelined, key=lambda x: x[0]) if others else ():
+        best = min((c.iteration_seconds for c in found if not c.mostly_idle), default=None)
+        if best is not None and bound >= best:
+            break
+        for schedule in others:
+            evaluate(cost, chunk_size, k, schedule)
     if not found:
         if smallest is None:
             raise ValueError(f"no <TP, PP, DP> layout of {num_gpus} GPUs suits this model "
@@ -326,6 +345,12 @@ def autotune(shape: ModelShape, gpu: GPUProfile, *, max_len: int, num_gpus: int,
     # only when nothing else fits
     return sorted(found, key=lambda c: (c.mostly_idle, c.iteration_seconds,
                                         c.peak_memory_bytes))
+
+
+def _makespan(pred: Prediction) -> float:
+    """The slowest replica's pipeline makespan (its iteration less the gradient sync)."""
+    busy = pred.stage_busy_seconds
+    return sum(busy) / (len(busy) * (1 - pred.bubble_ratio)) if pred.bubble_ratio < 1 else 0.0
 
 
 def format_candidates(cands: Sequence[Candidate], top: int = 5) -> str:

@@ -171,3 +171,22 @@ def test_chunkflow_replicas_get_whole_units_and_idle_layouts_are_not_chosen():
     assert cands[0].dp == 1 and not cands[0].mostly_idle
     assert [c.mostly_idle for c in cands if c.dp == 2] == [True]
     assert cands[-1].dp == 2  # listed, after every layout that uses its GPUs
+
+
+def test_autotune_tries_the_zero_bubble_schedules_where_they_could_win():
+    kw = dict(max_len=65536, num_gpus=8, global_batch=32, seed=0, memory_budget=float("inf"),
+              chunk_sizes=(4096, 16384), ks=(1, 4))
+    plain = autotune(SHAPE, H100, **kw)
+    every = autotune(SHAPE, H100, schedules=("1f1b", "zb-h1", "zb-h2"), **kw)
+    zero_bubble = [c for c in every if c.schedule != "1f1b"]
+    assert zero_bubble and all(c.pp > 1 for c in zero_bubble)
+    assert [c for c in every if c.schedule == "1f1b"] == plain
+    assert every[0].iteration_seconds <= plain[0].iteration_seconds
+    # tried only while they could beat the fastest found: never for all pipelined candidates
+    pipelined = [c for c in plain if c.pp > 1]
+    assert len(zero_bubble) < 2 * len(pipelined)
+    # the best zero-bubble candidate idles less than the same settings under 1F1B
+    best = zero_bubble[0]
+    same = next(p for p in plain if (p.chunk_size, p.k, p.tp, p.pp, p.dp)
+                == (best.chunk_size, best.k, best.tp, best.pp, best.dp))
+    assert best.bubble_ratio < same.bubble_ratio
