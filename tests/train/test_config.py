@@ -89,3 +89,15 @@ def test_command_line_errors_exit_2(capsys):
         capsys.readouterr().err)
     assert main(["train", "--chunking.chunk_size=0"]) == 2
     assert "--chunking.chunk_size=0: must be a positive integer" in capsys.readouterr().err
+
+
+def test_a_pipeline_schedule_is_chosen_by_name_and_needs_pipeline_stages(tmp_path, capsys):
+    assert main(["train", "--parallel.schedule=zb-h3"]) == 2
+    err = capsys.readouterr().err
+    assert "zb-h3" in err and "1f1b" in err and "zb-h1" in err and "zb-h2" in err
+    run = tmp_path / "run"
+    assert main(["train", "--parallel.schedule=zb-h1", f"--train.output_dir={run}",
+                 "--train.steps=1"]) == 2
+    assert ("--parallel.schedule=zb-h1 with pp=1: one stage has no bubbles to fill. Valid: "
+            "1f1b, or pp > 1") in capsys.readouterr().err
+    assert not run.exists()
