@@ -18,7 +18,6 @@ completes only when its receive runs, so a stage that posts ``send F1`` and then
 while its neighbour posts ``send B0`` and then ``recv F1`` hangs both. So an action's sends are
 held until the next action begins and go out in one ``batch_isend_irecv`` with that action's
 receive, as Megatron's ``send_forward_recv_backward`` does (alone when it receives nothing,
-and at the end of the step)
 and at the end of the step). :mod:`chunkflow.plan.messages` replays the recorded order under
 NCCL's rules; the tests run it over every schedule the runtime produces.
 
@@ -99,8 +98,6 @@ class ChannelP2P:
     per pair of neighbouring stages of every pipeline and per direction, ``F`` to the next
     stage and ``B`` to the previous one. Creating a process group involves every rank, so
     every rank creates all of them, in one order; each rank keeps its own (at most four)."""
-
-    channels = True
 
     def __init__(self, ctx: ParallelContext):
         layout, self.groups = ctx.layout, {}

@@ -13,9 +13,12 @@ below it on the parameters' side (transposes, casts, LoRA's adapters) runs as us
 gradients accumulate into ``.grad`` (with every hook a parameter has) exactly as one backward
 would. The graph is freed then.
 
-Cost: the split nodes' parameter-side work moves from ``I`` to ``W``; nothing runs twice. The
-graph walk that finds the split nodes is host work per chunk (a few thousand nodes for a deep
-stage). This is the approach of torch's pipelining (``stage_backward_input`` /
+Cost: the split nodes' parameter-side work moves from ``I`` to ``W``; nothing runs twice,
+except where a split node is one custom autograd Function that computes all its gradients at
+once (the fused head loss): its ``W`` runs its backward again. Host work per chunk: one graph
+walk in ``I`` to find the split nodes, and one autograd pass per level of split nodes in ``W``,
+each of which walks the graph below it (so it grows with the square of the stage's depth).
+This is the approach of torch's pipelining (``stage_backward_input`` /
 ``stage_backward_weight``), written on autograd's public graph API
 (``torch.autograd.graph``: ``Node.next_functions``, ``register_prehook``, ``GradientEdge``).
 """
@@ -31,12 +34,13 @@ from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
 @dataclass
 class WeightWork:
-    """What a ``W`` needs from its ``I``: per split node, its edges with the gradients that
-    reached them and the parameters below it. Holding it keeps the graph alive."""
+    """What a ``W`` needs from its ``I``: per level of split nodes, their edges with the
+    gradients that reached them and the parameters below them. Holding it keeps the graph
+    alive."""
 
     passes: list[tuple[list[GradientEdge], list[torch.Tensor], list[torch.Tensor]]] = field(
         default_factory=list)
-    """(edges, their gradients, the parameters they lead to) per split node."""
+    """(edges, their gradients, the parameters they lead to) per autograd pass."""
     roots: list[torch.Tensor] = field(default_factory=list)
     """Tensors that keep the graph alive until the ``W`` (the chunk's output)."""
 
