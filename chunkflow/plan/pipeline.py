@@ -227,6 +227,33 @@ def run_pipeline(stages: Stages, *, duration: Callable[[int, Action], float],
                                 + _grid(stages, stuck))
 
 
+def peak_held(acts: Sequence[Action], *, graph: Callable[[int], float],
+              state: Callable[[int], float], kept: Callable[[int], float] | None = None,
+              grads: float = 0.0) -> float:
+    """The most one stage's list holds at once (the memory model of :mod:`chunkflow.sim`):
+    ``graph(c)`` from chunk c's ``F``/``R`` to its ``B``/``W``; ``state(c)`` from its
+    ``F``/``S`` to its ``B``/``I`` (the last read of its key/value state); ``kept(c)``, what a
+    selective ``s`` keeps, until its ``r`` hands it to the graph; ``grads``, the parameter
+    gradients, from the end of the first ``B``/``W`` on. Taken at action boundaries, each
+    action's own holding included."""
+    kept = kept or (lambda c: 0.0)
+    current = peak = 0.0
+    for a in acts:
+        if a.selective:  # kept by s, handed to the graph by r
+            current += kept(a.chunk_id) * (1 if a.kind is S else -1)
+        if a.kind in (F, S):
+            current += state(a.chunk_id)
+        if a.kind in (F, R):
+            current += graph(a.chunk_id)
+        peak = max(peak, current)  # held through the action, a backward included
+        if a.kind in (B, I):
+            current -= state(a.chunk_id)
+        if a.kind in (B, W):
+            current -= graph(a.chunk_id) - grads
+            grads = 0.0  # allocated once, by the first backward
+    return peak
+
+
 def _group(a: Action) -> str:
     """What a cross-stage dependency matches: a forward (``F``/``S``) or a backward that sends
     the input gradient (``B``/``I``); ``R`` and ``W`` are local."""

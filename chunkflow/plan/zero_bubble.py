@@ -46,6 +46,7 @@ from chunkflow.plan.pipeline import (
     Stages,
     W,
     _group,
+    peak_held,
     run_pipeline,
     state_aware_1f1b,
     structured_orders,
@@ -138,24 +139,13 @@ def zero_bubble(plan: ChunkPlan, num_stages: int, *, k: int, order: Sequence[int
     return best[1]
 
 
-def _peak_tokens(plan: ChunkPlan, acts: list[Action]) -> int:
-    """The memory a stage's list holds at its peak, in tokens: each graph from its ``F``/``R``
-    to its ``B``/``W``, each chain chunk's key/value state from its ``F``/``S`` to its
-    ``B``/``I`` (the simulator's memory model, :mod:`chunkflow.sim`, at one byte a token)."""
-    current = peak = 0
-    for a in acts:
-        chunk = plan.chunks[a.chunk_id]
-        n = chunk.num_tokens
-        if a.kind in (F, S) and chunk.chain_id is not None:
-            current += n
-        if a.kind in (F, R):
-            current += n
-        peak = max(peak, current)
-        if a.kind in (B, I) and chunk.chain_id is not None:
-            current -= n
-        if a.kind in (B, W):
-            current -= n
-    return peak
+def _peak_tokens(plan: ChunkPlan, acts: list[Action]) -> float:
+    """What a stage's list holds at its peak in the simulator's memory model
+    (:func:`~chunkflow.plan.pipeline.peak_held`), a token a unit: each graph, and each chain
+    chunk's key/value state."""
+    tokens = [c.num_tokens for c in plan.chunks]
+    return peak_held(acts, graph=lambda c: tokens[c],
+                     state=lambda c: tokens[c] if plan.chunks[c].chain_id is not None else 0)
 
 
 def _main_sequence(acts: list[Action]) -> list[Action]:

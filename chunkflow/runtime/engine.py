@@ -65,7 +65,8 @@ from chunkflow.runtime.loss import (
 from chunkflow.runtime.memory import MemoryMeter
 from chunkflow.runtime.options import ChunkingOptions
 from chunkflow.runtime.peers import GradSync, StageIO
-from chunkflow.runtime.split_backward import WeightWork, input_backward, weight_backward
+from chunkflow.runtime.split_backward import (EmbeddingLeaf, WeightWork, input_backward,
+                                              weight_backward)
 from chunkflow.runtime.step import ChunkGraph, EvalResult, StepResult, StepState
 
 
@@ -479,7 +480,7 @@ class ChunkFlowEngine:
                                          state if is_chain else None))
             offset += seg.num_tokens
         device, rows = st.kernel_device, self.rows
-        embedded = None
+        leaf = None
         if x is None:
             # (n,) per segment, laid out segment after segment -> (1, L); under sequence
             # parallelism the rows this rank embeds (ChunkRows.input_ids)
@@ -489,7 +490,7 @@ class ChunkFlowEngine:
             if grad and chunk.chunk_id in st.split:
                 # A split backward needs a leaf to stop at: the embedding's output becomes one
                 # (its own backward runs in the W).
-                embedded = self._embedding_leaf()
+                leaf = EmbeddingLeaf(getattr(self.model, "input_embedding", lambda: None)())
         else:
             inputs = x = x.detach().requires_grad_(grad)  # (1, L, E); its grad goes back
         # (1, L): every position of the chunk (its attention runs over the whole chunk)
@@ -500,19 +501,17 @@ class ChunkFlowEngine:
                          and chunk.chain_idx < st.plan.chains[chunk.chain_id].num_chunks - 1)
         attention = ChunkAttention(segments, st.kernel, block_size=self.options.chunk_size,
                                    has_successor=has_successor, kept=kept)
+        with torch.set_grad_enabled(grad), leaf or contextlib.nullcontext():
+            hidden = self.model.hidden_states(
+                x, position_ids=position_ids, attention=attention,
+                activation_checkpointing=self.options.activation_checkpointing)
+        embedded = None
+        if leaf is not None:
+            inputs, embedded = leaf.leaf, leaf.output
+        if not with_loss:
+            # Not the last stage (hidden states go on), or a state-only forward on the last.
+            return ChunkGraph(hidden, inputs, embedded)
         with torch.set_grad_enabled(grad):
-            try:
-                hidden = self.model.hidden_states(
-                    x, position_ids=position_ids, attention=attention,
-                    activation_checkpointing=self.options.activation_checkpointing)
-            finally:
-                if embedded is not None:
-                    embedded.pop("hook").remove()
-            if embedded is not None:
-                inputs, embedded = embedded["leaf"], embedded["output"]
-            if not with_loss:
-                # Not the last stage (hidden states go on), or a state-only forward on the last.
-                return ChunkGraph(hidden, inputs, embedded)
             targets, weights = rows.loss_rows(
                 torch.cat([st.targets[s.seq_id][s.start:s.end] for s in chunk.segments]),
                 torch.cat([st.weights[s.seq_id][s.start:s.end] for s in chunk.segments]))
@@ -520,23 +519,6 @@ class ChunkFlowEngine:
                                 logits_budget=self.options.logits_budget,
                                 cast_cache=st.cast_cache)
         return ChunkGraph(loss, inputs, embedded)
-
-    def _embedding_leaf(self) -> dict:
-        """Make the embedding's next output a leaf that requires grad: returns the record the
-        forward hook fills (``leaf``, the embedding's ``output``, its ``hook`` handle)."""
-        embedding = getattr(self.model, "input_embedding", lambda: None)()
-        if embedding is None:
-            raise ValueError(f"{type(self.model).__name__} has no input_embedding(): a "
-                             f"zero-bubble schedule's first stage needs it (ChunkModel)")
-        record: dict = {}
-
-        def swap(module, args, output):
-            record["output"] = output
-            record["leaf"] = output.detach().requires_grad_()
-            return record["leaf"]
-
-        record["hook"] = embedding.register_forward_hook(swap)
-        return record
 
     def _backward(self, graph: "ChunkGraph", grad_output: torch.Tensor | None) -> None:
         """Backward of one chunk: its loss (or, on an earlier pipeline stage, its output with the

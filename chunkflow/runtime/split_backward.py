@@ -50,6 +50,31 @@ class WeightWork:
             self.passes.append((edges, grads, params))
 
 
+class EmbeddingLeaf:
+    """``with EmbeddingLeaf(embedding):`` the embedding's next output is replaced by a leaf
+    that requires grad (``leaf``), so a first stage's ``I`` stops there; its own backward, from
+    ``output`` with the leaf's gradient, is part of the ``W``."""
+
+    def __init__(self, embedding: torch.nn.Module | None):
+        if embedding is None:
+            raise ValueError("the model has no input_embedding(): a zero-bubble schedule's "
+                             "first stage needs it (chunkflow.runtime.chunk_call.ChunkModel)")
+        self.embedding = embedding
+        self.leaf: torch.Tensor | None = None
+        self.output: torch.Tensor | None = None
+
+    def _swap(self, module, args, output):
+        self.output, self.leaf = output, output.detach().requires_grad_()
+        return self.leaf
+
+    def __enter__(self) -> "EmbeddingLeaf":
+        self._handle = self.embedding.register_forward_hook(self._swap)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+
 def input_backward(output: torch.Tensor, grad_output: torch.Tensor | None,
                    inputs: list[torch.Tensor], params: Iterable[torch.Tensor]) -> WeightWork:
     """Backward of ``output`` (with ``grad_output``; None for a scalar loss) to ``inputs``

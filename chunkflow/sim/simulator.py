@@ -24,8 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from chunkflow.plan.pipeline import Stages, run_pipeline
-from chunkflow.plan.scheduling import Action, ActionKind
+from chunkflow.plan.pipeline import Stages, peak_held, run_pipeline
+from chunkflow.plan.scheduling import Action
 
 
 @dataclass(frozen=True)
@@ -71,25 +71,12 @@ def simulate(stages: Stages, *, duration: Callable[[int, Action], float], p2p: f
 
 def _peak_memory(stage: int, acts: list[Action], graph_bytes, state_bytes,
                  kept_bytes=None, grad_bytes=None) -> float:
-    graph = (lambda c: graph_bytes(stage, c)) if graph_bytes else (lambda c: 0.0)
-    state = (lambda c: state_bytes(stage, c)) if state_bytes else (lambda c: 0.0)
-    kept = (lambda c: kept_bytes(stage, c)) if kept_bytes else (lambda c: 0.0)
-    grads = grad_bytes(stage) if grad_bytes else 0.0
-    current = peak = 0.0
-    for a in acts:
-        if a.selective:  # kept by s, handed to the graph by r
-            current += kept(a.chunk_id) * (1 if a.kind is ActionKind.STATE_FORWARD else -1)
-        if a.kind in (ActionKind.FORWARD, ActionKind.STATE_FORWARD):
-            current += state(a.chunk_id)
-        if a.kind in (ActionKind.FORWARD, ActionKind.RECOMPUTE):
-            current += graph(a.chunk_id)
-        peak = max(peak, current)  # held through the action, a backward included
-        if a.kind in (ActionKind.BACKWARD, ActionKind.INPUT_BACKWARD):
-            current -= state(a.chunk_id)  # the last read of the chunk's key/value state
-        if a.kind in (ActionKind.BACKWARD, ActionKind.WEIGHT_BACKWARD):
-            current -= graph(a.chunk_id) - grads
-            grads = 0.0  # allocated once, by the first backward
-    return peak
+    none = lambda c: 0.0  # noqa: E731
+    return peak_held(
+        acts, graph=(lambda c: graph_bytes(stage, c)) if graph_bytes else none,
+        state=(lambda c: state_bytes(stage, c)) if state_bytes else none,
+        kept=(lambda c: kept_bytes(stage, c)) if kept_bytes else none,
+        grads=grad_bytes(stage) if grad_bytes else 0.0)
 
 
 def chrome_trace(result: SimResult, *, time_unit: float = 1.0) -> dict:

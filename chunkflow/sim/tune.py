@@ -320,8 +320,9 @@ def autotune(shape: ModelShape, gpu: GPUProfile, *, max_len: int, num_gpus: int,
                 cand, preds = evaluate(cost, chunk_size, k, "1f1b")
                 if pp > 1 and cand.peak_memory_bytes <= memory_budget:
                     # no schedule runs the iteration faster than its busiest stage computes
-                    bound = sum(p.iteration_seconds - _makespan(p) + max(p.stage_busy_seconds)
-                                for p in preds) / len(preds)
+                    # (plus the gradient sync, as _combine adds it)
+                    sync = max(cost.grad_sync_seconds(s) for s in range(cost.pp))
+                    bound = sync + sum(max(p.stage_busy_seconds) for p in preds) / len(preds)
                     pipelined.append((bound, cost, chunk_size, k))
     # The zero-bubble schedules (slower to build) only where they could win: by the lower bound,
     # while it is below the fastest iteration found (they hold at least 1F1B's memory).
@@ -345,12 +346,6 @@ def autotune(shape: ModelShape, gpu: GPUProfile, *, max_len: int, num_gpus: int,
     # only when nothing else fits
     return sorted(found, key=lambda c: (c.mostly_idle, c.iteration_seconds,
                                         c.peak_memory_bytes))
-
-
-def _makespan(pred: Prediction) -> float:
-    """The slowest replica's pipeline makespan (its iteration less the gradient sync)."""
-    busy = pred.stage_busy_seconds
-    return sum(busy) / (len(busy) * (1 - pred.bubble_ratio)) if pred.bubble_ratio < 1 else 0.0
 
 
 def format_candidates(cands: Sequence[Candidate], top: int = 5) -> str:

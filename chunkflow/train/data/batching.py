@@ -14,7 +14,7 @@ from typing import Iterator
 
 from chunkflow.train.config import DataSection
 from chunkflow.train.data.dataset import (DataError, DataPosition, DataStats, Example, FileDataset,
-                                          shuffled)
+                                          shuffled, supervised_tokens, to_inputs)
 
 
 def global_batches(dataset, cfg: DataSection, start: DataPosition, stats: DataStats, *,
@@ -78,6 +78,23 @@ class _RecordSizes:
                     continue
                 if self.sizes[raw] is not None:
                     yield _Sized(*self.sizes[raw]), DataPosition(epoch, idx)
+
+
+def with_step_plans(items: Iterator, prepare) -> Iterator:
+    """Each (batch, position, stats) of ``items`` with what its step needs before its data:
+    the engine's inputs (tensors) and ``prepare(lengths)`` (``ParallelEngine.prepare``: the
+    chunk plan, the replicas' shares, this rank's actions); None and None for a batch with
+    nothing supervised. Under ``--data.prefetch`` the trainer runs it in the prefetch thread."""
+    for batch, position, stats in items:
+        if supervised_tokens(batch) == 0:
+            yield batch, position, stats, None, None
+            continue
+        inputs = to_inputs(batch)
+        try:
+            prepared = prepare([len(x["input_ids"]) for x in inputs])
+        except ValueError as e:  # not the data's fault: no bad record to name
+            raise RuntimeError(f"planning the step of a global batch failed: {e}") from e
+        yield batch, position, stats, inputs, prepared
 
 
 def count_steps(dataset: FileDataset, cfg: DataSection, num_epochs: int) -> tuple[int, int]:

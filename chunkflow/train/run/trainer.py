@@ -49,14 +49,13 @@ from chunkflow.train.checkpoint.export import ModelFiles, state_bytes
 from chunkflow.train.checkpoint.io import CheckpointIO, layout_of
 from chunkflow.train.checkpoint.resume import check_resumed_config, prepare_run_dir
 from chunkflow.train.config import TrainConfig
-from chunkflow.train.data.batching import count_steps, global_batches
+from chunkflow.train.data.batching import count_steps, global_batches, with_step_plans
 from chunkflow.train.data.dataset import (
     DataPosition,
     DataStats,
     FileDataset,
     build_dataset,
     build_eval_dataset,
-    supervised_tokens,
     to_inputs,
 )
 from chunkflow.train.data.prefetch import Prefetcher
@@ -327,8 +326,9 @@ class Trainer:
             self.run_info.remove_if_unused()
             self.close()
             raise
-        batches = self._prepared(global_batches(self.dataset, cfg.data, self.position,
-                                                self.stats, num_epochs=cfg.train.epochs))
+        batches = with_step_plans(global_batches(self.dataset, cfg.data, self.position,
+                                                 self.stats, num_epochs=cfg.train.epochs),
+                                  self.engine.prepare)
         if cfg.data.prefetch:  # the next batches are read, tokenized and planned while a step
             batches = Prefetcher(batches, cfg.data.prefetch)  # trains
         bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True,
@@ -510,26 +510,11 @@ class Trainer:
         return (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast
                 else contextlib.nullcontext())
 
-    def _prepared(self, items):
-        """Each global batch with what its step needs before its data: the engine's inputs
-        (tensors) and :meth:`ParallelEngine.prepare` of its lengths (the chunk plan, the
-        replicas' shares, this rank's actions); None for a batch with nothing supervised.
-        Under ``--data.prefetch`` this runs in the prefetch thread."""
-        for batch, position, stats in items:
-            if supervised_tokens(batch) == 0:
-                yield batch, position, stats, None, None
-                continue
-            inputs = to_inputs(batch)
-            try:
-                prepared = self.engine.prepare([len(x["input_ids"]) for x in inputs])
-            except ValueError as e:  # not the data's fault: no bad record to name
-                raise RuntimeError(f"planning the step of a global batch failed: {e}") from e
-            yield batch, position, stats, inputs, prepared
-
     def train_step(self, batch, position: DataPosition, stats: DataStats, *, inputs=None,
                    prepared=None) -> dict[str, Any]:
         """One optimizer step on one global batch; returns its metrics record. ``inputs``
-        and ``prepared``: the batch's tensors and step plan, made ahead (:meth:`_prepared`)."""
+        and ``prepared``: the batch's tensors and step plan, made ahead
+        (:func:`~chunkflow.train.data.batching.with_step_plans`)."""
         cfg, step = self.cfg, self.step + 1
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
