@@ -40,6 +40,7 @@ Saves ``benchmarks/results/gpu_check-<gpu>-<date>.{md,json}``.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import gc
 import json
@@ -65,6 +66,7 @@ from chunkflow.plan.cost import ModelShape, forward_flops  # noqa: E402
 from chunkflow.plan.lengths import sample_lengths  # noqa: E402
 from chunkflow.plan.memory import estimate_peak_memory, kv_state_bytes  # noqa: E402
 from chunkflow.plan.gpus import spec_for_device  # noqa: E402
+from chunkflow.runtime import compiled  # noqa: E402
 from chunkflow.runtime.head_loss import LOGITS_BUDGET  # noqa: E402
 
 # ---- GPU peaks (MFU's denominator)
@@ -640,6 +642,28 @@ def main(argv=None) -> int:
             check, label, batches[n], flops=flops, kind=kind, chunk_size=chunk, k=1,
             attention_backend=kernel, recompute=recompute, offload=offload),
             kind=kind, flops=flops)
+
+    # 8a. compiled decoder layers (--train.compile), on a copy of the model: a warm-up step
+    # compiles (its time in the row), the next is timed, beside section 6's eager row
+    n = tokens(sizes.baseline_len)
+    flops = model_flops(shape, lens)
+    label = f"chunkflow compiled {n} chunk {tokens(chunk)} K=1"
+
+    def compiled_row():
+        eager_model, check.model = check.model, copy.deepcopy(check.model)
+        try:
+            options = dict(chunk_size=chunk, k=1, attention_backend=kernel, compile=True)
+            t0 = time.perf_counter()
+            chunkflow_step(ChunkFlowEngine(check.model, **options), batch, device)
+            warm = time.perf_counter() - t0
+            timed_chunkflow(check, label, batch, flops=flops, kind="compiled", **options)
+            check.report.add(f"{label}: warm-up step (compiles)", f"{warm:.1f} s", "", "",
+                             f"{compiled.COUNTER.graphs} graphs, "
+                             f"{compiled.COUNTER.eager_calls} eager attention calls")
+        finally:
+            check.model = eager_model
+
+    check.section(label, compiled_row, kind="compiled", flops=flops)
 
     # 8. plan --dry-run's prediction of the same steps, beside what they measured (the smoke
     # run: the shorter one only, its code path)

@@ -238,6 +238,10 @@ class HFChunkModel:
         """The token embedding (None on a later pipeline stage)."""
         return self.module.get_input_embeddings()
 
+    def decoder_layers(self) -> list[nn.Module]:
+        """The decoder layers this model (or pipeline stage) holds."""
+        return list(self.decoder.layers)
+
     def recompute_scope(self):
         """The context a chunk's backward runs in: activation checkpointing recomputes the
         model's layers there, and they must call chunkflow's attention again, not SDPA."""

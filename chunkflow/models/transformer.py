@@ -176,6 +176,10 @@ class Transformer(nn.Module):
         """The token embedding (None on a later pipeline stage)."""
         return self.model.embed_tokens
 
+    def decoder_layers(self) -> list[nn.Module]:
+        """The decoder layers this model (or pipeline stage) holds."""
+        return list(self.model.layers.values())
+
     @property
     def layer_ids(self) -> tuple[int, ...]:
         """Indices of the decoder layers this model (or pipeline stage) holds."""

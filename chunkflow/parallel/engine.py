@@ -248,6 +248,13 @@ def _check_zero_bubble(name: str, ctx, options: ChunkingOptions, data_parallel: 
     if not ctx.pp_enabled:
         raise ValueError(f"--parallel.schedule={name} with pp=1: one stage has no bubbles to "
                          f"fill. Valid: 1f1b, or pp > 1")
+    if options.compile:
+        raise ValueError(f"--parallel.schedule={name} with --train.compile: a compiled layer's "
+                         f"backward is one autograd node, which computes its input and weight "
+                         f"gradients together, so the input pass (I) and the weight pass (W) "
+                         f"cannot run apart (torch's own zero-bubble schedules refuse compiled "
+                         f"stages too). Valid: --parallel.schedule=1f1b, or "
+                         f"--train.compile=false")
     if options.activation_checkpointing:
         raise ValueError(f"--parallel.schedule={name} with activation checkpointing: the "
                          f"weight pass (W) would recompute every layer a second time. Valid: "

@@ -30,7 +30,8 @@ class ChunkModel(Protocol):
     ``recompute_scope()`` (the context a chunk's backward runs in),
     ``enable_activation_checkpointing()`` and ``input_embedding()`` (the token embedding
     module, None on a later pipeline stage; the zero-bubble schedules' split backward needs
-    it on the first stage)."""
+    it on the first stage) and ``decoder_layers()`` (the layer modules; compiled layers
+    need it)."""
 
     config: object
     lm_head: torch.nn.Module | None
@@ -85,6 +86,8 @@ class ChunkAttention:
         self.has_successor, self.kept = has_successor, kept
         self.bounds = tuple((s.offset, s.length) for s in segments)
         self.num_tokens = sum(s.length for s in segments)
+        self.compiled_key: int | None = None  # compiled layers: see chunkflow.runtime.compiled
+        self.lse_shapes: dict[int, torch.Size] = {}
 
     def __call__(self, layer_idx: int, q, k, v, *, scale: float | None = None) -> torch.Tensor:
         """(1, H, L, D) queries, (1, G, L, D) keys/values -> (1, H, L, D); scores scaled by
@@ -105,9 +108,13 @@ class ChunkAttention:
         if torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
             q, k, v = (t if t.dtype == torch.float64 else t.to(dtype) for t in (q, k, v))
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        return chunk_attention(q, k, v, self.view(layer_idx, scale), self.kernel,
+                               layer_idx=layer_idx, kept=self.kept)
+
+    def view(self, layer_idx: int, scale: float) -> ChunkView:
+        """What layer ``layer_idx``'s kernel call sees of this chunk besides q/k/v."""
         first = self.segments[0]
         chain = (None if first.state is None else
                  ChainSlot(first.state, layer_idx, first.start, self.has_successor))
-        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-        view = ChunkView(self.bounds, chain, scale, self.block_size)
-        return chunk_attention(q, k, v, view, self.kernel, layer_idx=layer_idx, kept=self.kept)
+        return ChunkView(self.bounds, chain, scale, self.block_size)

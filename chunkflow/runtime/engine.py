@@ -52,6 +52,8 @@ from chunkflow.plan import (Action, ActionKind, Chunk, ChunkPlan, build_chunks, 
                             schedule)
 from chunkflow.runtime.attention import KeptAttention, get_kernel
 from chunkflow.runtime.attention.select import model_heads
+from chunkflow.runtime.compiled import compile_layers, running
+from chunkflow.runtime.compiled import attention as compiled_attention
 from chunkflow.runtime.chunk_call import BoundSegment, ChunkAttention, ChunkModel, ChunkRows
 from chunkflow.runtime.devices import normalize_device
 from chunkflow.runtime.head_loss import head_loss
@@ -121,9 +123,21 @@ class ChunkFlowEngine:
         self._copier: Copier | None = None
         self._kernels: dict[tuple, Any] = {}  # (backend, device, dtype, heads) -> kernel
         self._action_hooks: dict[object, Any] = {}
-        if options.activation_checkpointing and hasattr(model,
-                                                        "enable_activation_checkpointing"):
-            model.enable_activation_checkpointing()
+        if options.compile:
+            if not hasattr(model, "decoder_layers"):
+                raise ValueError(f"compile=True compiles the decoder layers, and "
+                                 f"{type(model).__name__} does not name them (decoder_layers())")
+            # (compiled layers checkpoint themselves, around the compiled graph)
+            compile_layers(model.decoder_layers(), checkpoint=options.activation_checkpointing)
+        else:
+            if any(getattr(layer, "_chunkflow_compiled", False)
+                   for layer in getattr(model, "decoder_layers", list)()):
+                raise ValueError("compile=False on a model whose layers an engine with "
+                                 "compile=True compiled: they call chunkflow's attention op "
+                                 "only; valid: compile=True, or a fresh copy of the model")
+            if options.activation_checkpointing and hasattr(
+                    model, "enable_activation_checkpointing"):
+                model.enable_activation_checkpointing()
         self.meter = MemoryMeter()
 
     @property
@@ -501,16 +515,20 @@ class ChunkFlowEngine:
                          and chunk.chain_idx < st.plan.chains[chunk.chain_id].num_chunks - 1)
         attention = ChunkAttention(segments, st.kernel, block_size=self.options.chunk_size,
                                    has_successor=has_successor, kept=kept)
-        with torch.set_grad_enabled(grad), leaf or contextlib.nullcontext():
+        compiled = self.options.compile
+        with torch.set_grad_enabled(grad), leaf or contextlib.nullcontext(), \
+                running(attention) if compiled else contextlib.nullcontext():
             hidden = self.model.hidden_states(
-                x, position_ids=position_ids, attention=attention,
-                activation_checkpointing=self.options.activation_checkpointing)
+                x, position_ids=position_ids,
+                attention=compiled_attention if compiled else attention,
+                activation_checkpointing=self.options.activation_checkpointing and not compiled)
         embedded = None
         if leaf is not None:
             inputs, embedded = leaf.leaf, leaf.output
+        kept_chunk = attention if compiled else None
         if not with_loss:
             # Not the last stage (hidden states go on), or a state-only forward on the last.
-            return ChunkGraph(hidden, inputs, embedded)
+            return ChunkGraph(hidden, inputs, embedded, kept_chunk)
         with torch.set_grad_enabled(grad):
             targets, weights = rows.loss_rows(
                 torch.cat([st.targets[s.seq_id][s.start:s.end] for s in chunk.segments]),
@@ -518,7 +536,7 @@ class ChunkFlowEngine:
             loss = self.loss_fn(hidden[0], self.model.lm_head, targets, weights,
                                 logits_budget=self.options.logits_budget,
                                 cast_cache=st.cast_cache)
-        return ChunkGraph(loss, inputs, embedded)
+        return ChunkGraph(loss, inputs, embedded, kept_chunk)
 
     def _backward(self, graph: "ChunkGraph", grad_output: torch.Tensor | None) -> None:
         """Backward of one chunk: its loss (or, on an earlier pipeline stage, its output with the
@@ -530,7 +548,8 @@ class ChunkFlowEngine:
         (``recompute_scope``)."""
         if graph.output.requires_grad:
             scope = getattr(self.model, "recompute_scope", contextlib.nullcontext)
-            with scope():
+            with scope(), (contextlib.nullcontext() if graph.attention is None
+                           else running(graph.attention)):
                 torch.autograd.backward([graph.output], [grad_output])
 
 

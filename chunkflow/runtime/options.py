@@ -44,6 +44,9 @@ class ChunkingOptions:
     offload: str = "none"
     """"none", "state" (chain KV state in host memory, a layer at a time on the device) or
     "all" (also the attention outputs selective recompute keeps)."""
+    compile: bool = False
+    """Run each decoder layer compiled (``torch.compile``, one graph per layer kind; the chunk
+    attention a custom op: :mod:`chunkflow.runtime.compiled`)."""
 
     def __post_init__(self):
         check_positive_int("chunk_size", self.chunk_size)

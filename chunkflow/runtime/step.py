@@ -52,6 +52,8 @@ class ChunkGraph:
     input: torch.Tensor | None
     embedded: torch.Tensor | None = None
     """First stage under a split backward: the embedding's output (``input`` is its leaf)."""
+    attention: object | None = None
+    """Compiled layers: the chunk's attention, which their backward finds by its handle."""
 
 
 @dataclass

@@ -253,6 +253,10 @@ class TrainSection:
     deterministic: bool = _f(False, "torch.use_deterministic_algorithms(True).")
     autocast: Literal["auto", "bf16", "none"] = _f("auto", "auto = bf16 autocast on CUDA, none "
                                                            "on CPU.")
+    compile: bool = _f(False, "Compile each decoder layer (torch.compile, inductor; the chunk "
+                              "attention a custom op). The first steps compile (seconds to "
+                              "minutes); metrics.jsonl counts the graphs (compiled_graphs). "
+                              "Not with the zero-bubble schedules.")
 
 
 @dataclass

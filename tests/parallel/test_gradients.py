@@ -6,6 +6,7 @@ parameters it holds against plain unchunked training of the whole batch, and the
 evaluation loss against the unchunked token mean.
 """
 
+import pytest
 import torch
 
 from tests.parallel.workers import (check_autocast, check_gradients, check_hf,
@@ -209,3 +210,18 @@ def test_zero_bubble_schedules_with_hugging_face_models_on_two_stages():
         dict(family="qwen2", dp=1, pp=2, k=1, schedule="zb-h1"),
         dict(family="llama", dp=1, pp=2, k=2, schedule="zb-h2"),
     ])
+
+
+def test_compiled_layers_on_two_ranks_match_one_process():
+    """Compiled decoder layers (inductor, gloo) under 1F1B stages, DDP and FSDP2: float64
+    gradients equal one unchunked process."""
+    spawn(check_gradients, 2, [
+        dict(dp=1, pp=2, k=2, compile=True),
+        dict(dp=2, pp=1, k=1, data_parallel="ddp", compile=True, recompute="selective"),
+        dict(dp=2, pp=1, k=2, data_parallel="fsdp", compile=True),
+    ])
+
+
+@pytest.mark.slow  # ~1 min of compiling DTensor graphs
+def test_compiled_layers_under_tensor_parallelism_match_one_process():
+    spawn(check_gradients, 2, [dict(dp=1, pp=1, tp=2, k=2, compile=True)])

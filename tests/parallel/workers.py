@@ -109,6 +109,7 @@ def check_gradients(rank, world_size, cases):
                                 **({"logits_budget": case["logits_budget"]}
                                    if "logits_budget" in case else {}),
                                 offload=case.get("offload", "none"),
+                                compile=case.get("compile", False),
                                 schedule=case.get("schedule", "1f1b"))
         check_vocab_split(engine, case)
         if not case.get("own_transport"):  # else the engine's own (batches, or channels)

@@ -175,6 +175,47 @@ class KeptAttention:
         return out, lse
 
 
+def attend(q, k, v, view: ChunkView, kernel: ChunkKernel, layer_idx: int,
+           kept: KeptAttention | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward of one layer's chunk attention, outside autograd: writes the chain
+    segment's own keys/values into the state, then runs the kernel (or, once ``kept`` is
+    reusing, takes its kept output). Returns the result, and the output and LSE the backward
+    reads (the result is a fresh tensor where the output is a kept one)."""
+    with torch.autocast(q.device.type, enabled=False):
+        if view.chain is not None:
+            c = view.chain
+            c.state.write(c.layer_idx, c.start, k.detach(), v.detach())
+        if kept is not None and kept.reusing:
+            out, lse = kept.get(layer_idx)
+            if out.shape != q.shape:
+                raise RuntimeError(f"layer {layer_idx}: kept attention output "
+                                   f"{tuple(out.shape)} does not fit queries {tuple(q.shape)}")
+            # The backward reads the kept tensor; the output is a fresh one (autograd gives
+            # an output its grad_fn, which a tensor kept outside must not get).
+            return out.clone(), out, lse
+        out, lse = kernel.forward(q, k, v, view)
+        if kept is not None:
+            kept.keep(layer_idx, out, lse)
+        return out, out, lse
+
+
+def attend_backward(dout, q, k, v, out, lse, view: ChunkView, kernel: ChunkKernel):
+    """The backward of :func:`attend`: (dq, dk, dv) of q and the own k/v, the prefix's dK/dV
+    added into the state, and what later chunks of the chain sent back for the own keys added
+    to dk/dv."""
+    with torch.autocast(dout.device.type, enabled=False):
+        dout = arrange(dout, kernel.state_layout)
+        dq, dk, dv = kernel.backward(dout, q, k, v, out, lse, view)
+        c = view.chain
+        if c is not None and c.has_successor:
+            n = view.segments[0][1]
+            gk, gv = c.state.own_grads(c.layer_idx, c.start, n)
+            # (the kernels return fresh dk/dv: adding in place is safe)
+            dk[:, :, :n] = (dk[:, :, :n].to(gk.dtype) + gk).to(dk.dtype)
+            dv[:, :, :n] = (dv[:, :, :n].to(gv.dtype) + gv).to(dv.dtype)
+    return dq, dk, dv
+
+
 class _ChunkAttention(torch.autograd.Function):
     """Autocast is off inside: the caller already cast q/k/v, and the kernels' fp32
     accumulation (scores, LSE, merges) must not be cast back down to bf16."""
@@ -182,23 +223,7 @@ class _ChunkAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, view: ChunkView, kernel: ChunkKernel, layer_idx: int,
                 kept: KeptAttention | None):
-        with torch.autocast(q.device.type, enabled=False):
-            if view.chain is not None:
-                c = view.chain
-                c.state.write(c.layer_idx, c.start, k.detach(), v.detach())
-            if kept is not None and kept.reusing:
-                out, lse = kept.get(layer_idx)
-                if out.shape != q.shape:
-                    raise RuntimeError(f"layer {layer_idx}: kept attention output "
-                                       f"{tuple(out.shape)} does not fit queries {tuple(q.shape)}")
-                # The backward reads the kept tensor; the output is a fresh one (autograd gives
-                # an output its grad_fn, which a tensor kept outside must not get).
-                result = out.clone()
-            else:
-                out, lse = kernel.forward(q, k, v, view)
-                if kept is not None:
-                    kept.keep(layer_idx, out, lse)
-                result = out
+        result, out, lse = attend(q, k, v, view, kernel, layer_idx, kept)
         ctx.save_for_backward(q, k, v, out, lse)  # saved tensors: the CPU meter counts them
         ctx.view, ctx.kernel = view, kernel
         return result
@@ -206,17 +231,7 @@ class _ChunkAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        view = ctx.view
-        with torch.autocast(dout.device.type, enabled=False):
-            dout = arrange(dout, ctx.kernel.state_layout)
-            dq, dk, dv = ctx.kernel.backward(dout, q, k, v, out, lse, view)
-            c = view.chain
-            if c is not None and c.has_successor:
-                n = view.segments[0][1]
-                gk, gv = c.state.own_grads(c.layer_idx, c.start, n)
-                # (the kernels return fresh dk/dv: adding in place is safe)
-                dk[:, :, :n] = (dk[:, :, :n].to(gk.dtype) + gk).to(dk.dtype)
-                dv[:, :, :n] = (dv[:, :, :n].to(gv.dtype) + gv).to(dv.dtype)
+        dq, dk, dv = attend_backward(dout, q, k, v, out, lse, ctx.view, ctx.kernel)
         return dq, dk, dv, None, None, None, None
 
 
@@ -242,4 +257,4 @@ def arrange(x: torch.Tensor, layout: str) -> torch.Tensor:
 from chunkflow.runtime.attention.select import ATTENTION_BACKENDS, get_kernel  # noqa: E402
 
 __all__ = ["ATTENTION_BACKENDS", "ChainSlot", "ChunkKernel", "ChunkView", "KeptAttention",
-           "chunk_attention", "get_kernel"]
+           "arrange", "attend", "attend_backward", "chunk_attention", "get_kernel"]

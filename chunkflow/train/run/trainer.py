@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from chunkflow.parallel import ParallelEngine
 from chunkflow.plan.units import BYTES_PER_ELEMENT
+from chunkflow.runtime import compiled
 from chunkflow.train import TrainingError
 from chunkflow.train.auto.chunking import choose_chunking
 from chunkflow.train.build import (
@@ -155,7 +156,8 @@ class Trainer:
                         f"nothing here (it is for CUDA)")
         # One path for every layout: one process is ParallelEngine on the 1x1x1 layout, whose
         # collectives are the identity.
-        self.engine = ParallelEngine(self.model, ctx, cfg.chunking.options(),
+        options = replace(cfg.chunking.options(), compile=cfg.train.compile)
+        self.engine = ParallelEngine(self.model, ctx, options,
                                      data_parallel=cfg.parallel.data_parallel,
                                      sequence_parallel=cfg.parallel.sequence_parallel,
                                      vocab_parallel=cfg.parallel.vocab_parallel,
@@ -360,6 +362,8 @@ class Trainer:
                     record["data_wait_s"] = data_wait
                     record["data_wait_share"] = data_wait / (data_wait + record["step_time_s"])
                     data_wait = 0.0
+                    if cfg.train.compile:  # graphs compiled so far: growing late = recompiles
+                        record["compiled_graphs"] = compiled.COUNTER.graphs
                     failed = None  # an evaluation that fails must not cost the step's progress
                     if self._eval_due(total):
                         try:

@@ -522,3 +522,19 @@ def test_the_step_plan_is_made_in_the_prefetch_thread_and_used_by_the_step(tmp_p
         assert set(where) == {thread}, where
         runs[depth] = weights(tmp_path / depth / "step-00000003")
     assert_bitwise_equal(runs["2"], runs["0"])
+
+
+def test_compiled_run_trains_as_the_eager_one_and_counts_its_graphs(tmp_path):
+    """--train.compile: the losses of an eager run (float32, so to float32 rounding), and
+    metrics.jsonl's compiled_graphs, which stops growing once every graph is compiled."""
+    torch.compiler.reset()
+    steps = {"train.steps": "4"}
+    assert main(["train", *args(tmp_path / "eager", **steps)]) == 0
+    assert main(["train", *args(tmp_path / "compiled", **steps, **{"train.compile": "true"})]) == 0
+    eager, comp = metrics(tmp_path / "eager"), metrics(tmp_path / "compiled")
+    for e, c in zip(eager, comp, strict=True):
+        assert c["loss"] == pytest.approx(e["loss"], rel=1e-5)
+        assert "compiled_graphs" not in e
+    graphs = [r["compiled_graphs"] for r in comp]
+    assert 1 <= graphs[0] <= graphs[-1] <= 4, graphs
+    torch.compiler.reset()
