@@ -230,6 +230,7 @@ class HFChunkModel:
         # a pipeline stage holds some of the layers, under their own indices
         self.layer_ids = tuple(layer.self_attn.layer_idx for layer in self.decoder.layers)
         self._warned_eval = False
+        self._scoped = False
 
     def parameters(self):
         return self.module.parameters()
@@ -242,18 +243,26 @@ class HFChunkModel:
         """The decoder layers this model (or pipeline stage) holds."""
         return list(self.decoder.layers)
 
-    def recompute_scope(self):
-        """The context a chunk's backward runs in: activation checkpointing recomputes the
-        model's layers there, and they must call chunkflow's attention again, not SDPA."""
+    def step_scope(self):
+        """The context a step's actions run in: the model's layers call chunkflow's attention,
+        in forwards and in the backwards where activation checkpointing recomputes them. Set
+        once a step, not per chunk (setting a transformers config's attribute runs its Python
+        ``__setattr__``: host time a small model's chunk feels); the model's own setting is
+        back after it."""
         return self._chunkflow_attention()
 
     @contextlib.contextmanager
     def _chunkflow_attention(self):
+        if self._scoped:  # inside the step's scope already
+            yield
+            return
         previous = self.config._attn_implementation
         self.config._attn_implementation = ATTN_NAME
+        self._scoped = True
         try:
             yield
         finally:
+            self._scoped = False
             self.config._attn_implementation = previous
 
     def enable_activation_checkpointing(self) -> None:

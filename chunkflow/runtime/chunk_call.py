@@ -27,7 +27,8 @@ from chunkflow.runtime.kv_state import ChainState
 class ChunkModel(Protocol):
     """What the engine runs a chunk through: chunkflow's reference model is one; another model
     kind gets one from :func:`chunkflow.models.adapter.chunk_model`. Optionally also
-    ``recompute_scope()`` (the context a chunk's backward runs in),
+    ``step_scope()`` (the context a step's actions run in: forwards, and backwards that
+    recompute checkpointed layers),
     ``enable_activation_checkpointing()`` and ``input_embedding()`` (the token embedding
     module, None on a later pipeline stage; the zero-bubble schedules' split backward needs
     it on the first stage) and ``decoder_layers()`` (the layer modules; compiled layers
@@ -86,6 +87,10 @@ class ChunkAttention:
         self.has_successor, self.kept = has_successor, kept
         self.bounds = tuple((s.offset, s.length) for s in segments)
         self.num_tokens = sum(s.length for s in segments)
+        # One causal segment, nothing carried in or out: plain causal attention, which a kernel
+        # that computes what SDPA computes hands to it (autograd in C++, no Python Function).
+        self.plain_causal = (getattr(kernel, "causal_sdpa", False) and len(segments) == 1
+                             and segments[0].state is None and kept is None)
         self.compiled_key: int | None = None  # compiled layers: see chunkflow.runtime.compiled
         self.lse_shapes: dict[int, torch.Size] = {}
 
@@ -109,6 +114,9 @@ class ChunkAttention:
             dtype = torch.get_autocast_dtype(device_type)
             q, k, v = (t if t.dtype == torch.float64 else t.to(dtype) for t in (q, k, v))
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        if self.plain_causal:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                  enable_gqa=True)
         return chunk_attention(q, k, v, self.view(layer_idx, scale), self.kernel,
                                layer_idx=layer_idx, kept=self.kept)
 

@@ -313,8 +313,9 @@ class ChunkFlowEngine:
         # On CUDA the peak comes from the allocator; the saved-tensor hooks would be pure overhead.
         hooks = (self.meter.hooks() if st.training and st.kernel_device.type != "cuda"
                  else contextlib.nullcontext())
+        scope = getattr(self.model, "step_scope", contextlib.nullcontext)
         try:
-            with hooks:
+            with hooks, scope():
                 for i, action in enumerate(actions):
                     st.io.start(action)
                     chunk = plan.chunks[action.chunk_id]
@@ -428,9 +429,7 @@ class ChunkFlowEngine:
         self._started(action)
         params = list(self.model.parameters())
         if graph.output.requires_grad:
-            scope = getattr(self.model, "recompute_scope", contextlib.nullcontext)
-            with scope():
-                work = input_backward(graph.output, grad_output, [graph.input], params)
+            work = input_backward(graph.output, grad_output, [graph.input], params)
         else:  # everything before the output is frozen: nothing to do
             work = WeightWork()
         if graph.embedded is not None and graph.embedded.requires_grad \
@@ -545,11 +544,10 @@ class ChunkFlowEngine:
 
         An output that does not require grad (everything before it frozen) needs nothing.
         Layers that activation checkpointing recomputes here see the chunk's attention again
-        (``recompute_scope``)."""
+        (the model's ``step_scope``, around every action)."""
         if graph.output.requires_grad:
-            scope = getattr(self.model, "recompute_scope", contextlib.nullcontext)
-            with scope(), (contextlib.nullcontext() if graph.attention is None
-                           else running(graph.attention)):
+            with (contextlib.nullcontext() if graph.attention is None
+                  else running(graph.attention)):
                 torch.autograd.backward([graph.output], [grad_output])
 
 

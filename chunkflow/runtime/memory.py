@@ -41,7 +41,8 @@ def _is_parameter(tensor: torch.Tensor) -> bool:
     memory. This catches what ``reset``'s list cannot: FSDP2's gathered parameters, which exist
     only from the step's first forward."""
     base = tensor._base if tensor._base is not None else tensor
-    return isinstance(base, torch.nn.Parameter)
+    # (a parameter is a leaf; the leaf test is cheap, Parameter's isinstance runs Python)
+    return base.is_leaf and isinstance(base, torch.nn.Parameter)
 
 
 class MemoryMeter:
@@ -76,7 +77,7 @@ class MemoryMeter:
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def _pack(self, tensor: torch.Tensor):
-        storage = _inner(tensor).untyped_storage()
+        storage = (tensor if type(tensor) is torch.Tensor else _inner(tensor)).untyped_storage()
         key, nbytes = storage.data_ptr(), storage.nbytes()
         if nbytes == 0 or key in self._excluded or _is_parameter(tensor):
             return tensor

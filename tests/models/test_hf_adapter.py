@@ -264,3 +264,23 @@ def test_the_family_table_says_which_layouts_each_family_runs():
             check_parallel_family(build(family), "tensor parallelism", "tp=1")
     with pytest.raises(ValueError, match="pipeline parallelism for model_type 'phi3'.*fused"):
         split_stage(build("phi3"), 0, 2)
+
+
+def test_the_attention_implementation_is_set_once_a_step_and_restored(monkeypatch):
+    """Setting a transformers config attribute runs Python: once a step, not per chunk."""
+    model = build("qwen2")
+    sets = []
+    cls = type(model.config)
+    original = cls.__setattr__
+
+    def counting(self, name, value):
+        if name == "_attn_implementation":
+            sets.append(value)
+        original(self, name, value)
+
+    monkeypatch.setattr(cls, "__setattr__", counting)
+    engine = ChunkFlowEngine(model, chunk_size=8, k=1)
+    result = engine.forward_backward(make_batch(model.config.vocab_size))
+    assert result.num_chunks > 4
+    assert sets == [ATTN_NAME, "sdpa"], sets
+    assert model.config._attn_implementation == "sdpa"

@@ -23,7 +23,8 @@ from chunkflow.runtime.memory import MemoryMeter
 from tests.runtime.varlen_reference import reference_ops
 
 KERNELS = {
-    "cpu-flash": CPUFlashKernel,
+    "cpu-flash": CPUFlashKernel,  # the prefix in one block (at least MIN_PREFIX_BLOCK keys)
+    "cpu-flash-blocks": lambda: CPUFlashKernel(prefix_block=5),  # several, merged
     "math": lambda: TiledMathKernel(tile_size=4),
     "varlen-reference": lambda: VarlenKernel(reference_ops(gqa=True)),
     "varlen-reference-no-gqa": lambda: VarlenKernel(reference_ops(gqa=False)),
@@ -242,3 +243,34 @@ def test_older_varlen_signatures_are_detected(monkeypatch):
         ops.forward(q, q, q, None, None, 6, 6, scale=0.5)
     ops.backward(q, q, q, q, q, None, None, None, 6, 6, scale=0.25)
     assert len(calls["backward"]) == 12 and calls["backward"][10] is True  # is_causal
+
+
+def test_a_lone_causal_segment_goes_to_sdpa_and_nothing_else_does():
+    """The host-time fast path: a standalone chunk of one sequence is plain causal attention,
+    which cpu-flash hands to SDPA (no Python Function); chains, packed chunks, kept outputs
+    and kernels that did not say so keep the chunk attention."""
+    from chunkflow.runtime.attention import KeptAttention
+    from chunkflow.runtime.chunk_call import BoundSegment, ChunkAttention
+
+    state = ChainState(layer_ids=[0], seq_len=8, meter=MemoryMeter())
+
+    def plain(kernel, segments, kept=None):
+        return ChunkAttention(segments, kernel, block_size=8, has_successor=False,
+                              kept=kept).plain_causal
+
+    lone = [BoundSegment(0, 8, 0, None)]
+    assert plain(CPUFlashKernel(), lone)
+    assert not plain(CPUFlashKernel(), [BoundSegment(0, 8, 4, state)])          # a chain
+    assert not plain(CPUFlashKernel(), [BoundSegment(0, 5, 0, None),
+                                        BoundSegment(5, 3, 0, None)])           # packed
+    assert not plain(CPUFlashKernel(), lone, kept=KeptAttention())
+    assert not plain(TiledMathKernel(), lone)  # tiles on purpose: never L x L scores
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, h, 8, 4, dtype=torch.float64, requires_grad=True)
+               for h in (4, 2, 2))
+    out = ChunkAttention(lone, CPUFlashKernel(), block_size=8, has_successor=False)(0, q, k, v)
+    want = run(CPUFlashKernel(), q.detach(), k.detach(), v.detach(), None, None,
+               torch.ones_like(q), [(0, 8)], chain=False)[0]
+    assert torch.allclose(out, want, rtol=0, atol=1e-12)
+    assert type(out.grad_fn).__name__.startswith("ScaledDotProduct")

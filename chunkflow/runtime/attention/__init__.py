@@ -69,7 +69,8 @@ class ChunkView:
     """The first segment's chain, when it is a chain segment."""
     scale: float
     block_size: int
-    """Chunk size: the CPU kernels attend to the prefix in blocks of at most this many keys."""
+    """Chunk size: ``cpu-flash`` attends to the prefix in blocks of this many keys (at least
+    :data:`chunkflow.runtime.attention.cpu_flash.MIN_PREFIX_BLOCK`)."""
 
     @property
     def prefix_len(self) -> int:
@@ -84,6 +85,10 @@ class ChunkKernel(Protocol):
 
     def state_capacity(self, seq_len: int, chunk_size: int) -> int:
         """Key/value rows a chain state needs (``seq_len``: its prefix positions)."""
+
+    # Optional: ``causal_sdpa = True`` says a lone causal segment with no chain computes as
+    # ``torch.nn.functional.scaled_dot_product_attention`` computes it; the chunk attention
+    # then calls that (:class:`chunkflow.runtime.chunk_call.ChunkAttention`).
 
     def forward(self, q, k, v, view: ChunkView) -> tuple[torch.Tensor, torch.Tensor]:
         """q (1, H, L, D), own k/v (1, G, L, D) -> out (1, H, L, D) in q's dtype, and the

@@ -2,7 +2,8 @@
 
 A packed segment is one causal call on its own keys. The chain segment attends to [prefix ;
 own] with the causal diagonal aligned to the end of the prefix: the keys are split into
-disjoint partitions (prefix blocks of at most ``block_size`` keys, then the segment's own keys),
+disjoint partitions (prefix blocks of the chunk size's keys, at least :data:`MIN_PREFIX_BLOCK`,
+then the segment's own keys),
 one call per partition returns its output and log-sum-exp (LSE), and they are merged:
 ``lse = logaddexp(lse_a, lse_b)``, ``out = exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b``.
 Prefix blocks need no mask (every query sees every prefix key) and the own part is an ordinary
@@ -80,6 +81,13 @@ def merge_into(out, lse, out_b, lse_b):
     return new
 
 
+MIN_PREFIX_BLOCK = 2048
+"""Keys per prefix block at least: small chunks would otherwise cost a kernel call (forward and
+backward) and a merge per chunk of prefix, host work that outgrows the compute (chains of
+128-token chunks: 7 calls for a 1024-token prefix). A block's temporaries are its keys'
+gradients, 2048 x G x D values: 16 MiB in float32 at G=8, D=128."""
+
+
 def prefix_blocks(prefix_len: int, block_size: int):
     for start in range(0, prefix_len, block_size):
         yield start, min(start + block_size, prefix_len)
@@ -90,13 +98,18 @@ class CPUFlashKernel:
 
     name = "cpu-flash"
     state_layout = "bhsd"
+    causal_sdpa = True
+    """A lone causal segment without a chain is SDPA's CPU flash kernel, as here: the chunk
+    attention calls ``scaled_dot_product_attention`` for it (GQA native, autograd in C++)."""
 
     def __init__(self, *, prefix_block: int | None = None):
-        """``prefix_block``: keys per prefix block (default: the chunk size)."""
+        """``prefix_block``: keys per prefix block (default: the chunk size, at least
+        :data:`MIN_PREFIX_BLOCK`)."""
         self.prefix_block = prefix_block
 
     def _blocks(self, view: ChunkView):
-        return prefix_blocks(view.chain.start, self.prefix_block or view.block_size)
+        return prefix_blocks(view.chain.start,
+                             self.prefix_block or max(view.block_size, MIN_PREFIX_BLOCK))
 
     def state_capacity(self, seq_len: int, chunk_size: int) -> int:
         return seq_len
