@@ -48,7 +48,7 @@ def test_attention_leaves_the_padding_rows_out():
 def test_each_pipeline_stage_draws_its_own_dropout_masks_on_cpu():
     """The first stage (one process included) keeps the seed it always had; a later stage gets
     another stream, which the CPU generator (32 bits of a seed) sees too."""
-    from chunkflow.runtime.engine import chunk_seed
+    from chunkflow.runtime.chunk_run import chunk_seed
 
     def masks(seed):
         torch.manual_seed(seed)
