@@ -28,10 +28,11 @@ the graph: they reach the kernel through the chunk, as in eager mode. A chunk is
 handle while its :class:`~chunkflow.runtime.chunk_call.ChunkAttention` lives (the engine's
 :class:`~chunkflow.runtime.step.ChunkGraph` keeps it until the chunk's backward).
 
-Not combined: the zero-bubble schedules' split backward (a compiled layer's backward is one
-autograd node, so its input and weight gradients cannot run apart; torch's own zero-bubble
-schedules refuse compiled stages for the same reason), tensor parallelism and FSDP (not yet
-run compiled here). :func:`compile_refusal` names the reason.
+Compiled layers run under 1F1B pipeline stages, DDP, FSDP2 and tensor parallelism (exact on
+gloo: ``tests/parallel/test_gradients.py``; NCCL has not run them). Not combined: the zero-bubble
+schedules' split backward. A compiled layer's backward is one autograd node, so its input and
+weight gradients cannot run apart (torch's own zero-bubble schedules refuse compiled stages for
+the same reason); :class:`chunkflow.parallel.ParallelEngine` refuses the pair, with the reason.
 """
 
 from __future__ import annotations
