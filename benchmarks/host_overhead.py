@@ -12,6 +12,11 @@ A 4-layer, hidden-64 transformers Qwen2 (float32, CPU). Two workloads, each time
   ``k=8`` (every chunk keeps its graph: no recompute, the same FLOPs as plain training); plain
   training runs 8 micro-batches of 1024 tokens, counted as 8 chunks each.
 
+Wall time per chunk compares the whole work; a chain's chunks do the same FLOPs as plain
+training's long micro-batch in eight smaller pieces, which on this CPU alone costs more. The host
+columns take the kernels out: a step's time outside torch's operators (``torch.profiler``), per
+chunkflow chunk and per plain micro-batch, which is what a launch-bound GPU waits for.
+
 Prints and saves ``results/host_overhead-<date>.{md,json}``; ``--profile`` adds the functions
 where chunkflow's standalone step spends its time (cProfile, cumulative).
 
@@ -21,6 +26,7 @@ where chunkflow's standalone step spends its time (cProfile, cumulative).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import pstats
@@ -38,6 +44,7 @@ from common import machine, save  # noqa: E402
 from chunkflow import ChunkFlowEngine  # noqa: E402
 
 CHUNK = 128
+NO_METER = "no CPU meter (as on CUDA)"
 WORKLOADS = {"standalone": (64, 128, 1), "chains": (8, 1024, 8)}
 """name -> (sequences, tokens each, k)."""
 
@@ -75,6 +82,28 @@ def time_pair(steps: dict, repeats: int, model: torch.nn.Module) -> dict[str, li
     return times
 
 
+def host_seconds(step, model: torch.nn.Module) -> float:
+    """Seconds of one step spent outside torch's operators: the step's wall time under
+    ``torch.profiler`` less the time inside its outermost ``aten::`` ops (forward, and the
+    backward's, which autograd calls). What a GPU's host does between kernel launches."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    model.zero_grad(set_to_none=True)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        step()
+        wall = time.perf_counter() - t0
+
+    def outermost(event) -> bool:
+        parent = event.cpu_parent
+        return parent is None or not parent.name.startswith("aten::")
+
+    inside = sum(e.cpu_time_total for e in prof.events()
+                 if e.name.startswith("aten::") and outermost(e)) / 1e6
+    return wall - inside
+
+
 def profile(step, model: torch.nn.Module, top: int = 15) -> str:
     model.zero_grad(set_to_none=True)
     prof = cProfile.Profile()
@@ -99,20 +128,35 @@ def main() -> None:
         torch.manual_seed(1)
         batch = [torch.randint(0, 512, (seq_len,)) for _ in range(num_seqs)]
         engine = ChunkFlowEngine(model, chunk_size=CHUNK, k=k, attention_backend="auto")
+        # The same engine as it runs on CUDA, where it reads the allocator's peak and installs
+        # no saved-tensor hooks: the CPU memory meter's hooks off.
+        as_on_cuda = ChunkFlowEngine(model, chunk_size=CHUNK, k=k, attention_backend="auto")
+        as_on_cuda.meter.hooks = contextlib.nullcontext
         num_chunks = num_seqs * seq_len // CHUNK
-        steps = {"chunkflow": chunkflow_step(engine, batch), "plain": plain_step(model, batch)}
+        steps = {"chunkflow": chunkflow_step(engine, batch),
+                 NO_METER: chunkflow_step(as_on_cuda, batch), "plain": plain_step(model, batch)}
         times = time_pair(steps, args.repeats, model)
         med = {m: statistics.median(t) for m, t in times.items()}
         per_chunk = {m: 1e3 * med[m] / num_chunks for m in med}
-        ratio = med["chunkflow"] / med["plain"]
-        ratios = sorted(c / p for c, p in zip(times["chunkflow"], times["plain"]))
-        rows.append(f"| {name} | {num_seqs} x {seq_len} | {num_chunks} | {k} | "
-                    f"{per_chunk['chunkflow']:.2f} | {per_chunk['plain']:.2f} | {ratio:.2f}x | "
-                    f"{ratios[0]:.2f}-{ratios[-1]:.2f} |")
-        payload["workloads"][name] = {"sequences": num_seqs, "seq_len": seq_len, "k": k,
-                                      "chunks": num_chunks, "seconds": times,
-                                      "ms_per_chunk": per_chunk, "ratio": ratio}
-        print(rows[-1], flush=True)
+        # host time outside torch's operators: chunkflow per chunk, plain per micro-batch
+        host = {m: statistics.median(host_seconds(steps[m], model) for _ in range(3))
+                for m in steps}
+        host_unit = {m: 1e3 * host[m] / (num_seqs if m == "plain" else num_chunks)
+                     for m in steps}
+        entry = {"sequences": num_seqs, "seq_len": seq_len, "k": k, "chunks": num_chunks,
+                 "seconds": times, "ms_per_chunk": per_chunk, "host_ms": host_unit}
+        for method in ("chunkflow", NO_METER):
+            ratio = med[method] / med["plain"]
+            ratios = sorted(c / p for c, p in zip(times[method], times["plain"]))
+            host_ratio = host_unit[method] / host_unit["plain"]
+            entry[method] = {"ratio": ratio, "host_ratio": host_ratio}
+            label = name if method == "chunkflow" else f"{name}, {NO_METER}"
+            rows.append(f"| {label} | {num_seqs} x {seq_len} | {num_chunks} | {k} | "
+                        f"{per_chunk[method]:.2f} | {per_chunk['plain']:.2f} | {ratio:.2f}x | "
+                        f"{ratios[0]:.2f}-{ratios[-1]:.2f} | {host_unit[method]:.2f} | "
+                        f"{host_unit['plain']:.2f} | {host_ratio:.2f}x |")
+            print(rows[-1], flush=True)
+        payload["workloads"][name] = entry
         if args.profile and name == "standalone":
             profiles[name] = profile(steps["chunkflow"], model)
     md = (f"# Host overhead per chunk ({payload['machine']['date']})\n\n"
@@ -120,8 +164,14 @@ def main() -> None:
           f"4-layer hidden-64 transformers Qwen2, float32, chunks of {CHUNK} tokens; median of "
           f"{args.repeats} whole steps after a warm-up, the methods alternating. Plain: "
           f"`model(ids, labels=ids).loss.backward()` per micro-batch.\n\n"
+          "Host columns: one step's time outside torch's operators (wall time under "
+          "torch.profiler less the outermost aten ops; median of 3 profiled steps), per "
+          "chunkflow chunk and per plain micro-batch (a chain's sequence is one micro-batch of "
+          "plain training and eight chunks of chunkflow's).\n\n"
           "| workload | sequences | chunks | K | chunkflow ms/chunk | plain ms/chunk | "
-          "chunkflow / plain | range of pairs |\n|---|---|---|---|---|---|---|---|\n"
+          "chunkflow / plain | range of pairs | host ms per chunk | host ms per plain "
+          "micro-batch | host: chunk / micro-batch |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|\n"
           + "\n".join(rows) + "\n")
     for name, text in profiles.items():
         md += f"\n## Where chunkflow's {name} step spends its time (cProfile, cumulative)\n\n"
