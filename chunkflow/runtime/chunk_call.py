@@ -106,14 +106,7 @@ class ChunkAttention:
         return self._attend(layer_idx, q, k, v, scale)
 
     def _attend(self, layer_idx: int, q, k, v, scale: float | None) -> torch.Tensor:
-        # Under autocast, RoPE leaves q/k in float32 while v is bf16; SDPA's autocast rule
-        # casts all three to the autocast dtype (float64 excepted, as autocast never casts it).
-        # Do the same before anything reaches the state.
-        device_type = q.device.type
-        if torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
-            q, k, v = (t if t.dtype == torch.float64 else t.to(dtype) for t in (q, k, v))
-        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        q, k, v, scale = attention_inputs(q, k, v, scale)
         if self.plain_causal:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                                   enable_gqa=True)
@@ -126,3 +119,15 @@ class ChunkAttention:
         chain = (None if first.state is None else
                  ChainSlot(first.state, layer_idx, first.start, self.has_successor))
         return ChunkView(self.bounds, chain, scale, self.block_size)
+
+
+def attention_inputs(q, k, v, scale: float | None):
+    """q/k/v as the kernels take them, and the score scale (default 1/sqrt(D)). Under autocast,
+    RoPE leaves q/k in float32 while v is bf16; SDPA's autocast rule casts all three to the
+    autocast dtype (float64 excepted, as autocast never casts it). Do the same before anything
+    reaches the state. (Compiled layers' attention calls this too.)"""
+    device_type = q.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        q, k, v = (t if t.dtype == torch.float64 else t.to(dtype) for t in (q, k, v))
+    return q, k, v, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale

@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-import math
 import weakref
 
 import torch
@@ -48,6 +47,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from chunkflow.runtime.attention import arrange, attend, attend_backward
+from chunkflow.runtime.chunk_call import attention_inputs
 
 _chunks: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
 _keys = itertools.count()
@@ -179,11 +179,7 @@ def attention(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     :class:`~chunkflow.runtime.chunk_call.ChunkAttention`): the same contract, through the
     custom op. ``layer_idx`` is not read: a layer index in the graph would make each layer
     compile its own."""
-    device_type = q.device.type
-    if torch.is_autocast_enabled(device_type):  # as ChunkAttention does
-        dtype = torch.get_autocast_dtype(device_type)
-        q, k, v = (t if t.dtype == torch.float64 else t.to(dtype) for t in (q, k, v))
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    q, k, v, scale = attention_inputs(q, k, v, scale)
     if torch.compiler.is_compiling():
         return torch.ops.chunkflow.chunk_attention(q, k, v, scale)[0]
     # Run eagerly: after a graph break, or in a recompute that torch's checkpoint runs with
